@@ -1,0 +1,89 @@
+"""The `pipeline` command: one subcommand per DVC stage, each calling `stages.<name>.run`.
+
+Every subcommand reads configs/params.yaml (or --params), an optional --profile overlay and
+--set key=value overrides, so the CLI and `dvc repro` see the same parameters.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from typing import Any, Callable
+
+import click
+
+from pipeline.config import DEFAULT_PARAMS, ParamError, load_params
+
+_USER_ERRORS = [  # (module, class): errors whose message is the whole story for a user
+    ("pipeline.config", "ParamError"),
+    ("pipeline.weights", "WeightsError"),
+    ("pipeline.images", "BadImageError"),
+    ("pipeline.datasets", "DatasetError"),
+    ("pipeline.cache", "CacheError"),
+    ("pipeline.download", "DownloadError"),
+    ("pipeline.training", "TrainingError"),
+]
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = []
+    for module, name in _USER_ERRORS:
+        mod = sys.modules.get(module)  # only modules already imported can have raised
+        if mod is not None and hasattr(mod, name):
+            types.append(getattr(mod, name))
+    return tuple(types)
+
+
+def params_options(func: Callable) -> Callable:
+    """--params/--profile/--set on a subcommand; passes the loaded params dict as `params`."""
+
+    @click.option("--params", "params_path", default=str(DEFAULT_PARAMS), show_default=True,
+                  type=click.Path(dir_okay=False), help="Parameter file.")
+    @click.option("--profile", default=None, help="Overlay a named profile, e.g. 'smoke'.")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a parameter, e.g. --set train.lr=0.01 (repeatable).")
+    @functools.wraps(func)
+    def wrapper(params_path: str, profile: str | None, overrides: tuple[str, ...], **kwargs: Any):
+        extra = kwargs.pop("_extra_overrides", ())
+        try:
+            params = load_params(params_path, [*overrides, *extra], profile)
+        except ParamError as err:
+            raise click.ClickException(str(err)) from err
+        return func(params=params, **kwargs)
+
+    return wrapper
+
+
+def run_stage(module: str, function: str = "run", **kwargs: Any) -> Any:
+    """Import `stages.<module>` lazily (torch imports are slow) and map user errors to one line."""
+    try:
+        stage = importlib.import_module(f"stages.{module}")
+        return getattr(stage, function)(**kwargs)
+    except _user_error_types() as err:  # type: ignore[misc]
+        raise click.ClickException(str(err)) from err
+
+
+def _with_overrides(mapping: dict[str, str]) -> Callable:
+    """Turn convenience flags (e.g. --views 4) into `--set` overrides of their params key."""
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def wrapper(**kwargs: Any):
+            extra = [f"{key}={kwargs.pop(flag)}" for flag, key in mapping.items()
+                     if kwargs.get(flag) is not None]
+            for flag in mapping:
+                kwargs.pop(flag, None)
+            return func(_extra_overrides=extra, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="unmix-pipeline")
+def main() -> None:
+    """Unmix-CLIP pipeline: extract CLIP tokens once, train projectors on the cache, evaluate."""
+
+
+from pipeline import commands  # noqa: E402,F401  (registers the subcommands on `main`)

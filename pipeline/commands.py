@@ -1,0 +1,95 @@
+"""Subcommands of `pipeline`; each is a thin wrapper over `stages.<name>.run`."""
+from __future__ import annotations
+
+import click
+
+from pipeline.cli import _with_overrides, main, params_options, run_stage
+
+
+@main.command("extract-features")
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default="all", show_default=True,
+              help="Which cache to build: K augmented train views, or 1 plain view of the eval split.")
+@click.option("--dataset", default=None, help="Shortcut for --set data.dataset=...")
+@click.option("--views", type=int, default=None, help="Shortcut for --set extract.views=...")
+@click.option("--workers", type=int, default=None, help="Dask local cluster of N workers.")
+@click.option("--scheduler", default=None, help="Address of an existing Dask scheduler.")
+@click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default=None)
+@click.option("--restart-on-change", is_flag=True,
+              help="Delete a store whose fingerprint differs instead of refusing (used by dvc.yaml).")
+@_with_overrides({"dataset": "data.dataset", "views": "extract.views", "workers": "extract.workers",
+                  "scheduler": "extract.scheduler", "on_bad_image": "extract.on_bad_image"})
+@params_options
+def extract_features(params: dict, split: str, restart_on_change: bool) -> None:
+    """Run the frozen CLIP once over the images; write spatial tokens to the Zarr cache."""
+    run_stage("extract_features", params=params, split=split, restart_on_change=restart_on_change)
+
+
+@main.command("export-cache")
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["hdf5"]), default="hdf5", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file.")
+@params_options
+def export_cache(params: dict, split: str, fmt: str, out: str | None) -> None:
+    """Write a feature store's arrays to one HDF5 file for tools that read HDF5."""
+    run_stage("export_cache", params=params, split=split, fmt=fmt, out=out)
+
+
+@main.command("train")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint.")
+@click.option("--online", is_flag=True,
+              help="Run the frozen backbone on every batch instead of reading the cache (comparison).")
+@params_options
+def train(params: dict, resume: bool, online: bool) -> None:
+    """Train the text and image projectors (ASL + alpha * MFI) on the cached tokens."""
+    run_stage("train", params=params, resume=resume, online=online)
+
+
+@main.command("evaluate")
+@click.argument("what", type=click.Choice(["mlr", "mfi", "seg", "zs-mlr", "all"]))
+@params_options
+def evaluate(params: dict, what: str) -> None:
+    """Evaluate: multi-label mAP, MFI figure of merit, zero-shot segmentation, segment-driven ZS-MLR."""
+    run_stage("evaluate", params=params, what=what)
+
+
+@main.command("figures")
+@params_options
+def figures(params: dict) -> None:
+    """Activation maps of a queried class: CLIP vs CLIP-VV vs ours."""
+    run_stage("figures", params=params)
+
+
+@main.command("ablate")
+@click.option("--lambda", "lambdas", default=None, help="Comma-separated MFI lambdas (default: params).")
+@click.option("--alpha", "alphas", default=None, help="Comma-separated MFI weights alpha.")
+@params_options
+def ablate(params: dict, lambdas: str | None, alphas: str | None) -> None:
+    """Train a lambda x alpha grid in one pass over the cache per epoch."""
+    def parse(text: str | None) -> list[float] | None:
+        return None if text is None else [float(v) for v in text.split(",") if v.strip()]
+
+    run_stage("ablate", params=params, lambdas=parse(lambdas), alphas=parse(alphas))
+
+
+@main.command("report")
+@params_options
+def report(params: dict) -> None:
+    """Collect the metrics, tables and figures of a run into one Markdown report."""
+    run_stage("report", params=params)
+
+
+@main.command("download")
+@click.option("--dataset", required=True,
+              type=click.Choice(["coco2014", "coco2017", "voc2007", "voc2012", "synthetic"]))
+@params_options
+def download(params: dict, dataset: str) -> None:
+    """Fetch, verify and unpack a dataset (synthetic: generate the planted-signal data)."""
+    run_stage("download", params=params, dataset=dataset)
+
+
+@main.command("demo")
+@click.option("--workdir", default="demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the generated data, cache and results.")
+def demo(workdir: str) -> None:
+    """Run the whole DAG on the embedded smoke profile (generated data, tiny backbone)."""
+    run_stage("demo", workdir=workdir)

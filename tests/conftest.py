@@ -1,0 +1,16 @@
+"""Shared test set-up: offline, deterministic, small."""
+import os
+
+# A pretrained-weights request hangs ~1 min before failing without this: tests must never touch a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
