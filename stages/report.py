@@ -1,0 +1,61 @@
+"""Stage `report`: one Markdown file that collects the tables, metrics and figures of a run.
+
+It is generic on purpose: every stage writes its tables under results/tables/*.md, metrics under
+results/metrics/*.json and figures under results/figures|ablation/*.png; the report only gathers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline import paths
+
+
+def _metrics_table(metrics: dict) -> list[str]:
+    rows = ["| metric | value |", "|---|---|"]
+    for key, value in sorted(_flatten(metrics).items()):
+        rows.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return rows
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        elif not isinstance(value, list):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run(params: dict) -> dict:
+    results = paths.results_dir(params)
+    out = results / "report.md"
+    b, d, t = params["backbone"], params["data"], params["train"]
+    lines = [
+        "# Unmix-CLIP run report",
+        "",
+        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Backbone {b['name']} "
+        f"({b['checkpoint'] or b['pretrained']}), {b['image_size']} px; dataset {d['dataset']}; "
+        f"objective {t['objective']}, alpha {t['alpha']}, MFI {t['mfi']['form']} lambda {t['mfi']['lambda']}.",
+    ]
+    for table in sorted((results / "tables").glob("*.md")):
+        lines += ["", f"## {table.stem}", "", table.read_text().strip()]
+    ablation = results / "ablation" / "ablation.md"
+    if ablation.exists():
+        lines += ["", "## ablation (lambda x alpha)", "", ablation.read_text().strip()]
+    for metrics in sorted((results / "metrics").glob("*.json")):
+        lines += ["", f"## metrics: {metrics.stem}", "", *_metrics_table(json.loads(metrics.read_text()))]
+    figures = sorted((results / "figures").glob("*.png")) + sorted((results / "ablation").glob("*.png"))
+    if figures:
+        lines += ["", "## figures"]
+        for fig in figures:
+            lines += ["", f"![{fig.stem}]({os.path.relpath(fig, out.parent)})"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+    print(f"report: {out}")
+    return {"report": str(out), "figures": len(figures)}
