@@ -1,0 +1,76 @@
+"""Local CLIP weights: one place that checks a file's sha256 and reads it as a state dict.
+
+OpenAI publishes its CLIP weights as TorchScript archives (RN101.pt, RN50.pt); open_clip and
+most training code save plain state dicts. Both come back here as a plain ``{key: tensor}``.
+"""
+from __future__ import annotations
+
+import hashlib
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+# Non-tensor attributes OpenAI's TorchScript models carry in their state dict (open_clip drops them too).
+_OPENAI_JIT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+
+
+class WeightsError(RuntimeError):
+    """A weights file that is missing, corrupt or not the expected one; the message names the file."""
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB checkpoints do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives hold a ``constants.pkl`` record; torch.save archives do not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/")[-1] == "constants.pkl" for name in archive.namelist())
+
+
+def _unwrap(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
+    """Accept ``{"state_dict": ...}`` wrappers and DataParallel's ``module.`` prefix."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(
+        isinstance(v, torch.Tensor) for v in checkpoint.values()
+    ):
+        raise WeightsError(f"{path}: not a state dict of tensors (got {type(checkpoint).__name__})")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a TorchScript archive or a plain state dict on the CPU, after checking its sha256.
+
+    ``sha256`` (hex, any case) is compared with the file's digest before anything is unpickled,
+    so a truncated download or a wrong file fails here with both digests in the message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256.strip().lower():
+            raise WeightsError(
+                f"{path}: sha256 mismatch (expected {sha256.strip().lower()}, got {actual})"
+            )
+    try:
+        if _is_torchscript(path):
+            with warnings.catch_warnings():  # deprecated, yet the only reader of OpenAI's archives
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            state = {k: v for k, v in state.items() if k not in _OPENAI_JIT_EXTRAS}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt archive, pickled code, ...: name the file either way
+        raise WeightsError(f"{path}: cannot read as a TorchScript archive or state dict: {e}") from e
+    return _unwrap(state, path)
