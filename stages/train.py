@@ -1,0 +1,216 @@
+"""`pipeline train`: the projectors trained on cached tokens, top to bottom (data, model, optimiser,
+schedule, loop, evaluation, checkpoint). CLIP never runs here unless `online=True`, which recomputes
+the same tokens with the frozen backbone on every batch, for comparison and benchmarks.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import paths
+from pipeline.build import resolve_device
+from pipeline.cache import TEXT_NAMES, CacheError, FeatureCache
+from pipeline.loader import Batch, TokenLoader
+from pipeline.metrics import mean_average_precision
+from pipeline.training import (
+    TrainingError,
+    amp_dtype,
+    build_optimizer,
+    cache_identity,
+    capture_rng,
+    evaluate_head,
+    load_checkpoint,
+    lr_at,
+    make_scaler,
+    new_head,
+    restore_rng,
+    save_checkpoint,
+    save_projectors,
+    set_lr,
+    text_figure_of_merit,
+    train_step,
+)
+
+# mfi_*: paper Table 4 on the plain prompts "A photo of a {class}."; mfi_pos_*: the same figure on
+# the positive training prompts, the ones the MFI loss sees.
+TSV_COLUMNS = ("epoch", "lr", "loss", "asl", "mfi", "val_map", "mfi_before", "mfi_after",
+               "mfi_reduction_pct", "mfi_pos_before", "mfi_pos_after", "train_seconds", "val_seconds")
+
+
+def open_data(params: dict, device: torch.device) -> tuple[TokenLoader, TokenLoader, dict[str, torch.Tensor]]:
+    """Train loader (shuffled, one view per image per epoch), val loader (in order) and the cached
+    class text features {positive, negative, plain} (C, D) on `device` (no text forward pass)."""
+    cfg = params["train"]
+    caches = {}
+    for role in ("train", "val"):
+        caches[role] = FeatureCache.open(paths.feature_store(params, role))
+        caches[role].require_complete()
+    train, val = caches["train"], caches["val"]
+    if train.classnames != val.classnames or train.dim != val.dim:
+        raise CacheError(f"{train.path} and {val.path} disagree on classes or token dim: "
+                         "extract both with the same dataset and backbone")
+    loader = TokenLoader(train, cfg["batch_size"], cfg["view_policy"], seed=cfg["seed"])
+    val_loader = TokenLoader(val, cfg["batch_size"], "cycle", seed=cfg["seed"], shuffle=False)
+    text = {name: torch.from_numpy(train.text_features(name)).to(device) for name in TEXT_NAMES}
+    return loader, val_loader, text
+
+
+def label_frequency_map(labels: np.ndarray) -> float:
+    """mAP (%) of constant scores: each class's AP is then its positive rate (the no-skill baseline)."""
+    return mean_average_precision(np.zeros(labels.shape), labels)
+
+
+def peak_memory_mib() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Callable[[Batch], torch.Tensor]:
+    """Batch -> (B, T, D) tokens recomputed by the frozen backbone: the cached images and views.
+
+    Everything that decides a view (dataset, image size, augmentation, view seeds) is read from
+    the cache's fingerprint, and the view recipe is extract.ImageViews's: image i, view k is
+    train_view(seed = view_seed(seed, i, k)) when augmented, else eval_view.
+    """
+    from pipeline.augment import eval_view, train_view, view_seed
+    from pipeline.build import backbone_from_params
+    from pipeline.datasets import load_multilabel
+
+    fp = cache.fingerprint
+    backbone = backbone_from_params(params, device)
+    if backbone.weights_digest != fp["backbone"]["weights_digest"]:
+        raise TrainingError(f"--online: backbone weights {backbone.weights_digest} differ from those "
+                            f"that built {cache.path} ({fp['backbone']['weights_digest']}): check "
+                            "params 'backbone'")
+    name, split = fp["dataset"]["name"], fp["dataset"]["split"]
+    data = load_multilabel(name, paths.dataset_root(params, name), split)
+    if [r.image_id for r in data.records] != list(cache.ids):
+        raise TrainingError(f"--online: dataset {name}/{split} no longer lists the images of "
+                            f"{cache.path}: re-run `pipeline extract-features`")
+    size, augment = fp["image_size"], dict(fp["augment"])
+    enabled = augment.pop("enabled")
+
+    def view(i: int, k: int) -> torch.Tensor:  # (3, S, S)
+        image = data.image(i)
+        if enabled:
+            return train_view(image, size, view_seed(fp["seed"], i, k), **augment)
+        return eval_view(image, size)
+
+    def tokens(batch: Batch) -> torch.Tensor:
+        images = torch.stack([view(int(i), int(k)) for i, k in zip(batch.index, batch.view)])  # (B, 3, S, S)
+        return backbone.spatial_tokens(images).to(device)  # (B, T, D)
+
+    return tokens
+
+
+def write_metrics(params: dict, history: list[dict], summary: dict | None) -> None:
+    """results/plots/train.tsv (one row per epoch) and, at the end, results/metrics/train.json."""
+    tsv = paths.results_dir(params, "plots", "train.tsv")
+    tsv.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["\t".join(TSV_COLUMNS)] + ["\t".join(f"{row[c]:.6g}" for c in TSV_COLUMNS) for row in history]
+    tsv.write_text("\n".join(lines) + "\n")
+    if summary is not None:
+        out = paths.results_dir(params, "metrics", "train.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run(params: dict, resume: bool = False, online: bool = False) -> dict:
+    cfg = params["train"]
+    device = resolve_device(cfg["device"])
+    amp = amp_dtype(device, cfg.get("precision", "auto"))
+    print(f"train: device {device}, precision {amp or torch.float32}, {'online' if online else 'cached'} tokens")
+
+    # -- data -------------------------------------------------------------------------------------
+    loader, val_loader, text = open_data(params, device)
+    cache = loader.cache
+    get_tokens = online_tokens(params, cache, device) if online else None
+    steps = len(loader)
+
+    # -- model and optimiser ------------------------------------------------------------------------
+    if cfg["objective"] != "unmix":
+        raise TrainingError(f"parameter 'train.objective' {cfg['objective']!r} is not available yet")
+    aux = None  # InfoCLIP (train.objective) plugs its extra loss terms in here
+    head = new_head(params, cache.dim, device)
+    optimizer = build_optimizer(head.parameters(), cfg)
+    scaler = make_scaler(amp)
+    ckpt = paths.checkpoint(params)
+    start, history = 0, []
+    if resume:
+        state = load_checkpoint(ckpt, cache, params)
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        start, history = state["epoch"], list(state["history"])
+        print(f"train: resumed from {ckpt} after epoch {start}")
+
+    # -- loop ---------------------------------------------------------------------------------------
+    for epoch in range(start, cfg["epochs"]):
+        sums: dict[str, float] = defaultdict(float)
+        t0 = time.perf_counter()
+        bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False)
+        for step, batch in enumerate(bar):
+            lr = lr_at(epoch + step / steps, cfg)
+            set_lr(optimizer, lr)
+            tokens = get_tokens(batch) if online else batch.tokens.to(device, non_blocking=True)  # (B, T, D)
+            parts = train_step(head, optimizer, tokens, batch.labels.to(device), text, cfg, aux,
+                               epoch=epoch + 1, step=step + 1, amp=amp, scaler=scaler)
+            for name, value in parts.items():
+                sums[name] += value
+            bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{lr:.2e}")
+        train_seconds = time.perf_counter() - t0
+
+        # -- evaluation ---------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        scores, labels = evaluate_head(head, val_loader, text, amp)
+        merit = text_figure_of_merit(head, text["plain"])
+        merit_pos = text_figure_of_merit(head, text["positive"])
+        row = {"epoch": epoch + 1, "lr": lr, "loss": sums["total"] / steps, "asl": sums["asl"] / steps,
+               "mfi": sums["mfi"] / steps, "val_map": mean_average_precision(scores, labels),
+               "mfi_before": merit["before"], "mfi_after": merit["after"],
+               "mfi_reduction_pct": merit["reduction_pct"], "mfi_pos_before": merit_pos["before"],
+               "mfi_pos_after": merit_pos["after"], "train_seconds": train_seconds,
+               "val_seconds": time.perf_counter() - t0}
+        history.append(row)
+        print(f"epoch {epoch + 1}: loss {row['loss']:.4f} (asl {row['asl']:.4f}, mfi {row['mfi']:.4f}), "
+              f"val mAP {row['val_map']:.2f}, text similarity {merit['before']:.3f} -> {merit['after']:.3f}")
+
+        # -- checkpoint ---------------------------------------------------------------------------
+        save_checkpoint(ckpt, {
+            "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
+            "rng": capture_rng(), "params": params, "cache": cache_identity(cache), "history": history})
+        write_metrics(params, history, None)
+
+    # -- final projectors and metrics -----------------------------------------------------------------
+    if not history:
+        raise TrainingError(f"parameter 'train.epochs' is {cfg['epochs']}: nothing to train")
+    meta = {"model": params["model"], "embed_dim": cache.dim, "classnames": cache.classnames,
+            "fingerprint": cache.fingerprint, "epoch": history[-1]["epoch"]}
+    save_projectors(paths.projectors(params), head, meta)
+    last = history[-1]
+    summary = {
+        "device": str(device), "online": online, "epochs": last["epoch"],
+        "val_map": last["val_map"], "label_frequency_map": label_frequency_map(labels),
+        "mfi": {"before": last["mfi_before"], "after": last["mfi_after"],
+                "reduction_pct": last["mfi_reduction_pct"]},
+        "mfi_positive_prompts": {"before": last["mfi_pos_before"], "after": last["mfi_pos_after"]},
+        "loss": {k: last[k] for k in ("loss", "asl", "mfi")},
+        "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in history])),
+        "peak_memory_mib": peak_memory_mib(),
+    }
+    if device.type == "cuda":
+        summary["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    write_metrics(params, history, summary)
+    print(f"train: val mAP {last['val_map']:.2f}; projectors -> {paths.projectors(params)}")
+    return {**summary, "projectors": str(paths.projectors(params)), "history": history}
+

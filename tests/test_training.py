@@ -1,0 +1,246 @@
+"""`pipeline train` on cached tokens: it learns, it is faithful to the backbone, it resumes exactly.
+
+One module-scoped world: a planted-signal COCO-layout dataset, a random tiny-RN whose BatchNorm is
+recalibrated on training images (TESTING-WITHOUT-WEIGHTS trap 1), and float32 caches of one
+un-augmented view, built once with pipeline.extract. Optimiser settings are the smoke profile's.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline import paths
+from pipeline.augment import eval_view
+from pipeline.backbone import load_backbone, recalibrate_batchnorm
+from pipeline.build import backbone_from_params
+from pipeline.cache import FeatureCache
+from pipeline.config import load_params
+from pipeline.datasets import load_multilabel
+from pipeline.extract import extract
+from pipeline.loader import TokenLoader
+from pipeline.synthetic import make_planted_coco
+from pipeline.training import (
+    TrainingError,
+    build_optimizer,
+    load_projectors,
+    lr_at,
+    new_head,
+    save_checkpoint,
+    train_step,
+)
+from stages import train
+
+N_TRAIN, N_VAL, IMAGE_SIZE = 320, 160, 128
+
+
+def build_world(root: Path) -> dict:
+    """Data, recalibrated random backbone, train/val caches (float32, 1 plain view) under root."""
+    params = load_params(profile="smoke")
+    params["paths"] = {"data": str(root / "data"), "cache": str(root / "cache"),
+                       "results": str(root / "results")}
+    params["train"]["device"] = params["backbone"]["device"] = "cpu"
+    data_root = paths.dataset_root(params)
+    make_planted_coco(data_root, N_TRAIN, N_VAL, num_classes=8, image_size=96, seed=0)
+    splits = {role: load_multilabel("synthetic", data_root, role) for role in ("train", "val")}
+    random_clip = load_backbone("tiny-RN", pretrained=None, init_seed=0)
+    images = torch.stack([eval_view(splits["train"].image(i), IMAGE_SIZE) for i in range(128)])
+    recalibrate_batchnorm(random_clip, images.split(32))  # random init only: trap 1
+    torch.save(random_clip.model.state_dict(), data_root / "backbone.pt")
+    params["backbone"].update(checkpoint=str(data_root / "backbone.pt"), image_size=IMAGE_SIZE)
+    backbone = backbone_from_params(params)
+    for role, dataset in splits.items():
+        extract(dataset, paths.feature_store(params, role), params["backbone"], backbone=backbone,
+                views=1, train_augment=False, image_size=IMAGE_SIZE, dtype="float32", progress=False)
+    return params
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """The tiny head's ops take microseconds: with 2 intra-op threads on a loaded 2-core machine
+    they measured 20-50x slower (thread hand-offs), so these modules run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+_WORLD: dict[str, dict] = {}
+
+
+def shared_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Built once per pytest session and shared with tests/test_ablate.py (it imports this)."""
+    if "params" not in _WORLD:
+        _WORLD["params"] = build_world(tmp_path_factory.mktemp("train-world"))
+    return _WORLD["params"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    with single_threaded():
+        yield shared_world(tmp_path_factory)
+
+
+def fresh(world: dict, where: Path, **train: object) -> dict:
+    """A run of its own (checkpoints, results) on the shared feature stores."""
+    params = copy.deepcopy(world)
+    (where / "cache").mkdir(parents=True, exist_ok=True)
+    (where / "cache" / "features").symlink_to(Path(world["paths"]["cache"]) / "features")
+    params["paths"].update(cache=str(where / "cache"), results=str(where / "results"))
+    params["train"].update(train)
+    return params
+
+
+def weights(params: dict) -> dict[str, torch.Tensor]:
+    head, _ = load_projectors(paths.projectors(params))
+    return head.state_dict()
+
+
+def test_lr_schedule_is_constant_warmup_then_cosine_to_zero() -> None:
+    cfg = {"warmup_epochs": 1, "warmup_lr": 1e-5, "epochs": 5, "lr": 0.002}
+    assert lr_at(0.0, cfg) == lr_at(0.99, cfg) == 1e-5
+    assert lr_at(1.0, cfg) == pytest.approx(0.002)  # cos(0) = 1
+    assert lr_at(3.0, cfg) == pytest.approx(0.001)  # halfway through the 4 cosine epochs: cos(pi/2) = 0
+    assert lr_at(2.0, cfg) == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(5.0, cfg) == pytest.approx(0.0, abs=1e-15)
+    sgd = build_optimizer([torch.zeros(2, requires_grad=True)], {
+        "optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4})
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    assert sgd.defaults["weight_decay"] == 5e-4
+
+
+def test_training_beats_label_frequency_and_disentangles_text(world: dict, tmp_path: Path) -> None:
+    params = fresh(world, tmp_path)
+    summary = train.run(params)
+    labels = FeatureCache.open(paths.feature_store(params, "val")).labels  # (N, C), no unknowns
+    baseline = 100 * labels.mean(axis=0).mean()  # constant scores: each class's AP is its positive rate
+    assert summary["label_frequency_map"] == pytest.approx(baseline)
+    assert summary["val_map"] > baseline + 20
+    assert summary["mfi"]["after"] < summary["mfi"]["before"]  # plain prompts (paper Table 4)
+    # The positive prompts the MFI loss trains on disentangle far more: the random text tower puts
+    # the plain prompts ("...{class}.") at cosine ~0.75 from them, so the projector barely sees them.
+    pos = summary["mfi_positive_prompts"]
+    assert pos["after"] < 0.7 * pos["before"]
+    rows = (tmp_path / "results" / "plots" / "train.tsv").read_text().splitlines()
+    assert len(rows) == 1 + params["train"]["epochs"] and rows[0].startswith("epoch\t")
+    assert (tmp_path / "results" / "metrics" / "train.json").is_file()
+
+
+def test_cached_and_online_training_give_the_same_weights(world: dict, tmp_path: Path) -> None:
+    cached = fresh(world, tmp_path / "cached", epochs=1)
+    online = fresh(world, tmp_path / "online", epochs=1)
+    train.run(cached)
+    train.run(online, online=True)
+    a, b = weights(cached), weights(online)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    init = new_head(cached, a["image_projector.net.weight"].shape[1], torch.device("cpu")).state_dict()
+    assert not torch.allclose(a["image_projector.net.weight"], init["image_projector.net.weight"])
+
+
+def test_resumed_run_equals_uninterrupted_run(world: dict, tmp_path: Path, monkeypatch) -> None:
+    straight = fresh(world, tmp_path / "straight", epochs=4)
+    train.run(straight)
+
+    resumed = fresh(world, tmp_path / "resumed", epochs=4)
+    real_step = train.train_step
+
+    def crash_in_epoch_3(*args, **kwargs):
+        if kwargs["epoch"] == 3 and kwargs["step"] == 2:
+            raise KeyboardInterrupt  # killed mid-epoch, after the epoch-2 checkpoint
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", crash_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(resumed)
+    monkeypatch.setattr(train, "train_step", real_step)
+    summary = train.run(resumed, resume=True)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2, 3, 4]
+    a, b = weights(straight), weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_token_stops_training_naming_epoch_and_step(world: dict, tmp_path: Path) -> None:
+    params = fresh(world, tmp_path, epochs=1)
+    features = Path(params["paths"]["cache"]) / "features"
+    features.unlink()  # a private copy of the stores to poison
+    shutil.copytree(Path(world["paths"]["cache"]) / "features", features)
+    poisoned = 77
+    zarr.open_group(str(features / "train.zarr"), mode="r+")["tokens"][poisoned, 0, 3, 5] = np.nan
+    cfg = params["train"]
+    loader = TokenLoader(FeatureCache.open(features / "train.zarr"), cfg["batch_size"],
+                         cfg["view_policy"], seed=cfg["seed"])
+    step = next(s for s, b in enumerate(loader.epoch(0), 1) if poisoned in b.index)
+    with pytest.raises(TrainingError, match=f"non-finite loss at epoch 1 step {step}:"):
+        train.run(params)
+
+
+def test_checkpoint_of_another_cache_is_refused(world: dict, tmp_path: Path) -> None:
+    params = fresh(world, tmp_path, epochs=2)
+    train.run(params)
+    ckpt = paths.checkpoint(params)
+    state = torch.load(ckpt, weights_only=True)
+    seed = state["cache"]["fingerprint"]["seed"]
+    state["cache"]["fingerprint"]["seed"] = 12345  # as if written while training on another extraction
+    save_checkpoint(ckpt, state)
+    with pytest.raises(TrainingError, match="fingerprint differs in: fingerprint.seed") as err:
+        train.run(params, resume=True)
+    assert str(ckpt) in str(err.value) and str(paths.feature_store(params, "train")) in str(err.value)
+
+    state["cache"]["fingerprint"]["seed"] = seed  # back to the real cache ...
+    save_checkpoint(ckpt, state)
+    other = copy.deepcopy(params)
+    other["train"]["lr"] *= 2  # ... but another experiment's settings
+    with pytest.raises(TrainingError, match=r"other settings \(train.lr\)"):
+        train.run(other, resume=True)
+    params["train"]["epochs"] = 3  # extending a run is allowed
+    assert [r["epoch"] for r in train.run(params, resume=True)["history"]] == [1, 2, 3]
+
+
+def test_train_step_under_bf16_autocast_follows_fp32() -> None:
+    """The mixed-precision path (bf16 autocast; CUDA uses it too) gives the fp32 step to bf16 accuracy."""
+    cfg = load_params(profile="smoke")["train"]
+    num_classes, dim = 6, 32
+    tokens = torch.randn(16, 10, dim)  # (B, T, D)
+    labels = (torch.rand(16, num_classes) < 0.3).to(torch.int8)
+    text = {"negative": torch.randn(num_classes, dim), "positive": torch.randn(num_classes, dim)}
+    heads = [new_head({"train": cfg, "model": load_params()["model"]}, dim, torch.device("cpu"))
+             for _ in range(2)]
+    init = copy.deepcopy(heads[0].state_dict())
+    parts, steps = [], []
+    for head, amp in zip(heads, (None, torch.bfloat16)):
+        parts.append(train_step(head, build_optimizer(head.parameters(), cfg), tokens, labels, text, cfg,
+                                amp=amp))
+        w = head.state_dict()["image_projector.net.weight"]
+        steps.append((w - init["image_projector.net.weight"]).flatten())
+    for k in ("total", "asl", "mfi"):
+        assert parts[1][k] == pytest.approx(parts[0][k], rel=0.03), k
+    assert torch.nn.functional.cosine_similarity(steps[0], steps[1], dim=0) > 0.95
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def torch_save_dies(obj, f):
+        Path(f).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torch_save_dies)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
