@@ -1,0 +1,21 @@
+"""Stage `export-cache`: one feature store -> one HDF5 file, for tools that do not read Zarr."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths
+from pipeline.cache import FeatureCache
+from pipeline.export import export_hdf5
+
+
+def run(params: dict, split: str = "train", fmt: str = "hdf5",
+        out: str | None = None) -> dict[str, Any]:
+    """split "train"/"val"; ``out`` defaults to the store's path with a .h5 suffix."""
+    if fmt != "hdf5":
+        raise ValueError(f"unknown export format {fmt!r} (known: hdf5)")
+    store = paths.feature_store(params, split)
+    target = Path(out) if out else store.with_suffix(".h5")
+    written = export_hdf5(FeatureCache.open(store), target)
+    print(f"exported {store} -> {written} ({written.stat().st_size / 2**20:.1f} MiB)")
+    return {"store": str(store), "out": str(written)}
