@@ -120,6 +120,11 @@ _RULES: list[tuple[str, Any, str]] = [
     ("train.infoclip.lambda1", lambda v: _num(v) and v >= 0, "a number >= 0"),
     ("train.infoclip.lambda2", lambda v: _num(v) and v >= 0, "a number >= 0"),
     ("train.infoclip.num_tokens", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
+    ("train.infoclip.alpha", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("train.infoclip.kernel", lambda v: v in {"gaussian", "linear"}, "gaussian or linear"),
+    ("train.infoclip.temperature", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("train.infoclip.student_temperature", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("train.infoclip.mode", lambda v: v in {"softmax", "cosine"}, "softmax or cosine"),
     ("evaluate.seg.threshold", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
 ]
 
@@ -151,3 +156,8 @@ def validate(params: dict) -> None:
         values = get(params, key)
         if not isinstance(values, list) or not values or not all(_num(v) and v >= 0 for v in values):
             raise ParamError(f"parameter '{key}' must be a non-empty list of numbers >= 0, got {values!r}")
+    for key in ("ablate.lambda1s", "ablate.lambda2s"):  # InfoCLIP sweeps; [] = not swept
+        values = get(params, key)
+        if not isinstance(values, list) or not all(_num(v) and v >= 0 for v in values):
+            raise ParamError(f"parameter '{key}' must be a list of numbers >= 0 ([] = not swept), "
+                             f"got {values!r}")

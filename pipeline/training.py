@@ -21,6 +21,7 @@ from pipeline.build import head_from_params
 from pipeline.heads import HeadOutput, UnmixHead, positive_scores
 from pipeline.losses import asl_loss, mfi_loss
 from pipeline.metrics import mfi_figure_of_merit
+from pipeline.objective import uses_mfi
 
 # aux(head=, out=, tokens=, labels=, text=) -> {name: scalar loss term, already weighted}: each term
 # is added to the total and reported under its name (InfoCLIP: "compress", "distill").
@@ -98,6 +99,8 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One optimiser step on L = ASL + alpha * MFI (+ aux terms); returns the loss parts as floats.
 
+    MFI is left out of L (still reported) when cfg["objective"] is "infoclip".
+
     tokens (B, T, D) and labels (B, C) on the head's device; text["negative"], text["positive"]
     (C, D); cfg is params["train"]. The learning rate is whatever the optimiser holds (set_lr).
     A non-finite loss raises TrainingError naming `epoch` and `step` before any update.
@@ -110,7 +113,8 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
     mfi = mfi_loss(out.text_pos.float(), out.text_neg.float(), lam=cfg["mfi"]["lambda"],
                    form=cfg["mfi"]["form"])
     parts: dict[str, Tensor] = {"asl": asl, "mfi": mfi}
-    total = asl + cfg["alpha"] * mfi
+    # train.objective "infoclip" drops MFI from the loss (still reported); pipeline/objective.py
+    total = asl + cfg["alpha"] * mfi if uses_mfi(cfg.get("objective", "unmix")) else asl
     if aux is not None:  # InfoCLIP's compression / distillation terms
         for name, term in aux(head=head, out=out, tokens=tokens, labels=labels, text=text).items():
             parts[name] = term

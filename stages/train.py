@@ -19,6 +19,7 @@ from pipeline.build import resolve_device
 from pipeline.cache import TEXT_NAMES, CacheError, FeatureCache
 from pipeline.loader import Batch, TokenLoader
 from pipeline.metrics import mean_average_precision
+from pipeline.objective import build_objective, clip_alignment_mi, trainable_parameters
 from pipeline.training import (
     TrainingError,
     amp_dtype,
@@ -39,9 +40,13 @@ from pipeline.training import (
 )
 
 # mfi_*: paper Table 4 on the plain prompts "A photo of a {class}."; mfi_pos_*: the same figure on
-# the positive training prompts, the ones the MFI loss sees.
+# the positive training prompts, the ones the MFI loss sees. val_mi_clip: I(CLIP alignment; projected
+# alignment) on val tokens (objective.clip_alignment_mi), for every objective.
 TSV_COLUMNS = ("epoch", "lr", "loss", "asl", "mfi", "val_map", "mfi_before", "mfi_after",
-               "mfi_reduction_pct", "mfi_pos_before", "mfi_pos_after", "train_seconds", "val_seconds")
+               "mfi_reduction_pct", "mfi_pos_before", "mfi_pos_after", "val_mi_clip", "train_seconds",
+               "val_seconds")
+# with InfoCLIP: the weighted loss terms and the (unweighted, not in the loss) train-batch MI.
+INFOCLIP_COLUMNS = ("compress", "distill", "mi_student_teacher")
 
 
 def open_data(params: dict, device: torch.device) -> tuple[TokenLoader, TokenLoader, dict[str, torch.Tensor]]:
@@ -114,7 +119,8 @@ def write_metrics(params: dict, history: list[dict], summary: dict | None) -> No
     """results/plots/train.tsv (one row per epoch) and, at the end, results/metrics/train.json."""
     tsv = paths.results_dir(params, "plots", "train.tsv")
     tsv.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["\t".join(TSV_COLUMNS)] + ["\t".join(f"{row[c]:.6g}" for c in TSV_COLUMNS) for row in history]
+    columns = TSV_COLUMNS + tuple(c for c in INFOCLIP_COLUMNS if history and c in history[0])
+    lines = ["\t".join(columns)] + ["\t".join(f"{row[c]:.6g}" for c in columns) for row in history]
     tsv.write_text("\n".join(lines) + "\n")
     if summary is not None:
         out = paths.results_dir(params, "metrics", "train.json")
@@ -135,17 +141,17 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     steps = len(loader)
 
     # -- model and optimiser ------------------------------------------------------------------------
-    if cfg["objective"] != "unmix":
-        raise TrainingError(f"parameter 'train.objective' {cfg['objective']!r} is not available yet")
-    aux = None  # InfoCLIP (train.objective) plugs its extra loss terms in here
     head = new_head(params, cache.dim, device)
-    optimizer = build_optimizer(head.parameters(), cfg)
+    aux = build_objective(cfg, len(cache.classnames), device)  # InfoCLIP's terms and LPAM; None for unmix
+    optimizer = build_optimizer(trainable_parameters(head, aux), cfg)
     scaler = make_scaler(amp)
     ckpt = paths.checkpoint(params)
     start, history = 0, []
     if resume:
         state = load_checkpoint(ckpt, cache, params)
         head.load_state_dict(state["head"])
+        if aux is not None:
+            aux.load_state_dict(state["objective"])  # LPAM and its token-sampling generator
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
@@ -164,6 +170,8 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
             tokens = get_tokens(batch) if online else batch.tokens.to(device, non_blocking=True)  # (B, T, D)
             parts = train_step(head, optimizer, tokens, batch.labels.to(device), text, cfg, aux,
                                epoch=epoch + 1, step=step + 1, amp=amp, scaler=scaler)
+            if aux is not None:
+                parts["mi_student_teacher"] = float(aux.last_mi)  # logged, not in the loss
             for name, value in parts.items():
                 sums[name] += value
             bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{lr:.2e}")
@@ -178,15 +186,24 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
                "mfi": sums["mfi"] / steps, "val_map": mean_average_precision(scores, labels),
                "mfi_before": merit["before"], "mfi_after": merit["after"],
                "mfi_reduction_pct": merit["reduction_pct"], "mfi_pos_before": merit_pos["before"],
-               "mfi_pos_after": merit_pos["after"], "train_seconds": train_seconds,
-               "val_seconds": time.perf_counter() - t0}
+               "mfi_pos_after": merit_pos["after"],
+               "val_mi_clip": clip_alignment_mi(head, val_loader.epoch(0), text, cfg["infoclip"],
+                                                seed=cfg["seed"]),
+               "train_seconds": train_seconds}
+        if aux is not None:
+            row.update({k: sums[k] / steps for k in ("compress", "distill", "mi_student_teacher")})
+        row["val_seconds"] = time.perf_counter() - t0
         history.append(row)
-        print(f"epoch {epoch + 1}: loss {row['loss']:.4f} (asl {row['asl']:.4f}, mfi {row['mfi']:.4f}), "
-              f"val mAP {row['val_map']:.2f}, text similarity {merit['before']:.3f} -> {merit['after']:.3f}")
+        info = f", MI student-teacher {row['mi_student_teacher']:.3f}" if aux is not None else ""
+        print(f"epoch {epoch + 1}: loss {row['loss']:.4f} (asl {row['asl']:.4f}, "
+              f"mfi {row['mfi']:.4f}{info}), "
+              f"val mAP {row['val_map']:.2f}, text similarity {merit['before']:.3f} -> {merit['after']:.3f}, "
+              f"val MI CLIP-projected {row['val_mi_clip']:.3f}")
 
         # -- checkpoint ---------------------------------------------------------------------------
         save_checkpoint(ckpt, {
-            "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+            "head": head.state_dict(), "objective": aux.state_dict() if aux is not None else None,
+            "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
             "rng": capture_rng(), "params": params, "cache": cache_identity(cache), "history": history})
         write_metrics(params, history, None)
@@ -199,15 +216,18 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     save_projectors(paths.projectors(params), head, meta)
     last = history[-1]
     summary = {
-        "device": str(device), "online": online, "epochs": last["epoch"],
+        "device": str(device), "online": online, "objective": cfg["objective"], "epochs": last["epoch"],
         "val_map": last["val_map"], "label_frequency_map": label_frequency_map(labels),
         "mfi": {"before": last["mfi_before"], "after": last["mfi_after"],
                 "reduction_pct": last["mfi_reduction_pct"]},
         "mfi_positive_prompts": {"before": last["mfi_pos_before"], "after": last["mfi_pos_after"]},
-        "loss": {k: last[k] for k in ("loss", "asl", "mfi")},
+        "loss": {k: last[k] for k in ("loss", "asl", "mfi", "compress", "distill") if k in last},
+        "val_mi_clip": last["val_mi_clip"],
         "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in history])),
         "peak_memory_mib": peak_memory_mib(),
     }
+    if aux is not None:
+        summary["mi_student_teacher"] = last["mi_student_teacher"]
     if device.type == "cuda":
         summary["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     write_metrics(params, history, summary)
