@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -86,4 +87,4 @@ def main() -> None:
     """Unmix-CLIP pipeline: extract CLIP tokens once, train projectors on the cache, evaluate."""
 
 
-from pipeline import commands  # noqa: E402,F401  (registers the subcommands on `main`)
+from pipeline import commands  # noqa: F401  (registers the subcommands on `main`)

@@ -62,13 +62,17 @@ def figures(params: dict) -> None:
 @main.command("ablate")
 @click.option("--lambda", "lambdas", default=None, help="Comma-separated MFI lambdas (default: params).")
 @click.option("--alpha", "alphas", default=None, help="Comma-separated MFI weights alpha.")
+@click.option("--lambda1", "lambda1s", default=None, help="Comma-separated InfoCLIP compression weights.")
+@click.option("--lambda2", "lambda2s", default=None, help="Comma-separated InfoCLIP distillation weights.")
 @params_options
-def ablate(params: dict, lambdas: str | None, alphas: str | None) -> None:
-    """Train a lambda x alpha grid in one pass over the cache per epoch."""
+def ablate(params: dict, lambdas: str | None, alphas: str | None, lambda1s: str | None,
+           lambda2s: str | None) -> None:
+    """Train a lambda x alpha (x lambda1 x lambda2) grid in one pass over the cache per epoch."""
     def parse(text: str | None) -> list[float] | None:
         return None if text is None else [float(v) for v in text.split(",") if v.strip()]
 
-    run_stage("ablate", params=params, lambdas=parse(lambdas), alphas=parse(alphas))
+    run_stage("ablate", params=params, lambdas=parse(lambdas), alphas=parse(alphas),
+              lambda1s=parse(lambda1s), lambda2s=parse(lambda2s))
 
 
 @main.command("report")

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -125,6 +126,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("train.infoclip.temperature", lambda v: _num(v) and v > 0, "a number > 0"),
     ("train.infoclip.student_temperature", lambda v: _num(v) and v > 0, "a number > 0"),
     ("train.infoclip.mode", lambda v: v in {"softmax", "cosine"}, "softmax or cosine"),
+    ("evaluate.prompt", lambda v: v in {"plain", "positive"}, "plain or positive"),
     ("evaluate.seg.threshold", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
 ]
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pipeline.augment import eval_view
-from pipeline.backbone import PLAIN_TEMPLATE, FrozenCLIP
+from pipeline.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
 from pipeline.classes import CONTEXT_UNSEEN_IN_COCO
 from pipeline.heads import UnmixHead
 from pipeline.metrics import confusion_matrix, miou_dataset
@@ -61,9 +61,15 @@ def cosine_maps(grid: Tensor, text: Tensor) -> Tensor:
     return maps.contiguous()  # einsum returns channels-last strides: interpolate is ~4x slower on them
 
 
-def plain_text(backbone: FrozenCLIP, classnames: Sequence[str]) -> Tensor:
-    """Raw CLIP text features (C, D) of "A photo of a {class}." (the paper's ZS3 / MFI prompt)."""
-    return backbone.text_features([PLAIN_TEMPLATE.format(c) for c in classnames])
+# `evaluate.prompt`: the paper evaluates with "A photo of a {class}." (plain); "positive" is the
+# training prompt without the full stop. With pretrained CLIP the two are nearly the same feature;
+# a random text tower puts them far apart, so the smoke profile evaluates with the training prompt.
+PROMPTS = {"plain": PLAIN_TEMPLATE, "positive": POSITIVE_TEMPLATE}
+
+
+def plain_text(backbone: FrozenCLIP, classnames: Sequence[str], prompt: str = "plain") -> Tensor:
+    """Raw CLIP text features (C, D) of the evaluation prompt (default: the paper's ZS3 / MFI prompt)."""
+    return backbone.text_features([PROMPTS[prompt].format(c) for c in classnames])
 
 
 @torch.no_grad()
@@ -209,7 +215,7 @@ def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset:
                           image_size: int, batch_size: int = 16, threshold: float = 0.85,
                           pos_interpolation: str = "bilinear", methods: Sequence[str] = METHODS,
                           limit: int | None = None, progress: bool = True,
-                          keep_predictions: bool = False) -> dict:
+                          keep_predictions: bool = False, prompt: str = "plain") -> dict:
     """mIoU of every method and variant on a SegmentationDataset (both protocols, named).
 
     Returns {"methods": {method: {variant: {...}}}, "num_images", "seconds_per_image",
@@ -220,7 +226,7 @@ def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset:
     names = object_classes(dataset)
     num = len(dataset.records) if limit is None else min(limit, len(dataset.records))
     subsets = class_subsets(dataset.name, names)
-    texts = method_text(plain_text(backbone, names), head, methods)
+    texts = method_text(plain_text(backbone, names, prompt), head, methods)
     acc = {m: {v: MiouAccumulator(len(names) + (v == "bkgd")) for v in variants(dataset.has_background)}
            for m in methods}
     kept: dict[str, dict[str, list[np.ndarray]]] = {m: {v: [] for v in acc[m]} for m in methods}

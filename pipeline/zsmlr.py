@@ -88,7 +88,7 @@ def combine(global_scores: np.ndarray, region_scores: np.ndarray, weight: float)
 def zero_shot_mlr(backbone: FrozenCLIP, head: UnmixHead, dataset: Any, *, image_size: int,
                   batch_size: int = 16, region_weight: float = 0.5, threshold: float = 0.85,
                   pos_interpolation: str = "bilinear", min_area: float = 0.01, region_mode: str = "mask",
-                  limit: int | None = None, progress: bool = True) -> dict:
+                  limit: int | None = None, progress: bool = True, prompt: str = "plain") -> dict:
     """mAP of CLIP global alone, of the regions alone and of the combination on a MultiLabelDataset.
 
     Returns {"map": {"clip", "regions", "combined"}, "per_class_ap": {...}, "scores": {name: (N, C)},
@@ -96,7 +96,7 @@ def zero_shot_mlr(backbone: FrozenCLIP, head: UnmixHead, dataset: Any, *, image_
     """
     names = list(dataset.classnames)
     num = len(dataset.records) if limit is None else min(limit, len(dataset.records))
-    raw = plain_text(backbone, names)  # (C, D)
+    raw = plain_text(backbone, names, prompt)  # (C, D)
     texts = method_text(raw, head, ["ours"])
     glob, regions = [], []
     start = time.perf_counter()

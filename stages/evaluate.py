@@ -30,7 +30,7 @@ from pipeline.heads import UnmixHead, positive_scores, region_logits
 from pipeline.loader import TokenLoader
 from pipeline.metrics import average_precision, mfi_figure_of_merit
 from pipeline.plots import similarity_heatmaps
-from pipeline.segmentation import METHOD_LABELS, evaluate_segmentation, plain_text
+from pipeline.segmentation import METHOD_LABELS, PROMPTS, evaluate_segmentation, plain_text
 from pipeline.training import TrainingError, evaluate_head, load_projectors
 from pipeline.zsmlr import zero_shot_mlr
 
@@ -159,17 +159,17 @@ def evaluate_mfi(params: dict) -> tuple[dict, str]:
     metrics, rows = {}, []
     for name in params["evaluate"]["mfi"]["class_sets"]:
         names = class_set(name)
-        before = plain_text(backbone, names)  # (C, D)
+        before = plain_text(backbone, names, params["evaluate"]["prompt"])  # (C, D)
         after = head.eval().project_text(before.to(next(head.parameters()).device)).cpu()  # (C, D')
         metrics[name] = {**mfi_figure_of_merit(before.cpu(), after), "num_classes": len(names)}
-        figure = paths.results_dir(params, "figures", f"mfi_{name}.png")
+        figure = paths.results_dir(params, "heatmaps", f"mfi_{name}.png")
         similarity_heatmaps({"CLIP": before.cpu().numpy(), "ours (projected)": after.numpy()}, names,
                             figure, title=f"class text similarity: {name}")
         metrics[name]["figure"] = str(figure)
         m = metrics[name]
         rows.append(f"| {name} | {len(names)} | {m['before']:.2f} | {m['after']:.2f} | {m['reduction_pct']:.1f} |")
     table = "\n".join(["## MFI figure of merit (paper Table 4)", "",
-                       "Mean off-diagonal cosine similarity of \"A photo of a {class}.\" features.", "",
+                       f"Mean off-diagonal cosine similarity of \"{PROMPTS[params['evaluate']['prompt']].format('{class}')}\" features.", "",
                        "| class set | classes | CLIP | ours | reduction (%) |", "|---|---|---|---|---|", *rows])
     return metrics, table
 
@@ -217,7 +217,8 @@ def evaluate_seg(params: dict) -> tuple[dict, str]:
         dataset = load_segmentation(name, root, SEG_SPLIT)
         results[name] = evaluate_segmentation(
             backbone, head, dataset, image_size=cfg["image_size"], batch_size=params["evaluate"]["batch_size"],
-            threshold=cfg["threshold"], pos_interpolation=cfg["pos_interpolation"])
+            threshold=cfg["threshold"], pos_interpolation=cfg["pos_interpolation"],
+            prompt=params["evaluate"]["prompt"])
         print(f"seg {name}: {results[name]['num_images']} images, "
               f"{results[name]['seconds_per_image']:.3f} s/image", flush=True)
     if "context59" in results:
@@ -230,10 +231,11 @@ def evaluate_zs_mlr(params: dict) -> tuple[dict, str]:
     cfg, seg = params["evaluate"]["zs_mlr"], params["evaluate"]["seg"]
     dataset = load_multilabel(cfg["dataset"], dataset_root(params, cfg["dataset"]), cfg["split"])
     backbone, head = backbone_and_head(params)
-    res = zero_shot_mlr(backbone, head, dataset, image_size=cfg.get("image_size", params["backbone"]["image_size"]),
+    res = zero_shot_mlr(backbone, head, dataset, image_size=cfg["image_size"],
                         batch_size=params["evaluate"]["batch_size"], region_weight=cfg["region_weight"],
                         threshold=seg["threshold"], pos_interpolation=seg["pos_interpolation"],
-                        min_area=cfg.get("min_area", 0.01), region_mode=cfg.get("region_mode", "mask"))
+                        min_area=cfg["min_area"], region_mode=cfg["region_mode"],
+                        prompt=params["evaluate"]["prompt"])
     print(f"zs-mlr {cfg['dataset']}: {res['num_images']} images, {res['seconds_per_image']:.3f} s/image")
     metrics = {k: res[k] for k in ("map", "per_class_ap", "num_images", "seconds_per_image")}
     metrics["region_weight"] = cfg["region_weight"]

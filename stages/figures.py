@@ -59,7 +59,7 @@ def run(params: dict) -> dict:
     backbone, head = backbone_and_head(params)
     names = object_classes(dataset)
     classes = query_classes(list(cfg["classes"]), names)
-    texts = method_text(plain_text(backbone, names), head, METHODS)
+    texts = method_text(plain_text(backbone, names, params["evaluate"]["prompt"]), head, METHODS)
     written = []
     for cls in classes:
         k = names.index(cls)

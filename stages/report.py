@@ -1,14 +1,13 @@
 """Stage `report`: one Markdown file that collects the tables, metrics and figures of a run.
 
 It is generic on purpose: every stage writes its tables under results/tables/*.md, metrics under
-results/metrics/*.json and figures under results/figures|ablation/*.png; the report only gathers.
+results/metrics/*.json and figures under results/{figures,heatmaps,ablation}/*.png; the report only gathers.
 """
 from __future__ import annotations
 
 import json
 import os
 from datetime import datetime, timezone
-from pathlib import Path
 
 from pipeline import paths
 
@@ -48,7 +47,8 @@ def run(params: dict) -> dict:
         lines += ["", "## ablation (lambda x alpha)", "", ablation.read_text().strip()]
     for metrics in sorted((results / "metrics").glob("*.json")):
         lines += ["", f"## metrics: {metrics.stem}", "", *_metrics_table(json.loads(metrics.read_text()))]
-    figures = sorted((results / "figures").glob("*.png")) + sorted((results / "ablation").glob("*.png"))
+    figures = [png for folder in ("figures", "heatmaps", "ablation")
+               for png in sorted((results / folder).glob("*.png"))]
     if figures:
         lines += ["", "## figures"]
         for fig in figures:

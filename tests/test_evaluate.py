@@ -17,12 +17,13 @@ from PIL import Image
 
 from pipeline import paths
 from pipeline.augment import eval_view
-from pipeline.backbone import PLAIN_TEMPLATE, load_backbone, recalibrate_batchnorm
+from pipeline.backbone import load_backbone, recalibrate_batchnorm
 from pipeline.cache import FeatureCache
 from pipeline.config import load_params
 from pipeline.datasets import DatasetError, load_multilabel
 from pipeline.heads import positive_scores
 from pipeline.metrics import mean_average_precision
+from pipeline.segmentation import PROMPTS
 from pipeline.synthetic import make_planted_coco
 from pipeline.training import build_optimizer, new_head, save_projectors, train_step
 from stages import evaluate
@@ -99,7 +100,8 @@ def test_mfi_before_after_match_independent_cosines_and_heatmaps_exist(world):
     metrics, table = _written(world["params"], "mfi")
     assert set(metrics) == set(world["params"]["evaluate"]["mfi"]["class_sets"])
     names = world["val"].classnames
-    raw = world["backbone"].text_features([PLAIN_TEMPLATE.format(c) for c in names])  # (C, D)
+    template = PROMPTS[world["params"]["evaluate"]["prompt"]]
+    raw = world["backbone"].text_features([template.format(c) for c in names])  # (C, D)
     with torch.no_grad():
         projected = world["head"].project_text(raw)  # eval mode: BatchNorm running statistics
     m = metrics["synthetic"]

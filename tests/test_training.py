@@ -48,6 +48,8 @@ def build_world(root: Path) -> dict:
     params["paths"] = {"data": str(root / "data"), "cache": str(root / "cache"),
                        "results": str(root / "results")}
     params["train"]["device"] = params["backbone"]["device"] = "cpu"
+    # The optimiser settings these tests were calibrated with (the smoke profile may move on).
+    params["train"].update(lr=0.001, epochs=12)
     data_root = paths.dataset_root(params)
     make_planted_coco(data_root, N_TRAIN, N_VAL, num_classes=8, image_size=96, seed=0)
     splits = {role: load_multilabel("synthetic", data_root, role) for role in ("train", "val")}
