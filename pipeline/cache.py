@@ -214,10 +214,14 @@ class FeatureCache:
         if tokens.shape != shape or np.shape(status) != shape[:1]:
             raise ValueError(f"shard {s} of {self.path} needs tokens {shape} and status {shape[:1]}, "
                              f"got {tokens.shape} and {np.shape(status)}")
-        if self._complete[s]:
-            self._complete[s] = False  # rewriting: unmark first so a crash midway is not trusted
-        self._tokens[start:stop] = np.asarray(tokens, dtype=self.dtype)
-        self._status[start:stop] = np.asarray(status, dtype=np.int8)
+        try:
+            if self._complete[s]:
+                self._complete[s] = False  # rewriting: unmark first so a crash midway is not trusted
+            self._tokens[start:stop] = np.asarray(tokens, dtype=self.dtype)
+            self._status[start:stop] = np.asarray(status, dtype=np.int8)
+        except OSError as err:  # full disk, permissions: the shard stays incomplete
+            raise CacheError(f"writing shard {s} (images {start}..{stop - 1}) of {self.path} failed: "
+                             f"{err}; the shard is left incomplete and a re-run redoes it") from err
         self._complete[s] = True
 
     def write_text_features(self, features: Mapping[str, np.ndarray]) -> None:

@@ -68,11 +68,21 @@ def figures(params: dict) -> None:
 def ablate(params: dict, lambdas: str | None, alphas: str | None, lambda1s: str | None,
            lambda2s: str | None) -> None:
     """Train a lambda x alpha (x lambda1 x lambda2) grid in one pass over the cache per epoch."""
-    def parse(text: str | None) -> list[float] | None:
-        return None if text is None else [float(v) for v in text.split(",") if v.strip()]
+    def parse(text: str | None, flag: str) -> list[float] | None:
+        if text is None:
+            return None
+        try:
+            values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError as err:
+            raise click.BadParameter(f"must be comma-separated numbers, got {text!r}",
+                                     param_hint=flag) from err
+        if not values or any(v < 0 for v in values):
+            raise click.BadParameter(f"must be non-empty numbers >= 0, got {text!r}", param_hint=flag)
+        return values
 
-    run_stage("ablate", params=params, lambdas=parse(lambdas), alphas=parse(alphas),
-              lambda1s=parse(lambda1s), lambda2s=parse(lambda2s))
+    run_stage("ablate", params=params, lambdas=parse(lambdas, "--lambda"),
+              alphas=parse(alphas, "--alpha"), lambda1s=parse(lambda1s, "--lambda1"),
+              lambda2s=parse(lambda2s, "--lambda2"))
 
 
 @main.command("report")

@@ -121,8 +121,12 @@ def _coco_categories(coco: COCO, name: str, ann: Path) -> tuple[dict[int, int], 
     return {cid: k for k, cid in enumerate(ids)}, names
 
 
-def _coco_records(coco: COCO, image_dir: Path) -> tuple[list[int], list[ImageRecord]]:
+def _coco_records(coco: COCO, image_dir: Path, ann: Path) -> tuple[list[int], list[ImageRecord]]:
     ids = sorted(coco.imgs)
+    missing = [i for i in ids if not isinstance(coco.imgs[i].get("file_name"), str)]
+    if missing:
+        raise DatasetError(f"{ann}: image entry id {missing[0]} has no 'file_name' "
+                           f"({len(missing)} such entries)")
     return ids, [ImageRecord(image_dir / coco.imgs[i]["file_name"], str(i)) for i in ids]
 
 
@@ -138,7 +142,7 @@ def _coco_multilabel(name: str, root: Path, split: str) -> MultiLabelDataset:
     coco = _load_coco(ann)
     column, names = _coco_categories(coco, name, ann)
     _check_annotations(coco, column, ann)
-    ids, records = _coco_records(coco, image_dir)
+    ids, records = _coco_records(coco, image_dir, ann)
     row = {image_id: r for r, image_id in enumerate(ids)}
     labels = np.zeros((len(ids), len(names)), np.int8)  # (N, C)
     for a in coco.dataset["annotations"]:  # crowd annotations count too
@@ -174,7 +178,7 @@ def _coco_segmentation(name: str, root: Path, split: str) -> SegmentationDataset
     coco = _load_coco(ann)
     column, names = _coco_categories(coco, name, ann)
     _check_annotations(coco, column, ann)
-    ids, records = _coco_records(coco, image_dir)
+    ids, records = _coco_records(coco, image_dir, ann)
     return SegmentationDataset(name, split, ["background", *names], records, True,
                                _CocoMasks(coco, ids, column))
 
@@ -208,7 +212,10 @@ def _voc_labels(xml_path: Path) -> np.ndarray:
         cls = (obj.findtext("name") or "").strip()
         if cls not in VOC_CLASSES:
             raise DatasetError(f"{xml_path}: unknown VOC class {cls!r}")
-        if int((obj.findtext("difficult") or "0").strip()) == 0:
+        difficult = (obj.findtext("difficult") or "0").strip()
+        if difficult not in ("0", "1"):
+            raise DatasetError(f"{xml_path}: <difficult> must be 0 or 1, got {difficult!r}")
+        if difficult == "0":
             labels[VOC_CLASSES.index(cls)] = 1
     return labels
 

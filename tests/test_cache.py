@@ -103,7 +103,7 @@ def test_shard_marked_complete_only_after_its_data(tmp_path: Path, monkeypatch: 
         return await original(self, key, value)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", crashing_set)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(CacheError, match=r"shard 1 .*injected"):
         cache.write_shard(1, *shard_data(1))
     monkeypatch.undo()
 
@@ -128,7 +128,7 @@ def test_rewriting_a_complete_shard_unmarks_it_first(tmp_path: Path, monkeypatch
         return await original(self, key, value)
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", crashing_set)
-    with pytest.raises(OSError):
+    with pytest.raises(CacheError, match="left incomplete"):
         cache.write_shard(0, *shard_data(0))
     assert cache.incomplete_shards() == [0]
 

@@ -1,0 +1,97 @@
+"""Benchmark 1: `pipeline extract-features` throughput vs the bare frozen backbone forward.
+
+Engine: stages.extract_features.run(params, split="train"), what the CLI command calls: decode,
+augment K views (DataLoader workers), forward, float16 conversion and Zarr shard writes; its
+own timer (model and store set-up excluded). Bare: FrozenCLIP.spatial_tokens alone on the same
+preprocessed batches (same views, same batch composition), tensors already in memory.
+Goal (issue 7): engine images/s >= 0.9 x bare images/s.
+
+    python bench/bench_extract.py                                    # quick: tiny-RN, 224 px
+    python bench/bench_extract.py --backbone RN101 --image-size 448 --images 16 --views 1
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+
+import common
+import torch
+
+from pipeline import paths
+from pipeline.build import backbone_from_params
+from pipeline.extract import DEFAULT_AUGMENT, ImageViews, ViewSpec
+from stages import extract_features
+
+GOAL = 0.9
+
+
+def batches(n: int, shard_size: int, batch_images: int) -> list[range]:
+    """The engine's batches: image ranges of batch_images, never crossing a shard boundary."""
+    out = []
+    for start in range(0, n, shard_size):
+        stop = min(start + shard_size, n)
+        out += [range(i, min(i + batch_images, stop)) for i in range(start, stop, batch_images)]
+    return out
+
+
+def bare_forward(backbone, pixels: list[torch.Tensor], device: str) -> float:
+    """Seconds for spatial_tokens over every batch; pixels[j] is batch j, (b, K, 3, S, S)."""
+    with common.Timer() as t:
+        for batch in pixels:
+            backbone.spatial_tokens(batch.flatten(0, 1))  # (bK, T, D)
+        common.sync(device)
+    return t.seconds
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0], images=32)
+    p.add_argument("--batch-size", type=int, default=32, help="views per forward pass (extract.batch_size)")
+    p.add_argument("--num-workers", type=int, default=2, help="decode/augment processes (extract.num_workers)")
+    p.add_argument("--repeats", type=int, default=1, help="engine runs (bare runs: one more)")
+    args = p.parse_args()
+
+    with common.workdir(args.workdir) as root:
+        dataset, source = common.prepare_images(args, root, n_val=0)
+        params = common.make_params(args, root, dataset, extract={
+            "batch_size": args.batch_size, "num_workers": args.num_workers})
+        ex = params["extract"]
+        data = extract_features.load_split(params, "train")
+        spec = ViewSpec(tuple(str(r.path) for r in data.records), args.views, True, ex["seed"],
+                        args.image_size, {**DEFAULT_AUGMENT, **ex["augment"]})
+        views = ImageViews(spec)
+        with common.Timer() as prep:  # the engine's preprocessing, in this one process
+            pixels = [torch.stack([views[i][1] for i in rng]) for rng in  # (b, K, 3, S, S)
+                      batches(len(data), ex["shard_size"], max(1, args.batch_size // args.views))]
+        backbone = backbone_from_params(params)
+        backbone.spatial_tokens(pixels[0][:1].flatten(0, 1))  # warm-up: first-call kernel selection
+
+        bare, engine = [bare_forward(backbone, pixels, args.device)], []
+        store = paths.feature_store(params, "train")
+        for _ in range(args.repeats):
+            shutil.rmtree(store, ignore_errors=True)
+            summary = extract_features.run(params, split="train")["train"]
+            engine.append(summary["seconds"])
+            bare.append(bare_forward(backbone, pixels, args.device))
+        n = len(data)
+        bare_s, engine_s = statistics.median(bare), statistics.median(engine)
+        ratio = (n / engine_s) / (n / bare_s)
+        rows = [
+            ["bare forward: FrozenCLIP.spatial_tokens on preprocessed batches", n / bare_s,
+             n * args.views / bare_s, bare_s],
+            ["preprocessing alone: decode + K views (1 process)", n / prep.seconds,
+             n * args.views / prep.seconds, prep.seconds],
+            [f"`pipeline extract-features` engine ({args.num_workers} workers, writes)", n / engine_s,
+             n * args.views / engine_s, engine_s],
+        ]
+        setup = (f"{args.backbone} (random init), {args.image_size} px, {n} images x {args.views} views, "
+                 f"{args.batch_size} views per forward, device {args.device}; {source}; median of "
+                 f"{len(engine)} engine / {len(bare)} bare runs; tokens stored as float16")
+        common.report("Benchmark 1: extraction throughput", setup,
+                      ["what", "images/s", "views/s", "seconds"], rows,
+                      common.verdict(ratio, f">= {GOAL}", ratio >= GOAL, "engine / bare forward"),
+                      args, {"ratio": ratio, "bare_seconds": bare, "engine_seconds": engine,
+                             "prep_seconds": prep.seconds, "images": n})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Faults a user meets, through the `pipeline` CLI: each is survived or named, never a bare traceback.
+
+- a SIGKILLed `pipeline train` subprocess resumes (`--resume`) to the weights of an unbroken run;
+- a full disk / permission error during a shard write leaves that shard incomplete and names the
+  store and the shard (simulated in the zarr store's `set`: chmod does not stop root, which CI is);
+- fuzzed image files stop extraction naming the file, or are recorded as skipped;
+- malformed COCO JSON / VOC XML and invalid parameters are one error naming the file or the key.
+Killed extraction (bit-identical resume) lives in test_extract_faults.py; the cache's own write
+ordering in test_cache.py; load_image per file kind in test_images.py.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner, Result
+
+from pipeline.backbone import load_backbone
+from pipeline.cache import FeatureCache
+from pipeline.cli import main
+from pipeline.datasets import load_multilabel
+from pipeline.extract import extract
+from pipeline.synthetic import make_bad_images, make_planted_coco, make_voc_layout
+from pipeline.training import load_projectors
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "configs" / "params.yaml"
+SIZE, CLASSES = 64, 4  # 64 px -> a 2x2 token grid: tiny and fast
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def sets(tmp: Path, **extra: object) -> list[str]:
+    """--params/--set arguments: tiny random backbone on generated data, everything under tmp."""
+    values = {"paths.data": tmp / "data", "paths.cache": tmp / "cache", "paths.results": tmp / "results",
+              "data.dataset": "synthetic", "backbone.name": "tiny-RN", "backbone.pretrained": "null",
+              "backbone.image_size": SIZE, "backbone.device": "cpu", "backbone.channels_last": "false",
+              "extract.num_workers": 0, "extract.shard_size": 4, "extract.views": 1, "train.device": "cpu",
+              **{k.replace("__", "."): v for k, v in extra.items()}}
+    return ["--params", str(PARAMS), *[a for k, v in values.items() for a in ("--set", f"{k}={v}")]]
+
+
+def assert_clear_error(result: Result, *names: object) -> None:
+    """Exit status 1 through click (not an escaped exception), one error line, each name in it."""
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "Traceback" not in result.output and len(errors) == 1, result.output
+    for name in names:
+        assert str(name) in result.output, (name, result.output)
+
+
+# -- SIGKILL during training ----------------------------------------------------------------------
+EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train/val token stores of a planted dataset (extracted once, shared by the runs below)."""
+    tmp = tmp_path_factory.mktemp("faults-train")
+    data = make_planted_coco(tmp / "data" / "synthetic", 16, 4, num_classes=CLASSES, image_size=SIZE)
+    params = {"name": "tiny-RN", "pretrained": None, "checkpoint": None, "sha256": None,
+              "init_seed": 0, "image_size": SIZE, "precision": "fp32", "channels_last": False,
+              "compile": False, "device": "cpu"}
+    backbone = load_backbone("tiny-RN", pretrained=None)
+    for role in ("train", "val"):
+        extract(load_multilabel("synthetic", data, role), tmp / "features" / f"{role}.zarr", params,
+                backbone=backbone, image_size=SIZE, shard_size=8, dtype="float32", progress=False)
+    return tmp
+
+
+def train_args(stores: Path, run: Path) -> list[str]:
+    (run / "cache").mkdir(parents=True)
+    (run / "cache" / "features").symlink_to(stores / "features")
+    return ["train", *sets(run, paths__data=stores / "data", train__epochs=EPOCHS, train__batch_size=8,
+                           train__optimizer="adam", train__lr=0.01, train__weight_decay=0,
+                           train__warmup_epochs=0)]
+
+
+def kill_at_first_checkpoint(proc: subprocess.Popen, ckpt: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+
+
+def test_sigkilled_training_resumes_to_the_uninterrupted_weights(stores: Path, tmp_path: Path) -> None:
+    args = train_args(stores, tmp_path / "killed")
+    ckpt = tmp_path / "killed" / "cache" / "models" / "last.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same arithmetic as here
+    proc = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import main; main()", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killer = threading.Thread(target=kill_at_first_checkpoint, args=(proc, ckpt))
+    killer.start()  # the uninterrupted run goes on here while the subprocess starts up
+    straight = cli(*train_args(stores, tmp_path / "straight"))
+    killer.join()
+    _, err = proc.communicate()
+    assert straight.exit_code == 0, straight.output
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]  # killed, did not finish
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= done < EPOCHS
+
+    resumed = cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resumed from {ckpt} after epoch {done}" in resumed.output
+    rows = (tmp_path / "killed" / "results" / "plots" / "train.tsv").read_text().splitlines()[1:]
+    assert [int(float(r.split("\t")[0])) for r in rows] == list(range(1, EPOCHS + 1))
+    a = load_projectors(tmp_path / "straight" / "cache" / "models" / "projectors.pt")[0].state_dict()
+    b = load_projectors(tmp_path / "killed" / "cache" / "models" / "projectors.pt")[0].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -- a failing shard write ------------------------------------------------------------------------
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_failed_shard_write_leaves_it_incomplete_and_names_store_and_shard(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    make_planted_coco(tmp_path / "data" / "synthetic", 10, 2, num_classes=CLASSES, image_size=SIZE)
+    store = tmp_path / "cache" / "features" / "train.zarr"  # 10 images, shards of 4 -> 3 shards
+    original = zarr.storage.LocalStore.set
+
+    async def failing_set(self, key, value):
+        if key.startswith("tokens/c/1/"):  # shard 1's data file
+            raise OSError(code, os.strerror(code), str(Path(self.root) / key))
+        return await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", failing_set)
+    args = ["extract-features", "--split", "train", *sets(tmp_path)]
+    result = cli(*args)
+    assert_clear_error(result, store, "shard 1", os.strerror(code))
+    monkeypatch.undo()
+
+    cache = FeatureCache.open(store)
+    assert cache.incomplete_shards() == [1, 2] and cache.is_complete(0)
+    assert not cache.valid[4:].any()  # nothing of the failed shard is trusted
+    assert cli(*args).exit_code == 0  # space freed: the rerun fills in what is missing
+    assert FeatureCache.open(store).incomplete_shards() == []
+
+
+# -- fuzzed images --------------------------------------------------------------------------------
+FUZZ = {  # make_bad_images kind -> what it stands for; each is written over a .jpg image file
+    "random_bytes": "random bytes", "truncated_jpeg": "truncated JPEG", "zero_size": "0 bytes",
+    "bomb_png": "PNG header declaring 100000x100000", "text_as_jpg": "text with an image extension",
+    "corrupt_png": "PNG with a corrupt pixel stream"}
+# random bytes and truncated JPEGs stopping extract() are in test_extract_faults.py; here they
+# only join the skip run, through the CLI with DataLoader workers.
+
+
+def fuzzed_dataset(tmp: Path, kinds: list[str]) -> list[Path]:
+    """2 + 2 len(kinds) planted train images; image 1 + 2j replaced by fuzz kinds[j] (name kept)."""
+    make_planted_coco(tmp / "data" / "synthetic", 2 + 2 * len(kinds), 1, num_classes=CLASSES,
+                      image_size=SIZE)
+    records = load_multilabel("synthetic", tmp / "data" / "synthetic", "train").records
+    bad = make_bad_images(tmp / "bad")
+    targets = []
+    for j, kind in enumerate(kinds):
+        target = records[1 + 2 * j].path
+        shutil.copyfile(bad[kind], target)
+        targets.append(target)
+    shutil.copyfile(bad["rgba"], records[0].path)  # a valid PNG named .jpg: decoded by content
+    return targets
+
+
+@pytest.mark.parametrize("kind", [k for k in FUZZ if k not in ("random_bytes", "truncated_jpeg")])
+def test_fuzzed_image_stops_extraction_naming_the_file(tmp_path: Path, kind: str) -> None:
+    (target,) = fuzzed_dataset(tmp_path, [kind])
+    result = cli("extract-features", "--split", "train", *sets(tmp_path))
+    assert_clear_error(result, target, "--on-bad-image skip")
+    cache = FeatureCache.open(tmp_path / "cache" / "features" / "train.zarr")
+    assert not cache.complete.any()  # the bad image's shard (the only one) was never marked
+
+
+def test_fuzzed_images_are_recorded_as_skipped(tmp_path: Path) -> None:
+    targets = fuzzed_dataset(tmp_path, list(FUZZ))
+    result = cli("extract-features", "--split", "train", "--on-bad-image", "skip",
+                 *sets(tmp_path, extract__num_workers=2))  # bad files met in DataLoader workers
+    assert result.exit_code == 0, result.output
+    assert f"{len(FUZZ)} bad images skipped" in result.output
+    cache = FeatureCache.open(tmp_path / "cache" / "features" / "train.zarr")
+    ids = load_multilabel("synthetic", tmp_path / "data" / "synthetic", "train").records
+    skipped = {ids[i].path for i in np.flatnonzero(cache.status == 1)}
+    assert skipped == set(targets)  # each fuzzed file, and nothing else (the PNG named .jpg loads)
+    assert cache.incomplete_shards() == [] and int(cache.valid.sum()) == len(ids) - len(FUZZ)
+    assert not np.any(cache.tokens[np.flatnonzero(cache.status == 1)])  # skipped rows stay zero
+
+
+# -- malformed annotations ------------------------------------------------------------------------
+COCO_BREAKS = {
+    "truncated": lambda s: s[: len(s) // 2],
+    "a list, not an object": lambda s: "[]",
+    "not UTF-8": lambda s: "\udcff",  # written with surrogateescape below: a raw 0xff byte
+    "annotation without category_id": lambda s: s.replace('"category_id"', '"category"', 1),
+    "image without file_name": lambda s: s.replace('"file_name"', '"name"', 1),
+    "annotation of an unknown image": lambda s: s.replace('"image_id": ', '"image_id": 9999', 1),
+}
+
+
+@pytest.mark.parametrize("how", list(COCO_BREAKS))
+def test_malformed_coco_json_is_one_error_naming_the_file(tmp_path: Path, how: str) -> None:
+    root = make_planted_coco(tmp_path / "data" / "synthetic", 2, 1, num_classes=CLASSES, image_size=SIZE)
+    ann = root / "annotations" / "instances_train2017.json"
+    text = ann.read_text()
+    assert '"category_id"' in text and '"file_name"' in text and '"image_id": ' in text
+    ann.write_bytes(COCO_BREAKS[how](text).encode("utf-8", "surrogateescape"))
+    assert_clear_error(cli("extract-features", "--split", "train", *sets(tmp_path)), ann)
+    assert not (tmp_path / "cache").exists()  # refused before anything was written
+
+
+VOC_BREAKS = {
+    "truncated": lambda s: s[: len(s) // 2],
+    "not XML": lambda s: "\x00\x01 not xml at all",
+    "object without a name": lambda s: s.replace("<name>", "<label>", 1).replace("</name>", "</label>", 1),
+    "difficult not a number": lambda s: s.replace("<difficult>0</difficult>", "<difficult>yes</difficult>", 1)
+    .replace("<difficult>1</difficult>", "<difficult>yes</difficult>", 1),
+}
+
+
+@pytest.mark.parametrize("how", list(VOC_BREAKS))
+def test_malformed_voc_xml_is_one_error_naming_the_file(tmp_path: Path, how: str) -> None:
+    devkit = make_voc_layout(tmp_path / "data" / "voc2007", n_images=4, image_size=SIZE)
+    first = (devkit / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").read_text().split()[0]
+    xml = devkit / "VOC2007" / "Annotations" / f"{first}.xml"
+    text = xml.read_text()
+    assert "<name>" in text and "<difficult>" in text
+    xml.write_text(VOC_BREAKS[how](text))
+    result = cli("extract-features", "--split", "train",
+                 *sets(tmp_path, data__dataset="voc2007", data__train_split="trainval"))
+    assert_clear_error(result, xml)
+    assert not (tmp_path / "cache").exists()
+
+
+# -- invalid parameters ---------------------------------------------------------------------------
+@pytest.mark.parametrize("command, extra, key", [
+    (["train"], ["--set", "train.lr=-0.002"], "train.lr"),
+    (["ablate"], ["--set", "train.lr=-1"], "train.lr"),
+    (["extract-features"], ["--set", "backbone.name=ViT-B-32"], "backbone.name"),
+    (["train"], ["--set", "backbone.name=RN102"], "backbone.name"),
+    (["extract-features", "--views", "0"], [], "extract.views"),
+    (["extract-features"], ["--set", "extract.views=0"], "extract.views"),
+    (["train"], ["--set", "train.lrr=0.1"], "train.lrr"),
+    (["train"], ["--set", "train.lr"], "train.lr"),
+    (["ablate", "--lambda", "0.1,abc"], [], "--lambda"),
+    (["ablate", "--alpha", "-1"], [], "--alpha"),
+])
+def test_invalid_parameter_is_rejected_by_the_cli_naming_the_key(tmp_path: Path, command: list[str],
+                                                                 extra: list[str], key: str) -> None:
+    result = cli(*command, *sets(tmp_path), *extra)
+    assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and key in result.output, result.output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
+
+
+def test_invalid_value_in_the_params_file_is_named(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS.read_text().replace("  views: 4 ", "  views: 0 ", 1))
+    assert "  views: 0 " in params.read_text()
+    result = cli("extract-features", "--params", str(params))
+    assert_clear_error(result, "extract.views")
