@@ -137,12 +137,19 @@ def _check_annotations(coco: COCO, column: dict[int, int], ann: Path) -> None:
                                f"{a['image_id']} or category {a['category_id']}")
 
 
-def _coco_multilabel(name: str, root: Path, split: str) -> MultiLabelDataset:
+def _open_coco(name: str, root: Path, split: str
+               ) -> tuple[COCO, dict[int, int], list[str], list[int], list[ImageRecord]]:
+    """Load and check one COCO annotation file: (coco, category column, names, image ids, records)."""
     ann, image_dir = _coco_paths(name, root, split)
     coco = _load_coco(ann)
     column, names = _coco_categories(coco, name, ann)
     _check_annotations(coco, column, ann)
     ids, records = _coco_records(coco, image_dir, ann)
+    return coco, column, names, ids, records
+
+
+def _coco_multilabel(name: str, root: Path, split: str) -> MultiLabelDataset:
+    coco, column, names, ids, records = _open_coco(name, root, split)
     row = {image_id: r for r, image_id in enumerate(ids)}
     labels = np.zeros((len(ids), len(names)), np.int8)  # (N, C)
     for a in coco.dataset["annotations"]:  # crowd annotations count too
@@ -174,11 +181,7 @@ class _CocoMasks:
 
 
 def _coco_segmentation(name: str, root: Path, split: str) -> SegmentationDataset:
-    ann, image_dir = _coco_paths(name, root, split)
-    coco = _load_coco(ann)
-    column, names = _coco_categories(coco, name, ann)
-    _check_annotations(coco, column, ann)
-    ids, records = _coco_records(coco, image_dir, ann)
+    coco, column, names, ids, records = _open_coco(name, root, split)
     return SegmentationDataset(name, split, ["background", *names], records, True,
                                _CocoMasks(coco, ids, column))
 

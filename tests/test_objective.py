@@ -15,7 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training import fresh, shared_world, single_threaded, weights
+from test_training import (
+    crash_in_epoch_3_then_resume,
+    fresh,
+    shared_world,
+    single_threaded,
+    weights,
+)
 
 from pipeline import paths
 from pipeline.ablation import point_params
@@ -154,18 +160,7 @@ def test_lpam_is_optimised_checkpointed_and_resumed_exactly(world: dict, tmp_pat
     straight = infoclip_run(tmp_path / "straight")
     train.run(straight)
     resumed = infoclip_run(tmp_path / "resumed")
-    real_step = train.train_step
-
-    def crash_in_epoch_3(*args, **kwargs):
-        if kwargs["epoch"] == 3 and kwargs["step"] == 2:
-            raise KeyboardInterrupt  # killed mid-epoch, after the epoch-2 checkpoint
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(resumed)
-    monkeypatch.setattr(train, "train_step", real_step)
-    summary = train.run(resumed, resume=True)
+    summary = crash_in_epoch_3_then_resume(resumed, monkeypatch)
 
     a, b = weights(straight), weights(resumed)
     for k in a:

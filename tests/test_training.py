@@ -151,23 +151,28 @@ def test_cached_and_online_training_give_the_same_weights(world: dict, tmp_path:
     assert not torch.allclose(a["image_projector.net.weight"], init["image_projector.net.weight"])
 
 
+def crash_in_epoch_3_then_resume(params: dict, monkeypatch) -> dict:
+    """Kill `train.run` mid-epoch 3 (after the epoch-2 checkpoint), then `--resume` it."""
+    real_step = train.train_step
+
+    def crashing_step(*args, **kwargs):
+        if kwargs["epoch"] == 3 and kwargs["step"] == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(params)
+    monkeypatch.setattr(train, "train_step", real_step)
+    return train.run(params, resume=True)
+
+
 def test_resumed_run_equals_uninterrupted_run(world: dict, tmp_path: Path, monkeypatch) -> None:
     straight = fresh(world, tmp_path / "straight", epochs=4)
     train.run(straight)
 
     resumed = fresh(world, tmp_path / "resumed", epochs=4)
-    real_step = train.train_step
-
-    def crash_in_epoch_3(*args, **kwargs):
-        if kwargs["epoch"] == 3 and kwargs["step"] == 2:
-            raise KeyboardInterrupt  # killed mid-epoch, after the epoch-2 checkpoint
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", crash_in_epoch_3)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(resumed)
-    monkeypatch.setattr(train, "train_step", real_step)
-    summary = train.run(resumed, resume=True)
+    summary = crash_in_epoch_3_then_resume(resumed, monkeypatch)
     assert [r["epoch"] for r in summary["history"]] == [1, 2, 3, 4]
     a, b = weights(straight), weights(resumed)
     for k in a:
