@@ -84,6 +84,7 @@ class FrozenCLIP(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.model.visual.to(memory_format=torch.channels_last)
+        self.compiled = compile
         self._trunk = torch.compile(self._trunk_eager) if compile else self._trunk_eager
         self.tokenizer = open_clip.get_tokenizer(name)
         self.embed_dim: int = model.visual.output_dim
@@ -107,7 +108,7 @@ class FrozenCLIP(nn.Module):
         return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, 32w, H/32, W/32)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, torch.float32)
+        images = images.to(self.device, torch.float32, non_blocking=True)  # pinned by the DataLoader
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images

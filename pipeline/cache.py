@@ -165,7 +165,7 @@ class FeatureCache:
         try:
             g = zarr.open_group(str(tmp), mode="w-")
             g.create_array("tokens", shape=(n, k, t, d), dtype=layout["dtype"], shards=(s, k, t, d),
-                           chunks=(s, 1, t, d), fill_value=0,
+                           chunks=(s, 1, t, d), fill_value=float("nan"),  # a lost file reads as NaN, not 0
                            compressors=ZstdCodec(level=3) if layout["compressor"] else None)
             g.create_array("labels", data=labels, chunks=labels.shape)
             g.create_array("ids", shape=(n,), dtype=str, chunks=(n,))[:] = np.array(ids)  # variable-length
@@ -279,12 +279,19 @@ class FeatureCache:
 
     def read_view_block(self, s: int, view: int) -> np.ndarray:
         """(n, T, D) tokens of one view for shard s: a single chunk read."""
-        start, stop = self.shard_range(s)
-        return self._tokens[start:stop, view]
+        return self._read(s, view)
 
     def read_shard(self, s: int) -> np.ndarray:
+        return self._read(s, slice(None))  # (n, K, T, D)
+
+    def _read(self, s: int, view: int | slice) -> np.ndarray:
         start, stop = self.shard_range(s)
-        return self._tokens[start:stop]  # (n, K, T, D)
+        try:
+            return self._tokens[start:stop, view]
+        except (OSError, ValueError) as err:  # a truncated or corrupted shard file
+            raise CacheError(f"{self.path}: tokens of shard {s} (images {start}..{stop - 1}) are "
+                             f"unreadable ({err}); re-run `pipeline extract-features "
+                             "--restart-on-change` or delete the store") from err
 
     def text_features(self, name: str) -> np.ndarray:
         try:

@@ -116,6 +116,7 @@ _RULES: list[tuple[str, Any, str]] = [
     ("train.warmup_lr", lambda v: _num(v) and v > 0, "a number > 0"),
     ("train.view_policy", lambda v: v in {"random", "cycle"}, "random or cycle"),
     ("train.alpha", lambda v: _num(v) and v >= 0, "a number >= 0"),
+    ("train.asl_weight", lambda v: _num(v) and v > 0, "a number > 0"),
     ("train.mfi.form", lambda v: v in {"paper", "authors"}, "paper or authors"),
     ("train.mfi.lambda", lambda v: _num(v) and v >= 0, "a number >= 0"),
     ("train.infoclip.lambda1", lambda v: _num(v) and v >= 0, "a number >= 0"),

@@ -36,6 +36,7 @@ def export_hdf5(cache: FeatureCache, out_path: str | Path) -> Path:
                 for name in TEXT_NAMES:
                     f.create_dataset(f"text/{name}", data=cache.text_features(name))
             f.attrs["fingerprint"] = json.dumps(cache.fingerprint, sort_keys=True)
+            f.attrs["layout"] = json.dumps(cache.layout, sort_keys=True)  # dtype, shard size, compressor
             f.attrs["classnames"] = np.array(cache.classnames, dtype=h5py.string_dtype())
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION

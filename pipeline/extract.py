@@ -163,11 +163,17 @@ def encode_shards(backbone: FrozenCLIP, cache: FeatureCache, shards: Sequence[in
 
 def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
                 train_augment: bool, seed: int, image_size: int, dtype: str,
-                augment: dict[str, Any], precision: str) -> dict[str, Any]:
-    """Everything that changes the stored numbers; a store built otherwise is refused, not mixed."""
+                augment: dict[str, Any], precision: str, batch_images: int) -> dict[str, Any]:
+    """Everything that changes the stored numbers; a store built otherwise is refused, not mixed.
+
+    Besides the weights and the views this includes what changes the last bits of the forward:
+    precision, memory layout, compilation, images per forward and the device type (TF32 on CUDA).
+    """
     return {
         "backbone": {"name": backbone.name, "weights_digest": backbone.weights_digest,
-                     "precision": precision},
+                     "precision": precision, "channels_last": backbone.channels_last,
+                     "compile": backbone.compiled, "device": backbone.device.type,
+                     "batch_images": batch_images},
         "image_size": image_size,
         "views": views,
         "augment": {"enabled": True, **augment} if train_augment else {"enabled": False},
@@ -212,7 +218,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         "compressor": compressor,
         "fingerprint": fingerprint(dataset, backbone, views=views, train_augment=train_augment,
                                 seed=seed, image_size=image_size, dtype=dtype, augment=augment,
-                                precision=backbone.precision)}
+                                precision=backbone.precision,
+                                batch_images=max(1, batch_size // views))}
     try:
         cache = FeatureCache.create_or_open(store_path, **layout)
     except CacheError as err:  # other settings, or an older cache format
@@ -232,7 +239,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
 
     shards = cache.incomplete_shards()
     todo = sum(b - a for a, b in map(cache.shard_range, shards))
-    spec = ViewSpec(tuple(str(r.path) for r in dataset.records), views, train_augment, seed,
+    # absolute paths: Dask workers on other hosts may run in another working directory
+    spec = ViewSpec(tuple(str(r.path.resolve()) for r in dataset.records), views, train_augment, seed,
                     image_size, augment)
     batch_images = max(1, batch_size // views)
     bar = tqdm(total=todo, unit="img", desc=f"extract {dataset.name}/{dataset.split}",

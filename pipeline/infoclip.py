@@ -22,7 +22,7 @@ alpha = 2 (default) adds O(n^2), any other alpha six O(n^3) eigendecompositions.
 sampled from the B*T of the batch so n stays fixed (64 by default) whatever the batch size.
 
 What distillation rewards: I(T; S) <= min(S(T), S(S)), and a copy of the teacher's map is not the
-maximiser (I(A; A) = 2 S(A) - S(A o A) < S(A)); the student is pushed towards maps whose sample
+maximiser (I(A; A) = 2 S(A) - S(A o A) <= S(A)); the student is pushed towards maps whose sample
 similarity structure determines the teacher's, not towards the teacher's values.
 """
 from __future__ import annotations

@@ -116,7 +116,8 @@ def joint_entropy(a: torch.Tensor, b: torch.Tensor, alpha: float = 2.0) -> torch
 def mutual_information(a: torch.Tensor, b: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
     """I_alpha(A; B) = S(A) + S(B) - S(A, B) in bits; symmetric, I <= min(S(A), S(B)).
 
-    I >= 0 holds for alpha <= 1; for alpha > 1 it can dip slightly below 0 (module docstring).
+    No negative value was found for alpha <= 1; for alpha > 1 it can dip slightly below 0
+    (module docstring).
     """
     return renyi_entropy(a, alpha) + renyi_entropy(b, alpha) - joint_entropy(a, b, alpha)
 

@@ -97,7 +97,7 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
                text: Mapping[str, Tensor], cfg: Mapping[str, Any], aux: AuxLoss | None = None, *,
                epoch: int = 0, step: int = 0, amp: torch.dtype | None = None,
                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One optimiser step on L = ASL + alpha * MFI (+ aux terms); returns the loss parts as floats.
+    """One optimiser step on L = asl_weight * ASL + alpha * MFI (+ aux terms); returns the loss parts.
 
     MFI is left out of L (still reported) when cfg["objective"] is "infoclip".
 
@@ -114,7 +114,10 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
                    form=cfg["mfi"]["form"])
     parts: dict[str, Tensor] = {"asl": asl, "mfi": mfi}
     # train.objective "infoclip" drops MFI from the loss (still reported); pipeline/objective.py
-    total = asl + cfg["alpha"] * mfi if uses_mfi(cfg.get("objective", "unmix")) else asl
+    # asl_weight: 1 in the paper; the authors' code uses 0.999 * 0.05
+    total = cfg["asl_weight"] * asl
+    if uses_mfi(cfg.get("objective", "unmix")):
+        total = total + cfg["alpha"] * mfi
     if aux is not None:  # InfoCLIP's compression / distillation terms
         for name, term in aux(head=head, out=out, tokens=tokens, labels=labels, text=text).items():
             parts[name] = term
