@@ -1,9 +1,8 @@
 """ASL and MFI losses against independent evaluations of their formulas."""
 import math
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
