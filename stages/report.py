@@ -36,9 +36,10 @@ def run(params: dict) -> dict:
     lines = [
         "# Unmix-CLIP run report",
         "",
-        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Backbone {b['name']} "
-        f"({b['checkpoint'] or b['pretrained']}), {b['image_size']} px; dataset {d['dataset']}; "
-        f"objective {t['objective']}, alpha {t['alpha']}, MFI {t['mfi']['form']} lambda {t['mfi']['lambda']}.",
+        (f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Backbone {b['name']} "
+         f"({b['checkpoint'] or b['pretrained']}), {b['image_size']} px; dataset {d['dataset']}; "
+         f"objective {t['objective']}, alpha {t['alpha']}, MFI {t['mfi']['form']} "
+         f"lambda {t['mfi']['lambda']}."),
     ]
     for table in sorted((results / "tables").glob("*.md")):
         lines += ["", f"## {table.stem}", "", table.read_text().strip()]
