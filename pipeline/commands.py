@@ -1,6 +1,8 @@
 """Subcommands of `pipeline`; each is a thin wrapper over `stages.<name>.run`."""
 from __future__ import annotations
 
+import math
+
 import click
 
 from pipeline.cli import _with_overrides, main, params_options, run_stage
@@ -76,7 +78,7 @@ def ablate(params: dict, lambdas: str | None, alphas: str | None, lambda1s: str 
         except ValueError as err:
             raise click.BadParameter(f"must be comma-separated numbers, got {text!r}",
                                      param_hint=flag) from err
-        if not values or any(v < 0 for v in values):
+        if not values or not all(math.isfinite(v) and v >= 0 for v in values):
             raise click.BadParameter(f"must be non-empty numbers >= 0, got {text!r}", param_hint=flag)
         return values
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,15 @@ _RULES: list[tuple[str, Any, str]] = [
     ("train.view_policy", lambda v: v in {"random", "cycle"}, "random or cycle"),
     ("train.alpha", lambda v: _num(v) and v >= 0, "a number >= 0"),
     ("train.asl_weight", lambda v: _num(v) and v > 0, "a number > 0"),
+    ("train.precision", lambda v: v in {"auto", "fp32", "bf16", "fp16"}, "auto, fp32, bf16 or fp16"),
+    ("train.device", lambda v: _device(v), "auto, cpu, cuda or cuda:N"),
+    ("backbone.device", lambda v: _device(v), "auto, cpu, cuda or cuda:N"),
+    ("ablate.epochs", lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
+    ("evaluate.seg.image_size", lambda v: isinstance(v, int) and v >= 32 and v % 32 == 0,
+     "a positive multiple of 32"),
+    ("evaluate.zs_mlr.image_size", lambda v: isinstance(v, int) and v >= 32 and v % 32 == 0,
+     "a positive multiple of 32"),
+    ("evaluate.zs_mlr.region_mode", lambda v: v in {"mask", "crop"}, "mask or crop"),
     ("train.mfi.form", lambda v: v in {"paper", "authors"}, "paper or authors"),
     ("train.mfi.lambda", lambda v: _num(v) and v >= 0, "a number >= 0"),
     ("train.infoclip.lambda1", lambda v: _num(v) and v >= 0, "a number >= 0"),
@@ -133,7 +144,11 @@ _RULES: list[tuple[str, Any, str]] = [
 
 
 def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _device(v: Any) -> bool:
+    return v in {"auto", "cpu", "cuda"} or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v) is not None)
 
 
 def known_backbones() -> set[str]:
@@ -155,6 +170,9 @@ def validate(params: dict) -> None:
         value = get(params, key)
         if not ok(value):
             raise ParamError(f"parameter '{key}' must be {must}, got {value!r}")
+    if get(params, "train.warmup_epochs") >= get(params, "train.epochs"):
+        raise ParamError("parameter 'train.warmup_epochs' must be smaller than 'train.epochs', got "
+                         f"{get(params, 'train.warmup_epochs')} >= {get(params, 'train.epochs')}")
     for key in ("ablate.lambdas", "ablate.alphas"):
         values = get(params, key)
         if not isinstance(values, list) or not values or not all(_num(v) and v >= 0 for v in values):

@@ -28,6 +28,7 @@ from pipeline.objective import uses_mfi
 AuxLoss = Callable[..., Mapping[str, Tensor]]
 
 # train-section keys a resumed run may change without making its result a different experiment.
+# Extending `epochs` on resume is a warm restart of the cosine schedule: not the same as a longer run.
 _RESUMABLE_CHANGES = ("epochs", "device")
 
 
@@ -39,14 +40,14 @@ class TrainingError(RuntimeError):
 def lr_at(epoch: float, train_params: Mapping[str, Any]) -> float:
     """Learning rate at fractional epoch `epoch` (e + step / steps_per_epoch).
 
-    `warmup_epochs` at the constant `warmup_lr`, then cosine annealing from `lr` to 0 over the
-    remaining epochs (the paper: 1 warm-up epoch at 1e-5, then cosine from 0.002 over 50 epochs).
+    Cosine annealing of `lr` to 0 over all `epochs` (the paper: 50), with the first
+    `warmup_epochs` replaced by the constant `warmup_lr` (1e-5): Dassl's ConstantWarmupScheduler
+    around CosineAnnealingLR(T_max=epochs), which DualCoOp and the authors use, evaluated per step.
     """
     warmup, total, base = train_params["warmup_epochs"], train_params["epochs"], train_params["lr"]
     if epoch < warmup:
         return float(train_params["warmup_lr"])
-    progress = (epoch - warmup) / max(total - warmup, 1e-12)
-    return float(base * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+    return float(base * 0.5 * (1.0 + math.cos(math.pi * min(epoch / total, 1.0))))
 
 
 def build_optimizer(params_iter: Iterable[Tensor], train_params: Mapping[str, Any]) -> torch.optim.Optimizer:

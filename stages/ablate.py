@@ -54,7 +54,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
     runs = [point_params(params, lam, alpha, a["epochs"], l1, l2) for lam, alpha, l1, l2 in points]
     epochs = runs[0]["train"]["epochs"]
     device = resolve_device(params["train"]["device"])
-    amp = amp_dtype(device, params["train"].get("precision", "auto"))
+    amp = amp_dtype(device, params["train"]["precision"])
     print(f"ablate: {len(points)} grid points x {epochs} epochs on {device}")
 
     # -- data, heads, optimisers (one per point) ---------------------------------------------------

@@ -131,7 +131,7 @@ def write_metrics(params: dict, history: list[dict], summary: dict | None) -> No
 def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     cfg = params["train"]
     device = resolve_device(cfg["device"])
-    amp = amp_dtype(device, cfg.get("precision", "auto"))
+    amp = amp_dtype(device, cfg["precision"])
     print(f"train: device {device}, precision {amp or torch.float32}, {'online' if online else 'cached'} tokens")
 
     # -- data -------------------------------------------------------------------------------------
@@ -217,7 +217,8 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     last = history[-1]
     summary = {
         "device": str(device), "online": online, "objective": cfg["objective"], "epochs": last["epoch"],
-        "val_map": last["val_map"], "label_frequency_map": label_frequency_map(labels),
+        "val_map": last["val_map"],
+        "label_frequency_map": label_frequency_map(val_loader.cache.labels[val_loader.cache.valid]),
         "mfi": {"before": last["mfi_before"], "after": last["mfi_after"],
                 "reduction_pct": last["mfi_reduction_pct"]},
         "mfi_positive_prompts": {"before": last["mfi_pos_before"], "after": last["mfi_pos_after"]},

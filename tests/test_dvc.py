@@ -37,6 +37,7 @@ def repo(tmp_path_factory) -> Path:
     for name in ("pipeline", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
     params = load_params(ROOT / "configs" / "params.yaml", TINY, profile="smoke")
     (repo / "configs").mkdir()
     (repo / "configs" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
