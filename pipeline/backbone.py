@@ -113,15 +113,32 @@ class FrozenCLIP(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def _pool_inputs(self, images: torch.Tensor, pos_interpolation: str) -> torch.Tensor:
-        """Attention-pool inputs: [mean token; HW tokens] + positional embedding -> (B, 1+HW, C)."""
+    def _trunk_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[mean token; HW tokens] of the trunk's feature map -> (B, 1+HW, C), and (H, W)."""
         x = self._trunk(self._prepare(images))  # (B, C, H, W)
-        size = x.shape[-2:]
+        size = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # (B, 1+HW, C)
+        return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1), size  # (B, 1+HW, C)
+
+    def _with_pos(self, x: torch.Tensor, size: tuple[int, int], pos_interpolation: str) -> torch.Tensor:
+        """Attention-pool inputs: tokens + the positional embedding resized to `size` -> (B, 1+HW, C)."""
         pos = resize_positional_embedding(
             self.model.visual.attnpool.positional_embedding, size, pos_interpolation)  # (1+HW, C)
-        return x + pos.to(x.dtype)  # (B, 1+HW, C)
+        return x + pos.to(x.dtype)
+
+    def _pool_inputs(self, images: torch.Tensor, pos_interpolation: str) -> torch.Tensor:
+        return self._with_pos(*self._trunk_tokens(images), pos_interpolation)  # (B, 1+HW, C)
+
+    def _value_path(self, x: torch.Tensor) -> torch.Tensor:
+        pool = self.model.visual.attnpool
+        return pool.c_proj(pool.v_proj(x))  # (B, 1+HW, D)
+
+    def _vv_attention(self, x: torch.Tensor) -> torch.Tensor:
+        pool = self.model.visual.attnpool
+        v = pool.v_proj(x)  # (B, 1+HW, C)
+        tokens = pool.c_proj(_multi_head_attention(v, v, v, self.num_heads))  # (B, 1+HW, D)
+        tokens[:, 0] = self._qk_first_token(x)  # (B, D)
+        return tokens
 
     def _qk_first_token(self, x: torch.Tensor) -> torch.Tensor:
         """What the attention pool itself outputs: the mean token attending to all tokens -> (B, D)."""
@@ -137,10 +154,8 @@ class FrozenCLIP(nn.Module):
         images (B, 3, H, W) normalised with CLIP_MEAN/CLIP_STD -> (B, 1+HW', D) float32, the
         mean token first, then the H/32 x W/32 grid in row-major order.
         """
-        pool = self.model.visual.attnpool
         with self._autocast():
-            x = self._pool_inputs(images, "bicubic")  # (B, 1+HW, C)
-            tokens = pool.c_proj(pool.v_proj(x))  # (B, 1+HW, D)
+            tokens = self._value_path(self._pool_inputs(images, "bicubic"))  # (B, 1+HW, D)
         return tokens.float()
 
     @torch.no_grad()
@@ -154,13 +169,20 @@ class FrozenCLIP(nn.Module):
         v-v attention too; we follow the paper's description instead. CLIP Surgery resizes the
         positional grid bilinearly (the default here), DualCoOp bicubically.
         """
-        pool = self.model.visual.attnpool
         with self._autocast():
-            x = self._pool_inputs(images, pos_interpolation)  # (B, 1+HW, C)
-            v = pool.v_proj(x)  # (B, 1+HW, C)
-            tokens = pool.c_proj(_multi_head_attention(v, v, v, self.num_heads))  # (B, 1+HW, D)
-            tokens[:, 0] = self._qk_first_token(x)  # (B, D)
+            tokens = self._vv_attention(self._pool_inputs(images, pos_interpolation))  # (B, 1+HW, D)
         return tokens.float()
+
+    @torch.no_grad()
+    def spatial_and_vv_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear"
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`spatial_tokens` and `vv_tokens` from one trunk pass (the trunk is ~all of the cost):
+        segmentation evaluation compares both on every image."""
+        with self._autocast():
+            x, size = self._trunk_tokens(images)  # (B, 1+HW, C)
+            spatial = self._value_path(self._with_pos(x, size, "bicubic"))  # (B, 1+HW, D)
+            vv = self._vv_attention(self._with_pos(x, size, pos_interpolation))  # (B, 1+HW, D)
+        return spatial.float(), vv.float()
 
     @torch.no_grad()
     def global_embedding(self, images: torch.Tensor) -> torch.Tensor:

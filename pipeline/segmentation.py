@@ -89,15 +89,20 @@ def score_maps(backbone: FrozenCLIP, head: UnmixHead | None, images: Tensor, tex
     device, where the post-processing runs too (upsampling 80 class maps to a COCO mask costs
     ~0.1 s per image and method on one CPU core).
 
-    The v-v tokens are computed once and shared by "clip-vv" and "ours".
-    Images are square (eval_view), so the token grid is square.
+    The v-v tokens are computed once and shared by "clip-vv" and "ours"; with "clip" too, one trunk
+    pass gives both token sets. Images are square (eval_view), so the token grid is square.
     """
     maps: dict[str, Tensor] = {}
-    if "clip" in texts:
+    needs_vv = "clip-vv" in texts or "ours" in texts
+    if "clip" in texts and needs_vv:
+        tokens, vv = backbone.spatial_and_vv_tokens(images, pos_interpolation)  # 2 x (B, 1+hw, D)
+    elif "clip" in texts:
         tokens = backbone.spatial_tokens(images)  # (B, 1+hw, D)
-        maps["clip"] = cosine_maps(token_grid(tokens), texts["clip"].to(tokens.device))
-    if "clip-vv" in texts or "ours" in texts:
+    elif needs_vv:
         vv = backbone.vv_tokens(images, pos_interpolation)  # (B, 1+hw, D)
+    if "clip" in texts:
+        maps["clip"] = cosine_maps(token_grid(tokens), texts["clip"].to(tokens.device))
+    if needs_vv:
         if "clip-vv" in texts:
             maps["clip-vv"] = cosine_maps(token_grid(vv), texts["clip-vv"].to(vv.device))
         if "ours" in texts:

@@ -247,3 +247,11 @@ def test_batchnorm_recalibration_makes_tokens_depend_on_the_image():
     assert std_after > 100 * std_before
     assert not backbone.model.visual.training
     assert backbone.weights_digest.startswith(digest + "+bn:")
+
+
+@pytest.mark.parametrize("pos_interpolation", ["bilinear", "bicubic"])
+def test_one_trunk_pass_gives_exactly_the_spatial_and_vv_tokens(tiny, pos_interpolation):
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    spatial, vv = tiny.spatial_and_vv_tokens(images, pos_interpolation)
+    assert torch.equal(spatial, tiny.spatial_tokens(images))
+    assert torch.equal(vv, tiny.vv_tokens(images, pos_interpolation))
