@@ -4,7 +4,6 @@ so tests can check the layout; files are written atomically (temp file + rename)
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,19 +13,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from pipeline.files import atomic_write
+
 MAX_TICK_LABELS = 30  # above this many classes the axes carry no names (unreadable anyway)
 
 
 def _save(fig: plt.Figure, path: str | Path, dpi: int) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def cosine_matrix(features: np.ndarray) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 
 from pipeline.build import head_from_params
+from pipeline.files import atomic_write
 from pipeline.heads import HeadOutput, UnmixHead, positive_scores
 from pipeline.losses import asl_loss, mfi_loss
 from pipeline.metrics import mfi_figure_of_merit
@@ -168,14 +168,7 @@ def text_figure_of_merit(head: UnmixHead, plain: Tensor) -> dict[str, float]:
 
 # -- files ---------------------------------------------------------------------------------------
 def _atomic_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def cache_identity(cache: Any) -> dict[str, Any]:

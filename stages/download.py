@@ -16,6 +16,7 @@ from pipeline.augment import eval_view
 from pipeline.backbone import load_backbone, recalibrate_batchnorm
 from pipeline.datasets import load_multilabel
 from pipeline.download import download_dataset
+from pipeline.files import atomic_write
 from pipeline.images import load_image
 from pipeline.synthetic import make_planted_coco
 
@@ -27,10 +28,7 @@ def write_random_backbone(out: Path, name: str, init_seed: int, image_size: int,
     backbone = load_backbone(name, pretrained=None, init_seed=init_seed)
     batch = torch.stack([eval_view(load_image(p), image_size) for p in images])  # (N, 3, S, S)
     recalibrate_batchnorm(backbone, batch.split(32))
-    tmp = out.with_suffix(".tmp")
-    torch.save(backbone.model.state_dict(), tmp)
-    tmp.replace(out)
-    return out
+    return atomic_write(out, lambda tmp: torch.save(backbone.model.state_dict(), tmp))
 
 
 def run(params: dict, dataset: str) -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from pipeline.build import backbone_from_params, resolve_device
 from pipeline.cache import FeatureCache
 from pipeline.classes import CONTEXT_UNSEEN_IN_COCO, classnames
 from pipeline.datasets import DatasetError, load_multilabel, load_segmentation
+from pipeline.files import atomic_write_text
 from pipeline.heads import UnmixHead, positive_scores, region_logits
 from pipeline.loader import TokenLoader
 from pipeline.metrics import average_precision, mfi_figure_of_merit
@@ -69,20 +69,10 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_results(params: dict, what: str, metrics: dict, table: str) -> None:
-    _atomic_write(paths.results_dir(params, "metrics", f"{what}.json"),
-                  json.dumps(_jsonable(metrics), indent=2) + "\n")
-    _atomic_write(paths.results_dir(params, "tables", f"{what}.md"), table.rstrip() + "\n")
+    atomic_write_text(paths.results_dir(params, "metrics", f"{what}.json"),
+                      json.dumps(_jsonable(metrics), indent=2) + "\n")
+    atomic_write_text(paths.results_dir(params, "tables", f"{what}.md"), table.rstrip() + "\n")
 
 
 def _fmt(value: float | None) -> str:

@@ -10,6 +10,7 @@ import os
 from datetime import datetime, timezone
 
 from pipeline import paths
+from pipeline.files import atomic_write_text
 
 
 def _metrics_table(metrics: dict) -> list[str]:
@@ -54,9 +55,6 @@ def run(params: dict) -> dict:
         lines += ["", "## figures"]
         for fig in figures:
             lines += ["", f"![{fig.stem}]({os.path.relpath(fig, out.parent)})"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(lines) + "\n")
     print(f"report: {out}")
     return {"report": str(out), "figures": len(figures)}

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.build import resolve_device
 from pipeline.cache import TEXT_NAMES, CacheError, FeatureCache
+from pipeline.files import atomic_write_text
 from pipeline.loader import Batch, TokenLoader
 from pipeline.metrics import mean_average_precision
 from pipeline.objective import build_objective, clip_alignment_mi, trainable_parameters
@@ -117,15 +118,12 @@ def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Ca
 
 def write_metrics(params: dict, history: list[dict], summary: dict | None) -> None:
     """results/plots/train.tsv (one row per epoch) and, at the end, results/metrics/train.json."""
-    tsv = paths.results_dir(params, "plots", "train.tsv")
-    tsv.parent.mkdir(parents=True, exist_ok=True)
     columns = TSV_COLUMNS + tuple(c for c in INFOCLIP_COLUMNS if history and c in history[0])
     lines = ["\t".join(columns)] + ["\t".join(f"{row[c]:.6g}" for c in columns) for row in history]
-    tsv.write_text("\n".join(lines) + "\n")
+    atomic_write_text(paths.results_dir(params, "plots", "train.tsv"), "\n".join(lines) + "\n")
     if summary is not None:
-        out = paths.results_dir(params, "metrics", "train.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(paths.results_dir(params, "metrics", "train.json"),
+                          json.dumps(summary, indent=2) + "\n")
 
 
 def run(params: dict, resume: bool = False, online: bool = False) -> dict:
