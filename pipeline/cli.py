@@ -40,14 +40,18 @@ def params_options(func: Callable) -> Callable:
 
     @click.option("--params", "params_path", default=str(DEFAULT_PARAMS), show_default=True,
                   type=click.Path(dir_okay=False), help="Parameter file.")
-    @click.option("--profile", default=None, help="Overlay a named profile, e.g. 'smoke'.")
+    @click.option("--profile", default=None, help="Overlay a dataset profile: smoke, coco or voc.")
+    @click.option("--recipe", default=None, help="authors (default, the released run) or paper: "
+                  "shortcut for --set recipe=...")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a parameter, e.g. --set train.lr=0.01 (repeatable).")
     @functools.wraps(func)
-    def wrapper(params_path: str, profile: str | None, overrides: tuple[str, ...], **kwargs: Any):
+    def wrapper(params_path: str, profile: str | None, recipe: str | None, overrides: tuple[str, ...],
+                **kwargs: Any):
         extra = kwargs.pop("_extra_overrides", ())
+        chosen = [f"recipe={recipe}"] if recipe else []
         try:
-            params = load_params(params_path, [*overrides, *extra], profile)
+            params = load_params(params_path, [*chosen, *overrides, *extra], profile)
         except ParamError as err:
             raise click.ClickException(str(err)) from err
         return func(params=params, **kwargs)

@@ -6,6 +6,7 @@ import math
 import click
 
 from pipeline.cli import _with_overrides, main, params_options, run_stage
+from pipeline.config import DEFAULT_PARAMS
 
 
 @main.command("extract-features")
@@ -101,6 +102,24 @@ def report(params: dict) -> None:
 def download(params: dict, dataset: str) -> None:
     """Fetch, verify and unpack a dataset (synthetic: generate the planted-signal data)."""
     run_stage("download", params=params, dataset=dataset)
+
+
+@main.command("configure")
+@click.option("--params", "params_path", default=str(DEFAULT_PARAMS), show_default=True,
+              type=click.Path(exists=True, dir_okay=False), help="Parameter file to edit.")
+@click.option("--profile", default=None, help="Write this dataset profile's values: smoke, coco, voc.")
+@click.option("--recipe", default=None, help="Set the recipe: authors or paper.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Also set a key (repeatable).")
+def configure(params_path: str, profile: str | None, recipe: str | None, overrides: tuple[str, ...]) -> None:
+    """Write a profile / recipe / values into the params file, so `dvc repro` runs them too."""
+    from pipeline.config import ParamError
+    from pipeline.config import configure as write
+
+    try:
+        changed = write(params_path, profile, recipe, overrides)
+    except ParamError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{params_path}: " + (f"set {', '.join(changed)}" if changed else "already as asked"))
 
 
 @main.command("demo")

@@ -1,35 +1,129 @@
-"""Parameters: one YAML file (configs/params.yaml), optional profile overlay, dotted CLI overrides.
+"""Parameters: recipe < params file < profile < `--set`, validated against one schema.
 
-The same file is read by `dvc.yaml`, so every stage sees exactly what DVC tracks. Validation
-happens here, at the boundary, so the core code can assume valid inputs.
+`configs/params.yaml` is the single source DVC and the CLI both read. Two axes compose into it:
+- the **recipe** (`recipe: authors | paper`, REFERENCE.md sections 4 and 1): every key whose value
+  in the file is the word `recipe` takes the recipe's value (`pipeline/recipes/<name>.yaml`), so
+  `dvc exp run -S recipe=paper` switches every recipe-controlled key at once, and a number written
+  in the file (or set with `-S`) wins over the recipe;
+- the **profile** (`--profile smoke | coco | voc`, `pipeline/profiles/`): the dataset and its scale.
+  DVC never sees CLI profiles, so `pipeline configure --profile coco` writes one into the file.
+DVC's Hydra composition was considered and not used: it rewrites params.yaml only on `dvc exp run`,
+so the CLI and `dvc repro` would read a file that no longer says which recipe it came from.
+Validation (`pipeline.schema`) happens here, at the boundary; the core code assumes valid inputs.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib.util
-import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline.files import atomic_write
+from pipeline.schema import RECIPES, Params
 
 DEFAULT_PARAMS = Path("configs/params.yaml")
-PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROFILES_DIR = PACKAGE_DIR / "profiles"
+RECIPES_DIR = PACKAGE_DIR / "recipes"
+FROM_RECIPE = "recipe"  # a value in the params file meaning "as the recipe says"
 
 
 class ParamError(ValueError):
     """A bad parameter; the message names the dotted key."""
 
 
-def _deep_merge(base: dict, overlay: dict, prefix: str = "") -> dict:
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a number (YAML 1.2), not the string YAML 1.1 makes of it."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """YAML with 1.2 number rules (`1e-3` is a float), safe tags only."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamError(f"{path}: must hold a mapping of parameters, got {type(data).__name__}")
+    return data
+
+
+# -- key names ------------------------------------------------------------------------------------
+def _schema_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Every dotted key the schema declares (sections included)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        keys.append(key)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += _schema_keys(sub, key + ".")
+    return keys
+
+
+SCHEMA_KEYS = _schema_keys()
+
+
+def unknown_key(dotted: str) -> ParamError:
+    """'unknown parameter' with the nearest known keys suggested."""
+    near = difflib.get_close_matches(dotted, SCHEMA_KEYS, n=2, cutoff=0.75)
+    hint = f" (did you mean {' or '.join(repr(k) for k in near)}?)" if near else ""
+    return ParamError(f"unknown parameter '{dotted}'{hint}")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def get(params: Mapping[str, Any], dotted: str) -> Any:
+    cursor: Any = params
+    for part in dotted.split("."):
+        if not isinstance(cursor, Mapping) or part not in cursor:
+            raise ParamError(f"missing parameter '{dotted}'")
+        cursor = cursor[part]
+    return cursor
+
+
+def _set(params: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cursor = params
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+
+
+# -- layers ---------------------------------------------------------------------------------------
+def _deep_merge(base: dict, overlay: Mapping, prefix: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in overlay.items():
         dotted = f"{prefix}{key}"
         if key not in out:
-            raise ParamError(f"unknown parameter '{dotted}'")
-        if isinstance(out[key], dict) and isinstance(value, dict):
+            raise unknown_key(dotted)
+        if isinstance(out[key], dict) and isinstance(value, Mapping):
             out[key] = _deep_merge(out[key], value, dotted + ".")
         else:
             out[key] = copy.deepcopy(value)
@@ -37,26 +131,57 @@ def _deep_merge(base: dict, overlay: dict, prefix: str = "") -> dict:
 
 
 def parse_override(item: str) -> dict:
-    """'train.mfi.lambda=0.5' -> {'train': {'mfi': {'lambda': 0.5}}} (value parsed as YAML)."""
+    """'train.mfi.lambda=0.5' -> {'train': {'mfi': {'lambda': 0.5}}} (value parsed as YAML 1.2)."""
     if "=" not in item:
         raise ParamError(f"override '{item}' must look like key.path=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else None
+    key = key.strip()
+    try:
+        value = yaml_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise ParamError(f"override '{item}': the value of '{key}' is not valid YAML ({first})") from None
     nested: dict = {}
-    cursor = nested
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
+    _set(nested, key, value)
     return nested
 
 
-def load_profile(name: str) -> dict:
-    path = PROFILES_DIR / f"{name}.yaml"
+def _named_yaml(directory: Path, name: str, what: str) -> dict:
+    path = directory / f"{name}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
-        raise ParamError(f"unknown profile '{name}' (known: {', '.join(known)})")
-    return yaml.safe_load(path.read_text()) or {}
+        known = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise ParamError(f"unknown {what} '{name}' (known: {', '.join(known)})")
+    return read_yaml(path)
+
+
+def load_profile(name: str) -> dict:
+    return _named_yaml(PROFILES_DIR, name, "profile")
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """{dotted key: value} of a recipe."""
+    return flatten(_named_yaml(RECIPES_DIR, name, "recipe"))
+
+
+def recipe_keys() -> list[str]:
+    """Keys the recipes control (the same in every recipe; tests check it)."""
+    return sorted(load_recipe(RECIPES[0]))
+
+
+def resolve_recipe(raw: dict) -> dict:
+    """Fill every `recipe` value from the recipe the params name."""
+    name = raw.get("recipe")
+    if name not in RECIPES:
+        raise ParamError(f"parameter 'recipe' must be one of {', '.join(RECIPES)}, got {name!r}")
+    recipe = load_recipe(name)
+    out = copy.deepcopy(raw)
+    for key, value in flatten(raw).items():
+        if value == FROM_RECIPE:
+            if key not in recipe:
+                raise ParamError(f"parameter '{key}' is '{FROM_RECIPE}', but no recipe sets it "
+                                 f"(recipe keys: {', '.join(sorted(recipe))})")
+            _set(out, key, recipe[key])
+    return out
 
 
 def load_params(
@@ -64,121 +189,108 @@ def load_params(
     overrides: Iterable[str] = (),
     profile: str | None = None,
 ) -> dict[str, Any]:
-    """Read params, overlay a profile and `key=value` overrides, validate, return a nested dict."""
+    """Read params, overlay a profile and `key=value` overrides, resolve the recipe, validate."""
     path = Path(path)
     if not path.exists():
         raise ParamError(f"parameter file not found: {path} (run from the project root or pass --params)")
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ParamError(f"{path}: not valid YAML: {err}") from err
+    raw = read_yaml(path)
     if profile:
-        params = _deep_merge(params, load_profile(profile))
+        raw = _deep_merge(raw, load_profile(profile))
     for item in overrides:
-        params = _deep_merge(params, parse_override(item))
-    validate(params)
-    return params
+        raw = _deep_merge(raw, parse_override(item))
+    return validate(resolve_recipe(raw))
 
 
-def get(params: dict, dotted: str) -> Any:
-    cursor: Any = params
-    for part in dotted.split("."):
-        if not isinstance(cursor, dict) or part not in cursor:
-            raise ParamError(f"missing parameter '{dotted}'")
-        cursor = cursor[part]
-    return cursor
-
-
-# (dotted key, predicate, what it must be)
-_RULES: list[tuple[str, Any, str]] = [
-    ("data.dataset", lambda v: v in {"coco2014", "coco2017", "voc2007", "synthetic"},
-     "one of coco2014, coco2017, voc2007, synthetic"),
-    ("backbone.image_size", lambda v: isinstance(v, int) and v >= 32 and v % 32 == 0,
-     "a positive multiple of 32"),
-    ("backbone.precision", lambda v: v in {"fp32", "fp16", "bf16"}, "fp32, fp16 or bf16"),
-    ("extract.views", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("extract.shard_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("extract.batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("extract.dtype", lambda v: v in {"float16", "float32"}, "float16 or float32"),
-    ("extract.compressor", lambda v: v in {"none", "zstd", None}, "none or zstd"),
-    ("extract.workers", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    ("extract.num_workers", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    ("extract.on_bad_image", lambda v: v in {"error", "skip"}, "error or skip"),
-    ("model.image_projector", lambda v: v in {"linear", "mlp"}, "linear or mlp"),
-    ("model.softmax", lambda v: v in {"per_prompt", "positive"}, "per_prompt or positive"),
-    ("train.objective", lambda v: v in {"unmix", "infoclip", "unmix+infoclip"},
-     "unmix, infoclip or unmix+infoclip"),
-    ("train.epochs", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("train.batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-    ("train.optimizer", lambda v: v in {"sgd", "adam"}, "sgd or adam"),
-    ("train.lr", lambda v: _num(v) and v > 0, "a number > 0"),
-    ("train.momentum", lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
-    ("train.weight_decay", lambda v: _num(v) and v >= 0, "a number >= 0"),
-    ("train.warmup_epochs", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-    ("train.warmup_lr", lambda v: _num(v) and v > 0, "a number > 0"),
-    ("train.view_policy", lambda v: v in {"random", "cycle"}, "random or cycle"),
-    ("train.alpha", lambda v: _num(v) and v >= 0, "a number >= 0"),
-    ("train.asl_weight", lambda v: _num(v) and v > 0, "a number > 0"),
-    ("train.precision", lambda v: v in {"auto", "fp32", "bf16", "fp16"}, "auto, fp32, bf16 or fp16"),
-    ("train.device", lambda v: _device(v), "auto, cpu, cuda or cuda:N"),
-    ("backbone.device", lambda v: _device(v), "auto, cpu, cuda or cuda:N"),
-    ("ablate.epochs", lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
-    ("evaluate.seg.image_size", lambda v: isinstance(v, int) and v >= 32 and v % 32 == 0,
-     "a positive multiple of 32"),
-    ("evaluate.zs_mlr.image_size", lambda v: isinstance(v, int) and v >= 32 and v % 32 == 0,
-     "a positive multiple of 32"),
-    ("evaluate.zs_mlr.region_mode", lambda v: v in {"mask", "crop"}, "mask or crop"),
-    ("train.mfi.form", lambda v: v in {"paper", "authors"}, "paper or authors"),
-    ("train.mfi.lambda", lambda v: _num(v) and v >= 0, "a number >= 0"),
-    ("train.infoclip.lambda1", lambda v: _num(v) and v >= 0, "a number >= 0"),
-    ("train.infoclip.lambda2", lambda v: _num(v) and v >= 0, "a number >= 0"),
-    ("train.infoclip.num_tokens", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2"),
-    ("train.infoclip.alpha", lambda v: _num(v) and v > 0, "a number > 0"),
-    ("train.infoclip.kernel", lambda v: v in {"gaussian", "linear"}, "gaussian or linear"),
-    ("train.infoclip.temperature", lambda v: _num(v) and v > 0, "a number > 0"),
-    ("train.infoclip.student_temperature", lambda v: _num(v) and v > 0, "a number > 0"),
-    ("train.infoclip.mode", lambda v: v in {"softmax", "cosine"}, "softmax or cosine"),
-    ("evaluate.prompt", lambda v: v in {"plain", "positive"}, "plain or positive"),
-    ("evaluate.seg.threshold", lambda v: _num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-]
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _device(v: Any) -> bool:
-    return v in {"auto", "cpu", "cuda"} or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v) is not None)
-
-
+# -- validation -----------------------------------------------------------------------------------
 def known_backbones() -> set[str]:
     """ModifiedResNet CLIP configs of open_clip plus ours, found without importing torch."""
-    dirs = [Path(__file__).resolve().parent / "model_configs"]
+    dirs = [PACKAGE_DIR / "model_configs"]
     spec = importlib.util.find_spec("open_clip")
     if spec and spec.origin:
         dirs.append(Path(spec.origin).parent / "model_configs")
     return {p.stem for d in dirs for p in d.glob("RN*.json")} | {p.stem for p in dirs[0].glob("*.json")}
 
 
-def validate(params: dict) -> None:
-    """Raise ParamError naming the first bad key."""
-    name = get(params, "backbone.name")
+def _first_error(err: ValidationError) -> ParamError:
+    errors = err.errors()
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo explains a "missing"
+    dotted = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return unknown_key(dotted)
+    if e["type"] == "missing":
+        return ParamError(f"missing parameter '{dotted}' (see configs/params.yaml for every key)")
+    msg = e["msg"].removeprefix("Value error, ")
+    if not dotted or msg.startswith("parameter '"):  # a check across keys names them itself
+        return ParamError(msg)
+    return ParamError(f"parameter '{dotted}': {msg}, got {e.get('input')!r}")
+
+
+def validate(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The params as a plain dict after schema validation; ParamError names the first bad key."""
+    try:
+        checked = Params.model_validate(params).model_dump(by_alias=True)
+    except ValidationError as err:
+        raise _first_error(err) from None
+    name = checked["backbone"]["name"]
     known = known_backbones()
     if name not in known:
-        raise ParamError(f"parameter 'backbone.name' must be a ModifiedResNet CLIP ({', '.join(sorted(known))}), got {name!r}")
-    for key, ok, must in _RULES:
-        value = get(params, key)
-        if not ok(value):
-            raise ParamError(f"parameter '{key}' must be {must}, got {value!r}")
-    if get(params, "train.warmup_epochs") >= get(params, "train.epochs"):
-        raise ParamError("parameter 'train.warmup_epochs' must be smaller than 'train.epochs', got "
-                         f"{get(params, 'train.warmup_epochs')} >= {get(params, 'train.epochs')}")
-    for key in ("ablate.lambdas", "ablate.alphas"):
-        values = get(params, key)
-        if not isinstance(values, list) or not values or not all(_num(v) and v >= 0 for v in values):
-            raise ParamError(f"parameter '{key}' must be a non-empty list of numbers >= 0, got {values!r}")
-    for key in ("ablate.lambda1s", "ablate.lambda2s"):  # InfoCLIP sweeps; [] = not swept
-        values = get(params, key)
-        if not isinstance(values, list) or not all(_num(v) and v >= 0 for v in values):
-            raise ParamError(f"parameter '{key}' must be a list of numbers >= 0 ([] = not swept), "
-                             f"got {values!r}")
+        raise ParamError(f"parameter 'backbone.name' must be a ModifiedResNet CLIP "
+                         f"({', '.join(sorted(known))}), got {name!r}")
+    return checked
+
+
+# -- what a result says about itself ---------------------------------------------------------------
+def recipe_summary(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe, every recipe-controlled value that differs from the other recipe, and every
+    recipe-controlled key that this run sets to something else than its own recipe."""
+    name = params["recipe"]
+    own = load_recipe(name)
+    values = {key: get(params, key) for key in sorted(own)}
+    summary: dict[str, Any] = {"recipe": name}
+    for other in RECIPES:
+        if other != name:
+            theirs = load_recipe(other)
+            summary[f"differs_from_{other}"] = {k: {name: v, other: theirs[k]}
+                                                for k, v in values.items() if v != theirs[k]}
+    summary["overridden"] = {k: {"value": v, "recipe": own[k]} for k, v in values.items() if v != own[k]}
+    return summary
+
+
+def configure(path: str | Path, profile: str | None = None, recipe: str | None = None,
+              overrides: Iterable[str] = ()) -> list[str]:
+    """Write a profile's values (and a recipe name, and overrides) into a params file, keeping its
+    comments, so `dvc repro` runs what `--profile` would. Returns the changed dotted keys."""
+    from ruamel.yaml import YAML
+
+    path = Path(path).resolve()  # params.yaml is a symlink to configs/params.yaml: write the target
+    changes: dict[str, Any] = {}
+    if profile:
+        changes.update(flatten(load_profile(profile)))
+    if recipe:
+        changes["recipe"] = recipe
+    for item in overrides:
+        changes.update(flatten(parse_override(item)))
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a line
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(path.read_text())
+    candidate = copy.deepcopy(read_yaml(path))
+    for key, value in changes.items():
+        try:
+            get(candidate, key)
+        except ParamError:
+            raise unknown_key(key) from None
+        _set(candidate, key, value)
+    validate(resolve_recipe(candidate))  # refuse before writing anything
+    changed = []
+    for key, value in changes.items():
+        parent = doc
+        for part in key.split(".")[:-1]:
+            parent = parent[part]
+        leaf = key.split(".")[-1]
+        if parent[leaf] != value:
+            parent[leaf] = value
+            changed.append(key)
+    atomic_write(path, lambda tmp: rt.dump(doc, Path(tmp)))
+    return changed

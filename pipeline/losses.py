@@ -4,11 +4,14 @@ Labels are 1 positive, 0 negative, -1 unknown (contributes nothing). Inputs are 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MFI_FORMS = ("paper", "authors")
+MFI_FORMS = ("paper", "authors-classes", "authors-features")
+BN_EPS = 1e-5  # BatchNorm1d's default
 
 
 def asl_loss(
@@ -48,37 +51,52 @@ def _diag_offdiag_penalty(c: Tensor, lam: float) -> Tensor:
     return on + lam * off
 
 
+def _mfi_batchnorm(t: Tensor, bn: str) -> Tensor:
+    """BatchNorm1d(D', affine=False) over the rows of t: batch statistics ("train") or its initial
+    running statistics mean 0, var 1 ("eval", the authors' run: the identity up to eps)."""
+    if bn == "train":
+        return F.batch_norm(t, None, None, training=True, eps=BN_EPS)
+    if bn == "eval":
+        return t / math.sqrt(1.0 + BN_EPS)
+    raise ValueError(f"MFI BatchNorm mode must be 'train' or 'eval', got {bn!r}")
+
+
 def _mfi_paper(text: Tensor, lam: float) -> Tensor:
     t = F.normalize(text, dim=-1)  # (C, D')
     return _diag_offdiag_penalty(t @ t.T, lam)  # S: (C, C) cosine similarities
 
 
-def _mfi_authors(text: Tensor, lam: float) -> Tensor:
-    t = F.normalize(text, dim=-1)  # (C, D')
-    # BatchNorm1d(D', affine=False) with batch statistics over the C rows; no running stats.
-    z = F.batch_norm(t, None, None, training=True, eps=1e-5)  # (C, D')
+def _mfi_classes(text: Tensor, lam: float, bn: str) -> Tensor:
+    z = _mfi_batchnorm(F.normalize(text, dim=-1), bn)  # (C, D')
     return _diag_offdiag_penalty(z @ z.T, lam)  # c = z z^T: (C, C)
 
 
-def mfi_loss(
-    text_pos: Tensor, text_neg: Tensor | None = None, lam: float = 0.2, form: str = "paper"
-) -> Tensor:
-    """Mutual Feature Information loss on projected class text features (C, D').
+def _mfi_features(text: Tensor, lam: float, bn: str) -> Tensor:
+    z = _mfi_batchnorm(F.normalize(text, dim=-1), bn)  # (2C, D')
+    return _diag_offdiag_penalty(z.T @ z, lam)  # c = z^T z: (D', D'), no division by the rows
 
-    form="paper" (paper eq. 1, the default): S = cosine-similarity matrix of the C positive
-    prompt features; sum_i (S_ii - 1)^2 + lam * sum_{i != j} S_ij^2 (paper lam = 0.2).
-    text_neg is not used: the paper defines MFI over the class features only.
-    form="authors" (authors' code): z = BatchNorm1d(D', affine=False) in training mode applied to
-    the L2-normalised features over the C rows, c = z z^T (no division), same penalty on c,
-    computed for the positive and the negative prompt sets and summed (authors' lam = 1).
-    Note: each column of z has zero mean and unit (biased) variance over the C rows, so
-    trace(c) = C * D' (up to the BatchNorm eps); the diagonal target of 1 is therefore never
-    reached for D' > 1 and this form has a positive floor of C * (D' - 1)^2.
+
+def mfi_loss(text_pos: Tensor, text_neg: Tensor | None = None, lam: float = 0.2, form: str = "paper",
+             bn: str = "train") -> Tensor:
+    """Mutual Feature Information loss on projected class text features (C, D'), by named form.
+
+    "paper" (paper eq. 1): S = cosine-similarity matrix of the C positive prompt features;
+    sum_i (S_ii - 1)^2 + lam * sum_{i != j} S_ij^2 (paper lam = 0.2); text_neg unused.
+    "authors-classes" (the C x C file in the authors' repository, not imported by their training):
+    z = BatchNorm1d(D', affine=False)(normalised t') per prompt set, c = z z^T, the same penalty,
+    positives and negatives summed (lam = 1). With batch statistics trace(c) = C * D', so the
+    diagonal target is never reached for D' > 1 (a floor of C (D' - 1)^2).
+    "authors-features" (what the authors' training imports): the 2C rows [negatives; positives]
+    normalised, z = BatchNorm1d(D', affine=False)(t), c = z^T z (D' x D'), same penalty (lam 0.0051).
+    bn: the BatchNorm's mode, following the text projector's (`model.text_bn`): "eval" in the
+    authors' run, where it is the identity up to its eps.
     """
     if form == "paper":
         return _mfi_paper(text_pos, lam)
-    if form == "authors":
-        if text_neg is None:
-            raise ValueError("mfi_loss(form='authors') needs text_neg (the negative prompt set)")
-        return _mfi_authors(text_pos, lam) + _mfi_authors(text_neg, lam)
-    raise ValueError(f"mfi form must be one of {MFI_FORMS}, got {form!r}")
+    if form not in MFI_FORMS:
+        raise ValueError(f"mfi form must be one of {MFI_FORMS}, got {form!r}")
+    if text_neg is None:
+        raise ValueError(f"mfi_loss(form={form!r}) needs text_neg (the negative prompt set)")
+    if form == "authors-classes":
+        return _mfi_classes(text_pos, lam, bn) + _mfi_classes(text_neg, lam, bn)
+    return _mfi_features(torch.cat([text_neg, text_pos]), lam, bn)
