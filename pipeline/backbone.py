@@ -198,21 +198,23 @@ class FrozenCLIP(nn.Module):
         return self.spatial_tokens(images)
 
     @torch.no_grad()
-    def text_features(self, prompts: list[str]) -> torch.Tensor:
-        """L2-normalised CLIP text embeddings (P, D) float32 of the prompts, in order."""
+    def text_features(self, prompts: list[str], normalise: bool = True) -> torch.Tensor:
+        """CLIP text embeddings (P, D) float32 of the prompts, in order; L2-normalised unless
+        `normalise` is False (the raw encode_text output the authors' training feeds the projector)."""
         chunks = []
         for start in range(0, len(prompts), _TEXT_CHUNK):
             tokens = self.tokenizer(list(prompts[start:start + _TEXT_CHUNK])).to(self.device)  # (p, 77)
             with self._autocast():
                 chunks.append(self.model.encode_text(tokens).float())  # (p, D)
-        return F.normalize(torch.cat(chunks), dim=-1)  # (P, D)
+        raw = torch.cat(chunks)  # (P, D)
+        return F.normalize(raw, dim=-1) if normalise else raw
 
-    def class_text_features(self, classnames: list[str]) -> dict[str, torch.Tensor]:
+    def class_text_features(self, classnames: list[str], normalise: bool = True) -> dict[str, torch.Tensor]:
         """Per class: positive / negative training prompts and the plain prompt, each (C, D)."""
         templates = {"positive": POSITIVE_TEMPLATE, "negative": NEGATIVE_TEMPLATE,
                      "plain": PLAIN_TEMPLATE}
         prompts = [t.format(c) for t in templates.values() for c in classnames]
-        features = self.text_features(prompts).split(len(classnames))  # 3 x (C, D)
+        features = self.text_features(prompts, normalise).split(len(classnames))  # 3 x (C, D)
         return dict(zip(templates, features))
 
 

@@ -38,4 +38,5 @@ def head_from_params(model: dict, embed_dim: int) -> UnmixHead:
         text_hidden=model["text_hidden"],
         image_projector=model["image_projector"],
         softmax_mode=model["softmax"],
+        text_bn=model.get("text_bn", "train"),  # projectors saved before the recipes trained in train mode
     )

@@ -30,7 +30,8 @@ from zarr.codecs import ZstdCodec
 
 FORMAT = "unmix-clip-feature-cache"
 FORMAT_VERSION = 1
-TEXT_NAMES = ("positive", "negative", "plain")
+TEXT_NAMES = ("positive", "negative", "plain")  # L2-normalised class prompt features
+RAW_TEXT_NAMES = tuple(f"raw_{n}" for n in TEXT_NAMES)  # the same, un-normalised (encode_text output)
 _ARRAYS = ("tokens", "labels", "ids", "status", "complete")
 
 
@@ -228,8 +229,8 @@ class FeatureCache:
         """Store class text features by name (positive / negative / plain), each (C, D) float32."""
         for name, value in features.items():
             value = np.asarray(value, dtype=np.float32)
-            if name not in TEXT_NAMES or value.shape != (len(self.classnames), self.dim):
-                raise ValueError(f"text feature {name!r} must be one of {TEXT_NAMES} with shape "
+            if name not in TEXT_NAMES + RAW_TEXT_NAMES or value.shape != (len(self.classnames), self.dim):
+                raise ValueError(f"text feature {name!r} must be one of {TEXT_NAMES + RAW_TEXT_NAMES} with shape "
                                  f"({len(self.classnames)}, {self.dim}), got {value.shape}")
             self._group.create_array(f"text/{name}", data=value, chunks=value.shape, overwrite=True)
 
@@ -300,8 +301,11 @@ class FeatureCache:
             raise CacheError(f"{self.path} has no text/{name} features (names: {TEXT_NAMES}); "
                              "they are written by write_text_features during extract-features") from None
 
+    def has_text_feature(self, name: str) -> bool:
+        return "text" in self._group and name in self._group["text"]
+
     def has_text_features(self) -> bool:
-        return "text" in self._group and all(n in self._group["text"] for n in TEXT_NAMES)
+        return "text" in self._group and all(n in self._group["text"] for n in TEXT_NAMES + RAW_TEXT_NAMES)
 
     def nbytes_stored(self) -> int:
         return _dir_stats(self.path)[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.cache import FORMAT, FORMAT_VERSION, TEXT_NAMES, FeatureCache
+from pipeline.cache import FORMAT, FORMAT_VERSION, RAW_TEXT_NAMES, TEXT_NAMES, FeatureCache
 
 
 def export_hdf5(cache: FeatureCache, out_path: str | Path) -> Path:
@@ -32,8 +32,8 @@ def export_hdf5(cache: FeatureCache, out_path: str | Path) -> Path:
             f.create_dataset("labels", data=cache.labels)
             f.create_dataset("status", data=cache.status)
             f.create_dataset("ids", data=cache.ids.astype(object), dtype=h5py.string_dtype())
-            if cache.has_text_features():
-                for name in TEXT_NAMES:
+            for name in TEXT_NAMES + RAW_TEXT_NAMES:
+                if cache.has_text_feature(name):
                     f.create_dataset(f"text/{name}", data=cache.text_features(name))
             f.attrs["fingerprint"] = json.dumps(cache.fingerprint, sort_keys=True)
             f.attrs["layout"] = json.dumps(cache.layout, sort_keys=True)  # dtype, shard size, compressor

@@ -234,7 +234,9 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         log.info("removing %s, left by an interrupted run", leftover)
         leftover.unlink()
     if not cache.has_text_features():
-        text = backbone.class_text_features(cache.classnames)  # each (C, D)
+        raw = backbone.class_text_features(cache.classnames, normalise=False)  # each (C, D)
+        text = {**{k: torch.nn.functional.normalize(v, dim=-1) for k, v in raw.items()},
+                **{f"raw_{k}": v for k, v in raw.items()}}
         cache.write_text_features({k: v.cpu().numpy() for k, v in text.items()})
 
     shards = cache.incomplete_shards()

@@ -18,11 +18,18 @@ SOFTMAX_MODES = ("per_prompt", "positive")
 IMAGE_PROJECTOR_KINDS = ("linear", "mlp")
 
 
+BN_STATS = ("running", "batch")
+TEXT_BN_MODES = ("eval", "train")
+
+
 class TextProjector(nn.Module):
     """Linear(no bias) -> BatchNorm1d -> ReLU -> Linear(no bias), as in paper and authors' code.
 
     The BatchNorm normalises over the rows it is given, so the head projects the negative and
-    positive prompts together (2C rows) in one call, as the authors' code does.
+    positive prompts together (2C rows) in one call, as the authors' code does. `stats` overrides
+    the module's mode for one call: "running" (its running statistics) or "batch" (the statistics
+    of these rows, running statistics left untouched): the authors' ZS3 and MFI-figure scripts
+    evaluate with the batch statistics of the evaluated class prompts.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
@@ -34,8 +41,18 @@ class TextProjector(nn.Module):
             nn.Linear(hidden_dim, out_dim, bias=False),
         )
 
-    def forward(self, text: Tensor) -> Tensor:  # (P, D) -> (P, D')
-        return self.net(text)
+    def forward(self, text: Tensor, stats: str | None = None) -> Tensor:  # (P, D) -> (P, D')
+        if stats is None:
+            return self.net(text)
+        if stats not in BN_STATS:
+            raise ValueError(f"BatchNorm stats must be one of {BN_STATS}, got {stats!r}")
+        first, bn, relu, last = self.net
+        h = first(text)  # (P, hidden)
+        if stats == "batch":
+            h = F.batch_norm(h, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        else:
+            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+        return last(relu(h))
 
 
 class ImageProjector(nn.Module):
@@ -115,10 +132,14 @@ class UnmixHead(nn.Module):
         text_hidden: int | None = None,
         image_projector: str = "linear",
         softmax_mode: str = "per_prompt",
+        text_bn: str = "train",
     ) -> None:
         super().__init__()
         if softmax_mode not in SOFTMAX_MODES:
             raise ValueError(f"softmax_mode must be one of {SOFTMAX_MODES}, got {softmax_mode!r}")
+        if text_bn not in TEXT_BN_MODES:
+            raise ValueError(f"text_bn must be one of {TEXT_BN_MODES}, got {text_bn!r}")
+        self.text_bn = text_bn
         self.embed_dim = embed_dim
         self.proj_dim = embed_dim // 2 if proj_dim is None else proj_dim
         self.text_hidden = 3 * embed_dim // 4 if text_hidden is None else text_hidden
@@ -126,9 +147,19 @@ class UnmixHead(nn.Module):
         self.text_projector = TextProjector(embed_dim, self.text_hidden, self.proj_dim)
         self.image_projector = ImageProjector(embed_dim, self.proj_dim, kind=image_projector)
 
-    def project_text(self, text: Tensor) -> Tensor:
-        """(P, D) -> (P, D') L2-normalised. BatchNorm statistics come from these P rows."""
-        return F.normalize(self.text_projector(text), dim=-1)
+    def train(self, mode: bool = True) -> UnmixHead:
+        """text_bn "eval" (the authors' run: the whole model in eval mode while training) keeps the
+        text projector's BatchNorm at its running statistics, which are then never updated; its
+        weight and bias still learn, so it acts as a per-feature affine."""
+        super().train(mode)
+        if mode and self.text_bn == "eval":
+            self.text_projector.net[1].eval()
+        return self
+
+    def project_text(self, text: Tensor, stats: str | None = None) -> Tensor:
+        """(P, D) -> (P, D') L2-normalised. stats None follows the module's mode (in training mode
+        with text_bn "train", the statistics of these P rows); else see TextProjector."""
+        return F.normalize(self.text_projector(text, stats), dim=-1)
 
     def project_tokens(self, tokens: Tensor) -> Tensor:
         """(B, T, D) -> (B, T, D') L2-normalised per token."""

@@ -91,7 +91,8 @@ class TokenLoader:
     def __init__(self, cache: FeatureCache, batch_size: int, view_policy: str = "random",
                  seed: int = 0, shuffle: bool = True, in_memory: bool | None = None, *,
                  drop_last: bool = False, buffer_shards: int = 4, prefetch: int = 2,
-                 max_memory_bytes: int | None = None, pin_memory: bool | None = None) -> None:
+                 max_memory_bytes: int | None = None, pin_memory: bool | None = None,
+                 labels: np.ndarray | None = None) -> None:
         if view_policy not in ("random", "cycle"):
             raise ValueError(f"view_policy must be 'random' or 'cycle', got {view_policy!r}")
         if batch_size < 1 or buffer_shards < 1 or prefetch < 0:
@@ -107,7 +108,8 @@ class TokenLoader:
         self.prefetch = prefetch
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.valid = np.flatnonzero(cache.valid)  # (N_valid,) sorted image indices
-        self.labels = torch.from_numpy(cache.labels)  # (N, C) int8
+        # (N, C) int8; `labels` replaces the stored ones (train.label_fraction's partial labels)
+        self.labels = torch.from_numpy(np.asarray(cache.labels if labels is None else labels, dtype=np.int8))
         if in_memory is None:
             budget = default_memory_budget() if max_memory_bytes is None else max_memory_bytes
             in_memory = cache.tokens_nbytes <= budget

@@ -42,12 +42,33 @@ def lr_at(epoch: float, train_params: Mapping[str, Any]) -> float:
 
     Cosine annealing of `lr` to 0 over all `epochs` (the paper: 50), with the first
     `warmup_epochs` replaced by the constant `warmup_lr` (1e-5): Dassl's ConstantWarmupScheduler
-    around CosineAnnealingLR(T_max=epochs), which DualCoOp and the authors use, evaluated per step.
+    around CosineAnnealingLR(T_max=epochs), which DualCoOp and the authors use. `lr_schedule`
+    "epoch" steps it once per epoch as Dassl does (the authors' run); "step" evaluates it per step.
     """
+    if train_params.get("lr_schedule", "step") == "epoch":
+        epoch = math.floor(epoch)
     warmup, total, base = train_params["warmup_epochs"], train_params["epochs"], train_params["lr"]
     if epoch < warmup:
         return float(train_params["warmup_lr"])
     return float(base * 0.5 * (1.0 + math.cos(math.pi * min(epoch / total, 1.0))))
+
+
+def partial_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Keep each (image, class) label with probability `fraction`, else -1 (unknown, ignored by
+    ASL): the authors' logged 85.09 mAP run trained on 90% of the labels. The mask is a function of
+    (seed, shape) only, drawn once, so every epoch, a resumed run and an ablation point see the same."""
+    labels = np.asarray(labels, dtype=np.int8)
+    if fraction >= 1.0:
+        return labels.copy()
+    keep = np.random.default_rng((seed, 0x1AB5)).random(labels.shape) < fraction  # (N, C)
+    return np.where(keep, labels, np.int8(-1)).astype(np.int8)
+
+
+def projector_text(cache: Any, text_input: str) -> dict[str, Tensor]:
+    """{positive, negative, plain} (C, D) float32 class text features fed to the text projector:
+    "raw" encode_text output (the authors' training) or "normalised" (L2, their evaluation)."""
+    prefix = {"raw": "raw_", "normalised": ""}[text_input]
+    return {name: torch.from_numpy(cache.text_features(prefix + name)) for name in ("positive", "negative", "plain")}
 
 
 def build_optimizer(params_iter: Iterable[Tensor], train_params: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -112,7 +133,7 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
     # Losses in fp32: the ASL log and the MFI squares are where half precision loses bits.
     asl = asl_loss(out.logits.float(), labels, **cfg["asl"])
     mfi = mfi_loss(out.text_pos.float(), out.text_neg.float(), lam=cfg["mfi"]["lambda"],
-                   form=cfg["mfi"]["form"])
+                   form=cfg["mfi"]["form"], bn=head.text_bn)  # the MFI BatchNorm follows the projector's
     parts: dict[str, Tensor] = {"asl": asl, "mfi": mfi}
     # train.objective "infoclip" drops MFI from the loss (still reported); pipeline/objective.py
     # asl_weight: 1 in the paper; the authors' code uses 0.999 * 0.05

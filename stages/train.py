@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.build import resolve_device
-from pipeline.cache import TEXT_NAMES, CacheError, FeatureCache
+from pipeline.cache import CacheError, FeatureCache
 from pipeline.files import atomic_write_text
 from pipeline.loader import Batch, TokenLoader
 from pipeline.metrics import mean_average_precision
@@ -32,6 +32,8 @@ from pipeline.training import (
     lr_at,
     make_scaler,
     new_head,
+    partial_labels,
+    projector_text,
     restore_rng,
     save_checkpoint,
     save_projectors,
@@ -62,9 +64,10 @@ def open_data(params: dict, device: torch.device) -> tuple[TokenLoader, TokenLoa
     if train.classnames != val.classnames or train.dim != val.dim:
         raise CacheError(f"{train.path} and {val.path} disagree on classes or token dim: "
                          "extract both with the same dataset and backbone")
-    loader = TokenLoader(train, cfg["batch_size"], cfg["view_policy"], seed=cfg["seed"])
+    labels = partial_labels(train.labels, cfg["label_fraction"], cfg["seed"])  # (N, C), -1 = unknown
+    loader = TokenLoader(train, cfg["batch_size"], cfg["view_policy"], seed=cfg["seed"], labels=labels)
     val_loader = TokenLoader(val, cfg["batch_size"], "cycle", seed=cfg["seed"], shuffle=False)
-    text = {name: torch.from_numpy(train.text_features(name)).to(device) for name in TEXT_NAMES}
+    text = {name: t.to(device) for name, t in projector_text(train, cfg["text_input"]).items()}
     return loader, val_loader, text
 
 
