@@ -19,12 +19,26 @@ from pipeline.config import DEFAULT_PARAMS
 @click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default=None)
 @click.option("--restart-on-change", is_flag=True,
               help="Delete a store whose fingerprint differs instead of refusing (used by dvc.yaml).")
+@click.option("--break-lock", is_flag=True,
+              help="Take over a store's writer lock left by a process on another host.")
 @_with_overrides({"dataset": "data.dataset", "views": "extract.views", "workers": "extract.workers",
                   "scheduler": "extract.scheduler", "on_bad_image": "extract.on_bad_image"})
 @params_options
-def extract_features(params: dict, split: str, restart_on_change: bool) -> None:
+def extract_features(params: dict, split: str, restart_on_change: bool, break_lock: bool) -> None:
     """Run the frozen CLIP once over the images; write spatial tokens to the Zarr cache."""
-    run_stage("extract_features", params=params, split=split, restart_on_change=restart_on_change)
+    run_stage("extract_features", params=params, split=split, restart_on_change=restart_on_change,
+              break_lock=break_lock)
+
+
+@main.command("verify")
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default="all", show_default=True,
+              help="Which feature store(s) to check.")
+@click.option("--repair", is_flag=True,
+              help="Un-mark damaged shards so the next extract-features recomputes exactly those.")
+@params_options
+def verify(params: dict, split: str, repair: bool) -> None:
+    """Read every complete shard of the feature stores, check checksums and values; exit 1 on damage."""
+    run_stage("verify", params=params, split=split, repair=repair)
 
 
 @main.command("export-cache")

@@ -174,7 +174,7 @@ def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
     scores, labels = [], []
     for batch in batches:
         with _autocast(device, amp):
-            out = head(batch.tokens.to(device, non_blocking=True), text["negative"], text["positive"])
+            out = head(batch.tokens_on(device), text["negative"], text["positive"])
         scores.append(positive_scores(out.logits.float()).cpu().numpy())  # (B, C)
         labels.append(batch.labels.numpy())  # (B, C)
     return np.concatenate(scores), np.concatenate(labels)

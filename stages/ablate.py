@@ -74,7 +74,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
         losses, mis = [0.0] * len(runs), [0.0] * len(runs)
         for step, batch in enumerate(tqdm(loader.epoch(epoch), total=steps,
                                           desc=f"epoch {epoch + 1}/{epochs}", leave=False)):
-            tokens = batch.tokens.to(device, non_blocking=True)  # (B, T, D), read once
+            tokens = batch.tokens_on(device)  # (B, T, D), read once
             labels = batch.labels.to(device)
             for i, (head, aux, optimizer, scaler, p) in enumerate(
                     zip(heads, auxes, optimizers, scalers, runs)):

@@ -111,7 +111,7 @@ def dataset_root(params: dict, name: str) -> Path:
 def zero_shot_scores(loader: TokenLoader, text: dict[str, torch.Tensor], softmax_mode: str) -> np.ndarray:
     """Baseline without projectors: region_logits on L2-normalised raw tokens and raw prompts."""
     prompts = F.normalize(torch.cat([text["negative"], text["positive"]]), dim=-1)  # (2C, D)
-    scores = [positive_scores(region_logits(F.normalize(b.tokens.to(prompts.device), dim=-1), prompts,
+    scores = [positive_scores(region_logits(F.normalize(b.tokens_on(prompts.device), dim=-1), prompts,
                                             softmax_mode)).cpu().numpy() for b in loader.epoch(0)]
     return np.concatenate(scores)  # (N, C)
 

@@ -168,7 +168,7 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
         for step, batch in enumerate(bar):
             lr = lr_at(epoch + step / steps, cfg)
             set_lr(optimizer, lr)
-            tokens = get_tokens(batch) if online else batch.tokens.to(device, non_blocking=True)  # (B, T, D)
+            tokens = get_tokens(batch) if online else batch.tokens_on(device)  # (B, T, D)
             parts = train_step(head, optimizer, tokens, batch.labels.to(device), text, cfg, aux,
                                epoch=epoch + 1, step=step + 1, amp=amp, scaler=scaler)
             if aux is not None:
