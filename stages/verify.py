@@ -32,7 +32,7 @@ def check_store(cache: FeatureCache) -> dict[str, Any]:
             try:
                 complete[s] = bool(cache._complete[s])
             except (OSError, ValueError) as err:
-                damaged[s] = f"completion mark damaged ({err})"
+                damaged[s] = f"{cache.path}: array complete, shard {s} is damaged ({err})"
     for name, read in (("labels", lambda: cache.labels), ("ids", lambda: cache.ids),
                        *((f"text/{n}", lambda n=n: cache.text_features(n))
                          for n in TEXT_NAMES + RAW_TEXT_NAMES)):
@@ -47,9 +47,10 @@ def check_store(cache: FeatureCache) -> dict[str, Any]:
             try:
                 status = cache._status[start:stop]
                 problem = (None if np.isin(status, (0, 1)).all() else
-                           f"array status: a lost chunk (reads {int(status.min())})")
+                           f"{cache.path}: array status, shard {s}: a lost chunk (reads "
+                           f"{int(status.min())})")
             except (OSError, ValueError) as err:
-                problem = f"array status damaged ({err})"
+                problem = f"{cache.path}: array status, shard {s} is damaged ({err})"
             problem = problem or reader.verify_shard(s)
             if problem:
                 damaged[s] = problem
