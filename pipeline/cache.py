@@ -367,11 +367,15 @@ class FeatureCache:
             out = self._tokens[start:stop, view]
         except (OSError, ValueError) as err:  # a truncated or corrupted shard file
             raise CacheError(f"{where} is damaged ({err}); {REPAIR}") from err
-        if not np.isfinite(out).all():  # NaN: the fill of a lost file or chunk
-            i = start + int(np.flatnonzero(~np.isfinite(out).reshape(len(out), -1).all(1))[0])
-            raise CacheError(f"{where}: image {i} has non-finite tokens (a lost shard file or "
-                             f"chunk); {REPAIR}")
-        return out
+        if not np.isfinite(out).all():  # NaN is the fill of a lost file or chunk: which is it?
+            from pipeline.shards import ShardReader
+
+            reader = ShardReader(self)
+            problem = reader.check_shard(s)  # file, index and every chunk present
+            reader.close()
+            if problem is not None:
+                raise CacheError(f"{problem}; {REPAIR}")
+        return out  # stored non-finite values are data (training names them; verify reports them)
 
     def text_features(self, name: str) -> np.ndarray:
         try:
