@@ -6,8 +6,10 @@ end): the inner chunks (1, 1, T, D), each `bytes [-> zstd] -> crc32c`, then the 
 the crc32c of those pairs. Zarr decodes a whole shard per call (1.6k-2.6k views/s measured for
 view blocks at RN-101 shape); training samples one view of random images, so this module reads
 each sampled chunk with one ``os.preadv`` straight into the batch buffer and checks its crc32c
-(google_crc32c, the C implementation zarr's Crc32cCodec uses). tests/test_shards.py proves the
-bytes equal zarr's for every dtype/compressor. Shard indexes are cached: 16 bytes per view.
+with the `crc32c` package (SSE4.2/ARMv8 instructions, GIL released: 7.5 GB/s against 3.6 for
+google_crc32c, which zarr's Crc32cCodec uses, on a 197x512 float16 chunk here). The checksums are
+the same function: tests/test_shards.py proves the bytes equal zarr's reads for every
+dtype/compressor. Shard indexes are cached: 16 bytes per view.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
+from crc32c import crc32c
 
 from pipeline.cache import CacheError, FeatureCache
 
@@ -27,7 +29,7 @@ _OPEN_FILES = 64  # shard file descriptors kept open per reader
 
 
 def _crc(data: object) -> bytes:
-    return np.uint32(google_crc32c.value(data)).tobytes()  # little-endian, as the codec stores it
+    return np.uint32(crc32c(data)).tobytes()  # little-endian, as the codec stores it
 
 
 class ShardReader:
@@ -128,9 +130,8 @@ class ShardReader:
             dest = memoryview(out).cast("B")
             crc = bytearray(4)
             got = os.preadv(fd, [dest, crc], offset)
-            # an ndarray: google_crc32c takes no writable memoryview
             ok = got == nbytes and (not self.verify_crc or
-                                    google_crc32c.value(out) == int.from_bytes(crc, "little"))
+                                    crc32c(out) == int.from_bytes(crc, "little"))
         if not ok:
             raise CacheError(f"{self._where(s)}: image {i} view {v} fails its crc32c (damaged "
                              "chunk); run `pipeline verify --repair`, then extract-features")
