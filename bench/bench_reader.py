@@ -184,8 +184,8 @@ def main() -> None:
                 how = "malloc mmap threshold 1 MiB" if fixed else "default malloc"
                 results["rss_mib"][f"{name}, {how}"] = {"store_mib": c.tokens_nbytes / 2**20,
                                                         "peak_growth_mib": growth}
-                rows.append([f"2 streaming epochs, store {c.tokens_nbytes / 2**20:,.0f} MiB ({how}): "
-                             "peak RSS growth", f"{growth:.1f} MiB",
+                what = f"2 streaming epochs, store {c.tokens_nbytes / 2**20:,.0f} MiB ({how}): peak RSS growth"
+                rows.append([what, f"{growth:.1f} MiB",
                              f"{growth / batch_mib:.1f} batches of {batch_mib:.1f} MiB"])
     k4 = results["rates"][f"K={args.views}"]
     stream = k4["TokenLoader streaming (forced, memory cap 0)"]
