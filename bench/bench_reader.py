@@ -7,6 +7,9 @@ on the same tokens, all in the page cache, batches of one random view of randoml
 - memmap gather: the same from a NumPy memmap of a .npy of the tokens (the page-cache limit);
 - TokenLoader streaming, forced (in_memory=False, max_memory_bytes=0: it cannot load the store);
 - TokenLoader in memory (store loaded once, not timed), float16 batches as training gets them;
+  both first without the prefetch thread (the loader's own rate: the goals), then with it (as
+  training runs it: this do-nothing consumer and the thread then contend for the GIL, which a
+  training step, waiting in torch or CUDA with the GIL released, does not);
 - ShardReader.gather with and without crc32c verification (the reader's checksum cost);
 - extraction-side write of the same shards with and without the crc32c codec (write cost).
 Peak RSS of a streaming epoch is measured in child processes at two store sizes.
@@ -155,16 +158,21 @@ def main() -> None:
                 "RAM gather (NumPy array)": gather_rate(tokens, k, b, args.budget),
                 "memmap gather (page-cache limit)": gather_rate(memmap, k, b, args.budget),
                 "TokenLoader streaming (forced, memory cap 0)": loader_rate(
+                    TokenLoader(cache, b, seed=0, in_memory=False, max_memory_bytes=0, prefetch=0),
+                    args.budget),
+                "TokenLoader in memory": loader_rate(
+                    TokenLoader(cache, b, seed=0, in_memory=True, prefetch=0), args.budget),
+                "TokenLoader streaming, prefetch thread (2)": loader_rate(
                     TokenLoader(cache, b, seed=0, in_memory=False, max_memory_bytes=0), args.budget),
-                "TokenLoader in memory": loader_rate(TokenLoader(cache, b, seed=0, in_memory=True),
-                                                     args.budget),
+                "TokenLoader in memory, prefetch thread (2)": loader_rate(
+                    TokenLoader(cache, b, seed=0, in_memory=True), args.budget),
                 "ShardReader.gather, crc32c checked": reader_rate(cache, True, b, args.budget),
                 "ShardReader.gather, crc32c not checked": reader_rate(cache, False, b, args.budget),
             }
             results["rates"][f"K={k}"] = rates
             ram, mm = rates["RAM gather (NumPy array)"], rates["memmap gather (page-cache limit)"]
             for name, rate in rates.items():
-                vs_ram = name in ("RAM gather (NumPy array)", "TokenLoader in memory")
+                vs_ram = "RAM" in name or "in memory" in name
                 rows.append([f"K={k}, {n} images: {name}", f"{rate:,.0f} views/s",
                              f"{rate / (ram if vs_ram else mm):.3f} ({'RAM' if vs_ram else 'memmap'})"])
             if k == args.views:
