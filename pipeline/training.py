@@ -7,6 +7,7 @@ Training never runs CLIP: tokens and the class text features come from the featu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -40,17 +41,27 @@ class TrainingError(RuntimeError):
 def lr_at(epoch: float, train_params: Mapping[str, Any]) -> float:
     """Learning rate at fractional epoch `epoch` (e + step / steps_per_epoch).
 
-    Cosine annealing of `lr` to 0 over all `epochs` (the paper: 50), with the first
-    `warmup_epochs` replaced by the constant `warmup_lr` (1e-5): Dassl's ConstantWarmupScheduler
-    around CosineAnnealingLR(T_max=epochs), which DualCoOp and the authors use. `lr_schedule`
-    "epoch" steps it once per epoch as Dassl does (the authors' run); "step" evaluates it per step.
+    The constant `warmup_lr` (1e-5) for the first `warmup_epochs`, then cosine annealing of `lr`
+    with period T = `epochs` started when the warm-up ends: lr = lr0 (1 + cos(pi (e - W) / T)) / 2.
+    That is Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs), which DualCoOp
+    and the authors use: the wrapper holds the cosine back during the warm-up, so the cosine
+    starts at lr0 on epoch W and the last epoch ends above 0. `lr_schedule` "epoch" steps it once
+    per epoch as Dassl does (the authors' run); "step" evaluates the same curve at every step.
     """
     if train_params.get("lr_schedule", "step") == "epoch":
         epoch = math.floor(epoch)
     warmup, total, base = train_params["warmup_epochs"], train_params["epochs"], train_params["lr"]
     if epoch < warmup:
         return float(train_params["warmup_lr"])
-    return float(base * 0.5 * (1.0 + math.cos(math.pi * min(epoch / total, 1.0))))
+    return float(base * 0.5 * (1.0 + math.cos(math.pi * min((epoch - warmup) / total, 1.0))))
+
+
+def label_mask_identity(labels: np.ndarray, fraction: float, seed: int) -> dict[str, Any]:
+    """What a resumed run must agree on about its partial labels: fraction, seed and a digest of
+    the labels actually trained on (a different mask, or other labels, is another experiment)."""
+    masked = np.ascontiguousarray(partial_labels(labels, fraction, seed))
+    return {"fraction": float(fraction), "seed": int(seed), "shape": list(masked.shape),
+            "kept": int((masked != -1).sum()), "sha256": hashlib.sha256(masked.tobytes()).hexdigest()}
 
 
 def partial_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -114,18 +125,32 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def torch_threads(device: torch.device, spec: int | str = "auto") -> Any:
+    """train.cpu_threads: intra-op threads for the head on CPU ("auto": torch's default), restored
+    on exit. The head's ops take microseconds, where thread hand-offs cost more than they save."""
+    if device.type != "cpu" or spec == "auto":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(spec))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- one step ------------------------------------------------------------------------------------
-def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor, labels: Tensor,
-               text: Mapping[str, Tensor], cfg: Mapping[str, Any], aux: AuxLoss | None = None, *,
-               epoch: int = 0, step: int = 0, amp: torch.dtype | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One optimiser step on L = asl_weight * ASL + alpha * MFI (+ aux terms); returns the loss parts.
+def loss_parts(head: UnmixHead, tokens: Tensor, labels: Tensor, text: Mapping[str, Tensor],
+               cfg: Mapping[str, Any], aux: AuxLoss | None = None,
+               amp: torch.dtype | None = None) -> dict[str, Tensor]:
+    """{total, asl, mfi, *aux terms} as tensors (graph kept) for L = asl_weight * ASL + alpha * MFI
+    (+ aux terms), the head in training mode. The arithmetic every trainer shares (train_step, the
+    ablation's stacked grid).
 
-    MFI is left out of L (still reported) when cfg["objective"] is "infoclip".
-
-    tokens (B, T, D) and labels (B, C) on the head's device; text["negative"], text["positive"]
-    (C, D); cfg is params["train"]. The learning rate is whatever the optimiser holds (set_lr).
-    A non-finite loss raises TrainingError naming `epoch` and `step` before any update.
+    MFI is left out of L (still reported) when cfg["objective"] is "infoclip". tokens (B, T, D)
+    and labels (B, C) on the head's device; text["negative"], text["positive"] (C, D); cfg is
+    params["train"].
     """
     head.train()
     with _autocast(tokens.device, amp):
@@ -135,16 +160,28 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
     mfi = mfi_loss(out.text_pos.float(), out.text_neg.float(), lam=cfg["mfi"]["lambda"],
                    form=cfg["mfi"]["form"], bn=head.text_bn)  # the MFI BatchNorm follows the projector's
     parts: dict[str, Tensor] = {"asl": asl, "mfi": mfi}
-    # train.objective "infoclip" drops MFI from the loss (still reported); pipeline/objective.py
     # asl_weight: 1 in the paper; the authors' code uses 0.999 * 0.05
     total = cfg["asl_weight"] * asl
-    if uses_mfi(cfg.get("objective", "unmix")):
+    if uses_mfi(cfg.get("objective", "unmix")):  # pipeline/objective.py
         total = total + cfg["alpha"] * mfi
     if aux is not None:  # InfoCLIP's compression / distillation terms
         for name, term in aux(head=head, out=out, tokens=tokens, labels=labels, text=text).items():
             parts[name] = term
             total = total + term
-    parts = {"total": total, **parts}
+    return {"total": total, **parts}
+
+
+def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor, labels: Tensor,
+               text: Mapping[str, Tensor], cfg: Mapping[str, Any], aux: AuxLoss | None = None, *,
+               epoch: int = 0, step: int = 0, amp: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One optimiser step on loss_parts' total; returns the loss parts as floats.
+
+    The learning rate is whatever the optimiser holds (set_lr). A non-finite loss raises
+    TrainingError naming `epoch` and `step` before any update.
+    """
+    parts = loss_parts(head, tokens, labels, text, cfg, aux, amp)
+    total = parts["total"]
     values = {name: float(value.detach()) for name, value in parts.items()}
     if not all(math.isfinite(v) for v in values.values()):
         shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
@@ -163,10 +200,11 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
 # -- evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
-                  amp: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  amp: torch.dtype | None = None, stats: str = "running") -> tuple[np.ndarray, np.ndarray]:
     """Scores (N, C) and labels (N, C) over a loader (`.epoch(0)` is used) or an iterable of batches.
 
-    Eval mode: the text projector's BatchNorm uses its running statistics, nothing is updated.
+    Eval mode, nothing updated. stats (evaluate.text_bn.mlr): the text projector's BatchNorm uses
+    its "running" statistics or those of the "batch" of 2C class prompts.
     """
     head.eval()
     device = text["positive"].device
@@ -174,17 +212,20 @@ def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
     scores, labels = [], []
     for batch in batches:
         with _autocast(device, amp):
-            out = head(batch.tokens.to(device, non_blocking=True), text["negative"], text["positive"])
+            out = head(batch.tokens.to(device, non_blocking=True), text["negative"], text["positive"],
+                       stats)
         scores.append(positive_scores(out.logits.float()).cpu().numpy())  # (B, C)
         labels.append(batch.labels.numpy())  # (B, C)
     return np.concatenate(scores), np.concatenate(labels)
 
 
 @torch.no_grad()
-def text_figure_of_merit(head: UnmixHead, plain: Tensor) -> dict[str, float]:
-    """Paper Table 4 on the plain prompts "A photo of a {class}.": raw CLIP vs projected (eval mode)."""
+def text_figure_of_merit(head: UnmixHead, plain: Tensor, stats: str = "running") -> dict[str, float]:
+    """Paper Table 4 on the plain prompts "A photo of a {class}.": CLIP vs projected (eval mode).
+    stats (evaluate.text_bn.mfi): the text BatchNorm's "running" statistics or the "batch" ones of
+    these C prompts (the authors' figure script)."""
     head.eval()
-    return mfi_figure_of_merit(plain.float().cpu(), head.project_text(plain.float()).cpu())
+    return mfi_figure_of_merit(plain.float().cpu(), head.project_text(plain.float(), stats).cpu())
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -228,8 +269,10 @@ def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "")
     return keys
 
 
-def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Read a resume state and refuse it unless it belongs to this train cache and these settings."""
+def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
+                    labels: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a resume state and refuse it unless it belongs to this train cache and these settings
+    (and, given `labels` = label_mask_identity of this run, was trained on the same label mask)."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
@@ -246,13 +289,19 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any]) -> 
     if differ:
         raise TrainingError(f"checkpoint {path} was written with other settings ({', '.join(differ)}); "
                             f"resuming would mix two experiments: delete {path} or restore the params")
+    if labels is not None and dict(state.get("labels") or {}) != dict(labels):
+        raise TrainingError(f"checkpoint {path} was trained on another partial-label mask "
+                            f"({state.get('labels')} vs {dict(labels)}): delete {path} or train "
+                            "without --resume")
     return state
 
 
-def save_projectors(path: str | Path, head: UnmixHead, meta: Mapping[str, Any]) -> None:
-    """Final head for evaluation. meta: model (params section), embed_dim, classnames, fingerprint,
-    epoch (plain Python values, so the file loads with weights_only=True)."""
-    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+def save_projectors(path: str | Path, head: UnmixHead | Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Trained head for evaluation (a module or its state_dict). meta: model (params section),
+    embed_dim, classnames, fingerprint, which ("last" | "best"), epoch and its val_map (plain
+    Python values, so the file loads with weights_only=True)."""
+    state = head.state_dict() if isinstance(head, torch.nn.Module) else head
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
     _atomic_save({"head": state, "meta": dict(meta)}, path)
 
 

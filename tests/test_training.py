@@ -108,14 +108,14 @@ def weights(params: dict) -> dict[str, torch.Tensor]:
     return head.state_dict()
 
 
-def test_lr_schedule_is_constant_warmup_then_cosine_to_zero() -> None:
-    cfg = {"warmup_epochs": 1, "warmup_lr": 1e-5, "epochs": 5, "lr": 0.002}
+def test_lr_schedule_is_constant_warmup_then_cosine_started_after_it() -> None:
+    cfg = {"warmup_epochs": 1, "warmup_lr": 1e-5, "epochs": 5, "lr": 0.002, "lr_schedule": "step"}
     assert lr_at(0.0, cfg) == lr_at(0.99, cfg) == 1e-5
-    # cosine over all 5 epochs, the warm-up epoch replaced by the constant (Dassl's warm-up wrapper)
-    assert lr_at(1.0, cfg) == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi / 5)))
-    assert lr_at(2.5, cfg) == pytest.approx(0.001)  # halfway through the 5 epochs: cos(pi/2) = 0
-    assert lr_at(4.0, cfg) == pytest.approx(0.002 * 0.5 * (1 + math.cos(4 * math.pi / 5)))
-    assert lr_at(5.0, cfg) == pytest.approx(0.0, abs=1e-15)
+    # the cosine (period 5 epochs) starts at lr0 when the warm-up ends (Dassl's warm-up wrapper)
+    assert lr_at(1.0, cfg) == pytest.approx(0.002)
+    assert lr_at(3.5, cfg) == pytest.approx(0.001)  # 2.5 epochs into the cosine: cos(pi/2) = 0
+    assert lr_at(5.0, cfg) == pytest.approx(0.002 * 0.5 * (1 + math.cos(4 * math.pi / 5)))
+    assert lr_at(6.0, cfg) == pytest.approx(0.0, abs=1e-15)
     sgd = build_optimizer([torch.zeros(2, requires_grad=True)], {
         "optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4})
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
