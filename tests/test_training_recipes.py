@@ -21,7 +21,6 @@ from pipeline import paths
 from pipeline.cache import FeatureCache
 from pipeline.config import load_params
 from pipeline.heads import TextProjector
-from pipeline.loader import TokenLoader
 from pipeline.training import (
     TrainingError,
     build_optimizer,
