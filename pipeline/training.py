@@ -21,7 +21,7 @@ from pipeline.build import head_from_params
 from pipeline.files import atomic_write
 from pipeline.heads import HeadOutput, UnmixHead, positive_scores
 from pipeline.losses import asl_loss, mfi_loss
-from pipeline.metrics import mfi_figure_of_merit
+from pipeline.metrics import mean_average_precision, mfi_figure_of_merit
 from pipeline.objective import uses_mfi
 
 # aux(head=, out=, tokens=, labels=, text=) -> {name: scalar loss term, already weighted}: each term
@@ -226,6 +226,28 @@ def text_figure_of_merit(head: UnmixHead, plain: Tensor, stats: str = "running")
     these C prompts (the authors' figure script)."""
     head.eval()
     return mfi_figure_of_merit(plain.float().cpu(), head.project_text(plain.float(), stats).cpu())
+
+
+def merit_text(cache: Any, params: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The class text the figures of merit project: the evaluation's input (evaluate.text_input;
+    the authors' figure script feeds L2-normalised features), whatever training was fed."""
+    return projector_text(cache, params["evaluate"]["text_input"])
+
+
+def validation_metrics(head: UnmixHead, val_loader: Any, text: Mapping[str, Tensor],
+                       merit: Mapping[str, Tensor], params: Mapping[str, Any],
+                       amp: torch.dtype | None = None, mean_ap: Callable = mean_average_precision
+                       ) -> dict[str, float]:
+    """One validation as every trainer reports it (train.json, the ablation grid): val mAP with the
+    training text and the text BatchNorm statistics evaluate.text_bn.mlr, and paper Table 4 on the
+    plain and the positive prompts of `merit` (merit_text) with evaluate.text_bn.mfi."""
+    bn = params["evaluate"]["text_bn"]
+    scores, labels = evaluate_head(head, val_loader, text, amp, stats=bn["mlr"])
+    plain = text_figure_of_merit(head, merit["plain"], stats=bn["mfi"])
+    pos = text_figure_of_merit(head, merit["positive"], stats=bn["mfi"])
+    return {"val_map": mean_ap(scores, labels), "mfi_before": plain["before"],
+            "mfi_after": plain["after"], "mfi_reduction_pct": plain["reduction_pct"],
+            "mfi_pos_before": pos["before"], "mfi_pos_after": pos["after"]}
 
 
 # -- files ---------------------------------------------------------------------------------------

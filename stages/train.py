@@ -27,11 +27,11 @@ from pipeline.training import (
     build_optimizer,
     cache_identity,
     capture_rng,
-    evaluate_head,
     label_mask_identity,
     load_checkpoint,
     lr_at,
     make_scaler,
+    merit_text,
     new_head,
     partial_labels,
     projector_text,
@@ -39,9 +39,9 @@ from pipeline.training import (
     save_checkpoint,
     save_projectors,
     set_lr,
-    text_figure_of_merit,
     torch_threads,
     train_step,
+    validation_metrics,
 )
 
 # mfi_*: paper Table 4 on the plain prompts "A photo of a {class}."; mfi_pos_*: the same figure on
@@ -145,17 +145,12 @@ def best_row(history: list[dict]) -> dict:
 
 def validate(head: torch.nn.Module, val_loader: TokenLoader, text: dict, figure_text: dict,
              params: dict, amp: torch.dtype | None) -> dict[str, float]:
-    """Val mAP (text BatchNorm statistics: evaluate.text_bn.mlr) and the text figures of merit
-    (evaluate.text_bn.mfi, on the evaluation's text input evaluate.text_input)."""
-    cfg, bn = params["train"], params["evaluate"]["text_bn"]
-    scores, labels = evaluate_head(head, val_loader, text, amp, stats=bn["mlr"])
-    merit = text_figure_of_merit(head, figure_text["plain"], stats=bn["mfi"])
-    merit_pos = text_figure_of_merit(head, figure_text["positive"], stats=bn["mfi"])
-    return {"val_map": mean_average_precision(scores, labels), "mfi_before": merit["before"],
-            "mfi_after": merit["after"], "mfi_reduction_pct": merit["reduction_pct"],
-            "mfi_pos_before": merit_pos["before"], "mfi_pos_after": merit_pos["after"],
-            "val_mi_clip": clip_alignment_mi(head, val_loader.epoch(0), text, cfg["infoclip"],
-                                             seed=cfg["seed"])}
+    """training.validation_metrics plus val MI CLIP-projected (objective.clip_alignment_mi)."""
+    cfg = params["train"]
+    row = validation_metrics(head, val_loader, text, figure_text, params, amp,
+                             mean_ap=mean_average_precision)
+    row["val_mi_clip"] = clip_alignment_mi(head, val_loader.epoch(0), text, cfg["infoclip"], seed=cfg["seed"])
+    return row
 
 
 NOT_EVALUATED = dict.fromkeys(("val_map", "mfi_before", "mfi_after", "mfi_reduction_pct", "mfi_pos_before",
@@ -171,7 +166,7 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     # -- data -------------------------------------------------------------------------------------
     loader, val_loader, text = open_data(params, device)
     cache = loader.cache
-    figure_text = {k: t.to(device) for k, t in projector_text(cache, params["evaluate"]["text_input"]).items()}
+    figure_text = {k: t.to(device) for k, t in merit_text(cache, params).items()}
     mask = label_mask_identity(cache.labels, cfg["label_fraction"], cfg["seed"])
     get_tokens = online_tokens(params, cache, device) if online else None
     steps = len(loader)
@@ -192,7 +187,7 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
         restore_rng(state["rng"])
-        start, history, best_head = state["epoch"], list(state["history"]), state["best_head"]
+        start, history, best_head = state["epoch"], list(state["history"]), state.get("best_head")
         print(f"train: resumed from {ckpt} after epoch {start}")
     else:  # a new run: projectors of an earlier one must not pass for this one's
         for which in ("last", "best"):
