@@ -34,7 +34,9 @@ from pipeline.shards import ShardReader
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AUGMENT = {"cutout": True, "num_ops": 2, "magnitude": 9}
+# Every key reaches train_view and the store fingerprint (extract.augment.* params override all).
+DEFAULT_AUGMENT = {"cutout": True, "num_ops": 2, "magnitude": 9, "cutout_inclusive": False,
+                   "randaugment": "torchvision", "interpolation": "bicubic"}
 BACKBONE_STRIDE = 32  # ModifiedResNet: layer4 is 1/32 of the input side
 
 

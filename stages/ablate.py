@@ -28,13 +28,13 @@ from pipeline.objective import (
 from pipeline.training import (
     amp_dtype,
     build_optimizer,
-    evaluate_head,
     lr_at,
     make_scaler,
+    merit_text,
     new_head,
     set_lr,
-    text_figure_of_merit,
     train_step,
+    validation_metrics,
 )
 from stages.train import open_data
 
@@ -59,6 +59,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
 
     # -- data, heads, optimisers (one per point) ---------------------------------------------------
     loader, val_loader, text = open_data(params, device)
+    merit = {k: t.to(device) for k, t in merit_text(loader.cache, params).items()}
     heads = [new_head(p, loader.cache.dim, device) for p in runs]
     num_classes = len(loader.cache.classnames)
     auxes = [build_objective(p["train"], num_classes, device) for p in runs]  # None for unmix
@@ -89,14 +90,11 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
     # -- evaluation and outputs ------------------------------------------------------------------
     rows = []
     for (lam, alpha, _, _), head, aux, p, loss, mi in zip(points, heads, auxes, runs, losses, mis):
-        scores, labels = evaluate_head(head, val_loader, text, amp)
-        merit = text_figure_of_merit(head, text["plain"])
-        pos = text_figure_of_merit(head, text["positive"])
+        # what train.json reports for a solo run (BatchNorm statistics and text as the recipe says)
+        m = validation_metrics(head, val_loader, text, merit, p, amp, mean_ap=mean_average_precision)
         cfg = p["train"]
-        row = {"lambda": lam, "alpha": alpha, "val_map": mean_average_precision(scores, labels),
-               "mfi_before": merit["before"], "mfi_after": merit["after"],
-               "mfi_reduction_pct": merit["reduction_pct"], "mfi_pos_before": pos["before"],
-               "mfi_pos_after": pos["after"], "mfi_pos_reduction_pct": pos["reduction_pct"],
+        row = {"lambda": lam, "alpha": alpha, **m,
+               "mfi_pos_reduction_pct": 100.0 * (1.0 - m["mfi_pos_after"] / m["mfi_pos_before"]),
                "val_mi_clip": clip_alignment_mi(head, val_loader.epoch(0), text, cfg["infoclip"],
                                                 seed=cfg["seed"]),
                "loss": loss}

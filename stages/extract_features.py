@@ -19,7 +19,7 @@ def load_split(params: dict, role: str) -> MultiLabelDataset:
     name = params["data"]["dataset"]
     root = paths.dataset_root(params)
     split = params["data"][f"{role}_split"]
-    dataset = load_multilabel(name, root, split)
+    dataset = load_multilabel(name, root, split, params["data"]["coco_val_images"])
     if not dataset.records:
         raise DatasetError(f"{name} split {split!r} under {root} lists no images")
     for folder in sorted({r.path.parent for r in dataset.records}):
