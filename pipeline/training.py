@@ -171,12 +171,15 @@ def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
     head.eval()
     device = text["positive"].device
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
-    scores, labels = [], []
+    scores, labels, index = [], [], []
     for batch in batches:
+        index.append(batch.index)  # (B,)
         with _autocast(device, amp):
             out = head(batch.tokens.to(device, non_blocking=True), text["negative"], text["positive"])
         scores.append(positive_scores(out.logits.float()).cpu().numpy())  # (B, C)
         labels.append(batch.labels.numpy())  # (B, C)
+    from pipeline.provenance import require_finite  # NaN tokens: named here, not inside sklearn
+    require_finite(np.concatenate(scores), np.concatenate(index), getattr(loader, "cache", None))
     return np.concatenate(scores), np.concatenate(labels)
 
 
@@ -233,7 +236,8 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any]) -> 
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from pipeline.provenance import read_state  # a damaged file: one line, not a torch traceback
+    state = read_state(path)
     differ = _diff_keys(state["cache"], cache_identity(cache))
     if differ:
         raise TrainingError(
@@ -261,7 +265,8 @@ def load_projectors(path: str | Path, device: torch.device | str = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"no trained projectors at {path}: run `pipeline train` first")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    from pipeline.provenance import read_state  # a damaged file: one line, not a torch traceback
+    blob = read_state(path)
     meta = blob["meta"]
     head = head_from_params(meta["model"], meta["embed_dim"])
     head.load_state_dict(blob["head"])

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.build import resolve_device
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.files import atomic_write_text
@@ -160,6 +160,7 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
         start, history = state["epoch"], list(state["history"])
         print(f"train: resumed from {ckpt} after epoch {start}")
 
+    provenance.invalidate(params)  # an interrupted (re)train leaves no stale projectors to evaluate
     # -- loop ---------------------------------------------------------------------------------------
     for epoch in range(start, cfg["epochs"]):
         sums: dict[str, float] = defaultdict(float)
@@ -213,7 +214,8 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     if not history:
         raise TrainingError(f"parameter 'train.epochs' is {cfg['epochs']}: nothing to train")
     meta = {"model": params["model"], "embed_dim": cache.dim, "classnames": cache.classnames,
-            "fingerprint": cache.fingerprint, "epoch": history[-1]["epoch"]}
+            "fingerprint": cache.fingerprint, "epoch": history[-1]["epoch"],
+            "provenance": provenance.record(params, cache, val_loader.cache)}
     save_projectors(paths.projectors(params), head, meta)
     last = history[-1]
     summary = {
