@@ -59,7 +59,8 @@ def require_finite(scores: np.ndarray, index: np.ndarray, cache: Any = None) -> 
     ids = [str(cache.ids[i]) for i in rows[:5]] if cache is not None else [str(i) for i in rows[:5]]
     more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
     raise CacheError(f"{where}: non-finite tokens for {len(rows)} images (ids {', '.join(ids)}{more}); "
-                     "the store is damaged: delete it and re-run `pipeline extract-features`")
+                     "delete the store and re-run `pipeline extract-features`; if they come back, "
+                     "extract with backbone.precision=fp32")
 
 
 # -- recording -----------------------------------------------------------------------------------

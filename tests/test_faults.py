@@ -127,6 +127,7 @@ def straight(stores: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return projector_weights(run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_training_sigkilled_at_a_random_point_resumes_to_the_uninterrupted_weights(
         stores: Path, straight: dict[str, torch.Tensor], tmp_path: Path, seed: int) -> None:
@@ -195,6 +196,7 @@ def extracted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int
     return data, tmp / "ref.zarr", writes[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_extraction_sigkilled_at_a_random_write_then_rerun_is_bit_identical(
         extracted: tuple[Path, Path, int], tmp_path: Path, seed: int) -> None:
