@@ -33,6 +33,7 @@ from pipeline.datasets import load_multilabel
 from pipeline.extract import extract
 from pipeline.synthetic import make_bad_images, make_planted_coco, make_voc_layout
 from pipeline.training import load_projectors
+from stages import train as train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "configs" / "params.yaml"
@@ -149,6 +150,54 @@ def test_training_sigkilled_at_a_random_point_resumes_to_the_uninterrupted_weigh
     assert straight.keys() == b.keys()
     for k, value in straight.items():
         assert torch.equal(value, b[k]), (kill_at, k)
+
+
+@pytest.mark.parametrize("objective", ["unmix", "unmix+infoclip"])
+def test_training_steps_draw_nothing_from_the_global_torch_rng(
+        stores: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, objective: str) -> None:
+    """Why the checkpoint's global RNG state (training.capture_rng / restore_rng) does not change a
+    resumed run: a step draws nothing from it (no dropout; InfoCLIP samples tokens from its own
+    generator, saved with the objective). The per-epoch val MI does draw (its throw-away LPAM's
+    init, then set to the identity), but no number depends on those draws. A future dropout or
+    unseeded sampling in a step fails this test: then keep restore_rng and test it."""
+    drew = []
+    step = train_stage.train_step
+
+    def watched_step(*args, **kwargs):
+        before = torch.get_rng_state()
+        out = step(*args, **kwargs)
+        drew.append(not torch.equal(before, torch.get_rng_state()))
+        return out
+
+    monkeypatch.setattr(train_stage, "train_step", watched_step)
+    result = cli(*train_args(stores, tmp_path), "--set", f"train.objective={objective}")
+    assert result.exit_code == 0, result.output
+    assert len(drew) == EPOCHS * TRAIN_IMAGES // BATCH and not any(drew)
+
+
+@pytest.mark.parametrize("objective", ["unmix", "unmix+infoclip"])
+def test_resume_with_a_scrambled_global_rng_gives_the_same_weights(
+        stores: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, objective: str) -> None:
+    objective_set = ("--set", f"train.objective={objective}")
+    straight = cli(*train_args(stores, tmp_path / "straight"), *objective_set)
+    assert straight.exit_code == 0, straight.output
+    args = [*train_args(stores, tmp_path / "resumed"), *objective_set]
+    step = train_stage.train_step
+
+    def crash_in_epoch_2(*a, **kw):
+        if kw["epoch"] == 2:
+            raise KeyboardInterrupt
+        return step(*a, **kw)
+
+    monkeypatch.setattr(train_stage, "train_step", crash_in_epoch_2)
+    assert cli(*args).exit_code == 1  # click reports the KeyboardInterrupt as "Aborted!"
+    monkeypatch.setattr(train_stage, "train_step", step)
+    monkeypatch.setattr(train_stage, "restore_rng", lambda rng: torch.manual_seed(12345))
+    resumed = cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    a, b = projector_weights(tmp_path / "straight"), projector_weights(tmp_path / "resumed")
+    for k, value in a.items():
+        assert torch.equal(value, b[k]), k
 
 
 # Runs extract() on argv[2]'s dataset into argv[3], SIGKILLing itself before zarr's write number argv[1].
