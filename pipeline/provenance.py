@@ -11,6 +11,7 @@ damaged (`read_state`) and refusing non-finite scores before sklearn sees them (
 """
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import zipfile
@@ -42,8 +43,8 @@ def read_state(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
+        if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):
+            raise  # missing, unreadable: not damage (the CLI names disk errors itself)
         raise TrainingError(f"{path} is damaged (truncated?): delete it and re-run "
                             "`pipeline train`") from err
 
