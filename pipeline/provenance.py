@@ -78,12 +78,15 @@ def trained_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def record(params: Mapping[str, Any], train_cache: Any, val_cache: Any,
            weights_digest: str | None = None) -> dict[str, Any]:
-    """What a projectors file stores under meta["provenance"]."""
+    """What a projectors file stores under meta["provenance"]. `weights_digest` defaults to the
+    train store's; a store given as None (hand-made projectors in tests) is recorded as unknown."""
+    if weights_digest is None:
+        weights_digest = train_cache.fingerprint["backbone"]["weights_digest"]
     return _plain({
-        "train_store": {"fingerprint": train_cache.fingerprint, "layout": train_cache.layout},
-        "val_store": {"fingerprint": val_cache.fingerprint},
-        "weights_digest": weights_digest or train_cache.fingerprint["backbone"]["weights_digest"],
-        "backbone": train_cache.fingerprint["backbone"]["name"],
+        "train_store": None if train_cache is None else {"fingerprint": train_cache.fingerprint,
+                                                         "layout": train_cache.layout},
+        "val_store": None if val_cache is None else {"fingerprint": val_cache.fingerprint},
+        "weights_digest": weights_digest, "backbone": params["backbone"]["name"],
         "params": trained_params(params)})
 
 
@@ -164,9 +167,10 @@ def mismatches(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str 
     for role, cache in (("val", val_cache), ("train", train_cache)):
         if cache is None:
             continue
-        differ = _diff(rec[f"{role}_store"]["fingerprint"], _plain(cache.fingerprint), "fingerprint.")
+        old = rec[f"{role}_store"] or {"fingerprint": None, "layout": None}  # None: not recorded
+        differ = _diff(old["fingerprint"], _plain(cache.fingerprint), "fingerprint.")
         if role == "train":
-            differ += _diff(rec["train_store"]["layout"], _plain(cache.layout), "layout.")
+            differ += _diff(old["layout"], _plain(cache.layout), "layout.")
         if differ:
             out.append(f"{cache.path} was rebuilt after {path} was trained ({_first(differ)}): run "
                        f"`pipeline train`, or rebuild the {role} store as it was")
