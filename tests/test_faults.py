@@ -68,7 +68,14 @@ def assert_clear_error(result: Result, *names: object) -> None:
 
 # -- SIGKILL at seeded random points of training and extraction ----------------------------------
 EPOCHS, TRAIN_IMAGES, BATCH = 3, 16, 8
-KILL_SEEDS = (0, 1, 2)
+KILLS = range(3)  # three distinct kill points per run, drawn with a fixed seed
+# seed 5 draws, for training, events 8, 6, 1: mid-epoch 3, half-way through checkpoint 2, before
+# anything (then a plain re-run); for extraction it draws among ~all zarr writes.
+
+
+def kill_point(events: int, draw: int, seed: int = 5) -> int:
+    """The draw-th of three distinct event numbers in 1..events (seeded: the same in every run)."""
+    return int(np.random.default_rng(seed).choice(np.arange(1, events + 1), len(KILLS), replace=False)[draw])
 
 # Runs `pipeline <args>` and SIGKILLs itself at event number argv[1], counting each train step
 # (killed before it) and each torch.save (killed after half the bytes, before the rename).
@@ -129,11 +136,11 @@ def straight(stores: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", KILL_SEEDS)
+@pytest.mark.parametrize("draw", KILLS)
 def test_training_sigkilled_at_a_random_point_resumes_to_the_uninterrupted_weights(
-        stores: Path, straight: dict[str, torch.Tensor], tmp_path: Path, seed: int) -> None:
+        stores: Path, straight: dict[str, torch.Tensor], tmp_path: Path, draw: int) -> None:
     events = EPOCHS * (TRAIN_IMAGES // BATCH) + EPOCHS + 1  # steps, checkpoints, projectors
-    kill_at = int(np.random.default_rng(seed).integers(1, events + 1))
+    kill_at = kill_point(events, draw)
     args = train_args(stores, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same arithmetic as here
     proc = subprocess.run([sys.executable, "-c", KILL_TRAINING, str(kill_at), *args], cwd=ROOT,
@@ -246,11 +253,11 @@ def extracted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", KILL_SEEDS)
+@pytest.mark.parametrize("draw", KILLS)
 def test_extraction_sigkilled_at_a_random_write_then_rerun_is_bit_identical(
-        extracted: tuple[Path, Path, int], tmp_path: Path, seed: int) -> None:
+        extracted: tuple[Path, Path, int], tmp_path: Path, draw: int) -> None:
     data, reference, writes = extracted
-    kill_at = int(np.random.default_rng(seed).integers(1, writes + 1))
+    kill_at = kill_point(writes, draw)
     store = tmp_path / "run.zarr"
     threads = str(torch.get_num_threads())  # the same thread count as here: the same rounding
     path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])

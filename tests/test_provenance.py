@@ -177,3 +177,12 @@ def test_projectors_without_provenance_are_refused(world: Path, tmp_path: Path) 
     assert_clear_error(cli("evaluate", "mlr", *args(world, run)), path, "no provenance")
     with pytest.raises(TrainingError, match="no provenance"):
         provenance.require_current(params_of(world, run))
+
+
+def test_report_check_names_a_damaged_projectors_file_instead_of_raising(world: Path,
+                                                                         tmp_path: Path) -> None:
+    run = copy_run(world, tmp_path)
+    path = run / "cache" / "models" / "projectors.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    (line,) = provenance.check(params_of(world, run))
+    assert str(path) in line and "damaged" in line
