@@ -36,21 +36,10 @@ def cache_identity(cache: Any) -> dict[str, Any]:
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write the resume state atomically (temp file + rename).
 
-    state: head, optimizer, scaler (or None), epoch (completed), rng (torch CPU/CUDA states),
+    state: head, optimizer, scaler (or None), epoch (completed),
     params, cache (cache_identity of the train cache), history (per-epoch metric rows).
     """
     _atomic_save(dict(state), path)
-
-
-def capture_rng() -> dict[str, Any]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def restore_rng(rng: Mapping[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -71,7 +60,9 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from pipeline.provenance import read_state  # a damaged file: one line, not a torch traceback
+
+    state = read_state(path)
     differ = _diff_keys(state["cache"], cache_identity(cache))
     if differ:
         raise TrainingError(
@@ -105,7 +96,9 @@ def load_projectors(path: str | Path, device: torch.device | str = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"no trained projectors at {path}: run `pipeline train` first")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    from pipeline.provenance import read_state
+
+    blob = read_state(path)
     meta = blob["meta"]
     head = head_from_params(meta["model"], meta["embed_dim"])
     head.load_state_dict(blob["head"])

@@ -118,6 +118,9 @@ def _load_coco(ann: Path) -> COCO:
 def _coco_categories(coco: COCO, name: str, ann: Path) -> tuple[dict[int, int], list[str]]:
     """Category id -> contiguous index (id order), and the names in that order."""
     cats = sorted(coco.dataset["categories"], key=lambda c: c["id"])
+    nameless = [c["id"] for c in cats if not isinstance(c.get("name"), str)]
+    if nameless:
+        raise DatasetError(f"{ann}: category id {nameless[0]} has no 'name' ({len(nameless)} such)")
     ids, names = [c["id"] for c in cats], [c["name"] for c in cats]
     if name != "synthetic" and (tuple(ids) != COCO_CATEGORY_IDS or tuple(names) != COCO_CLASSES):
         raise DatasetError(f"{ann}: categories are not the 80 COCO classes with ids 1..90")

@@ -21,10 +21,8 @@ from pipeline.build import head_from_params
 from pipeline.checkpoints import (  # noqa: F401  (re-exported: the training API in one import)
     TrainingError,
     cache_identity,
-    capture_rng,
     load_checkpoint,
     load_projectors,
-    restore_rng,
     save_checkpoint,
     save_projectors,
 )
@@ -210,13 +208,16 @@ def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
     head.eval()
     device = text["positive"].device
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
-    scores, labels = [], []
+    scores, labels, index = [], [], []
     for batch in batches:
+        index.append(batch.index)  # (B,)
         with _autocast(device, amp):
             out = head(batch.tokens_on(device), text["negative"], text["positive"],
                        stats)
         scores.append(positive_scores(out.logits.float()).cpu().numpy())  # (B, C)
         labels.append(batch.labels.numpy())  # (B, C)
+    from pipeline.provenance import require_finite  # NaN tokens: named here, not inside sklearn
+    require_finite(np.concatenate(scores), np.concatenate(index), getattr(loader, "cache", None))
     return np.concatenate(scores), np.concatenate(labels)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.backbone import FrozenCLIP
 from pipeline.build import backbone_from_params, resolve_device
 from pipeline.cache import FeatureCache
@@ -242,6 +242,7 @@ _EVALUATIONS = {"mlr": evaluate_mlr, "mfi": evaluate_mfi, "seg": evaluate_seg, "
 
 def run(params: dict, what: str = "all") -> dict:
     """Run one evaluation (or "all" in order), write its JSON and Markdown table, return the metrics."""
+    provenance.require_current(params, val=what in ("mlr", "all"))  # same run as the projectors
     out = {}
     for name in (WHATS if what == "all" else (what,)):
         metrics, table = _EVALUATIONS[name](params)

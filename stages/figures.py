@@ -12,7 +12,7 @@ import re
 import numpy as np
 import torch
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.augment import eval_view
 from pipeline.datasets import load_segmentation
 from pipeline.plots import activation_grid
@@ -53,6 +53,7 @@ def _slug(name: str) -> str:
 
 
 def run(params: dict) -> dict:
+    provenance.require_current(params, val=False)  # projectors of this run's backbone and params
     cfg, seg = params["figures"], params["evaluate"]["seg"]
     name = seg["datasets"][0]
     dataset = load_segmentation(name, dataset_root(params, name), SEG_SPLIT)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.build import resolve_device
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.files import atomic_write_text
@@ -26,7 +26,6 @@ from pipeline.training import (
     amp_dtype,
     build_optimizer,
     cache_identity,
-    capture_rng,
     label_mask_identity,
     load_checkpoint,
     lr_at,
@@ -35,7 +34,6 @@ from pipeline.training import (
     new_head,
     partial_labels,
     projector_text,
-    restore_rng,
     save_checkpoint,
     save_projectors,
     set_lr,
@@ -186,13 +184,9 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
         start, history, best_head = state["epoch"], list(state["history"]), state.get("best_head")
         print(f"train: resumed from {ckpt} after epoch {start}")
-    else:  # a new run: projectors of an earlier one must not pass for this one's
-        for which in ("last", "best"):
-            paths.projectors(params, which).unlink(missing_ok=True)
-
+    provenance.invalidate(params)  # an interrupted (re)train leaves no stale projectors to evaluate
     # -- loop ---------------------------------------------------------------------------------------
     with torch_threads(device, cfg["cpu_threads"]):
         for epoch in range(start, cfg["epochs"]):
@@ -237,7 +231,7 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
                 "head": head.state_dict(), "objective": aux.state_dict() if aux is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
-                "rng": capture_rng(), "params": params, "cache": cache_identity(cache), "history": history,
+                "params": params, "cache": cache_identity(cache), "history": history,
                 "labels": mask, "best_head": best_head})
             write_metrics(params, history, None)
 
@@ -246,7 +240,7 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
         raise TrainingError(f"parameter 'train.epochs' is {cfg['epochs']}: nothing to train")
     last, best = history[-1], best_row(history)
     meta = {"model": params["model"], "embed_dim": cache.dim, "classnames": cache.classnames,
-            "fingerprint": cache.fingerprint}
+            "fingerprint": cache.fingerprint, "provenance": provenance.record(params, cache, val_loader.cache)}
     files = {"last": paths.projectors(params, "last"), "best": paths.projectors(params, "best")}
     save_projectors(files["best"], best_head, {**meta, "which": "best", "epoch": best["epoch"],
                                                "val_map": best["val_map"]})

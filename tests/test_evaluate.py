@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.augment import eval_view
 from pipeline.backbone import load_backbone, recalibrate_batchnorm
 from pipeline.cache import FeatureCache
@@ -57,9 +57,6 @@ def world(tmp_path_factory):
     labels = torch.from_numpy(train.labels).long()
     for step in range(STEPS):
         train_step(head, optimizer, tokens, labels, text, params["train"], step=step)
-    save_projectors(paths.projectors(params), head, {
-        "model": params["model"], "embed_dim": backbone.embed_dim, "classnames": train.classnames,
-        "fingerprint": {"test": "evaluate"}, "epoch": 0})
     val_tokens = backbone.spatial_tokens(x_val)  # (N, T, D)
     cache = FeatureCache.create_or_open(
         paths.feature_store(params, "val"), ids=[r.image_id for r in val.records], labels=val.labels,
@@ -67,6 +64,10 @@ def world(tmp_path_factory):
         fingerprint={"test": "evaluate"}, shard_size=N_VAL, dtype="float32")
     cache.write_shard(0, val_tokens[:, None].numpy(), np.zeros(N_VAL, np.int8))
     cache.write_text_features({k: v.numpy() for k, v in text.items()})
+    save_projectors(paths.projectors(params), head, {
+        "model": params["model"], "embed_dim": backbone.embed_dim, "classnames": train.classnames,
+        "fingerprint": {"test": "evaluate"}, "epoch": 0,
+        "provenance": provenance.record(params, None, cache, provenance.declared_digest(params["backbone"]))})
     metrics = evaluate.run(params, what="all")
     yield {"params": params, "metrics": metrics, "backbone": backbone, "head": head.eval(),
            "val_tokens": val_tokens, "text": text, "val": val}

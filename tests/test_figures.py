@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.config import load_params
 from pipeline.datasets import load_segmentation
 from pipeline.heads import UnmixHead
@@ -33,7 +33,8 @@ def params(tmp_path_factory):
     make_planted_coco(paths.dataset_root(p, "synthetic"), 1, 6, image_size=64)
     torch.manual_seed(0)
     save_projectors(paths.projectors(p), UnmixHead(64), {
-        "model": p["model"], "embed_dim": 64, "classnames": [], "fingerprint": {}, "epoch": 0})
+        "model": p["model"], "embed_dim": 64, "classnames": [], "fingerprint": {}, "epoch": 0,
+        "provenance": provenance.record(p, None, None, provenance.declared_digest(p["backbone"]))})
     yield p
     torch.set_num_threads(threads)
 
