@@ -209,6 +209,9 @@ class FeatureCache:
             except OSError:
                 if not (path / "zarr.json").is_file():
                     raise
+        except OSError as err:  # full disk, permissions: nothing is left at `path`
+            raise CacheError(f"cannot create {path}: {err.strerror or err}; free space (or fix "
+                             "permissions) and re-run `pipeline extract-features`") from err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
