@@ -138,6 +138,7 @@ def plot_ablation(rows: Sequence[dict], path: Path) -> None:
             label = ", ".join(f"{k} = {v:g}" for k, v in zip(("alpha", "lambda1", "lambda2"), s))
             ax.plot([r["lambda"] for r in sel], [r[key] for r in sel], marker=markers[j % len(markers)],
                     label=label, alpha=0.85)
+        ax.set_xticks(sorted({r["lambda"] for r in rows}))
         ax.set_xlabel("MFI lambda")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)

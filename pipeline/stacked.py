@@ -56,9 +56,14 @@ class StackedTrainer:
     parts = PARTS
 
     def __init__(self, heads: Sequence[UnmixHead], cfgs: Sequence[Mapping[str, Any]],
-                 labels: Sequence[str], amp: torch.dtype | None = None) -> None:
+                 labels: Sequence[str], amp: torch.dtype | None = None, batched: bool | None = None) -> None:
         self.heads, self.cfg, self.labels, self.amp = list(heads), cfgs[0], list(labels), amp
         device = next(heads[0].parameters()).device
+        # batched (vmap) forward: one kernel per op for all heads, what a GPU or several CPU threads
+        # need; one thread on CPU runs the heads' forwards one after the other on slices of the
+        # stack instead (each head's intermediates stay in cache: 1.3-1.5x faster measured at
+        # RN-101 size), still one backward, one update and one sync for the grid.
+        self.batched = device.type != "cpu" or torch.get_num_threads() > 1 if batched is None else batched
         self.params, self.buffers = stack_module_state(self.heads)  # {name: (H, ...)}
         self.base = copy.deepcopy(self.heads[0]).to("meta").train()  # the forward, no storage
         use = uses_mfi(self.cfg.get("objective", "unmix"))
@@ -89,9 +94,17 @@ class StackedTrainer:
         tokens (B, T, D) float, labels (B, C) on the heads' device. Raises TrainingError naming the
         grid point(s) if any head's loss is not finite; then no head is updated.
         """
-        parts = vmap(self._loss, in_dims=(0, 0, None, None, None, None, 0, 0))(
-            self.params, self.buffers, tokens, labels, text["negative"], text["positive"],
-            self.alpha, self.lam)  # (H, 3)
+        neg, pos = text["negative"], text["positive"]
+        if self.batched:
+            parts = vmap(self._loss, in_dims=(0, 0, None, None, None, None, 0, 0))(
+                self.params, self.buffers, tokens, labels, neg, pos, self.alpha, self.lam)  # (H, 3)
+        else:  # views of the stack: BatchNorm's in-place running-statistics updates write through
+            params = {k: v.unbind(0) for k, v in self.params.items()}
+            buffers = {k: v.unbind(0) for k, v in self.buffers.items()}
+            parts = torch.stack([self._loss({k: v[h] for k, v in params.items()},
+                                            {k: v[h] for k, v in buffers.items()}, tokens, labels,
+                                            neg, pos, self.alpha[h], self.lam[h])
+                                 for h in range(len(self.heads))])  # (H, 3)
         if not bool(torch.isfinite(parts).all().item()):  # the step's one host sync
             raise nonfinite_error(parts, self.parts, self.labels, epoch, step)
         set_lr(self.optimizer, lr)

@@ -73,7 +73,9 @@ def validate(head: torch.nn.Module, val_loader, text: dict, cfg: dict, amp) -> d
 
 
 def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | None = None,
-        lambda1s: list[float] | None = None, lambda2s: list[float] | None = None) -> dict:
+        lambda1s: list[float] | None = None, lambda2s: list[float] | None = None,
+        stacked: bool | None = None) -> dict:
+    """stacked: None = stacked unless InfoCLIP is on; False = head by head (benchmarks compare)."""
     a = params["ablate"]
     sweeps = {"lambda1s": a.get("lambda1s", []) if lambda1s is None else lambda1s,
               "lambda2s": a.get("lambda2s", []) if lambda2s is None else lambda2s}
@@ -91,7 +93,9 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
     epochs, every = cfg["epochs"], cfg.get("eval_every", 1)
     device = resolve_device(cfg["device"])
     amp = amp_dtype(device, cfg["precision"])
-    stacked = not uses_infoclip(objective)
+    if stacked and uses_infoclip(objective):
+        raise ParamError(f"'train.objective' {objective!r} trains its grid head by head (an LPAM per point)")
+    stacked = not uses_infoclip(objective) if stacked is None else stacked
     print(f"ablate: {len(points)} grid points ({len(reps)} distinct trainings, "
           f"{'stacked' if stacked else 'head by head'}) x {epochs} epochs on {device}")
 
@@ -103,7 +107,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
         if stacked:
             trainer = StackedTrainer(heads, [runs[i]["train"] for i in reps], head_labels, amp)
         else:
-            auxes = [build_objective(runs[i]["train"], len(cache.classnames), device) for i in reps]
+            auxes = [build_objective(runs[i]["train"], len(cache.classnames), device) for i in reps]  # None: unmix
             trainer = LoopTrainer(heads, [runs[i]["train"] for i in reps], head_labels, auxes, amp)
         steps, seconds = len(loader), 0.0
         history: list[list[dict]] = [[] for _ in reps]
@@ -134,7 +138,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
         last = history[k][-1]
         row = {"lambda": lam, "alpha": alpha, **{c: last[c] for c in last if c not in ("epoch", "total")},
                "loss": last["total"], "trained_as": "" if reps[k] == i else labels[reps[k]]}
-        if not stacked:  # lambda1, lambda2 as trained, swept or not
+        if uses_infoclip(objective):  # lambda1, lambda2 as trained, swept or not
             row.update(lambda1=p["train"]["infoclip"]["lambda1"], lambda2=p["train"]["infoclip"]["lambda2"])
         rows.append(row)
         folder = out / "points" / point_slug(lam, alpha, l1, l2)

@@ -1,6 +1,7 @@
 """`pipeline ablate`: every grid point of the one-pass, stacked grid equals its solo training run."""
 from __future__ import annotations
 
+import copy
 import csv
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +15,8 @@ from pipeline import paths
 from pipeline.ablation import point_params
 from pipeline.cache import FeatureCache
 from pipeline.heads import UnmixHead
-from pipeline.stacked import StackedTrainer
-from pipeline.training import TrainingError, load_projectors
+from pipeline.stacked import PARTS, StackedTrainer
+from pipeline.training import TrainingError, build_optimizer, load_projectors, train_step
 from stages import ablate, train
 
 EPOCHS = 2
@@ -102,7 +103,8 @@ def test_paper_recipe_grid_equals_solo(world: dict, tmp_path: Path) -> None:
     assert not torch.allclose(bn[0], bn[1])  # each head kept its own running statistics
 
 
-def stacked_grid(alphas: list[float], lams: list[float], text_bn: str = "train") -> tuple:
+def stacked_grid(alphas: list[float], lams: list[float], text_bn: str = "train",
+                 batched: bool | None = None) -> tuple:
     cfg = {"objective": "unmix", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
            "asl": {"gamma_neg": 2.0, "gamma_pos": 1.0, "clip": 0.05, "eps": 1e-6}, "asl_weight": 1.0,
            "mfi": {"form": "authors-features", "lambda": 0.0}}
@@ -114,11 +116,32 @@ def stacked_grid(alphas: list[float], lams: list[float], text_bn: str = "train")
     tokens = torch.randn(4, 5, 16, generator=gen)  # (B, T, D)
     text = {"negative": torch.randn(3, 16, generator=gen), "positive": torch.randn(3, 16, generator=gen)}
     targets = (torch.rand(4, 3, generator=gen) < 0.5).long()  # (B, C)
-    return StackedTrainer(heads, cfgs, labels), tokens, targets, text
+    return StackedTrainer(heads, cfgs, labels, batched=batched), tokens, targets, text
 
 
-def test_nonfinite_loss_names_the_grid_point_and_updates_nothing() -> None:
-    trainer, tokens, labels, text = stacked_grid([0.5, 0.5], [0.2, 1e38])  # lambda * off-diagonal = inf
+@pytest.mark.parametrize("batched", [True, False], ids=["vmap", "sliced"])
+def test_stacked_step_equals_train_step_per_head(batched: bool) -> None:
+    """Both forwards of the stack (vmap: GPU / several threads; slices: one CPU thread) follow
+    training.train_step head by head, BatchNorm running statistics (text_bn train) included."""
+    alphas, lams = [0.0, 0.5, 2.0], [0.2, 0.2, 1.0]
+    trainer, tokens, labels, text = stacked_grid(alphas, lams, batched=batched)
+    solos = [copy.deepcopy(h) for h in trainer.heads]  # the initial heads, before any step
+    cfgs = [{**trainer.cfg, "alpha": a, "mfi": {**trainer.cfg["mfi"], "lambda": lam}}
+            for a, lam in zip(alphas, lams)]
+    optimizers = [build_optimizer(h.parameters(), c) for h, c in zip(solos, cfgs)]
+    for step in range(4):
+        parts = trainer.step(tokens, labels, text, 1e-3, epoch=1, step=step + 1)
+        for h, (solo, opt, cfg) in enumerate(zip(solos, optimizers, cfgs)):
+            values = train_step(solo, opt, tokens, labels, text, cfg)
+            assert parts[h].tolist() == pytest.approx([values[n] for n in PARTS], rel=1e-5)
+    for solo, head in zip(solos, trainer.unstacked()):
+        for k, v in solo.state_dict().items():
+            assert torch.allclose(head.state_dict()[k], v, rtol=1e-5, atol=1e-7), k
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["vmap", "sliced"])
+def test_nonfinite_loss_names_the_grid_point_and_updates_nothing(batched: bool) -> None:
+    trainer, tokens, labels, text = stacked_grid([0.5, 0.5], [0.2, 1e38], batched=batched)  # lambda*off = inf
     before = {k: v.clone() for k, v in trainer.params.items()}
     with pytest.raises(TrainingError, match=r"epoch 3 step 7 for grid point lambda=1e\+38, alpha=0.5"):
         trainer.step(tokens, labels, text, 1e-3, epoch=3, step=7)
@@ -127,8 +150,10 @@ def test_nonfinite_loss_names_the_grid_point_and_updates_nothing() -> None:
     assert not trainer.optimizer.state  # no optimiser step either
 
 
-def test_one_host_sync_per_step_for_the_whole_grid(monkeypatch: pytest.MonkeyPatch) -> None:
-    trainer, tokens, labels, text = stacked_grid([0.0, 0.5, 0.5, 2.0], [0.2, 0.2, 1.0, 1.0])
+@pytest.mark.parametrize("batched", [True, False], ids=["vmap", "sliced"])
+def test_one_host_sync_per_step_for_the_whole_grid(monkeypatch: pytest.MonkeyPatch, batched: bool) -> None:
+    trainer, tokens, labels, text = stacked_grid([0.0, 0.5, 0.5, 2.0], [0.2, 0.2, 1.0, 1.0],
+                                                 batched=batched)
     calls = []
     for name in ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__"):
         original = getattr(torch.Tensor, name)
