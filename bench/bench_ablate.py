@@ -51,7 +51,7 @@ def timed(fn: Callable[..., dict], params: dict, *args: object, **kwargs: object
     """(training-loop seconds, wall seconds) of one stage call on a copy of params."""
     with common.Timer() as wall:
         result = fn(copy.deepcopy(params), *args, **kwargs)
-    common.sync(params["train"]["device"])
+        common.sync(params["train"]["device"])
     loop = (result["train_seconds"] if "train_seconds" in result
             else sum(r["train_seconds"] for r in result["history"]))
     return loop, wall.seconds

@@ -136,6 +136,8 @@ def plot_ablation(rows: Sequence[dict], path: Path) -> None:
         for j, s in enumerate(series):
             sel = sorted((r for r in rows if _series(r) == s), key=lambda r: r["lambda"])
             label = ", ".join(f"{k} = {v:g}" for k, v in zip(("alpha", "lambda1", "lambda2"), s))
+            if any(r.get("trained_as") for r in sel):
+                label += " (lambda not in the loss: one run)"
             ax.plot([r["lambda"] for r in sel], [r[key] for r in sel], marker=markers[j % len(markers)],
                     label=label, alpha=0.85)
         ax.set_xticks(sorted({r["lambda"] for r in rows}))

@@ -1,10 +1,11 @@
 """Many heads trained as one: the grid points of an ablation in one forward, backward and update.
 
 The heads' parameters and buffers are stacked along a new first dim H (torch.func.stack_module_state)
-and one UnmixHead's own forward runs over them with torch.func.vmap, so every point keeps the exact
-semantics of `training.train_step` (text projector BatchNorm eval|train, with its running statistics
-stacked and updated per head; MFI form; ASL) while the step costs one set of batched kernels instead
-of H. The loss of head h depends on its own parameters only, so the gradient of the summed totals
+and one UnmixHead's own forward runs over them (torch.func.functional_call), so every point keeps the
+exact semantics of `training.train_step` (text projector BatchNorm eval|train, with its running
+statistics stacked and updated per head; MFI form; ASL). On a GPU or several CPU threads the forward
+is vmapped (one set of batched kernels instead of H); on one CPU thread it runs head after head on
+slices of the stack, where each head's intermediates stay in cache. The loss of head h depends on its own parameters only, so the gradient of the summed totals
 is each head's own gradient, and SGD / Adam update elementwise: each head follows its solo run.
 
 One host sync per step: every head's loss parts stay on the device (the caller accumulates them)
