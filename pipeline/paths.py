@@ -22,9 +22,11 @@ def checkpoint(params: dict) -> Path:
     return models_dir(params) / "last.pt"
 
 
-def projectors(params: dict) -> Path:
-    """Final trained projectors, read by the evaluation stages."""
-    return models_dir(params) / "projectors.pt"
+def projectors(params: dict, which: str = "last") -> Path:
+    """Trained projectors read by the evaluation stages: "last" (final epoch) or "best" (best val mAP)."""
+    if which not in ("last", "best"):
+        raise ValueError(f"projectors: which must be 'last' or 'best', got {which!r}")
+    return models_dir(params) / ("projectors.pt" if which == "last" else "projectors-best.pt")
 
 
 def results_dir(params: dict, *parts: str) -> Path:
