@@ -97,7 +97,8 @@ def train_control(params: dict) -> Path:
         os.symlink(paths.feature_store(params, "train").resolve().parent, link)
     stamp.unlink(missing_ok=True)
     print(f"mfi: training the alpha = 0 control ({control['train']['epochs']} epochs) in {root}", flush=True)
-    train.run(control)
+    with torch.enable_grad():  # evaluate_mfi runs under no_grad
+        train.run(control)
     atomic_write_text(stamp, identity)
     return out
 

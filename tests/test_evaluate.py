@@ -89,7 +89,8 @@ def world(tmp_path_factory):
     cache.write_text_features({k: v.numpy() for k, v in text.items()})
     metrics = evaluate.run(params, what="all")
     yield {"params": params, "metrics": metrics, "backbone": backbone, "head": head.eval(),
-           "last": last.eval(), "control": control.eval(), "val_tokens": val_tokens, "text": text, "val": val}
+           "last": last.eval(), "control": control.eval(), "val_tokens": val_tokens, "text": text, "val": val,
+           "train_tokens": tokens, "train": train}
     torch.set_num_threads(threads)
 
 
@@ -217,3 +218,34 @@ def test_missing_dataset_root_names_the_path_and_how_to_get_it(world, name, hint
     with pytest.raises(DatasetError) as err:
         evaluate.run(params, what="seg")
     assert str(paths.dataset_root(params, name)) in str(err.value) and hint in str(err.value)
+
+
+@pytest.mark.slow
+def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
+    """No matching ablation point: the alpha = 0 control is trained with stages.train.run into
+    cache/models/control-alpha0/, leaving the run's own projectors and results alone, and reused."""
+    params = copy.deepcopy(world["params"])
+    params["evaluate"]["mfi"] = {"class_sets": ["synthetic"], "control": "train"}
+    params["ablate"]["epochs"] = 2
+    train, tokens = world["train"], world["train_tokens"]
+    cache = FeatureCache.create_or_open(
+        paths.feature_store(params, "train"), ids=[r.image_id for r in train.records], labels=train.labels,
+        classnames=train.classnames, views=1, num_tokens=tokens.shape[1], dim=tokens.shape[2],
+        fingerprint={"test": "evaluate"}, shard_size=N_TRAIN, dtype="float32")
+    cache.write_shard(0, tokens[:, None].numpy(), np.zeros(N_TRAIN, np.int8))
+    raw = world["backbone"].class_text_features(train.classnames, normalise=False)
+    cache.write_text_features({**{k: v.numpy() for k, v in world["text"].items()},
+                               **{f"raw_{k}": v.numpy() for k, v in raw.items()}})
+    own = {which: paths.projectors(params, which).stat().st_mtime_ns for which in ("best", "last")}
+    metrics = evaluate.run(params, what="mfi")["mfi"]
+    control = Path(metrics["control"]["path"])
+    assert metrics["control"]["source"] == "train" and metrics["control"]["epoch"] == 2
+    assert control.parent.parent == (Path(params["paths"]["cache"]) / "models" / "control-alpha0").resolve()
+    assert list(metrics["class_sets"]["synthetic"]["rows"]) == ["clip", "untrained", "alpha0", "trained"]
+    assert {w: paths.projectors(params, w).stat().st_mtime_ns for w in own} == own
+    assert not paths.results_dir(params, "metrics", "train.json").exists()
+    blob = torch.load(control, weights_only=True)
+    assert blob["meta"]["epoch"] == 2
+    stamp = control.stat().st_mtime_ns
+    evaluate.run(params, what="mfi")  # same params: the control is reused, not retrained
+    assert control.stat().st_mtime_ns == stamp
