@@ -32,6 +32,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 
 from pipeline.backbone import CLIP_MEAN, CLIP_STD, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
+from pipeline.config import ParamError
 from pipeline.heads import UnmixHead
 
 METHODS = ("clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours")
@@ -104,7 +105,7 @@ def project_classes(head: UnmixHead, text: Tensor, stats: str) -> Tensor:
     """Class prompts (C, D) through the text projector with BatchNorm `stats` ("running" or "batch":
     the statistics of these C prompts, as the authors' ZS3 / MFI scripts ran) -> (C, D')."""
     if stats == "batch" and text.shape[0] < 2:
-        raise ValueError(f"evaluate.text_bn 'batch' takes BatchNorm statistics over the evaluated "
+        raise ParamError(f"evaluate.text_bn 'batch' takes BatchNorm statistics over the evaluated "
                          f"class prompts and needs at least 2, got {text.shape[0]}: use 'running'")
     head.eval()
     return head.project_text(text.to(next(head.parameters()).device), stats=stats)
@@ -163,7 +164,7 @@ def normalised_maps(scores: Tensor, size: tuple[int, int]) -> Tensor:
 def label_with_background(normalised: Tensor, rule: str, threshold: float) -> Tensor:
     """Normalised maps (C, H, W) -> labels (H, W): 0 = background, k + 1 = class k (VOC / COCO ids)."""
     if rule not in BACKGROUND_RULES:
-        raise ValueError(f"evaluate.seg.background must be one of {BACKGROUND_RULES}, got {rule!r}")
+        raise ParamError(f"evaluate.seg.background must be one of {BACKGROUND_RULES}, got {rule!r}")
     best, label = normalised.max(dim=0)  # (H, W) each
     if rule == "none":
         return label + 1
