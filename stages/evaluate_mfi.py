@@ -44,8 +44,9 @@ def class_set(name: str) -> list[str]:
 
 
 def _comparable(params: dict) -> dict:
+    """The params that decide what an alpha = 0 run learns, JSON-normalised (tuples -> lists)."""
     train = {k: v for k, v in params["train"].items() if k not in _IGNORED_TRAIN_KEYS}
-    return {"model": params["model"], "train": train}
+    return json.loads(json.dumps({"model": params["model"], "train": train}))
 
 
 def _point_params(folder: Path, meta: dict) -> dict | None:

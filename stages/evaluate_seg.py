@@ -3,7 +3,7 @@ protocol, each number named by its protocol; evaluate.seg.protocol picks the hea
 from __future__ import annotations
 
 from pipeline.classes import CONTEXT_UNSEEN_IN_COCO
-from pipeline.datasets import load_segmentation
+from pipeline.datasets import DatasetError, load_segmentation
 from pipeline.evaluation import fmt, source_line
 from pipeline.metrics import MIOU_PROTOCOLS
 from pipeline.seg_eval import evaluate_segmentation
@@ -63,7 +63,17 @@ def seg_table(results: dict, params: dict, src: dict) -> str:
 
 def evaluate_seg(params: dict) -> tuple[dict, str]:
     cfg, ev = params["evaluate"]["seg"], params["evaluate"]
-    roots = {name: dataset_root(params, name) for name in cfg["datasets"]}  # fail before any work
+    roots, skipped = {}, {}
+    for name in cfg["datasets"]:  # fail (or skip, evaluate.missing) before any work
+        try:
+            roots[name] = dataset_root(params, name)
+        except DatasetError as err:
+            if ev["missing"] != "skip":
+                raise
+            skipped[name] = str(err)
+            print(f"seg: skipping {name} (evaluate.missing skip): {err}", flush=True)
+    if not roots:
+        raise DatasetError("evaluate seg: none of evaluate.seg.datasets is on disk: " + "; ".join(skipped.values()))
     backbone, head, src = backbone_and_head(params)
     results, per_class = {}, {}
     for name, root in roots.items():
@@ -85,5 +95,8 @@ def evaluate_seg(params: dict) -> tuple[dict, str]:
                "background": cfg["background"], "threshold": cfg["threshold"],
                "interpolation": cfg["interpolation"], "text_input": ev["text_input"],
                "text_bn": ev["text_bn"]["seg"], "voc_names": ev["voc_names"],
-               "datasets": results, "per_class": {"iou_dataset": per_class}}
-    return metrics, seg_table(results, params, src)
+               "datasets": results, "skipped": sorted(skipped), "per_class": {"iou_dataset": per_class}}
+    table = seg_table(results, params, src)
+    if skipped:
+        table += f"\n\nNot on disk, skipped (evaluate.missing skip): {', '.join(sorted(skipped))}."
+    return metrics, table

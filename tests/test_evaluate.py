@@ -249,3 +249,16 @@ def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     stamp = control.stat().st_mtime_ns
     evaluate.run(params, what="mfi")  # same params: the control is reused, not retrained
     assert control.stat().st_mtime_ns == stamp
+
+
+def test_missing_seg_dataset_is_skipped_and_named_when_asked(world):
+    params = copy.deepcopy(world["params"])
+    params["evaluate"]["seg"]["datasets"] = ["context59", "synthetic"]
+    params["evaluate"]["seg"]["methods"] = ["clip"]
+    params["evaluate"]["missing"] = "skip"
+    metrics = evaluate.run(params, what="seg")["seg"]
+    assert metrics["skipped"] == ["context59"] and list(metrics["datasets"]) == ["synthetic"]
+    assert "skipped (evaluate.missing skip): context59" in _written(params, "seg")[1]
+    params["evaluate"]["seg"]["datasets"] = ["context59"]
+    with pytest.raises(DatasetError, match="none of evaluate.seg.datasets"):
+        evaluate.run(params, what="seg")
