@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -179,7 +180,7 @@ class UnmixCLIP:
         backbone = resolve_backbone(meta, projectors, checkpoint=checkpoint, pretrained=pretrained,
                                     sha256=sha256, init_seed=init_seed, name=name, device=dev,
                                     precision=precision, channels_last=channels_last)
-        return cls(backbone, head, meta, source=str(projectors), **options)
+        return cls(backbone, head, meta, source=str(Path(projectors).resolve()), **options)
 
     # -- text ------------------------------------------------------------------------------------
     def _prompt_features(self, classes: list[str], templates: list[str]) -> Tensor:

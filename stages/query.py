@@ -21,7 +21,13 @@ from pipeline.files import atomic_write_text
 from pipeline.images import load_image
 from pipeline.plots import activation_grid
 from pipeline.segment_maps import LABELS
-from stages.segment import model_from_params, note_batch_stats, split_classes, templates_or_default
+from stages.segment import (
+    model_from_params,
+    note_batch_stats,
+    panel_view,
+    split_classes,
+    templates_or_default,
+)
 
 QUERY_METHODS = ("clip", "ours")
 
@@ -50,8 +56,10 @@ def run(params: dict, image: str, text: str, against: Sequence[str] = (), projec
     result = model.segment([image], classes, template=prompts, methods=QUERY_METHODS)
     out_dir = Path(out) if out else paths.results_dir(params, "query")
     png = out_dir / f"query_{_slug(query)}.png"
-    maps = {LABELS[m]: [result.method_score_maps[m][0][0]] for m in QUERY_METHODS}  # (H, W) of the query
-    activation_grid([np.asarray(load_image(image))], maps, png, row_labels=[query],
+    picture = load_image(image)
+    views = {LABELS[m]: panel_view(picture, result.method_score_maps[m][0][:1]) for m in QUERY_METHODS}
+    maps = {label: [small[0]] for label, (_, small) in views.items()}  # (h, w) of the query class
+    activation_grid([next(iter(views.values()))[0]], maps, png, row_labels=[query],
                     title=f"\"{query}\" in {Path(image).name}")
     record = {"image": str(image), "query": query, "against": others, "templates": prompts,
               "text_bn": features.stats,

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -28,6 +30,7 @@ from pipeline.segment_maps import LABELS, METHODS
 from pipeline.segmentation import PROMPTS
 from pipeline.synthetic import voc_palette
 
+PANEL_SIDE = 480  # pixels: overlays are drawn from images shrunk to this (twice a panel's width)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -109,12 +112,25 @@ def read_label_png(path: str | Path) -> np.ndarray:
         return np.asarray(image)  # P mode: the label values themselves
 
 
+def panel_view(picture: Image.Image, maps: np.ndarray, max_side: int = PANEL_SIDE
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Picture (h, w, 3) uint8 and maps (C, h, w) shrunk to at most `max_side` pixels a side: a
+    panel is ~240 px wide, and drawing full-size images costs seconds per figure."""
+    scale = min(1.0, max_side / max(picture.size))
+    size = (max(1, round(picture.height * scale)), max(1, round(picture.width * scale)))
+    small = F.interpolate(torch.from_numpy(maps)[None], size=size, mode="bilinear",
+                          align_corners=False, antialias=scale < 1.0)[0]  # (C, h, w)
+    return np.asarray(picture.resize(size[::-1], Image.Resampling.BILINEAR)), small.numpy()
+
+
 def write_image_outputs(result: SegmentationResult, index: int, out: Path, stem: str, model: UnmixCLIP,
                         methods: Sequence[str] = METHODS) -> dict:
-    picture = np.asarray(load_image(result.sources[index]))  # (H, W, 3) uint8
     classes = result.classes
     overlay, labels, summary = out / f"{stem}_overlay.png", out / f"{stem}_labels.png", out / f"{stem}.json"
-    maps = {LABELS[m]: list(result.method_score_maps[m][index]) for m in methods}  # C x (H, W) each
+    image = load_image(result.sources[index])
+    views = {LABELS[m]: panel_view(image, result.method_score_maps[m][index]) for m in methods}
+    picture = next(iter(views.values()))[0]  # (h, w, 3) uint8
+    maps = {label: list(small) for label, (_, small) in views.items()}  # C x (h, w) each
     activation_grid([picture] * len(classes), maps, overlay, row_labels=classes,
                     title=f"{Path(result.sources[index]).name}: {', '.join(classes)}")
     write_label_png(labels, result.label_maps[index])

@@ -40,11 +40,21 @@ def _labels(objects) -> np.ndarray:
     return row
 
 
+_BUILT: dict[str, dict] = {}  # both test modules import the fixture: build it once per session
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny head is ~30x slower on 2 shared threads
-    base = tmp_path_factory.mktemp("segment")
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _BUILT:
+        _BUILT[key] = _build(tmp_path_factory.mktemp("segment"))
+    yield _BUILT[key]
+    torch.set_num_threads(threads)
+
+
+def _build(base: Path) -> dict:
     train = [planted_sample(0, "train", i, PIXELS, NUM_CLASSES) for i in range(N_TRAIN)]
     test = [planted_sample(0, "val", i, PIXELS, NUM_CLASSES) for i in range(N_TEST)]
     images = base / "images"
@@ -83,7 +93,6 @@ def world(tmp_path_factory):
         "fingerprint": {"backbone": {"name": "tiny-RN", "weights_digest": digest}, "image_size": SIZE}})
     params_file = base / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    yield {"base": base, "files": files, "masks": masks, "checkpoint": checkpoint, "digest": digest,
-           "projectors": projectors, "params": params, "params_file": params_file,
-           "backbone": backbone, "head": head.eval(), "images_dir": images}
-    torch.set_num_threads(threads)
+    return {"base": base, "files": files, "masks": masks, "checkpoint": checkpoint, "digest": digest,
+            "projectors": projectors, "params": params, "params_file": params_file,
+            "backbone": backbone, "head": head.eval(), "images_dir": images}

@@ -30,15 +30,16 @@ def _invoke(world, *args: str) -> object:  # noqa: F811
 
 def test_cli_writes_exactly_what_the_api_computes(world, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    run = _invoke(world, "segment", str(world["images_dir"]), "--classes", ",".join(QUERIED),
+    files = world["files"][:6]  # batches of 5 and 1
+    run = _invoke(world, "segment", str(world["images_dir"] / "planted_0[0-5].png"), "--classes", ",".join(QUERIED),
                   "--background", "max-score", "--threshold", "0.7", "--template", TEMPLATE,
                   "--out", str(out))
     assert run.exit_code == 0, run.output
     model = UnmixCLIP.from_files(world["projectors"], checkpoint=world["checkpoint"], device="cpu",
                                  image_size=world["params"]["evaluate"]["seg"]["image_size"],
                                  batch_size=world["params"]["evaluate"]["batch_size"])
-    api = model.segment(world["files"], QUERIED, background="max-score", threshold=0.7, template=TEMPLATE)
-    for i, path in enumerate(world["files"]):
+    api = model.segment(files, QUERIED, background="max-score", threshold=0.7, template=TEMPLATE)
+    for i, path in enumerate(files):
         np.testing.assert_array_equal(read_label_png(out / f"{path.stem}_labels.png"), api.label_maps[i])
         record = json.loads((out / f"{path.stem}.json").read_text())
         assert record["image_scores"] == {c: float(s) for c, s in zip(QUERIED, api.image_scores[i])}
