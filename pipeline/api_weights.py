@@ -82,14 +82,14 @@ def resolve_backbone(meta: dict[str, Any], path: str | os.PathLike, *, checkpoin
         pretrained, init_seed = _from_record(recorded, name, path)
     declared = declared_digest(name, checkpoint, pretrained, sha256, init_seed)
     if recorded is not None and _base(declared) != _base(recorded):
-        raise WeightsError(f"backbone weights {_base(declared)} differ from {_base(recorded)} that {path} "
+        raise WeightsError(f"backbone weights {declared} differ from {recorded} that {path} "
                            f"was trained on: {FIX}")
     backbone = load_backbone(name, pretrained=None if checkpoint else pretrained, checkpoint=checkpoint,
                              sha256=sha256, device=str(device), precision=precision,
                              channels_last=channels_last, init_seed=init_seed)
     if recorded is not None and _base(backbone.weights_digest) != _base(recorded):  # e.g. a sha256 param
-        raise WeightsError(f"backbone weights {_base(backbone.weights_digest)} differ from "
-                           f"{_base(recorded)} that {path} was trained on: {FIX}")
+        raise WeightsError(f"backbone weights {backbone.weights_digest} differ from "
+                           f"{recorded} that {path} was trained on: {FIX}")
     embed_dim = meta.get("embed_dim")
     if embed_dim is not None and backbone.embed_dim != embed_dim:
         raise WeightsError(f"{path} was trained on {embed_dim}-d tokens but backbone {name} gives "

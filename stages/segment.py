@@ -24,7 +24,7 @@ from pipeline import paths
 from pipeline.api import SegmentationResult, UnmixCLIP, class_list, template_list
 from pipeline.config import ParamError
 from pipeline.files import atomic_write, atomic_write_text
-from pipeline.images import load_image
+from pipeline.images import BadImageError, load_image
 from pipeline.plots import activation_grid
 from pipeline.segment_maps import LABELS, METHODS
 from pipeline.segmentation import PROMPTS
@@ -41,8 +41,10 @@ def expand_images(specs: Sequence[str]) -> list[Path]:
         path = Path(spec)
         if path.is_dir():
             found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        elif path.exists() or not glob.has_magic(spec):
-            found.append(path)  # a missing file is named by load_image
+        elif path.exists():
+            found.append(path)
+        elif not glob.has_magic(spec):
+            raise BadImageError(path, "no such file")  # before any model is loaded
         else:
             matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
             if not matches:

@@ -160,3 +160,26 @@ def test_class_list_and_templates_are_validated():
     assert class_list([" person ", "traffic light"]) == ["person", "traffic light"]
     with pytest.raises(ParamError, match="no classes"):
         class_list([])
+
+
+@pytest.mark.parametrize("record", ["provenance", "fingerprint"])
+def test_recorded_weights_that_can_be_named_are_loaded_without_arguments(tmp_path, record):
+    """Both meta layouts (provenance, the train store fingerprint) name the backbone; a seeded
+    random init is rebuilt from its record, and another seed is refused."""
+    from pipeline.heads import UnmixHead
+    from pipeline.training import save_projectors
+
+    backbone = {"name": "tiny-RN", "weights_digest": "random:2"}
+    meta = {"provenance": {"backbone": "tiny-RN", "weights_digest": "random:2"}} \
+        if record == "provenance" else {"fingerprint": {"backbone": backbone, "image_size": 64}}
+    path = tmp_path / "projectors.pt"
+    save_projectors(path, UnmixHead(64), {"model": {"proj_dim": None, "text_hidden": None,
+                                                    "image_projector": "linear", "softmax": "per_prompt"},
+                                          "embed_dim": 64, "classnames": [], **meta})
+    model = UnmixCLIP.from_files(path, device="cpu")
+    reference = load_backbone("tiny-RN", pretrained=None, init_seed=2)
+    assert model.backbone.weights_digest == "random:2"
+    torch.testing.assert_close(model.backbone.text_features(["a dog"]), reference.text_features(["a dog"]))
+    assert model.image_size == (64 if record == "fingerprint" else reference.image_size)
+    with pytest.raises(WeightsError, match="random:5 differ from random:2"):
+        UnmixCLIP.from_files(path, pretrained="random", init_seed=5, device="cpu")

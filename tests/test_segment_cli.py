@@ -16,6 +16,7 @@ from pipeline.api import UnmixCLIP
 from pipeline.backbone import load_backbone
 from pipeline.cli import main
 from pipeline.config import ParamError
+from pipeline.images import BadImageError
 from pipeline.synthetic import make_bad_images
 from stages.segment import expand_images, read_label_png
 
@@ -107,3 +108,5 @@ def test_folders_globs_and_files_expand_in_order(world, tmp_path):  # noqa: F811
         [world["files"][1], world["files"][2], world["files"][0]]
     with pytest.raises(ParamError, match="no image matches"):
         expand_images([str(tmp_path / "*.jpg")])
+    with pytest.raises(BadImageError, match="no such file"):
+        expand_images([str(folder), str(tmp_path / "missing.jpg")])
