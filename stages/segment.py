@@ -30,6 +30,8 @@ from pipeline.segment_maps import LABELS, METHODS
 from pipeline.segmentation import PROMPTS
 from pipeline.synthetic import voc_palette
 
+MAP_BUDGET_BYTES = 1 << 30  # score maps held per chunk: C x methods x pixels x 4 bytes per image
+TYPICAL_PIXELS = 640 * 480  # a COCO image
 PANEL_SIDE = 480  # pixels: overlays are drawn from images shrunk to this (twice a panel's width)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -102,6 +104,13 @@ def output_stems(files: Sequence[Path]) -> list[str]:
     return stems
 
 
+def chunk_size(batch_size: int, num_classes: int, num_methods: int = len(METHODS)) -> int:
+    """Images per API call: evaluate.batch_size, fewer when many classes' full-size maps would
+    not fit MAP_BUDGET_BYTES (80 classes: 3 typical images)."""
+    per_image = 4 * num_classes * num_methods * TYPICAL_PIXELS
+    return max(1, min(batch_size, MAP_BUDGET_BYTES // per_image))
+
+
 def write_label_png(path: Path, labels: np.ndarray) -> None:
     """(H, W) uint8 labels as a palette PNG (VOC colours: 0 black, 1 red, 2 green, ...)."""
     image = Image.fromarray(labels, mode="P")
@@ -156,8 +165,9 @@ def run(params: dict, images: Sequence[str], classes: Sequence[str], projectors:
     note_batch_stats(model, names)
     stems, records = output_stems(files), []
     bar = tqdm(total=len(files), unit="img", desc="segment", disable=not progress)
-    for first in range(0, len(files), model.batch_size):
-        chunk = files[first:first + model.batch_size]
+    step = chunk_size(model.batch_size, len(names))
+    for first in range(0, len(files), step):
+        chunk = files[first:first + step]
         result = model.segment(chunk, names, background=rule, threshold=threshold, template=prompts,
                                methods=METHODS)
         for j in range(len(chunk)):

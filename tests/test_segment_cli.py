@@ -110,3 +110,12 @@ def test_folders_globs_and_files_expand_in_order(world, tmp_path):  # noqa: F811
         expand_images([str(tmp_path / "*.jpg")])
     with pytest.raises(BadImageError, match="no such file"):
         expand_images([str(folder), str(tmp_path / "missing.jpg")])
+
+
+def test_chunks_shrink_when_many_classes_would_not_fit_in_memory():
+    from stages.segment import MAP_BUDGET_BYTES, TYPICAL_PIXELS, chunk_size
+
+    assert chunk_size(16, 3) == 16
+    per_image = 4 * 80 * 3 * TYPICAL_PIXELS
+    assert chunk_size(16, 80) == MAP_BUDGET_BYTES // per_image and 1 <= chunk_size(16, 80) < 16
+    assert chunk_size(16, 254) >= 1
