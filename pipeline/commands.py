@@ -142,3 +142,46 @@ def configure(params_path: str, profile: str | None, recipe: str | None, overrid
 def demo(workdir: str) -> None:
     """Run the whole DAG on the embedded smoke profile (generated data, tiny backbone)."""
     run_stage("demo", workdir=workdir)
+
+
+_TEMPLATE_HELP = ("Prompt template with {} for the class name (repeatable: the templates' text features "
+                  "are averaged). Default: evaluate.prompt's template.")
+
+
+@main.command("segment")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--classes", required=True, multiple=True,
+              help="Comma-separated class names, any words (repeatable); labels 1..C in this order.")
+@click.option("--projectors", type=click.Path(dir_okay=False), default=None,
+              help="Trained projectors file (default: the run's, per evaluate.projectors).")
+@click.option("--background", type=click.Choice(["none", "softmax", "max-score"]), default=None,
+              help="Background rule (label 0); default evaluate.seg.background.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Background threshold; default evaluate.seg.threshold.")
+@click.option("--template", "templates", multiple=True, help=_TEMPLATE_HELP)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: results/segment).")
+@params_options
+def segment(params: dict, images: tuple[str, ...], classes: tuple[str, ...], projectors: str | None,
+            background: str | None, threshold: float | None, templates: tuple[str, ...],
+            out: str | None) -> None:
+    """Segment image files, folders or globs into free-text classes: overlay, label PNG, JSON each."""
+    run_stage("segment", params=params, images=list(images), classes=list(classes), projectors=projectors,
+              background=background, threshold=threshold, templates=list(templates), out=out)
+
+
+@main.command("query")
+@click.argument("image")
+@click.option("--text", required=True, help="The queried class, any words.")
+@click.option("--against", multiple=True, help="Comma-separated classes to compare its text feature with.")
+@click.option("--projectors", type=click.Path(dir_okay=False), default=None,
+              help="Trained projectors file (default: the run's, per evaluate.projectors).")
+@click.option("--template", "templates", multiple=True, help=_TEMPLATE_HELP)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: results/query).")
+@params_options
+def query(params: dict, image: str, text: str, against: tuple[str, ...], projectors: str | None,
+          templates: tuple[str, ...], out: str | None) -> None:
+    """One image, one class: CLIP vs ours activation, and text cosines to --against before/after."""
+    run_stage("query", params=params, image=image, text=text, against=list(against),
+              projectors=projectors, templates=list(templates), out=out)
