@@ -38,6 +38,7 @@ from pipeline.segment_maps import (
     label_map,
     method_maps,
     normalised_maps,
+    token_paths_for,
 )
 from pipeline.training import load_projectors
 
@@ -214,9 +215,9 @@ class UnmixCLIP:
     def image_tokens(self, images: ImageLike | Sequence[ImageLike]) -> ImageTokens:
         """Spatial, v-v and projected v-v tokens of the images (one trunk pass), at image_size."""
         pictures = [_load(item, i)[0] for i, item in enumerate(_image_list(images))]
-        spatial, vv = self.backbone.spatial_and_vv_tokens(self._inputs(pictures), self.pos_interpolation)
-        projected = self.head.project_tokens(vv.to(next(self.head.parameters()).device))
-        return ImageTokens(spatial, vv, projected)
+        tokens = self.backbone.token_paths(self._inputs(pictures), ("vproj", "vv"), self.pos_interpolation)
+        projected = self.head.project_tokens(tokens["vv"].to(next(self.head.parameters()).device))
+        return ImageTokens(tokens["vproj"], tokens["vv"], projected)
 
     @torch.no_grad()
     def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Iterable[str],
@@ -224,7 +225,7 @@ class UnmixCLIP:
                 template: str | Iterable[str] = PLAIN_TEMPLATE, methods: Sequence[str] = ("ours",),
                 progress: bool = False) -> SegmentationResult:
         """Label and score maps at each image's own size, and image-level scores, for free-text
-        classes. `methods` adds baselines ("clip", "clip-vv") beside "ours" (always computed).
+        classes. `methods` adds baselines (any of segmentation.METHODS) beside "ours" (always computed).
         `background`: none | softmax | max-score with `threshold` (see pipeline/segment_maps.py)."""
         if background not in BACKGROUND_RULES:
             raise ParamError(f"background must be one of {', '.join(BACKGROUND_RULES)}, got {background!r}")
@@ -242,10 +243,10 @@ class UnmixCLIP:
         for first in range(0, len(items), self.batch_size):
             loaded = [_load(item, first + j) for j, item in enumerate(items[first:first + self.batch_size])]
             sources += [s for _, s in loaded]
-            spatial, vv = self.backbone.spatial_and_vv_tokens(
-                self._inputs([p for p, _ in loaded]), self.pos_interpolation)  # 2 x (B, 1+hw, D)
-            maps = method_maps(spatial, vv, self.head, text.raw, text.projected, methods)  # (B, C, h, w)
-            scores.append(image_scores(self.head, spatial, neg, pos, self.score_text_bn).cpu().numpy())
+            tokens = self.backbone.token_paths(self._inputs([p for p, _ in loaded]), token_paths_for(methods),
+                                               self.pos_interpolation)  # each (B, 1+hw, D), one trunk pass
+            maps = method_maps(tokens, self.head, text.raw, text.projected, methods)  # (B, C, h, w)
+            scores.append(image_scores(self.head, tokens["vproj"], neg, pos, self.score_text_bn).cpu().numpy())
             for j, (picture, _) in enumerate(loaded):
                 for m in methods:
                     n = normalised_maps(maps[m][j], (picture.height, picture.width))  # (C, H, W)
