@@ -26,8 +26,16 @@ from pipeline.segmentation import (
 )
 from pipeline.segmentation import label_with_background as label_map
 
-__all__ = ["BACKGROUND_RULES", "LABELS", "METHODS", "label_map", "method_maps", "normalised_maps",
-           "token_paths_for", "image_scores"]
+__all__ = [
+    "BACKGROUND_RULES",
+    "LABELS",
+    "METHODS",
+    "image_scores",
+    "label_map",
+    "method_maps",
+    "normalised_maps",
+    "token_paths_for",
+]
 
 METHODS = ("clip", "clip-vv", "ours")  # the overlay's columns: the paper's Figure 1 / 7 comparison
 LABELS = dict(METHOD_LABELS)
