@@ -257,12 +257,21 @@ class FeatureCache:
         if tokens.shape != shape or np.shape(status) != shape[:1]:
             raise ValueError(f"shard {s} of {self.path} needs tokens {shape} and status {shape[:1]}, "
                              f"got {tokens.shape} and {np.shape(status)}")
+        tokens = np.asarray(tokens, dtype=self.dtype)
+        finite = np.isfinite(tokens).reshape(len(tokens), -1).all(axis=1)  # (n,) per image
+        bad = np.flatnonzero(~finite & (np.asarray(status) == 0))
+        if bad.size:  # never store a number that is not one (fp16 overflow, a broken backbone)
+            ids = self.ids[start + bad]
+            raise CacheError(f"{self.path}: the backbone gave non-finite tokens for image ids "
+                             f"{', '.join(map(str, ids[:5]))}{' ...' if len(ids) > 5 else ''} (shard {s}); "
+                             "nothing of the shard was written. With backbone.precision fp16 this is an "
+                             "overflow: use fp32 or bf16")
         try:
             self.unmark(s)  # rewriting: unmark first so a crash midway is not trusted
             # the shard is recomputed whole: a damaged old file must not be read back (partial
             # last shards are read-modify-written by zarr)
             self.shard_file(s).unlink(missing_ok=True)
-            self._tokens[start:stop] = np.asarray(tokens, dtype=self.dtype)
+            self._tokens[start:stop] = tokens
             self._status[start:stop] = np.asarray(status, dtype=np.int8)
         except OSError as err:  # full disk, permissions: the shard stays incomplete
             raise CacheError(f"writing shard {s} (images {start}..{stop - 1}) of {self.path} failed: "
@@ -377,7 +386,7 @@ class FeatureCache:
             problem = reader.check_shard(s)  # file, index and every chunk present
             reader.close()
             if problem is not None:
-                raise CacheError(f"{problem}; {REPAIR}")
+                raise CacheError(problem if "verify --repair" in problem else f"{problem}; {REPAIR}")
         return out  # stored non-finite values are data (training names them; verify reports them)
 
     def text_features(self, name: str) -> np.ndarray:

@@ -80,8 +80,8 @@ def record(params: Mapping[str, Any], train_cache: Any, val_cache: Any,
            weights_digest: str | None = None) -> dict[str, Any]:
     """What a projectors file stores under meta["provenance"]. `weights_digest` defaults to the
     train store's; a store given as None (hand-made projectors in tests) is recorded as unknown."""
-    if weights_digest is None:
-        weights_digest = train_cache.fingerprint["backbone"]["weights_digest"]
+    if weights_digest is None and train_cache is not None:
+        weights_digest = train_cache.fingerprint.get("backbone", {}).get("weights_digest")
     return _plain({
         "train_store": None if train_cache is None else {"fingerprint": train_cache.fingerprint,
                                                          "layout": train_cache.layout},
@@ -93,6 +93,12 @@ def record(params: Mapping[str, Any], train_cache: Any, val_cache: Any,
 def projectors_files(params: Mapping[str, Any]) -> list[Path]:
     """The projectors files (last and best) of this run's models folder that exist."""
     return sorted(paths.models_dir(params).glob(PROJECTORS_GLOB))
+
+
+def used_projectors(params: Mapping[str, Any]) -> list[Path]:
+    """The projectors file every evaluation of this run reads (evaluate.projectors), if it exists."""
+    path = paths.projectors(params, params["evaluate"]["projectors"])
+    return [path] if path.is_file() else []
 
 
 def invalidate(params: Mapping[str, Any]) -> list[Path]:
@@ -208,7 +214,7 @@ def require_current(params: Mapping[str, Any], *, val: bool = True, backbone: bo
     digest = declared_digest(params["backbone"]) if backbone else None
     caches = {"val_cache": _open_if_there(params, "val", strict=True) if val else None,
               "train_cache": _open_if_there(params, "train", strict=False)}
-    for path in projectors_files(params):
+    for path in used_projectors(params):
         meta = read_state(path).get("meta", {})
         require_match(meta, params, path=path, backbone_digest=digest, **caches)
 
@@ -216,11 +222,12 @@ def require_current(params: Mapping[str, Any], *, val: bool = True, backbone: bo
 def check(params: Mapping[str, Any]) -> list[str]:
     """For `report`: one line per input that comes from another run than the current projectors
     (params, stores, backbone, evaluation results older than the projectors); never raises for it."""
-    files = projectors_files(params)
+    files = used_projectors(params)
     results = _eval_results(params)
     if not files:
         if results:
-            return [(f"no projectors at {paths.projectors(params)} (a training run started and did "
+            chosen = paths.projectors(params, params["evaluate"]["projectors"])
+            return [(f"no projectors at {chosen} (a training run started and did "
                      f"not finish?): {', '.join(str(r) for r in results)} come from an earlier run")]
         return []
     caches = {"val_cache": _open_if_there(params, "val", strict=False),
@@ -238,7 +245,7 @@ def check(params: Mapping[str, Any]) -> list[str]:
         if stale:
             out.append(f"{', '.join(str(r) for r in stale)} predate {path} (an earlier training run): "
                        "run `pipeline evaluate` and `pipeline figures` again")
-    return list(dict.fromkeys(out))  # last and best agree: each line once
+    return out
 
 
 def _eval_results(params: Mapping[str, Any]) -> list[Path]:

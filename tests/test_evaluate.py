@@ -157,7 +157,7 @@ def test_mfi_without_control_says_so(world):
     assert list(metrics["class_sets"]["synthetic"]["rows"]) == ["clip", "untrained", "trained"]
     assert metrics["control"] == {"source": "none"}
     params["evaluate"]["mfi"]["control"] = "ablation"
-    params["train"]["lr"] = 0.5  # no ablation point was trained like this
+    params["paths"]["results"] = str(Path(params["paths"]["results"]) / "elsewhere")  # no ablation points
     with pytest.raises(TrainingError, match="evaluate.mfi.control"):
         evaluate.run(params, what="mfi")
 
@@ -237,6 +237,10 @@ def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     raw = world["backbone"].class_text_features(train.classnames, normalise=False)
     cache.write_text_features({**{k: v.numpy() for k, v in world["text"].items()},
                                **{f"raw_{k}": v.numpy() for k, v in raw.items()}})
+    for which in ("best", "last"):  # the run's projectors now record the train store they came from
+        blob = torch.load(paths.projectors(params, which), weights_only=True)
+        blob["meta"]["provenance"]["train_store"] = {"fingerprint": cache.fingerprint, "layout": cache.layout}
+        torch.save(blob, paths.projectors(params, which))
     own = {which: paths.projectors(params, which).stat().st_mtime_ns for which in ("best", "last")}
     metrics = evaluate.run(params, what="mfi")["mfi"]
     control = Path(metrics["control"]["path"])

@@ -170,7 +170,7 @@ def test_results_older_than_the_projectors_are_marked(world: Path, tmp_path: Pat
 
 def test_projectors_without_provenance_are_refused(world: Path, tmp_path: Path) -> None:
     run = copy_run(world, tmp_path)
-    path = run / "cache" / "models" / "projectors.pt"
+    path = run / "cache" / "models" / "projectors-best.pt"  # the one evaluate.projectors (authors: best) reads
     blob = torch.load(path, weights_only=True)
     del blob["meta"]["provenance"]
     torch.save(blob, path)
@@ -182,7 +182,7 @@ def test_projectors_without_provenance_are_refused(world: Path, tmp_path: Path) 
 def test_report_check_names_a_damaged_projectors_file_instead_of_raising(world: Path,
                                                                          tmp_path: Path) -> None:
     run = copy_run(world, tmp_path)
-    path = run / "cache" / "models" / "projectors.pt"
+    path = run / "cache" / "models" / "projectors-best.pt"  # the one evaluate.projectors (authors: best) reads
     path.write_bytes(path.read_bytes()[:100])
     (line,) = provenance.check(params_of(world, run))
     assert str(path) in line and "damaged" in line
