@@ -10,7 +10,6 @@ Each writes results/metrics/<what>.json and results/tables/<what>.md atomically.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,13 @@ from pipeline.backbone import FrozenCLIP
 from pipeline.build import backbone_from_params, resolve_device
 from pipeline.cache import FeatureCache
 from pipeline.classes import CONTEXT_UNSEEN_IN_COCO, classnames
+from pipeline.datacheck import for_evaluation
 from pipeline.datasets import DatasetError, load_multilabel, load_segmentation
-from pipeline.files import atomic_write_text
 from pipeline.heads import UnmixHead, positive_scores, region_logits
 from pipeline.loader import TokenLoader
 from pipeline.metrics import average_precision, mfi_figure_of_merit
 from pipeline.plots import similarity_heatmaps
+from pipeline.results import write_results
 from pipeline.segmentation import METHOD_LABELS, PROMPTS, evaluate_segmentation, plain_text
 from pipeline.training import TrainingError, evaluate_head, load_projectors
 from pipeline.zsmlr import zero_shot_mlr
@@ -67,12 +67,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
-
-
-def write_results(params: dict, what: str, metrics: dict, table: str) -> None:
-    atomic_write_text(paths.results_dir(params, "metrics", f"{what}.json"),
-                      json.dumps(_jsonable(metrics), indent=2) + "\n")
-    atomic_write_text(paths.results_dir(params, "tables", f"{what}.md"), table.rstrip() + "\n")
 
 
 def _fmt(value: float | None) -> str:
@@ -243,9 +237,10 @@ _EVALUATIONS = {"mlr": evaluate_mlr, "mfi": evaluate_mfi, "seg": evaluate_seg, "
 def run(params: dict, what: str = "all") -> dict:
     """Run one evaluation (or "all" in order), write its JSON and Markdown table, return the metrics."""
     out = {}
-    for name in (WHATS if what == "all" else (what,)):
+    params, whats = for_evaluation(params, WHATS if what == "all" else (what,))
+    for name in whats:
         metrics, table = _EVALUATIONS[name](params)
-        write_results(params, name, metrics, table)
+        write_results(params, name, metrics, table=table)
         print(table, flush=True)
         out[name] = metrics
     return out

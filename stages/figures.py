@@ -14,6 +14,7 @@ import torch
 
 from pipeline import paths
 from pipeline.augment import eval_view
+from pipeline.datacheck import for_evaluation
 from pipeline.datasets import load_segmentation
 from pipeline.plots import activation_grid
 from pipeline.segmentation import (
@@ -53,6 +54,9 @@ def _slug(name: str) -> str:
 
 
 def run(params: dict) -> dict:
+    params, todo = for_evaluation(params, ["figures"])  # missing data: error, or skip (evaluate.missing)
+    if not todo:
+        return {"figures": [], "classes": [], "dataset": None}
     cfg, seg = params["figures"], params["evaluate"]["seg"]
     name = seg["datasets"][0]
     dataset = load_segmentation(name, dataset_root(params, name), SEG_SPLIT)
