@@ -33,8 +33,8 @@ def summary_table(results: Path, timings: dict[str, float]) -> str:
         rows += [f"| {path.stem} | {k} | {'-' if v is None else f'{v:.4g}'} |" for k, v in flat.items()]
     host = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch_version()}"
     return "\n".join([
-        f"Latest `pipeline demo` ({datetime.now(timezone.utc):%Y-%m-%d}, {host}); generated data and a "
-        "tiny random backbone: the numbers test the pipeline, not the method.", "",
+        (f"Latest `pipeline demo` ({datetime.now(timezone.utc):%Y-%m-%d}, {host}); generated data and a "
+        "tiny random backbone: the numbers test the pipeline, not the method."), "",
         "| stage | seconds |", "|---|---:|", *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
         f"| total | {sum(timings.values()):.1f} |", "",
         "| results | metric | value |", "|---|---|---:|", *rows]) + "\n"
