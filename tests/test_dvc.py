@@ -69,7 +69,8 @@ def clone(tmp_path_factory) -> Path:
         subprocess.run(["git", "-C", str(repo), "config", key, value], check=True)
     _sh(repo, "pipeline", "configure", "--profile", "smoke",
         *[a for s in SETTINGS for a in ("--set", s)])
-    make_planted_coco(repo / "data" / "coco2017", n_train=32, n_val=16, num_classes=8, image_size=64)
+    make_planted_coco(repo / "data" / "coco2017", n_train=32, n_val=16, num_classes=80,
+                      image_size=64)  # the COCO-2017 reader wants all 80 categories
     return repo
 
 
