@@ -25,6 +25,7 @@ from pipeline.objective import (
     trainable_parameters,
     uses_infoclip,
 )
+from pipeline.results import stamp
 from pipeline.training import (
     amp_dtype,
     build_optimizer,
@@ -108,6 +109,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
     write_csv(rows, out / "ablation.csv")
     write_markdown(rows, out / "ablation.md", epochs)
     plot_reduction_vs_map(rows, out / "mfi_reduction_vs_map.png")
+    stamp(params, out)  # the report checks which run made the grid
     print(f"ablate: {len(points)} points trained in {seconds:.1f} s; table -> {out / 'ablation.md'}")
     return {"rows": rows, "train_seconds": seconds, "epochs": epochs, "out": str(out),
             "heads": [h.cpu() for h in heads]}

@@ -17,6 +17,7 @@ from pipeline.augment import eval_view
 from pipeline.datacheck import for_evaluation
 from pipeline.datasets import load_segmentation
 from pipeline.plots import activation_grid
+from pipeline.results import stamp
 from pipeline.segmentation import (
     METHOD_LABELS,
     METHODS,
@@ -78,4 +79,5 @@ def run(params: dict) -> dict:
         activation_grid(pictures, overlays, path, title=f"activation maps: {cls} ({name})")
         written.append(str(path))
         print(f"figures: {path}", flush=True)
+    stamp(params, paths.results_dir(params, "figures"))  # the report checks which run drew them
     return {"figures": written, "classes": classes, "dataset": name}
