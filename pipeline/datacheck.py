@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pipeline import paths
 from pipeline.datasets import DatasetError
+from pipeline.results import stamp, write_skipped
 
 _COCO_YEARS = {"coco2014": "2014", "coco2017": "2017", "synthetic": "2017"}
 _VOC = {  # name -> (year, split-file folder, extra folder the reader opens)
@@ -164,10 +165,9 @@ def for_evaluation(params: dict, whats: tuple[str, ...] | list[str]) -> tuple[di
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "SKIPPED.txt").write_text(
                     f"no figures: {', '.join(skipped['seg'])} not on disk (evaluate.missing: skip)\n")
+                stamp(out, folder)
             continue
         if what in skipped and (what == "zs-mlr" or not ev["seg"]["datasets"]):
-            from pipeline.results import write_skipped
-
             write_skipped(out, what, skipped[what])
         else:
             kept.append(what)

@@ -85,6 +85,8 @@ def test_fresh_clone_repro_then_experiment_then_readable_metrics(clone):
     assert "WARNING: this run used a RANDOM backbone" in report
     assert "inputs from another run" not in report  # every input of this report is this run's
     assert _ran(_sh(clone, DVC, "repro", step="dvc repro (no-op)")) == set()
+    _sh(clone, "git", "add", "-A")  # the README: commit the baseline, then run experiments on it
+    _sh(clone, "git", "commit", "-qm", "baseline")
 
     exp = _sh(clone, DVC, "exp", "run", "-S", "train.mfi.lambda=0.5", step="dvc exp run -S")
     ran = _ran(exp)
