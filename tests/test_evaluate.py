@@ -74,7 +74,7 @@ def world(tmp_path_factory):
 
 
 def _written(params: dict, what: str) -> tuple[dict, str]:
-    metrics = json.loads(paths.results_dir(params, "metrics", f"{what}.json").read_text())
+    metrics = json.loads(paths.results_dir(params, "details", f"{what}.json").read_text())
     return metrics, paths.results_dir(params, "tables", f"{what}.md").read_text()
 
 
