@@ -2,7 +2,7 @@
 
   results/details/<what>.json   everything (per-class APs and IoUs under `per_class*` keys), plus
                                 `run`: the recipe and a digest of the params that made the projectors
-  results/metrics/<what>.json   the headline only (DVC `metrics`): mAP, MFI before/after/reduction,
+  results/metrics/<what>.json   the headline only (DVC `metrics`): mAP, MFI before/after/reduction (%),
                                 the headline mIoU protocol per dataset and method, ZS-MLR mAPs;
                                 ~40 values for a full run, so `dvc metrics show` fits a terminal
   results/tables/<what>.md      the Markdown table the report quotes
@@ -87,15 +87,15 @@ def headline(what: str, full: dict, params: dict) -> dict:
     """The few numbers of `full` that `dvc metrics show` / `dvc exp show` display."""
     if what in ("mlr",):
         return {m: _num(r["map"]) for m, r in full.items() if isinstance(r, dict) and "map" in r}
-    if what == "mfi":
-        return {s: {k: _num(r[k]) for k in ("before", "after", "reduction_pct") if k in r}
-                for s, r in full.items() if isinstance(r, dict)}
+    if what == "mfi":  # short names: `dvc exp show` prints one column per value
+        return {s: {"before": _num(r.get("before")), "after": _num(r.get("after")),
+                    "reduction": _num(r.get("reduction_pct"))}
+                for s, r in full.items() if isinstance(r, dict) and "after" in r}
     if what == "zs-mlr":
         return {m: _num(v) for m, v in full.get("map", {}).items()}
     if what == "train":
         mfi = full.get("mfi", {})
-        return {"val_map": _num(full.get("val_map")), "mfi_after": _num(mfi.get("after")),
-                "mfi_reduction_pct": _num(mfi.get("reduction_pct"))}
+        return {"val_map": _num(full.get("val_map")), "mfi_reduction": _num(mfi.get("reduction_pct"))}
     if what == "seg":
         protocol = params["evaluate"]["seg"]["protocol"]
         out: dict = {}
