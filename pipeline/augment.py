@@ -76,6 +76,6 @@ def train_pil_view(image: Image.Image, size: int, seed: int, cutout: bool = True
 
 
 def train_view(image: Image.Image, size: int, seed: int, cutout: bool = True,
-               num_ops: int = 2, magnitude: int = 9, **_tmp) -> torch.Tensor:
+               num_ops: int = 2, magnitude: int = 9) -> torch.Tensor:
     """Seeded train view -> (3, S, S) float32; same seed, same bits, in any process."""
     return _to_normalised_tensor(train_pil_view(image, size, seed, cutout, num_ops, magnitude))
