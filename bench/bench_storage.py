@@ -2,7 +2,7 @@
 
 Two float16 stores of the same tokens are written by the extraction engine, one with compressor
 none and one with zstd. Read rates (views/s) on the same arrays:
-- TokenLoader streaming (in_memory=False): epochs of shuffled float32 mini-batches, what training
+- TokenLoader streaming (in_memory=False): epochs of shuffled float16 mini-batches, what training
   does on a store larger than its memory budget; and in memory (a store that fits), for reference;
 - raw per-sample reads of random (image, view) pairs, `batch` at a time: the Zarr store's tokens
   array, a NumPy memmap (.npy) and HDF5 (pipeline.export.export_hdf5, chunked per view).
@@ -69,7 +69,7 @@ def per_sample_rate(read, pairs: np.ndarray, batch: int, budget_s: float) -> flo
 
 
 def loader_rate(cache: FeatureCache, batch: int, budget_s: float, in_memory: bool = False) -> float:
-    """Views/s of TokenLoader epochs (one view per image each, float32 torch batches), after a
+    """Views/s of TokenLoader epochs (one view per image each, float16 torch batches), after a
     warm-up epoch (which, in memory, loads the store), for >= one epoch and about budget_s / 2 s."""
     loader = TokenLoader(cache, batch, "random", seed=0, in_memory=in_memory)
     sum(len(b.index) for b in loader.epoch(0))  # warm-up: thread start, first chunk decoders

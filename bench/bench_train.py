@@ -33,8 +33,9 @@ def main() -> None:
 
     with common.workdir(args.workdir) as root:
         dataset, source = common.prepare_images(args, root, n_val=args.val_images)
-        params = common.make_params(args, root, dataset, train={"epochs": 1, "batch_size": args.batch_size},
-                                    extract={"num_workers": 2})
+        # warmup_epochs must stay below epochs (schema); the warm-up changes no timing
+        train_cfg = {"epochs": 1, "warmup_epochs": 0, "batch_size": args.batch_size}
+        params = common.make_params(args, root, dataset, train=train_cfg, extract={"num_workers": 2})
         with common.Timer() as extraction:
             engine = sum(r["seconds"] for r in extract_features.run(params, split="all").values())
         cached_params = copy.deepcopy(params)

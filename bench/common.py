@@ -172,9 +172,10 @@ def random_token_stores(params: dict, n_train: int, n_val: int, views: int, num_
             a, b = cache.shard_range(s)
             tokens = rng.standard_normal((b - a, k, num_tokens, dim), dtype=np.float32)  # (n, K, T, D)
             cache.write_shard(s, tokens.astype(np.float16), np.zeros(b - a, np.int8))
-        text = rng.standard_normal((3, num_classes, dim)).astype(np.float32)
-        text /= np.linalg.norm(text, axis=-1, keepdims=True)
-        cache.write_text_features(dict(zip(("positive", "negative", "plain"), text)))
+        raw = rng.standard_normal((3, num_classes, dim)).astype(np.float32)  # encode_text-like
+        text = raw / np.linalg.norm(raw, axis=-1, keepdims=True)
+        names = ("positive", "negative", "plain")
+        cache.write_text_features({**dict(zip(names, text)), **{f"raw_{n}": r for n, r in zip(names, raw)}})
 
 
 def tokens_nbytes(store: str | Path) -> int:

@@ -13,7 +13,46 @@ from pathlib import Path
 # I(CLIP alignment; projected alignment) on val tokens (objective.clip_alignment_mi), every objective.
 COLUMNS = ("lambda", "alpha", "lambda1", "lambda2", "val_map", "mfi_before", "mfi_after",
            "mfi_reduction_pct", "mfi_pos_before", "mfi_pos_after", "mfi_pos_reduction_pct", "val_mi_clip",
-           "mi_student_teacher", "loss")
+           "mi_student_teacher", "loss", "trained_as")
+
+
+def point_label(lam: float, alpha: float, lambda1: float | None = None,
+                lambda2: float | None = None) -> str:
+    """How tables and errors name a grid point: "lambda=0.2, alpha=0.01" (+ lambda1, lambda2)."""
+    values = {"lambda": lam, "alpha": alpha, "lambda1": lambda1, "lambda2": lambda2}
+    return ", ".join(f"{k}={v:g}" for k, v in values.items() if v is not None)
+
+
+def point_slug(lam: float, alpha: float, lambda1: float | None = None,
+               lambda2: float | None = None) -> str:
+    """A folder name for a grid point: lambda0.2_alpha0.01 (+ _lambda1..._lambda2...)."""
+    return point_label(lam, alpha, lambda1, lambda2).replace("=", "").replace(", ", "_")
+
+
+def loss_key(train: dict) -> tuple:
+    """What a point's training depends on among the swept values: points with equal keys train the
+    same weights. With MFI out of the loss (alpha = 0, or objective infoclip) lambda is irrelevant,
+    and alpha too for infoclip; lambda1 / lambda2 only matter with InfoCLIP."""
+    from pipeline.objective import uses_infoclip, uses_mfi
+
+    objective = train.get("objective", "unmix")
+    mfi = uses_mfi(objective) and train["alpha"] > 0
+    info = uses_infoclip(objective)
+    return (float(train["alpha"]) if mfi else 0.0, float(train["mfi"]["lambda"]) if mfi else None,
+            float(train["infoclip"]["lambda1"]) if info else None,
+            float(train["infoclip"]["lambda2"]) if info else None)
+
+
+def distinct(runs: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """(index of the first point of each distinct training, for each point the index into that list)."""
+    first: dict[tuple, int] = {}
+    owner = []
+    for p in runs:
+        owner.append(first.setdefault(loss_key(p["train"]), len(first)))
+    reps = [0] * len(first)
+    for i in reversed(range(len(runs))):
+        reps[owner[i]] = i
+    return reps, owner
 
 
 def point_params(params: dict, lam: float, alpha: float, epochs: int | None,
@@ -57,53 +96,62 @@ def write_markdown(rows: Sequence[dict], path: Path, epochs: int) -> None:
     note = (f"Each point trained for {epochs} epochs from the same seed. MFI = mean off-diagonal cosine "
             "similarity of the class text features before / after the text projector: plain prompts "
             "\"A photo of a {class}.\" (paper Table 4) and the positive training prompts. Val MI = "
-            "I(CLIP alignment; projected alignment) on val tokens, bits (InfoCLIP's estimator).")
+            "I(CLIP alignment; projected alignment) on val tokens, bits (InfoCLIP's estimator). "
+            "\"Trained as\": points whose loss is the same (alpha = 0 leaves lambda out of it) were "
+            "trained once and report that run.")
     info = any("lambda1" in r for r in rows)  # an InfoCLIP objective: its weights get columns
     head = "| lambda | alpha | " + ("lambda1 | lambda2 | " if info else "")
     lines = [note, "",
              (head + "mAP (%) | MFI before | MFI after | MFI reduction (%) "
-              "| MFI pos. before | MFI pos. after | MFI pos. reduction (%) | val MI |"),
-             "|" + "---:|" * (10 + 2 * info)]
+              "| MFI pos. before | MFI pos. after | MFI pos. reduction (%) | val MI | trained as |"),
+             "|" + "---:|" * (10 + 2 * info) + "---|"]
     lines += [f"| {r['lambda']:g} | {r['alpha']:g} | "
               + (f"{r['lambda1']:g} | {r['lambda2']:g} | " if info else "")
               + f"{r['val_map']:.2f} | {r['mfi_before']:.3f} | "
               f"{r['mfi_after']:.3f} | {r['mfi_reduction_pct']:.1f} | {r['mfi_pos_before']:.3f} | "
-              f"{r['mfi_pos_after']:.3f} | {r['mfi_pos_reduction_pct']:.1f} | {r['val_mi_clip']:.3f} |"
+              f"{r['mfi_pos_after']:.3f} | {r['mfi_pos_reduction_pct']:.1f} | {r['val_mi_clip']:.3f} | "
+              f"{r.get('trained_as') or 'itself'} |"
               for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot_reduction_vs_map(rows: Sequence[dict], path: Path) -> None:
-    """Paper Fig. 5: how much disentangling (MFI reduction) each setting buys, against its mAP;
-    left the paper's plain prompts, right the positive training prompts."""
+PANELS = (("val_map", "validation mAP (%)"),
+          ("mfi_reduction_pct", 'MFI reduction (%), plain prompts "A photo of a {class}."'),
+          ("mfi_pos_reduction_pct", "MFI reduction (%), positive training prompts"))
+
+
+def plot_ablation(rows: Sequence[dict], path: Path) -> None:
+    """One panel per metric, MFI lambda on x (sorted), one line per alpha (and InfoCLIP weights),
+    named in one legend: how mAP and disentangling move with lambda at each alpha."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=120, sharey=True)
-    panels = (("mfi_reduction_pct", 'plain prompts "A photo of a {class}."'),
-              ("mfi_pos_reduction_pct", "positive training prompts"))
-    for ax, (key, title) in zip(axes, panels):
-        for series in sorted({_series(r) for r in rows}):  # one line per setting but alpha
-            sel = [r for r in rows if _series(r) == series]
-            label = ", ".join(f"{k} = {v:g}" for k, v in zip(("lambda", "lambda1", "lambda2"), series))
-            ax.plot([r[key] for r in sel], [r["val_map"] for r in sel], "o-", label=label)
-            for r in sel:
-                ax.annotate(f"alpha={r['alpha']:g}", (r[key], r["val_map"]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("MFI reduction (%)")
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.8), dpi=120)
+    series = sorted({_series(r) for r in rows})
+    markers = "osD^v<>ph*"
+    for ax, (key, title) in zip(axes, PANELS):
+        for j, s in enumerate(series):
+            sel = sorted((r for r in rows if _series(r) == s), key=lambda r: r["lambda"])
+            label = ", ".join(f"{k} = {v:g}" for k, v in zip(("alpha", "lambda1", "lambda2"), s))
+            if any(r.get("trained_as") for r in sel):
+                label += " (lambda not in the loss: one run)"
+            ax.plot([r["lambda"] for r in sel], [r[key] for r in sel], marker=markers[j % len(markers)],
+                    label=label, alpha=0.85)
+        ax.set_xticks(sorted({r["lambda"] for r in rows}))
+        ax.set_xlabel("MFI lambda")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation mAP (%)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("MFI reduction vs performance")
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(series), 5), fontsize=8, frameon=False)
+    fig.suptitle("Ablation: validation mAP and MFI reduction against lambda, one line per alpha")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
 
 def _series(row: dict) -> tuple[float, ...]:
-    return tuple(row[k] for k in ("lambda", "lambda1", "lambda2") if k in row)
+    return tuple(row[k] for k in ("alpha", "lambda1", "lambda2") if k in row)

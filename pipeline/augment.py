@@ -3,10 +3,19 @@
 Train view (REFERENCE "Training"): Resize(S, S) -> Cutout (always) -> RandAugment -> tensor ->
 CLIP normalisation. Every random draw comes from the view's seed, so a cached view can be
 recomputed bit-identically in any process from ``view_seed(seed, index, view)`` alone.
+
+As run by the authors (REFERENCE 4.1, params extract.augment.*): bilinear resize (torchvision's
+default), a Cutout rectangle inclusive of its far edge (PIL's ImageDraw.rectangle), and the
+`randaugment` PyPI package's RandAugment with its defaults (two ops, each applied with p 0.5 at a
+random magnitude 1-9: num_ops/magnitude do not apply to it). The paper recipe: bicubic, half-open
+box, torchvision's RandAugment(num_ops, magnitude).
 """
 from __future__ import annotations
 
+import contextlib
+import random
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -15,12 +24,16 @@ from torchvision.transforms import InterpolationMode, v2
 
 from pipeline.backbone import CLIP_MEAN, CLIP_STD  # the backbone's own normalisation, one source
 
-# REFERENCE only says "Resize"; bicubic is what CLIP's own preprocessing uses.
+# The eval view: REFERENCE only says "Resize"; bicubic is what CLIP's own preprocessing uses.
 INTERPOLATION = InterpolationMode.BICUBIC
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+RANDAUGMENTS = ("package", "torchvision")
 
-# torchvision's RandAugment draws from the global torch RNG; this lock keeps two train_view calls
-# in threads of one process from interleaving (processes each have their own RNG).
+# torchvision's RandAugment draws from the global torch RNG, the `randaugment` package from Python's
+# `random` and NumPy's global RNG; this lock keeps two train_view calls in threads of one process
+# from interleaving while a view's seed is installed (processes each have their own RNGs).
 _GLOBAL_RNG_LOCK = threading.Lock()
+_PACKAGE_RANDAUGMENT = None  # built once: its constructor lists 18,225 op pairs
 
 _to_normalised_tensor = v2.Compose([
     v2.PILToTensor(),
@@ -35,21 +48,26 @@ def view_seed(seed: int, index: int, view: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
-def _resize(image: Image.Image, size: int) -> Image.Image:
-    return v2.functional.resize(image, [size, size], interpolation=INTERPOLATION)
+def _resize(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+    return v2.functional.resize(image, [size, size], interpolation=INTERPOLATIONS[interpolation])
 
 
-def apply_cutout(image: Image.Image, rng: np.random.Generator
+def apply_cutout(image: Image.Image, rng: np.random.Generator, inclusive: bool = False
                  ) -> tuple[Image.Image, tuple[int, int, int, int], tuple[int, int, int]]:
     """Cutout as in ASL/DualCoOp: a (w/2, h/2) box around a uniform random centre, clipped at the
-    borders, filled with one random RGB colour.
+    borders, filled with one random RGB colour. `inclusive`: the far edge (x1, y1) is painted too,
+    as PIL's ImageDraw.rectangle([x0, y0, x1, y1]) in the authors' code does (one more row and
+    column unless clipped at the border).
 
-    Returns (image, box (x0, y0, x1, y1) half-open, colour)."""
+    Returns (image, box (x0, y0, x1, y1) half-open, i.e. the painted pixels, colour)."""
     width, height = image.size
     box_w, box_h = int(0.5 * width + 0.5), int(0.5 * height + 0.5)
     cx, cy = int(rng.integers(width)), int(rng.integers(height))
-    x0, x1 = max(cx - box_w // 2, 0), min(cx + box_w // 2, width)
-    y0, y1 = max(cy - box_h // 2, 0), min(cy + box_h // 2, height)
+    far = 1 if inclusive else 0
+    x0, x1 = max(cx - box_w // 2, 0), min(cx + box_w // 2 + far, width)
+    y0, y1 = max(cy - box_h // 2, 0), min(cy + box_h // 2 + far, height)
     colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
     pixels = np.array(image.convert("RGB"))  # (H, W, 3) uint8, a copy
     pixels[y0:y1, x0:x1] = colour
@@ -61,21 +79,58 @@ def eval_view(image: Image.Image, size: int) -> torch.Tensor:
     return _to_normalised_tensor(_resize(image.convert("RGB"), size))
 
 
+@contextlib.contextmanager
+def _package_rng(seed: int) -> Iterator[None]:
+    """Python's and NumPy's global RNGs seeded for one call of the `randaugment` package, then
+    restored (caller holds _GLOBAL_RNG_LOCK). The package still writes `np.int`, removed in NumPy
+    1.24: the alias is installed for the call only."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    had_alias = "int" in np.__dict__
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if not had_alias:
+        np.int = int  # the package's `np.round(...).astype(np.int)`
+    try:
+        yield
+    finally:
+        if not had_alias:
+            del np.int
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _randaugment_package(view: Image.Image, seed: int) -> Image.Image:
+    global _PACKAGE_RANDAUGMENT
+    if _PACKAGE_RANDAUGMENT is None:
+        from randaugment import RandAugment
+        _PACKAGE_RANDAUGMENT = RandAugment()
+    with _package_rng(seed):
+        return _PACKAGE_RANDAUGMENT(view).convert("RGB")
+
+
 def train_pil_view(image: Image.Image, size: int, seed: int, cutout: bool = True,
-                   num_ops: int = 2, magnitude: int = 9) -> Image.Image:
+                   num_ops: int = 2, magnitude: int = 9, cutout_inclusive: bool = False,
+                   randaugment: str = "torchvision", interpolation: str = "bicubic") -> Image.Image:
     """The augmented train view before normalisation (for inspection and figures)."""
+    if randaugment not in RANDAUGMENTS:
+        raise ValueError(f"randaugment must be one of {RANDAUGMENTS}, got {randaugment!r}")
     rng = np.random.default_rng(seed)
-    view = _resize(image.convert("RGB"), size)
+    view = _resize(image.convert("RGB"), size, interpolation)
     if cutout:
-        view, _, _ = apply_cutout(view, rng)
-    rand_augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)  # torchvision defaults
-    torch_seed = int(rng.integers(2**63 - 1))
-    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(torch_seed)  # CPU only: CUDA RNG state untouched
-        return rand_augment(view)
+        view, _, _ = apply_cutout(view, rng, inclusive=cutout_inclusive)
+    op_seed = int(rng.integers(2**63 - 1))
+    with _GLOBAL_RNG_LOCK:
+        if randaugment == "package":
+            return _randaugment_package(view, op_seed)
+        rand_augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)  # torchvision defaults
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(op_seed)  # CPU only: CUDA RNG state untouched
+            return rand_augment(view)
 
 
 def train_view(image: Image.Image, size: int, seed: int, cutout: bool = True,
-               num_ops: int = 2, magnitude: int = 9) -> torch.Tensor:
+               num_ops: int = 2, magnitude: int = 9, cutout_inclusive: bool = False,
+               randaugment: str = "torchvision", interpolation: str = "bicubic") -> torch.Tensor:
     """Seeded train view -> (3, S, S) float32; same seed, same bits, in any process."""
-    return _to_normalised_tensor(train_pil_view(image, size, seed, cutout, num_ops, magnitude))
+    return _to_normalised_tensor(train_pil_view(image, size, seed, cutout, num_ops, magnitude,
+                                                cutout_inclusive, randaugment, interpolation))

@@ -1,4 +1,5 @@
-"""Frozen CLIP ResNet backbone: spatial tokens (DualCoOp), v-v tokens (CLIP Surgery), text features.
+"""Frozen CLIP ResNet backbone: spatial tokens (DualCoOp), v-v tokens (CLIP Surgery), q-k tokens
+(the pool's own attention per token), text features.
 
 The attention pool of open_clip's ModifiedResNet is never used to pool here: its weights are
 applied per token so that every image location gets a vector in CLIP's joint space. All the
@@ -33,6 +34,7 @@ PLAIN_TEMPLATE = "A photo of a {}."
 
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TEXT_CHUNK = 256  # prompts per encode_text call
+TOKEN_PATHS = ("vproj", "vv", "qk")  # per-token paths of the attention pool (see token_paths)
 
 
 def resize_positional_embedding(pos: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
@@ -140,6 +142,13 @@ class FrozenCLIP(nn.Module):
         tokens[:, 0] = self._qk_first_token(x)  # (B, D)
         return tokens
 
+    def _qk_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The pool's ordinary q-k attention with every token as a query (the paper's CLIP row):
+        c_proj(softmax(q_proj(x) k_proj(x)^T / sqrt(head_dim)) v_proj(x)) per head -> (B, 1+HW, D)."""
+        pool = self.model.visual.attnpool
+        out = _multi_head_attention(pool.q_proj(x), pool.k_proj(x), pool.v_proj(x), self.num_heads)  # (B, 1+HW, C)
+        return pool.c_proj(out)  # (B, 1+HW, D)
+
     def _qk_first_token(self, x: torch.Tensor) -> torch.Tensor:
         """What the attention pool itself outputs: the mean token attending to all tokens -> (B, D)."""
         pool = self.model.visual.attnpool
@@ -174,15 +183,41 @@ class FrozenCLIP(nn.Module):
         return tokens.float()
 
     @torch.no_grad()
-    def spatial_and_vv_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear"
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`spatial_tokens` and `vv_tokens` from one trunk pass (the trunk is ~all of the cost):
-        segmentation evaluation compares both on every image."""
+    def qk_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear") -> torch.Tensor:
+        """The attention pool's own q-k output for every token (paper Table 2's "CLIP" row):
+        images (B, 3, H, W) -> (B, 1+HW', D) float32; token 0 equals `global_embedding` at the
+        native size (there both grids are the same)."""
+        return self.token_paths(images, ("qk",), pos_interpolation)["qk"]
+
+    @torch.no_grad()
+    def token_paths(self, images: torch.Tensor, paths: Iterable[str] = TOKEN_PATHS,
+                    pos_interpolation: str = "bilinear") -> dict[str, torch.Tensor]:
+        """Several per-token paths of the attention pool from ONE trunk pass (the trunk is ~all of
+        the cost): "vproj" = `spatial_tokens` (bicubic positional grid, DualCoOp), "vv" =
+        `vv_tokens`, "qk" = `qk_tokens` (both with `pos_interpolation`). Each (B, 1+HW', D) float32."""
+        paths = tuple(paths)
+        unknown = set(paths) - set(TOKEN_PATHS)
+        if unknown:
+            raise ValueError(f"token paths must be among {TOKEN_PATHS}, got {sorted(unknown)}")
+        out = {}
         with self._autocast():
             x, size = self._trunk_tokens(images)  # (B, 1+HW, C)
-            spatial = self._value_path(self._with_pos(x, size, "bicubic"))  # (B, 1+HW, D)
-            vv = self._vv_attention(self._with_pos(x, size, pos_interpolation))  # (B, 1+HW, D)
-        return spatial.float(), vv.float()
+            if "vproj" in paths:
+                out["vproj"] = self._value_path(self._with_pos(x, size, "bicubic"))  # (B, 1+HW, D)
+            if "vv" in paths or "qk" in paths:
+                pooled = self._with_pos(x, size, pos_interpolation)  # (B, 1+HW, C)
+                if "vv" in paths:
+                    out["vv"] = self._vv_attention(pooled)  # (B, 1+HW, D)
+                if "qk" in paths:
+                    out["qk"] = self._qk_attention(pooled)  # (B, 1+HW, D)
+        return {k: v.float() for k, v in out.items()}
+
+    @torch.no_grad()
+    def spatial_and_vv_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear"
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`spatial_tokens` and `vv_tokens` from one trunk pass (see `token_paths`)."""
+        out = self.token_paths(images, ("vproj", "vv"), pos_interpolation)
+        return out["vproj"], out["vv"]
 
     @torch.no_grad()
     def global_embedding(self, images: torch.Tensor) -> torch.Tensor:

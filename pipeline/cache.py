@@ -1,15 +1,21 @@
 """Zarr v3 cache of frozen-CLIP spatial tokens: written once per shard, resumable, read by training.
 
-Layout of the group at `path` (one directory):
+Layout of the group at `path` (one directory), format version 2:
   tokens   (N, K, T, D) float16|float32  one shard file per `shard_size` images; inner chunk
-                                         (shard_size, 1, T, D), so one view of a whole shard is one read
-  labels   (N, C) int8     1 positive, 0 negative, -1 unknown        (written at creation)
-  ids      (N,) str        image ids                                 (written at creation)
+                                         (1, 1, T, D), one per image view, so a sampled view is one
+                                         read (pipeline/shards.py); fill NaN
+  labels   (N, C) int8     1 positive, 0 negative, -1 unknown; fill -128  (written at creation)
+  ids      (N,) str        image ids; fill ""                             (written at creation)
   status   (N,) int8       0 ok, 1 bad image (excluded from training), -1 not extracted yet
   complete (num_shards,) bool, chunk 1: one tiny object per shard, so writers of different
                            shards never touch the same file
-  text/{positive,negative,plain} (C, D) float32                      (write_text_features)
+  text/{positive,negative,plain,raw_*} (C, D) float32; fill NaN           (write_text_features)
   attrs: format, format_version, fingerprint, classnames, layout
+
+No silent wrong result: every chunk (and each shard's index) carries a crc32c (zarr's
+Crc32cCodec), so a flipped or zeroed byte fails the read; a missing chunk reads as a fill value
+that validation refuses (NaN tokens or text, label -128, id "", status -1 in a complete shard).
+Every such failure is a CacheError naming the store, the array and the shard.
 
 Float16 tokens compress poorly: zstd level 3 saved 8% (ratio 1.09) on Gaussian float16 tokens of
 RN-101 shape, so the default is no compressor; `compressor="zstd"` is there for slow disks.
@@ -26,10 +32,12 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 FORMAT = "unmix-clip-feature-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LABEL_FILL = -128  # a lost labels chunk reads -128, never a plausible 0
+REPAIR = "run `pipeline verify --repair`, then `pipeline extract-features`"
 TEXT_NAMES = ("positive", "negative", "plain")  # L2-normalised class prompt features
 RAW_TEXT_NAMES = tuple(f"raw_{n}" for n in TEXT_NAMES)  # the same, un-normalised (encode_text output)
 _ARRAYS = ("tokens", "labels", "ids", "status", "complete")
@@ -92,8 +100,10 @@ class FeatureCache:
             raise CacheError(f"{self.path} is a zarr group but not a feature cache (attrs.format "
                              f"is {attrs.get('format')!r}, expected {FORMAT!r})")
         if attrs.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{self.path} has cache format version {attrs.get('format_version')}, this "
-                             f"code reads {FORMAT_VERSION}: `rm -r {self.path}` and re-run extract-features")
+            raise CacheError(f"{self.path} has feature store format version "
+                             f"{attrs.get('format_version')}, this code reads {FORMAT_VERSION}: "
+                             f"re-extract it (`rm -r {self.path}` and `pipeline extract-features`, "
+                             "or `pipeline extract-features --restart-on-change`)")
         try:
             arrays = {name: self._group[name] for name in _ARRAYS}
         except KeyError as e:
@@ -153,8 +163,23 @@ class FeatureCache:
         if not path.exists() or (path.is_dir() and not any(path.iterdir())):
             cls._create(path, ids, labels, list(classnames), layout, fingerprint)
         cache = cls(path, "r+")
+        cache._repair_metadata(ids, labels)
         cache._check_same(ids, labels, list(classnames), layout, fingerprint)
         return cache
+
+    def _repair_metadata(self, ids: list[str], labels: np.ndarray) -> None:
+        """Rewrite a damaged or lost labels / ids chunk from the dataset (same bytes as at creation)."""
+        for name, value, data in (("labels", labels, lambda: self.labels),
+                                  ("ids", np.array(ids), lambda: self.ids)):
+            try:
+                data()
+            except CacheError as err:
+                if len(value) != self.num_images:
+                    raise
+                import logging
+                logging.getLogger(__name__).warning("%s; rewriting %s from the dataset", err, name)
+                print(f"{self.path}: rewriting damaged array {name} from the dataset")
+                getattr(self, f"_{name}")[:] = value
 
     @staticmethod
     def _create(path: Path, ids: list[str], labels: np.ndarray, classnames: list[str],
@@ -165,13 +190,18 @@ class FeatureCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             g = zarr.open_group(str(tmp), mode="w-")
+            crc = [Crc32cCodec()]  # after bytes (and zstd): checks what is on disk
             g.create_array("tokens", shape=(n, k, t, d), dtype=layout["dtype"], shards=(s, k, t, d),
-                           chunks=(s, 1, t, d), fill_value=float("nan"),  # a lost file reads as NaN, not 0
-                           compressors=ZstdCodec(level=3) if layout["compressor"] else None)
-            g.create_array("labels", data=labels, chunks=labels.shape)
-            g.create_array("ids", shape=(n,), dtype=str, chunks=(n,))[:] = np.array(ids)  # variable-length
-            g.create_array("status", shape=(n,), dtype="int8", chunks=(s,), fill_value=-1)
-            g.create_array("complete", shape=(-(-n // s),), dtype="bool", chunks=(1,), fill_value=False)
+                           chunks=(1, 1, t, d), fill_value=float("nan"),  # a lost file reads as NaN, not 0
+                           compressors=[ZstdCodec(level=3), *crc] if layout["compressor"] else crc)
+            g.create_array("labels", shape=labels.shape, dtype="int8", chunks=labels.shape,
+                           fill_value=LABEL_FILL, compressors=crc)[:] = labels
+            g.create_array("ids", shape=(n,), dtype=str, chunks=(n,), fill_value="",
+                           compressors=crc)[:] = np.array(ids)  # variable-length
+            g.create_array("status", shape=(n,), dtype="int8", chunks=(s,), fill_value=-1,
+                           compressors=crc)
+            g.create_array("complete", shape=(-(-n // s),), dtype="bool", chunks=(1,), fill_value=False,
+                           compressors=crc)
             g.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout,
                             "fingerprint": fingerprint, "classnames": classnames})
             try:
@@ -179,6 +209,9 @@ class FeatureCache:
             except OSError:
                 if not (path / "zarr.json").is_file():
                     raise
+        except OSError as err:  # full disk, permissions: nothing is left at `path`
+            raise CacheError(f"cannot create {path}: {err.strerror or err}; free space (or fix "
+                             "permissions) and re-run `pipeline extract-features`") from err
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -206,6 +239,15 @@ class FeatureCache:
             raise IndexError(f"shard {s} out of range 0..{self.num_shards - 1} in {self.path}")
         return s * self.shard_size, min((s + 1) * self.shard_size, self.num_images)
 
+    def shard_file(self, s: int) -> Path:
+        """The tokens shard file of shard s (zarr's default chunk key encoding, `c/` + `/`)."""
+        return self.path / "tokens" / "c" / str(s) / "0" / "0" / "0"
+
+    def chunk_file(self, name: str, chunk: int = 0) -> Path:
+        """The chunk file of a 1-d or 2-d metadata array (labels, ids, status, complete, text/*)."""
+        ndim = 2 if name in ("labels",) or name.startswith("text/") else 1
+        return self.path / name / "c" / str(chunk) / Path(*["0"] * (ndim - 1))
+
     def write_shard(self, s: int, tokens: np.ndarray, status: np.ndarray) -> None:
         """Write shard s, then mark it complete: a crash before the mark leaves it to be redone."""
         if self.mode == "r":
@@ -216,8 +258,10 @@ class FeatureCache:
             raise ValueError(f"shard {s} of {self.path} needs tokens {shape} and status {shape[:1]}, "
                              f"got {tokens.shape} and {np.shape(status)}")
         try:
-            if self._complete[s]:
-                self._complete[s] = False  # rewriting: unmark first so a crash midway is not trusted
+            self.unmark(s)  # rewriting: unmark first so a crash midway is not trusted
+            # the shard is recomputed whole: a damaged old file must not be read back (partial
+            # last shards are read-modify-written by zarr)
+            self.shard_file(s).unlink(missing_ok=True)
             self._tokens[start:stop] = np.asarray(tokens, dtype=self.dtype)
             self._status[start:stop] = np.asarray(status, dtype=np.int8)
         except OSError as err:  # full disk, permissions: the shard stays incomplete
@@ -225,27 +269,44 @@ class FeatureCache:
                              f"{err}; the shard is left incomplete and a re-run redoes it") from err
         self._complete[s] = True
 
+    def unmark(self, s: int) -> None:
+        """Mark shard s incomplete (a full-chunk write: works on a damaged mark too)."""
+        self._complete[s] = False
+
     def write_text_features(self, features: Mapping[str, np.ndarray]) -> None:
-        """Store class text features by name (positive / negative / plain), each (C, D) float32."""
+        """Store class text features by name (positive / negative / plain / raw_*), each (C, D) float32."""
         for name, value in features.items():
             value = np.asarray(value, dtype=np.float32)
             if name not in TEXT_NAMES + RAW_TEXT_NAMES or value.shape != (len(self.classnames), self.dim):
                 raise ValueError(f"text feature {name!r} must be one of {TEXT_NAMES + RAW_TEXT_NAMES} with shape "
                                  f"({len(self.classnames)}, {self.dim}), got {value.shape}")
-            self._group.create_array(f"text/{name}", data=value, chunks=value.shape, overwrite=True)
+            self._group.create_array(f"text/{name}", shape=value.shape, dtype="float32",
+                                     chunks=value.shape, fill_value=float("nan"),
+                                     compressors=[Crc32cCodec()], overwrite=True)[:] = value
 
     # -- reading ------------------------------------------------------------------------------
+    def _get(self, name: str, array: zarr.Array, what: str = "") -> np.ndarray:
+        """array[:] with a damaged chunk (crc32c mismatch, unreadable file) as a CacheError."""
+        try:
+            return array[:]
+        except (OSError, ValueError) as err:
+            raise CacheError(f"{self.path}: array {name}{what} is damaged ({err}); {REPAIR}") from err
+
     @property
     def complete(self) -> np.ndarray:
-        return np.asarray(self._complete[:], dtype=bool)  # (num_shards,)
+        return np.asarray(self._get("complete", self._complete), dtype=bool)  # (num_shards,)
 
     def is_complete(self, s: int) -> bool:
-        return bool(self._complete[s])
+        return bool(self.complete[s])
 
     def incomplete_shards(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self.complete)]
 
     def require_complete(self) -> None:
+        """The training gate: every shard complete, and no writer holding the store."""
+        from pipeline.lock import check_not_written
+
+        check_not_written(self.path)
         missing = len(self.incomplete_shards())
         if missing:
             raise CacheError(f"cache incomplete: {missing} of {self.num_shards} shards missing in "
@@ -253,7 +314,15 @@ class FeatureCache:
 
     @property
     def status(self) -> np.ndarray:
-        return np.asarray(self._status[:], dtype=np.int8)  # (N,)
+        """(N,) int8; -1 (the fill) only in incomplete shards, else a CacheError."""
+        status = np.asarray(self._get("status", self._status), dtype=np.int8)
+        done = np.repeat(self.complete, self.shard_size)[: self.num_images]
+        wrong = done & ~np.isin(status, (0, 1))
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise CacheError(f"{self.path}: array status, shard {i // self.shard_size}: image {i} of "
+                             f"a complete shard has status {status[i]} (a lost chunk); {REPAIR}")
+        return status
 
     @property
     def valid(self) -> np.ndarray:
@@ -263,11 +332,20 @@ class FeatureCache:
 
     @property
     def labels(self) -> np.ndarray:
-        return np.asarray(self._labels[:], dtype=np.int8)  # (N, C)
+        labels = np.asarray(self._get("labels", self._labels), dtype=np.int8)  # (N, C)
+        if not np.isin(labels, (-1, 0, 1)).all():
+            i = int(np.flatnonzero(~np.isin(labels, (-1, 0, 1)).all(1))[0])
+            raise CacheError(f"{self.path}: array labels holds {labels[i][~np.isin(labels[i], (-1, 0, 1))][0]}"
+                             f" for image {i} (a lost or damaged chunk; valid: -1, 0, 1); {REPAIR}")
+        return labels
 
     @property
     def ids(self) -> np.ndarray:
-        return np.array(self._ids[:].tolist(), dtype=str)  # (N,) fixed-width unicode
+        ids = np.array(self._get("ids", self._ids).tolist(), dtype=str)  # (N,) fixed-width unicode
+        if (ids == "").any():
+            raise CacheError(f"{self.path}: array ids has {int((ids == '').sum())} empty ids "
+                             f"(a lost chunk); {REPAIR}")
+        return ids
 
     @property
     def tokens(self) -> zarr.Array:
@@ -279,7 +357,7 @@ class FeatureCache:
         return self.num_images * self.views * self.num_tokens * self.dim * self.dtype.itemsize
 
     def read_view_block(self, s: int, view: int) -> np.ndarray:
-        """(n, T, D) tokens of one view for shard s: a single chunk read."""
+        """(n, T, D) tokens of one view for shard s."""
         return self._read(s, view)
 
     def read_shard(self, s: int) -> np.ndarray:
@@ -287,25 +365,44 @@ class FeatureCache:
 
     def _read(self, s: int, view: int | slice) -> np.ndarray:
         start, stop = self.shard_range(s)
+        where = f"{self.path}: array tokens, shard {s} (images {start}..{stop - 1}, {self.shard_file(s)})"
         try:
-            return self._tokens[start:stop, view]
+            out = self._tokens[start:stop, view]
         except (OSError, ValueError) as err:  # a truncated or corrupted shard file
-            raise CacheError(f"{self.path}: tokens of shard {s} (images {start}..{stop - 1}) are "
-                             f"unreadable ({err}); re-run `pipeline extract-features "
-                             "--restart-on-change` or delete the store") from err
+            raise CacheError(f"{where} is damaged ({err}); {REPAIR}") from err
+        if not np.isfinite(out).all():  # NaN is the fill of a lost file or chunk: which is it?
+            from pipeline.shards import ShardReader
+
+            reader = ShardReader(self)
+            problem = reader.check_shard(s)  # file, index and every chunk present
+            reader.close()
+            if problem is not None:
+                raise CacheError(f"{problem}; {REPAIR}")
+        return out  # stored non-finite values are data (training names them; verify reports them)
 
     def text_features(self, name: str) -> np.ndarray:
         try:
-            return np.asarray(self._group[f"text/{name}"][:], dtype=np.float32)  # (C, D)
+            array = self._group[f"text/{name}"]
         except KeyError:
             raise CacheError(f"{self.path} has no text/{name} features (names: {TEXT_NAMES}); "
                              "they are written by write_text_features during extract-features") from None
+        value = np.asarray(self._get(f"text/{name}", array), dtype=np.float32)  # (C, D)
+        if value.shape != (len(self.classnames), self.dim) or not np.isfinite(value).all():
+            raise CacheError(f"{self.path}: array text/{name} is lost or damaged (shape {value.shape}, "
+                             f"non-finite values); re-run `pipeline extract-features`")
+        return value
 
     def has_text_feature(self, name: str) -> bool:
         return "text" in self._group and name in self._group["text"]
 
     def has_text_features(self) -> bool:
-        return "text" in self._group and all(n in self._group["text"] for n in TEXT_NAMES + RAW_TEXT_NAMES)
+        """Every text feature present and valid (a damaged one is rewritten by extract-features)."""
+        try:
+            for n in TEXT_NAMES + RAW_TEXT_NAMES:
+                self.text_features(n)
+        except CacheError:
+            return False
+        return True
 
     def nbytes_stored(self) -> int:
         return _dir_stats(self.path)[0]

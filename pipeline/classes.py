@@ -84,3 +84,24 @@ def classnames(dataset: str) -> list[str]:
         return list(_DATASETS[dataset])
     except KeyError:
         raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(_DATASETS)}") from None
+
+
+# The authors' ZS3 / MFI scripts prompt three VOC classes with spaced names (REFERENCE.md 4.2);
+# class ids and order are unchanged, only the words in the prompt differ.
+VOC_AUTHORS_NAMES: dict[str, str] = {
+    "diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv/monitor"}
+VOC_NAME_STYLES = ("authors", "official")
+
+
+VOC_DATASETS = ("voc2007", "voc2012")
+
+
+def prompt_names(names: list[str], dataset: str, voc_names: str = "official") -> list[str]:
+    """The words put into the prompts for `names` of `dataset`: on VOC datasets `voc_names`
+    "authors" respells three classes as the authors' scripts did; "official" and every other
+    dataset (Context-59 spells "pottedplant" too) keep the dataset's own names."""
+    if voc_names not in VOC_NAME_STYLES:
+        raise ValueError(f"evaluate.voc_names must be one of {VOC_NAME_STYLES}, got {voc_names!r}")
+    if voc_names == "official" or dataset not in VOC_DATASETS:
+        return list(names)
+    return [VOC_AUTHORS_NAMES.get(n, n) for n in names]

@@ -5,6 +5,7 @@ Every subcommand reads configs/params.yaml (or --params), an optional --profile 
 """
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import sys
@@ -24,6 +25,12 @@ _USER_ERRORS = [  # (module, class): errors whose message is the whole story for
     ("pipeline.download", "DownloadError"),
     ("pipeline.training", "TrainingError"),
 ]
+# Exceptions of the project that are not a user's to act on (tests check this list is complete).
+_INTERNAL_ERRORS = [("pipeline.extract", "InjectedFailure")]
+# OSErrors a user fixes on the machine (free space, permissions): one line naming the file.
+_DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
+                errno.EROFS: "choose a writable folder in params 'paths'",
+                errno.EACCES: "fix the permissions or choose another folder in params 'paths'"}
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -66,6 +73,12 @@ def run_stage(module: str, function: str = "run", **kwargs: Any) -> Any:
         return getattr(stage, function)(**kwargs)
     except _user_error_types() as err:  # type: ignore[misc]
         raise click.ClickException(str(err)) from err
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        where = err.filename or "a file"
+        raise click.ClickException(f"{where}: {err.strerror}: {_DISK_ERRNOS[err.errno]} and run the "
+                                   "command again (completed work is kept)") from err
 
 
 def _with_overrides(mapping: dict[str, str]) -> Callable:

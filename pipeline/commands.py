@@ -19,12 +19,26 @@ from pipeline.config import DEFAULT_PARAMS
 @click.option("--on-bad-image", type=click.Choice(["error", "skip"]), default=None)
 @click.option("--restart-on-change", is_flag=True,
               help="Delete a store whose fingerprint differs instead of refusing (used by dvc.yaml).")
+@click.option("--break-lock", is_flag=True,
+              help="Take over a store's writer lock left by a process on another host.")
 @_with_overrides({"dataset": "data.dataset", "views": "extract.views", "workers": "extract.workers",
                   "scheduler": "extract.scheduler", "on_bad_image": "extract.on_bad_image"})
 @params_options
-def extract_features(params: dict, split: str, restart_on_change: bool) -> None:
+def extract_features(params: dict, split: str, restart_on_change: bool, break_lock: bool) -> None:
     """Run the frozen CLIP once over the images; write spatial tokens to the Zarr cache."""
-    run_stage("extract_features", params=params, split=split, restart_on_change=restart_on_change)
+    run_stage("extract_features", params=params, split=split, restart_on_change=restart_on_change,
+              break_lock=break_lock)
+
+
+@main.command("verify")
+@click.option("--split", type=click.Choice(["train", "val", "all"]), default="all", show_default=True,
+              help="Which feature store(s) to check.")
+@click.option("--repair", is_flag=True,
+              help="Un-mark damaged shards so the next extract-features recomputes exactly those.")
+@params_options
+def verify(params: dict, split: str, repair: bool) -> None:
+    """Read every complete shard of the feature stores, check checksums and values; exit 1 on damage."""
+    run_stage("verify", params=params, split=split, repair=repair)
 
 
 @main.command("export-cache")
@@ -130,3 +144,46 @@ def configure(params_path: str, profile: str | None, recipe: str | None, overrid
 def demo(workdir: str) -> None:
     """Run the whole DAG on the embedded smoke profile (generated data, tiny backbone)."""
     run_stage("demo", workdir=workdir)
+
+
+_TEMPLATE_HELP = ("Prompt template with {} for the class name (repeatable: the templates' text features "
+                  "are averaged). Default: evaluate.prompt's template.")
+
+
+@main.command("segment")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--classes", required=True, multiple=True,
+              help="Comma-separated class names, any words (repeatable); labels 1..C in this order.")
+@click.option("--projectors", type=click.Path(dir_okay=False), default=None,
+              help="Trained projectors file (default: the run's, per evaluate.projectors).")
+@click.option("--background", type=click.Choice(["none", "softmax", "max-score"]), default=None,
+              help="Background rule (label 0); default evaluate.seg.background.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Background threshold; default evaluate.seg.threshold.")
+@click.option("--template", "templates", multiple=True, help=_TEMPLATE_HELP)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: results/segment).")
+@params_options
+def segment(params: dict, images: tuple[str, ...], classes: tuple[str, ...], projectors: str | None,
+            background: str | None, threshold: float | None, templates: tuple[str, ...],
+            out: str | None) -> None:
+    """Segment image files, folders or globs into free-text classes: overlay, label PNG, JSON each."""
+    run_stage("segment", params=params, images=list(images), classes=list(classes), projectors=projectors,
+              background=background, threshold=threshold, templates=list(templates), out=out)
+
+
+@main.command("query")
+@click.argument("image")
+@click.option("--text", required=True, help="The queried class, any words.")
+@click.option("--against", multiple=True, help="Comma-separated classes to compare its text feature with.")
+@click.option("--projectors", type=click.Path(dir_okay=False), default=None,
+              help="Trained projectors file (default: the run's, per evaluate.projectors).")
+@click.option("--template", "templates", multiple=True, help=_TEMPLATE_HELP)
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: results/query).")
+@params_options
+def query(params: dict, image: str, text: str, against: tuple[str, ...], projectors: str | None,
+          templates: tuple[str, ...], out: str | None) -> None:
+    """One image, one class: CLIP vs ours activation, and text cosines to --against before/after."""
+    run_stage("query", params=params, image=image, text=text, against=list(against),
+              projectors=projectors, templates=list(templates), out=out)

@@ -3,8 +3,9 @@
 Each worker process builds the backbone once (cached per backbone params in this module) and
 writes its shard region straight into the store, which is why the store must be on a filesystem
 every worker sees. Shards are independent files (tokens) and independent completion chunks, so
-workers never write the same object. The numbers equal a single-process run: views come from
-per-(image, view) seeds, weights from the seeded init or the checkpoint file, and each shard is
+workers never write the same object; the client process holds the store's writer lock
+(pipeline/lock.py) for the whole run and its workers write under it. The numbers equal a
+single-process run: views come from per-(image, view) seeds, weights from the seeded init or the checkpoint file, and each shard is
 encoded in the same batches as in-process. On CPU that holds at equal torch thread counts only:
 LocalCluster workers run one thread, and oneDNN's convolutions round differently per thread count
 (tiny-RN: 4e-4 of the float16 tokens differed by one ulp between 1 and 2 threads).

@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import shutil
+import stat
 import tarfile
 import urllib.error
 import urllib.parse
@@ -248,8 +249,12 @@ def _unpack(path: Path, root: Path, archive: Archive) -> list[str]:
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                for member in zf.namelist():
-                    _check_member(member, archive)
+                for info in zf.infolist():
+                    _check_member(info.filename, archive)
+                    if stat.S_ISLNK(info.external_attr >> 16):  # zipfile would write the link as a file
+                        raise DownloadError(f"archive {archive.filename}: refused member "
+                                            f"{info.filename!r}, a symbolic link (not in official archives): "
+                                            f"delete {path} and download it again")
                 zf.extractall(staging)
         else:
             with tarfile.open(path) as tf:

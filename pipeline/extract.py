@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,10 +29,14 @@ from pipeline.build import backbone_from_params
 from pipeline.cache import CacheError, FeatureCache, FingerprintMismatch
 from pipeline.datasets import MultiLabelDataset
 from pipeline.images import BadImageError, load_image
+from pipeline.lock import StoreLock
+from pipeline.shards import ShardReader
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AUGMENT = {"cutout": True, "num_ops": 2, "magnitude": 9}
+# Every key reaches train_view and the store fingerprint (extract.augment.* params override all).
+DEFAULT_AUGMENT = {"cutout": True, "num_ops": 2, "magnitude": 9, "cutout_inclusive": False,
+                   "randaugment": "torchvision", "interpolation": "bicubic"}
 BACKBONE_STRIDE = 32  # ModifiedResNet: layer4 is 1/32 of the input side
 
 
@@ -161,6 +166,45 @@ def encode_shards(backbone: FrozenCLIP, cache: FeatureCache, shards: Sequence[in
     return bad
 
 
+def resolve_num_workers(value: int | str) -> int:
+    """extract.num_workers: an int, or "auto" = the cores this process may run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    return int(value)
+
+
+def recheck_complete(cache: FeatureCache) -> list[int]:
+    """Un-mark (and return) the shards marked complete whose files fail a cheap check: shard file
+    present, index crc32c and chunk sizes right, status chunk readable with 0/1. Reads no tokens:
+    `pipeline verify` reads everything."""
+    reader, damaged = ShardReader(cache), []
+    try:
+        complete = cache.complete
+    except CacheError:  # a damaged completion mark: check them one by one
+        complete = np.zeros(cache.num_shards, dtype=bool)
+        for s in range(cache.num_shards):
+            try:
+                complete[s] = bool(cache._complete[s])
+            except (OSError, ValueError):
+                cache.unmark(s)
+                damaged.append(s)
+    for s in np.flatnonzero(complete).tolist():
+        problem = reader.check_shard(s)
+        if problem is None:
+            try:
+                status = cache._status[slice(*cache.shard_range(s))]
+            except (OSError, ValueError) as err:
+                status, problem = None, f"{cache.path}: array status, shard {s} is damaged ({err})"
+            if status is not None and not np.isin(status, (0, 1)).all():
+                problem = f"{cache.path}: array status, shard {s} is lost (reads {status.min()})"
+        if problem is not None:
+            print(f"{problem}: un-marking shard {s}, it is extracted again")
+            cache.unmark(s)
+            damaged.append(s)
+    reader.close()
+    return damaged
+
+
 def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
                 train_augment: bool, seed: int, image_size: int, dtype: str,
                 augment: dict[str, Any], precision: str, batch_images: int) -> dict[str, Any]:
@@ -192,7 +236,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             augment: dict[str, Any] | None = None, restart_on_change: bool = False,
             progress: bool = True, workers: int = 0, scheduler: str | None = None,
             fail_after_shards: int | None = None, stats: dict[str, Any] | None = None,
-            backbone: FrozenCLIP | None = None) -> FeatureCache:
+            backbone: FrozenCLIP | None = None, break_lock: bool = False) -> FeatureCache:
     """Extract (or resume) the spatial tokens of ``dataset`` into the store at ``store_path``.
 
     ``backbone_params`` is the params["backbone"] section (Dask workers rebuild the model from it;
@@ -200,7 +244,10 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
     views per forward pass. Eval splits use ``views=1, train_augment=False``. A store with another
     fingerprint raises FingerprintMismatch naming the keys, or is deleted with
     ``restart_on_change``. ``stats``, when given, is filled with images, seconds, images_per_s
-    and the bad (path, reason) pairs.
+    and the bad (path, reason) pairs. The whole run holds the store's writer lock
+    (pipeline/lock.py; ``break_lock`` takes over one recorded on another host); shards marked
+    complete are re-checked cheaply first (recheck_complete), so a lost shard file is redone.
+    ``num_workers`` "auto" means one DataLoader worker per core this process may run on.
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -220,52 +267,54 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
                                 seed=seed, image_size=image_size, dtype=dtype, augment=augment,
                                 precision=backbone.precision,
                                 batch_images=max(1, batch_size // views))}
-    try:
-        cache = FeatureCache.create_or_open(store_path, **layout)
-    except CacheError as err:  # other settings, or an older cache format
-        if not restart_on_change:
-            if isinstance(err, FingerprintMismatch):
-                raise FingerprintMismatch(f"{err}\n(from the CLI: `pipeline extract-features "
-                                          "--restart-on-change`)") from None
-            raise
-        log.warning("%s\nrestart_on_change: deleting it and starting fresh", err)
-        cache = FeatureCache.create_or_open(store_path, **layout, overwrite=True)
-    for leftover in cache.path.rglob("*.partial"):  # zarr's temp file of a write a kill cut short
-        log.info("removing %s, left by an interrupted run", leftover)
-        leftover.unlink()
-    if not cache.has_text_features():
-        raw = backbone.class_text_features(cache.classnames, normalise=False)  # each (C, D)
-        text = {**{k: torch.nn.functional.normalize(v, dim=-1) for k, v in raw.items()},
-                **{f"raw_{k}": v for k, v in raw.items()}}
-        cache.write_text_features({k: v.cpu().numpy() for k, v in text.items()})
+    with StoreLock(store_path, break_lock=break_lock):  # one writer per store, for the whole run
+        try:
+            cache = FeatureCache.create_or_open(store_path, **layout)
+        except CacheError as err:  # other settings, or an older cache format
+            if not restart_on_change:
+                if isinstance(err, FingerprintMismatch):
+                    raise FingerprintMismatch(f"{err}\n(from the CLI: `pipeline extract-features "
+                                              "--restart-on-change`)") from None
+                raise
+            log.warning("%s\nrestart_on_change: deleting it and starting fresh", err)
+            cache = FeatureCache.create_or_open(store_path, **layout, overwrite=True)
+        for leftover in cache.path.rglob("*.partial"):  # zarr's temp file of a write a kill cut short
+            log.info("removing %s, left by an interrupted run", leftover)
+            leftover.unlink()
+        recheck_complete(cache)
+        if not cache.has_text_features():
+            raw = backbone.class_text_features(cache.classnames, normalise=False)  # each (C, D)
+            text = {**{k: torch.nn.functional.normalize(v, dim=-1) for k, v in raw.items()},
+                    **{f"raw_{k}": v for k, v in raw.items()}}
+            cache.write_text_features({k: v.cpu().numpy() for k, v in text.items()})
 
-    shards = cache.incomplete_shards()
-    todo = sum(b - a for a, b in map(cache.shard_range, shards))
-    # absolute paths: Dask workers on other hosts may run in another working directory
-    spec = ViewSpec(tuple(str(r.path.resolve()) for r in dataset.records), views, train_augment, seed,
-                    image_size, augment)
-    batch_images = max(1, batch_size // views)
-    bar = tqdm(total=todo, unit="img", desc=f"extract {dataset.name}/{dataset.split}",
-               disable=not progress or not todo, smoothing=0.1)
-    start = time.perf_counter()
-    try:
-        if shards and (workers > 0 or scheduler):
-            from pipeline.distributed import extract_distributed
-            bad = extract_distributed(cache, shards, spec, backbone_params, backbone.weights_digest,
-                                      batch_images=batch_images, on_bad_image=on_bad_image,
-                                      workers=workers, scheduler=scheduler, on_images=bar.update)
-        elif shards:
-            bad = encode_shards(backbone, cache, shards, spec, batch_images=batch_images,
-                                num_workers=num_workers, on_bad_image=on_bad_image,
-                                on_images=bar.update, fail_after_shards=fail_after_shards)
-        else:
-            bad = []
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    if stats is not None:
-        stats.update(images=todo, seconds=seconds, images_per_s=todo / seconds if todo else 0.0,
-                     bad=bad)
-    cache.require_complete()
-    return cache
+        shards = cache.incomplete_shards()
+        todo = sum(b - a for a, b in map(cache.shard_range, shards))
+        # absolute paths: Dask workers on other hosts may run in another working directory
+        spec = ViewSpec(tuple(str(r.path.resolve()) for r in dataset.records), views, train_augment, seed,
+                        image_size, augment)
+        batch_images = max(1, batch_size // views)
+        bar = tqdm(total=todo, unit="img", desc=f"extract {dataset.name}/{dataset.split}",
+                   disable=not progress or not todo, smoothing=0.1)
+        start = time.perf_counter()
+        try:
+            if shards and (workers > 0 or scheduler):
+                from pipeline.distributed import extract_distributed
+                bad = extract_distributed(cache, shards, spec, backbone_params, backbone.weights_digest,
+                                          batch_images=batch_images, on_bad_image=on_bad_image,
+                                          workers=workers, scheduler=scheduler, on_images=bar.update)
+            elif shards:
+                bad = encode_shards(backbone, cache, shards, spec, batch_images=batch_images,
+                                    num_workers=resolve_num_workers(num_workers), on_bad_image=on_bad_image,
+                                    on_images=bar.update, fail_after_shards=fail_after_shards)
+            else:
+                bad = []
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        if stats is not None:
+            stats.update(images=todo, seconds=seconds, images_per_s=todo / seconds if todo else 0.0,
+                         bad=bad)
+        cache.require_complete()
+        return cache
 

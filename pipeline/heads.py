@@ -165,10 +165,12 @@ class UnmixHead(nn.Module):
         """(B, T, D) -> (B, T, D') L2-normalised per token."""
         return F.normalize(self.image_projector(tokens), dim=-1)
 
-    def forward(self, tokens: Tensor, text_neg: Tensor, text_pos: Tensor) -> HeadOutput:
+    def forward(self, tokens: Tensor, text_neg: Tensor, text_pos: Tensor,
+                stats: str | None = None) -> HeadOutput:
+        """stats: the text BatchNorm's statistics for this call (see project_text)."""
         num_classes = text_pos.shape[0]
         # One call over [neg; pos] (2C, D) so BatchNorm sees both prompt sets (authors' code).
-        text = self.project_text(torch.cat([text_neg, text_pos], dim=0))  # (2C, D')
+        text = self.project_text(torch.cat([text_neg, text_pos], dim=0), stats)  # (2C, D')
         image = self.project_tokens(tokens)  # (B, T, D')
         logits = region_logits(image, text, self.softmax_mode)  # (B, 2, C)
         return HeadOutput(logits, text[:num_classes], text[num_classes:])

@@ -1,11 +1,14 @@
 """Batches of cached tokens for training: each valid image once per epoch, one of its K views.
 
-Per-sample random reads from Zarr chunks measured 10-80x slower than a NumPy memmap, so the
-loader never reads one sample at a time: a store that fits the memory budget is loaded once and
-indexed in RAM; a larger one is streamed as whole shard view-blocks in a shuffled shard order,
-with samples shuffled inside a buffer of `buffer_shards` shards. Both orders are functions of
-(seed, epoch) only, so any epoch can be replayed directly (resumed training is identical).
-A background thread prepares the next `prefetch` batches while the consumer computes.
+An epoch is a global shuffle of the valid images and a view per image, both functions of
+(seed, epoch) only: any epoch can be replayed directly (resumed training is identical), and the
+two I/O modes serve identical batches. A store that fits the memory budget is loaded once and
+gathered in RAM; a larger one is streamed: each batch reads exactly its sampled (image, view)
+chunks from the shard files (pipeline/shards.py, one crc32c-checked pread per view), so memory is
+bounded by the prefetched batches plus 16 bytes of shard index per stored view, whatever the store
+size. Batches hold the store dtype (float16 by default): `Batch.tokens_on(device)` casts to float32
+on the device, after a non-blocking copy of half the bytes. A background thread prepares the next
+`prefetch` batches while the consumer computes.
 """
 from __future__ import annotations
 
@@ -19,15 +22,20 @@ import numpy as np
 import torch
 
 from pipeline.cache import FeatureCache
+from pipeline.shards import ShardReader
 
-_VIEWS, _ORDER, _SHARDS, _BUFFER = range(4)  # independent random streams per (seed, epoch)
+_VIEWS, _ORDER = range(2)  # independent random streams per (seed, epoch)
 
 
 class Batch(NamedTuple):
-    tokens: torch.Tensor  # (B, T, D) float32
+    tokens: torch.Tensor  # (B, T, D) in the store dtype (float16 | float32), pinned with CUDA
     labels: torch.Tensor  # (B, C) int8: 1 positive, 0 negative, -1 unknown
     index: np.ndarray  # (B,) image index into the cache
     view: np.ndarray  # (B,) which of the K views was used
+
+    def tokens_on(self, device: torch.device | str) -> torch.Tensor:
+        """(B, T, D) float32 on `device`: copied in the store dtype, cast there."""
+        return self.tokens.to(device, non_blocking=True).float()
 
 
 class _Raised:
@@ -84,8 +92,8 @@ class TokenLoader:
     """Epochs of batches over the valid images of a complete FeatureCache.
 
     view_policy "cycle" uses view epoch % K for every image; "random" draws a view per image
-    from (seed, epoch). Streaming with "random" reads every view-block of a shard that some image
-    uses (about K blocks per shard), "cycle" exactly one. The epoch's batch count is `len(self)`.
+    from (seed, epoch). The epoch's batch count is `len(self)`. `buffer_shards` is accepted for
+    older callers and unused: the global shuffle needs no shuffle buffer.
     """
 
     def __init__(self, cache: FeatureCache, batch_size: int, view_policy: str = "random",
@@ -104,7 +112,6 @@ class TokenLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.buffer_shards = buffer_shards
         self.prefetch = prefetch
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.valid = np.flatnonzero(cache.valid)  # (N_valid,) sorted image indices
@@ -115,6 +122,7 @@ class TokenLoader:
             in_memory = cache.tokens_nbytes <= budget
         self.in_memory = in_memory
         self._tokens: np.ndarray | None = None  # (N, K, T, D) once loaded
+        self._reader: ShardReader | None = None
 
     def __len__(self) -> int:
         n, b = len(self.valid), self.batch_size
@@ -130,16 +138,23 @@ class TokenLoader:
             return np.full(n, epoch % k, dtype=np.int64)
         return self._rng(epoch, _VIEWS).integers(0, k, size=n)
 
+    def order(self, epoch: int) -> np.ndarray:
+        """(N_valid,) image indices in this epoch's order (the same in both I/O modes)."""
+        return self._rng(epoch, _ORDER).permutation(self.valid) if self.shuffle else self.valid
+
     def epoch(self, e: int) -> Iterator[Batch]:
-        batches = self._memory_batches(e) if self.in_memory else self._stream_batches(e)
+        batches = self._batches(e)
         return prefetch_batches(batches, self.prefetch) if self.prefetch else batches
 
-    def _batch(self, index: np.ndarray, view: np.ndarray, tokens: np.ndarray) -> Batch:
-        x = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32))  # (B, T, D)
-        y = self.labels[torch.from_numpy(index)]  # (B, C)
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return Batch(x, y, index, view)
+    def _buffer(self, n: int) -> tuple[torch.Tensor, np.ndarray]:
+        """A fresh (n, T, D) batch tensor in the store dtype (pinned with CUDA) and its NumPy view."""
+        c = self.cache
+        if self.pin_memory:  # CUDA's caching host allocator reuses freed pinned blocks
+            x = torch.empty((n, c.num_tokens, c.dim), dtype=getattr(torch, c.dtype.name),
+                            pin_memory=True)
+            return x, x.numpy()
+        out = np.empty((n, c.num_tokens, c.dim), dtype=c.dtype)  # malloc reuses freed batches
+        return torch.from_numpy(out), out  # (torch.empty here faulted fresh pages: 0.6x the rate)
 
     def _load(self) -> np.ndarray:
         if self._tokens is None:
@@ -147,44 +162,27 @@ class TokenLoader:
             data = np.empty((c.num_images, c.views, c.num_tokens, c.dim), dtype=c.dtype)
             for s in range(c.num_shards):
                 start, stop = c.shard_range(s)
-                data[start:stop] = c.read_shard(s)  # whole-shard reads only
+                data[start:stop] = c.read_shard(s)  # whole-shard zarr reads, crc32c checked
             self._tokens = data
         return self._tokens
 
-    def _memory_batches(self, epoch: int) -> Iterator[Batch]:
-        tokens, views = self._load(), self.views(epoch)
-        order = self._rng(epoch, _ORDER).permutation(self.valid) if self.shuffle else self.valid
-        stop = len(self) * self.batch_size
-        for b in range(0, min(stop, len(order)), self.batch_size):
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        views, order = self.views(epoch), self.order(epoch)
+        if self.in_memory:
+            tokens = self._load()
+        elif self._reader is None:
+            self._reader = ShardReader(self.cache)
+        stop = min(len(self) * self.batch_size, len(order))
+        for b in range(0, stop, self.batch_size):
             index = order[b : b + self.batch_size]
             view = views[index]
-            yield self._batch(index, view, tokens[index, view])  # (B, T, D)
-
-    def _stream_batches(self, epoch: int) -> Iterator[Batch]:
-        c, views, b = self.cache, self.views(epoch), self.batch_size
-        shards = np.unique(self.valid // c.shard_size)
-        if self.shuffle:
-            shards = self._rng(epoch, _SHARDS).permutation(shards)
-        buffer_rng = self._rng(epoch, _BUFFER)
-        rest: list[np.ndarray] = [np.empty(0, np.int64), np.empty(0, np.int64),
-                                  np.empty((0, c.num_tokens, c.dim), c.dtype)]
-        for g in range(0, len(shards), self.buffer_shards):
-            parts = [rest]
-            for s in shards[g : g + self.buffer_shards]:
-                start, stop = c.shard_range(int(s))
-                local = self.valid[np.searchsorted(self.valid, start) : np.searchsorted(self.valid, stop)]
-                for v in np.unique(views[local]):
-                    sel = local[views[local] == v]
-                    block = c.read_view_block(int(s), int(v))  # (n, T, D), one chunk
-                    parts.append([sel, np.full(len(sel), v), block[sel - start]])
-            index, view, tokens = (np.concatenate(col) for col in zip(*parts))
-            new = slice(len(rest[0]), None)  # the carried-over tail stays first
-            n_new = len(index) - len(rest[0])
-            p = len(rest[0]) + (buffer_rng.permutation(n_new) if self.shuffle else np.argsort(index[new]))
-            index[new], view[new], tokens[new] = index[p], view[p], tokens[p]
-            full = len(index) // b * b
-            for i in range(0, full, b):
-                yield self._batch(index[i : i + b], view[i : i + b], tokens[i : i + b])
-            rest = [index[full:], view[full:], tokens[full:]]
-        if len(rest[0]) and not self.drop_last:
-            yield self._batch(*rest)
+            x, out = self._buffer(len(index))
+            if self.in_memory:
+                # (B, T, D) gather of the (image, view) rows; mode "clip" writes straight into
+                # `out` ("raise" buffers it), and the indices are valid by construction
+                np.take(tokens.reshape(-1, *out.shape[1:]), index * self.cache.views + view, axis=0,
+                        out=out, mode="clip")
+            else:
+                self._reader.gather(index, view, out)
+            y = self.labels[torch.from_numpy(index)]  # (B, C)
+            yield Batch(x, y.pin_memory() if self.pin_memory else y, index, view)

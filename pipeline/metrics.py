@@ -1,4 +1,5 @@
-"""Evaluation metrics: MLR mAP, the MFI figure of merit, and segmentation mIoU (two protocols).
+"""Evaluation metrics: MLR mAP, the MFI figure of merit, and segmentation mIoU (dataset-level and
+three per-image protocols, each named).
 
 Core functions assume valid inputs (shapes agree, class ids in range) and say so.
 """
@@ -92,29 +93,68 @@ def miou_dataset(conf: np.ndarray) -> tuple[float, np.ndarray]:
         return float(np.nanmean(iou)), iou
 
 
+PER_IMAGE_PROTOCOLS = ("per-image-positive-pred", "per-image-positive-only", "per-image-predicted")
+MIOU_PROTOCOLS = ("dataset", *PER_IMAGE_PROTOCOLS)
+
+
+def image_figures(conf: np.ndarray, present: np.ndarray, background: int | None = 0) -> dict[str, float]:
+    """One image's per-image mIoU figures (fractions, NaN where the image does not count).
+
+    conf (K, K): the image's confusion matrix (rows = target) over its non-ignored pixels;
+    present (K,) bool: the classes its prediction contains anywhere, ignored pixels included.
+    - "per-image-positive-pred" / "per-image-positive-only" (authors' released scripts,
+      REFERENCE.md 4.2): ground-truth `background` pixels are ignored too; per-class IoU over the
+      remaining pixels, a class with an empty union scoring 0 (torchmetrics
+      MulticlassJaccardIndex(average=None)); positive-pred = mean over `present` classes (a class
+      predicted only on ignored pixels, or the ignored background itself, scores 0 there);
+      positive-only = mean over the classes with IoU > 0 (NaN if none).
+    - "per-image-predicted" (this project's earlier per-image figure): ground-truth background is
+      a class; mean IoU over the classes predicted on non-ignored pixels (NaN if none).
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    inter, col, row = np.diag(conf), conf.sum(axis=0), conf.sum(axis=1)
+    predicted = col > 0
+    out = {"per-image-predicted": float(np.mean(inter[predicted] / (col + row - inter)[predicted]))
+           if predicted.any() else float("nan")}
+    if background is not None:
+        conf = conf.copy()
+        conf[background, :] = 0  # ground-truth background pixels dropped (set to the ignored index)
+        inter, col, row = np.diag(conf), conf.sum(axis=0), conf.sum(axis=1)
+    union = col + row - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)  # (K,), empty -> 0
+    out["per-image-positive-pred"] = float(iou[present].mean()) if present.any() else float("nan")
+    positive = iou > 0
+    out["per-image-positive-only"] = float(iou[positive].mean()) if positive.any() else float("nan")
+    return out
+
+
+def nanmean_percent(values: Iterable[float]) -> float:
+    """100 x the mean over the finite values (NaN when there is none): averaging over images."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    return float(100.0 * arr[np.isfinite(arr)].mean()) if np.isfinite(arr).any() else float("nan")
+
+
 def miou_per_image(
     preds: Iterable[np.ndarray | torch.Tensor],
     targets: Iterable[np.ndarray | torch.Tensor],
     num_classes: int,
     ignore_index: int = 255,
+    protocol: str = "per-image-positive-pred",
+    background: int | None = 0,
 ) -> float:
-    """Per-image mIoU in % (authors' scripts): for each image, IoU of each class the model
-    predicted on its non-ignored pixels, averaged over those classes; then averaged over images.
+    """Per-image mIoU in %, one of PER_IMAGE_PROTOCOLS (see image_figures), nanmean over images.
 
-    Classes present in the target but never predicted do not count, so this is not comparable
-    with the dataset-level (mmseg IoUMetric) number; report both, named. Images with no
-    non-ignored pixel are skipped. num_classes is kept for symmetry with confusion_matrix.
+    Labels lie in [0, num_classes); target pixels equal to ignore_index are ignored, and for the
+    two positive-* protocols so are target pixels of class `background` (None: no background
+    class, e.g. PASCAL Context 59). None of these is comparable with the dataset-level figure
+    (miou_dataset): report them side by side, named.
     """
-    image_means = []
+    if protocol not in PER_IMAGE_PROTOCOLS:
+        raise ValueError(f"per-image protocol must be one of {PER_IMAGE_PROTOCOLS}, got {protocol!r}")
+    values = []
     for pred, target in zip(preds, targets, strict=True):
-        pred, target = _numpy(pred).ravel(), _numpy(target).ravel()
-        keep = target != ignore_index
-        pred, target = pred[keep], target[keep]
-        if pred.size == 0:
-            continue
-        ious = []
-        for c in np.unique(pred):
-            p, t = pred == c, target == c
-            ious.append(np.logical_and(p, t).sum() / np.logical_or(p, t).sum())
-        image_means.append(np.mean(ious))
-    return float(100.0 * np.mean(image_means)) if image_means else float("nan")
+        pred = _numpy(pred)
+        conf = confusion_matrix(pred, target, num_classes, ignore_index)  # (K, K)
+        present = np.bincount(pred.ravel().astype(np.int64), minlength=num_classes)[:num_classes] > 0
+        values.append(image_figures(conf, present, background)[protocol])
+    return nanmean_percent(values)

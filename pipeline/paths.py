@@ -22,9 +22,15 @@ def checkpoint(params: dict) -> Path:
     return models_dir(params) / "last.pt"
 
 
-def projectors(params: dict) -> Path:
-    """Final trained projectors, read by the evaluation stages."""
-    return models_dir(params) / "projectors.pt"
+PROJECTORS = {"last": "projectors.pt", "best": "projectors-best.pt"}
+
+
+def projectors(params: dict, which: str = "last") -> Path:
+    """Trained projectors read by the evaluation stages (evaluate.projectors): those of the "last"
+    epoch, or of the "best" epoch by val mAP among the evaluated ones."""
+    if which not in PROJECTORS:
+        raise ValueError(f"projectors: which must be one of {sorted(PROJECTORS)}, got {which!r}")
+    return models_dir(params) / PROJECTORS[which]
 
 
 def results_dir(params: dict, *parts: str) -> Path:

@@ -61,10 +61,12 @@ def similarity_heatmaps(panels: Mapping[str, np.ndarray], classnames: Sequence[s
 
 
 def activation_grid(images: Sequence[np.ndarray], maps: Mapping[str, Sequence[np.ndarray]],
-                    path: str | Path, title: str = "", dpi: int = 100) -> int:
+                    path: str | Path, title: str = "", dpi: int = 100,
+                    row_labels: Sequence[str] | None = None) -> int:
     """Rows = images; columns = the image, then one heat-map overlay per method.
 
     images: (H, W, 3) uint8 each; maps[method][i]: (H, W) activation in [0, 1] for image i.
+    row_labels: a name per row, written left of its image (e.g. the class of each row).
     Returns the number of panels (rows x (1 + methods)).
     """
     cols = 1 + len(maps)
@@ -78,6 +80,9 @@ def activation_grid(images: Sequence[np.ndarray], maps: Mapping[str, Sequence[np
                 axes[i, j].set_title(method, fontsize=10)
         if i == 0:
             axes[i, 0].set_title("image", fontsize=10)
+        if row_labels is not None:
+            axes[i, 0].text(-0.05, 0.5, row_labels[i], transform=axes[i, 0].transAxes, fontsize=10,
+                            rotation=90, ha="right", va="center")
     for ax in axes.ravel():
         ax.set_axis_off()
     if title:

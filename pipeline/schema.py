@@ -212,6 +212,9 @@ class ZsMlr(Section):
 
 class MfiEval(Section):
     class_sets: list[Literal[MFI_CLASS_SETS]]
+    control: Literal["auto", "ablation", "train", "none"] = Field(
+        description="the alpha = 0 projector row: auto (an ablation point if one matches, else train "
+                    "one), ablation (required), train (always this stage's own control run) or none")
 
 
 class Evaluate(Section):

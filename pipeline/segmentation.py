@@ -1,48 +1,59 @@
-"""Zero-shot semantic segmentation from token score maps (paper Table 2): CLIP, CLIP-VV, ours.
+"""Zero-shot semantic segmentation: per-method token score maps and the pixel labels they give.
 
-Three methods, each a pair (image tokens, class text features) compared by cosine per token:
-  "clip"    DualCoOp spatial tokens (plain v_proj/c_proj) vs raw CLIP text of PLAIN_TEMPLATE;
-  "clip-vv" CLIP Surgery v-v tokens vs the same raw text;
-  "ours"    v-v tokens through the trained image projector vs text through the text projector.
-The mean token (position 0) is dropped; the H x W grid gives a (C, h, w) map per image, which is
-upsampled bilinearly to the ground-truth mask's own size.
+Methods (paper Table 2 and the authors' released scripts, REFERENCE.md 4.2), each a pair (image
+tokens, class text features) compared per token:
+  "clip"              the attention pool's own q-k output for every token vs raw CLIP text (cosine);
+  "clip-vproj"        DualCoOp's spatial tokens c_proj(v_proj(x)) vs raw CLIP text (cosine);
+  "clip-surgery"      v-v tokens vs raw CLIP text through CLIP Surgery's feature surgery;
+  "clip-vv"           v-v tokens vs raw CLIP text (cosine);
+  "ours"              v-v tokens -> image projector vs text -> text projector (cosine);
+  "clip-surgery+ours" the projected pair of "ours" through feature surgery.
+All token sets come from one trunk pass (FrozenCLIP.token_paths). The mean token (position 0)
+is dropped; the H x W grid gives a (C, h, w) map per image.
 
-"Normalised score" (what the 0.85 background threshold is compared with): for every class c
-separately, the image's cosine map is min-max normalised over the image's h x w tokens,
-n_c = (s_c - min s_c) / (max s_c - min s_c) (a constant map gives 0), then upsampled bilinearly
-to the mask size. This is CLIP Surgery's get_similarity_map order; normalising after the
-upsampling instead differs only where no output pixel centre falls on a token centre (bilinear
-weights are convex, so upsampled scores stay in [0, 1]) and costs ~2.5x more on 80-class COCO
-masks. A pixel takes argmax_c n_c(x); on datasets with a background class it becomes
-background where max_c n_c(x) < threshold.
-
-Both mIoU protocols are accumulated in one pass (REFERENCE.md "Protocol warning"): the dataset
-level confusion matrix (mmseg IoUMetric) and the authors' per-image mean over predicted classes.
-Runs in one process, batch-wise with a progress bar; there is no Dask scale-out.
+Maps to labels (CLIP Surgery's get_similarity_map order): every class's map is min-max
+normalised over the image's tokens, n_c = (s_c - min s_c) / (max s_c - min s_c) (a constant map
+gives 0), then upsampled bilinearly to the ground-truth mask's own size (the mask is never
+resized); a pixel takes argmax_c n_c. Background rules (datasets with a background class):
+  "none"      argmax over the classes only: background is never predicted (as released);
+  "softmax"   background where max_c softmax_c(100 n(x)) < threshold (GEM; the authors'
+              commented-out code), the softmax taken per pixel after the upsampling;
+  "max-score" background where max_c n_c(x) < threshold.
 """
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
-from tqdm import tqdm
+from torchvision.transforms import InterpolationMode, v2
 
-from pipeline.augment import eval_view
-from pipeline.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
-from pipeline.classes import CONTEXT_UNSEEN_IN_COCO
+from pipeline.backbone import CLIP_MEAN, CLIP_STD, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
+from pipeline.config import ParamError
 from pipeline.heads import UnmixHead
-from pipeline.metrics import confusion_matrix, miou_dataset
 
-METHODS = ("clip", "clip-vv", "ours")
-METHOD_LABELS = {"clip": "CLIP", "clip-vv": "CLIP-VV", "ours": "ours (Unmix-CLIP)"}
+METHODS = ("clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours")
+METHOD_LABELS = {"clip": "CLIP (q-k)", "clip-vproj": "CLIP v-proj (DualCoOp tokens)",
+                 "clip-surgery": "CLIP Surgery", "clip-vv": "CLIP-VV", "ours": "ours (Unmix-CLIP)",
+                 "clip-surgery+ours": "CLIP Surgery + ours"}
+PROJECTED = ("ours", "clip-surgery+ours")  # methods that need the trained head
+SURGERY = ("clip-surgery", "clip-surgery+ours")
+TOKEN_PATH = {"clip": "qk", "clip-vproj": "vproj", "clip-surgery": "vv", "clip-vv": "vv",
+              "ours": "vv", "clip-surgery+ours": "vv"}
+BACKGROUND_RULES = ("none", "softmax", "max-score")
+SOFTMAX_SCALE = 100.0  # GEM: softmax over classes of 100 x the normalised maps
 IGNORE_INDEX = 255
+
+
+def seg_view(image: Image.Image, size: int, interpolation: str = "bicubic") -> Tensor:
+    """ZS3 network input: Resize((S, S), interpolation) and CLIP normalisation -> (3, S, S)."""
+    mode = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[interpolation]
+    resized = v2.functional.resize(image.convert("RGB"), [size, size], interpolation=mode)
+    x = v2.functional.to_dtype(v2.functional.pil_to_tensor(resized), torch.float32, scale=True)
+    return v2.functional.normalize(x, mean=list(CLIP_MEAN), std=list(CLIP_STD))
 
 
 def token_grid(tokens: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
@@ -61,54 +72,74 @@ def cosine_maps(grid: Tensor, text: Tensor) -> Tensor:
     return maps.contiguous()  # einsum returns channels-last strides: interpolate is ~4x slower on them
 
 
+def feature_surgery(grid: Tensor, text: Tensor) -> Tensor:
+    """CLIP Surgery's feature surgery (its clip_feature_surgery without given redundant features)
+    on L2-normalised tokens f (B, D, H, W) and texts t (C, D) -> (B, C, H, W).
+
+    Definition: s_c = f . t_c; w_c = softmax_c(2 s) / mean_c softmax_c(2 s) (restrains obvious
+    classes); the element-wise features w_c (f * t_c) minus their class mean (the redundant
+    feature), summed over D. Summing first, that is w_c s_c - mean_c' (w_c' s_c'), computed here
+    without the (B, HW, C, D) tensor. With one class every map is 0: it needs the class set.
+    """
+    s = cosine_maps(grid, text)  # (B, C, H, W)
+    prob = (2.0 * s).softmax(dim=1)
+    weighted = prob / prob.mean(dim=1, keepdim=True) * s  # (B, C, H, W)
+    return weighted - weighted.mean(dim=1, keepdim=True)
+
+
 # `evaluate.prompt`: the paper evaluates with "A photo of a {class}." (plain); "positive" is the
 # training prompt without the full stop. With pretrained CLIP the two are nearly the same feature;
 # a random text tower puts them far apart, so the smoke profile evaluates with the training prompt.
 PROMPTS = {"plain": PLAIN_TEMPLATE, "positive": POSITIVE_TEMPLATE}
 
 
-def plain_text(backbone: FrozenCLIP, classnames: Sequence[str], prompt: str = "plain") -> Tensor:
-    """Raw CLIP text features (C, D) of the evaluation prompt (default: the paper's ZS3 / MFI prompt)."""
-    return backbone.text_features([PROMPTS[prompt].format(c) for c in classnames])
+def plain_text(backbone: FrozenCLIP, classnames: Sequence[str], prompt: str = "plain",
+               normalise: bool = True) -> Tensor:
+    """CLIP text features (C, D) of the evaluation prompt (default: the paper's ZS3 / MFI prompt);
+    `normalise` False gives the raw encode_text output (evaluate.text_input raw)."""
+    return backbone.text_features([PROMPTS[prompt].format(c) for c in classnames], normalise=normalise)
 
 
 @torch.no_grad()
-def method_text(raw_text: Tensor, head: UnmixHead | None, methods: Sequence[str]) -> dict[str, Tensor]:
-    """Class text features per method: raw for the baselines, projected (eval mode) for "ours"."""
-    texts = {m: raw_text for m in methods if m != "ours"}
-    if "ours" in methods:
-        head.eval()
-        texts["ours"] = head.project_text(raw_text.to(next(head.parameters()).device))  # (C, D')
+def project_classes(head: UnmixHead, text: Tensor, stats: str) -> Tensor:
+    """Class prompts (C, D) through the text projector with BatchNorm `stats` ("running" or "batch":
+    the statistics of these C prompts, as the authors' ZS3 / MFI scripts ran) -> (C, D')."""
+    if stats == "batch" and text.shape[0] < 2:
+        raise ParamError(f"evaluate.text_bn 'batch' takes BatchNorm statistics over the evaluated "
+                         f"class prompts and needs at least 2, got {text.shape[0]}: use 'running'")
+    head.eval()
+    return head.project_text(text.to(next(head.parameters()).device), stats=stats)
+
+
+def method_text(raw_text: Tensor, head: UnmixHead | None, methods: Sequence[str],
+                stats: str = "running") -> dict[str, Tensor]:
+    """Class text features per method: CLIP's for the baselines, projected for PROJECTED ones."""
+    texts = {m: raw_text for m in methods if m not in PROJECTED}
+    if any(m in PROJECTED for m in methods):
+        if head is None:
+            raise ValueError(f"methods {[m for m in methods if m in PROJECTED]} need trained projectors")
+        projected = project_classes(head, raw_text, stats)  # (C, D')
+        texts.update({m: projected for m in methods if m in PROJECTED})
     return texts
 
 
 @torch.no_grad()
 def score_maps(backbone: FrozenCLIP, head: UnmixHead | None, images: Tensor, texts: dict[str, Tensor],
                pos_interpolation: str = "bilinear") -> dict[str, Tensor]:
-    """Per method in `texts`: cosine maps (B, C, h, w) on the token grid, float32 on the backbone's
-    device, where the post-processing runs too (upsampling 80 class maps to a COCO mask costs
-    ~0.1 s per image and method on one CPU core).
-
-    The v-v tokens are computed once and shared by "clip-vv" and "ours"; with "clip" too, one trunk
-    pass gives both token sets. Images are square (eval_view), so the token grid is square.
-    """
+    """Per method in `texts`: score maps (B, C, h, w) on the token grid, float32 on the backbone's
+    device (where the post-processing runs too). One trunk pass gives every token path needed;
+    images are square (seg_view), so the grid is square."""
+    tokens = backbone.token_paths(images, sorted({TOKEN_PATH[m] for m in texts}), pos_interpolation)
+    projected = None
+    if any(m in PROJECTED for m in texts):
+        head.eval()
+        device = next(head.parameters()).device
+        projected = token_grid(head.project_tokens(tokens["vv"].to(device)))  # (B, D', h, w)
     maps: dict[str, Tensor] = {}
-    needs_vv = "clip-vv" in texts or "ours" in texts
-    if "clip" in texts and needs_vv:
-        tokens, vv = backbone.spatial_and_vv_tokens(images, pos_interpolation)  # 2 x (B, 1+hw, D)
-    elif "clip" in texts:
-        tokens = backbone.spatial_tokens(images)  # (B, 1+hw, D)
-    elif needs_vv:
-        vv = backbone.vv_tokens(images, pos_interpolation)  # (B, 1+hw, D)
-    if "clip" in texts:
-        maps["clip"] = cosine_maps(token_grid(tokens), texts["clip"].to(tokens.device))
-    if needs_vv:
-        if "clip-vv" in texts:
-            maps["clip-vv"] = cosine_maps(token_grid(vv), texts["clip-vv"].to(vv.device))
-        if "ours" in texts:
-            head.eval()
-            projected = head.project_tokens(vv.to(texts["ours"].device))  # (B, 1+hw, D')
-            maps["ours"] = cosine_maps(token_grid(projected), texts["ours"])
+    for m, text in texts.items():
+        grid = projected if m in PROJECTED else token_grid(tokens[TOKEN_PATH[m]])  # (B, D, h, w)
+        text = text.to(grid.device)
+        maps[m] = feature_surgery(grid, text) if m in SURGERY else cosine_maps(grid, text)
     return {m: s.float() for m, s in maps.items()}
 
 
@@ -125,136 +156,28 @@ def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def normalised_argmax(scores: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """One image's cosine maps (C, h, w) -> (max normalised score, its class 0..C-1), each (H, W)."""
-    return upsample(normalise_minmax(scores), size).max(dim=0)
+def normalised_maps(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """One image's score maps (C, h, w) -> normalised maps n (C, H, W) at the mask's size."""
+    return upsample(normalise_minmax(scores), size)
 
 
-def with_background(best: Tensor, label: Tensor, threshold: float) -> Tensor:
-    """Labels 0 = background (max normalised score < threshold), k + 1 = class k (VOC / COCO ids)."""
+def label_with_background(normalised: Tensor, rule: str, threshold: float) -> Tensor:
+    """Normalised maps (C, H, W) -> labels (H, W): 0 = background, k + 1 = class k (VOC / COCO ids)."""
+    if rule not in BACKGROUND_RULES:
+        raise ParamError(f"evaluate.seg.background must be one of {BACKGROUND_RULES}, got {rule!r}")
+    best, label = normalised.max(dim=0)  # (H, W) each
+    if rule == "none":
+        return label + 1
+    if rule == "softmax":
+        best = (SOFTMAX_SCALE * normalised).softmax(dim=0).max(dim=0).values  # (H, W)
     return torch.where(best < threshold, 0, label + 1)
 
 
-def predict(scores: Tensor, size: tuple[int, int], threshold: float | None) -> np.ndarray:
-    """Label map (H, W) int64 from one image's cosine maps (C, h, w).
-
-    threshold None: argmax over the C classes, labels 0..C-1. Otherwise with_background's labels.
-    """
-    best, label = normalised_argmax(scores, size)
-    return (label if threshold is None else with_background(best, label, threshold)).cpu().numpy()
-
-
-@dataclass
-class MiouAccumulator:
-    """Both protocols for one (method, variant) from per-image confusion matrices.
-
-    The per-image protocol is computed from the image's confusion matrix: the classes it
-    predicted on non-ignored pixels are its non-empty columns, and IoU = diag / (row + col - diag),
-    the same numbers as metrics.miou_per_image without a second pass over the pixels.
-    """
-    num_classes: int
-    conf: np.ndarray = field(init=False)
-    image_mious: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.conf = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
-
-    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
-        conf = confusion_matrix(pred, target, self.num_classes, IGNORE_INDEX)  # (K, K), rows = target
-        self.conf += conf
-        predicted = conf.sum(axis=0) > 0  # (K,)
-        if predicted.any():  # else every pixel is ignored: the image does not count
-            inter = np.diag(conf)[predicted]
-            union = conf.sum(axis=0)[predicted] + conf.sum(axis=1)[predicted] - inter
-            self.image_mious.append(float(np.mean(inter / union)))
-
-    def result(self, names: Sequence[str], subsets: dict[str, Sequence[int]] | None = None) -> dict:
-        miou, iou = miou_dataset(self.conf)
-        out: dict[str, Any] = {
-            "miou_dataset": miou,
-            "miou_per_image": float(100.0 * np.mean(self.image_mious)) if self.image_mious else float("nan"),
-            "per_class_iou": {n: float(v) for n, v in zip(names, iou)},
-        }
-        for subset, index in (subsets or {}).items():
-            values = iou[list(index)]
-            out[f"miou_dataset_{subset}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-        return out
-
-
-def variants(has_background: bool) -> tuple[str, ...]:
-    """"bkgd": background class by threshold; "no_bkgd": GT background ignored, objects only;
-    "all": datasets without a background class (Context-59: 0 = first class, 255 ignored)."""
-    return ("bkgd", "no_bkgd") if has_background else ("all",)
-
-
-def variant_target(mask: np.ndarray, variant: str) -> np.ndarray:
-    """Ground truth in the variant's label space: "no_bkgd" shifts 1..C to 0..C-1 and ignores 0."""
-    if variant != "no_bkgd":
-        return mask
-    target = mask.astype(np.int64) - 1
-    target[(mask == 0) | (mask == IGNORE_INDEX)] = IGNORE_INDEX
-    return target
-
-
-def class_subsets(dataset_name: str, classnames: Sequence[str]) -> dict[str, list[int]]:
-    """Context-59: indices of the 30 classes unseen in COCO and the 29 seen (issue 8)."""
-    if dataset_name != "context59":
-        return {}
-    unseen = [i for i, c in enumerate(classnames) if c in CONTEXT_UNSEEN_IN_COCO]
-    return {"unseen": unseen, "seen": [i for i in range(len(classnames)) if i not in unseen]}
-
-
-def load_batch(dataset: Any, indices: Sequence[int], image_size: int) -> tuple[Tensor, list[np.ndarray]]:
-    """Network inputs (B, 3, S, S) and the ground-truth masks (each its own H x W)."""
-    images = torch.stack([eval_view(dataset.image(i), image_size) for i in indices])  # (B, 3, S, S)
-    return images, [dataset.mask(i) for i in indices]
-
-
-def object_classes(dataset: Any) -> list[str]:
-    """Class names that get a text prompt: a background entry (mask value 0) is not one."""
-    names = list(dataset.classnames)
-    return names[1:] if dataset.has_background else names
-
-
-def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset: Any, *,
-                          image_size: int, batch_size: int = 16, threshold: float = 0.85,
-                          pos_interpolation: str = "bilinear", methods: Sequence[str] = METHODS,
-                          limit: int | None = None, progress: bool = True,
-                          keep_predictions: bool = False, prompt: str = "plain") -> dict:
-    """mIoU of every method and variant on a SegmentationDataset (both protocols, named).
-
-    Returns {"methods": {method: {variant: {...}}}, "num_images", "seconds_per_image",
-    "classnames" (object classes), "has_background"}; with keep_predictions also
-    "predictions": {method: {variant: [label map per image]}} (memory grows with the dataset).
-    "ours" needs `head`.
-    """
-    names = object_classes(dataset)
-    num = len(dataset.records) if limit is None else min(limit, len(dataset.records))
-    subsets = class_subsets(dataset.name, names)
-    texts = method_text(plain_text(backbone, names, prompt), head, methods)
-    acc = {m: {v: MiouAccumulator(len(names) + (v == "bkgd")) for v in variants(dataset.has_background)}
-           for m in methods}
-    kept: dict[str, dict[str, list[np.ndarray]]] = {m: {v: [] for v in acc[m]} for m in methods}
-    start = time.perf_counter()
-    bar = tqdm(total=num, desc=f"seg {dataset.name}", unit="img", disable=not progress)
-    for first in range(0, num, batch_size):
-        indices = list(range(first, min(first + batch_size, num)))
-        images, masks = load_batch(dataset, indices, image_size)
-        maps = score_maps(backbone, head, images, texts, pos_interpolation)
-        for j, mask in enumerate(masks):
-            for m in methods:
-                best, label = normalised_argmax(maps[m][j], mask.shape)  # (H, W) each
-                for v, a in acc[m].items():
-                    pred = (with_background(best, label, threshold) if v == "bkgd" else label).cpu().numpy()
-                    a.update(pred, variant_target(mask, v))
-                    if keep_predictions:
-                        kept[m][v].append(pred)
-        bar.update(len(indices))
-    bar.close()
-    seconds = (time.perf_counter() - start) / max(num, 1)
-    results = {m: {v: a.result((["background"] if v == "bkgd" else []) + names,
-                               {k: [i + (v == "bkgd") for i in idx] for k, idx in subsets.items()})
-                   for v, a in acc[m].items()} for m in methods}
-    out = {"methods": results, "num_images": num, "seconds_per_image": seconds,
-           "classnames": names, "has_background": bool(dataset.has_background)}
-    return {**out, "predictions": kept} if keep_predictions else out
+def predict(scores: Tensor, size: tuple[int, int], background: str | None = None,
+            threshold: float = 0.85) -> Tensor:
+    """Label map (H, W) int64 from one image's score maps (C, h, w). background None: argmax over
+    the C classes, labels 0..C-1; else label_with_background's labels under that rule."""
+    normalised = normalised_maps(scores, size)
+    if background is None:
+        return normalised.argmax(dim=0)
+    return label_with_background(normalised, background, threshold)

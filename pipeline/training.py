@@ -1,4 +1,5 @@
-"""What one optimisation step, one evaluation and one checkpoint of the projectors are.
+"""What one optimisation step and one evaluation of the projectors are (their files, checkpoint
+and projectors, live in pipeline/checkpoints.py and are re-exported here).
 
 Shared by `stages/train.py`, `stages/ablate.py` and InfoCLIP, so that a grid point of the
 ablation and a solo run go through exactly the same arithmetic (same step, same batches).
@@ -7,9 +8,9 @@ Training never runs CLIP: tokens and the class text features come from the featu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,40 +18,49 @@ import torch
 from torch import Tensor
 
 from pipeline.build import head_from_params
-from pipeline.files import atomic_write
+from pipeline.checkpoints import (  # noqa: F401  (re-exported: the training API in one import)
+    TrainingError,
+    cache_identity,
+    load_checkpoint,
+    load_projectors,
+    save_checkpoint,
+    save_projectors,
+)
 from pipeline.heads import HeadOutput, UnmixHead, positive_scores
 from pipeline.losses import asl_loss, mfi_loss
-from pipeline.metrics import mfi_figure_of_merit
+from pipeline.metrics import mean_average_precision, mfi_figure_of_merit
 from pipeline.objective import uses_mfi
 
 # aux(head=, out=, tokens=, labels=, text=) -> {name: scalar loss term, already weighted}: each term
 # is added to the total and reported under its name (InfoCLIP: "compress", "distill").
 AuxLoss = Callable[..., Mapping[str, Tensor]]
 
-# train-section keys a resumed run may change without making its result a different experiment.
-# Extending `epochs` on resume is a warm restart of the cosine schedule: not the same as a longer run.
-_RESUMABLE_CHANGES = ("epochs", "device")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, a checkpoint that does not belong to this cache)."""
-
 
 # -- schedule and optimiser ----------------------------------------------------------------------
 def lr_at(epoch: float, train_params: Mapping[str, Any]) -> float:
     """Learning rate at fractional epoch `epoch` (e + step / steps_per_epoch).
 
-    Cosine annealing of `lr` to 0 over all `epochs` (the paper: 50), with the first
-    `warmup_epochs` replaced by the constant `warmup_lr` (1e-5): Dassl's ConstantWarmupScheduler
-    around CosineAnnealingLR(T_max=epochs), which DualCoOp and the authors use. `lr_schedule`
-    "epoch" steps it once per epoch as Dassl does (the authors' run); "step" evaluates it per step.
+    The constant `warmup_lr` (1e-5) for the first `warmup_epochs`, then cosine annealing of `lr`
+    with period T = `epochs` started when the warm-up ends: lr = lr0 (1 + cos(pi (e - W) / T)) / 2.
+    That is Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs), which DualCoOp
+    and the authors use: the wrapper holds the cosine back during the warm-up, so the cosine
+    starts at lr0 on epoch W and the last epoch ends above 0. `lr_schedule` "epoch" steps it once
+    per epoch as Dassl does (the authors' run); "step" evaluates the same curve at every step.
     """
     if train_params.get("lr_schedule", "step") == "epoch":
         epoch = math.floor(epoch)
     warmup, total, base = train_params["warmup_epochs"], train_params["epochs"], train_params["lr"]
     if epoch < warmup:
         return float(train_params["warmup_lr"])
-    return float(base * 0.5 * (1.0 + math.cos(math.pi * min(epoch / total, 1.0))))
+    return float(base * 0.5 * (1.0 + math.cos(math.pi * min((epoch - warmup) / total, 1.0))))
+
+
+def label_mask_identity(labels: np.ndarray, fraction: float, seed: int) -> dict[str, Any]:
+    """What a resumed run must agree on about its partial labels: fraction, seed and a digest of
+    the labels actually trained on (a different mask, or other labels, is another experiment)."""
+    masked = np.ascontiguousarray(partial_labels(labels, fraction, seed))
+    return {"fraction": float(fraction), "seed": int(seed), "shape": list(masked.shape),
+            "kept": int((masked != -1).sum()), "sha256": hashlib.sha256(masked.tobytes()).hexdigest()}
 
 
 def partial_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -114,18 +124,32 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def torch_threads(device: torch.device, spec: int | str = "auto") -> Any:
+    """train.cpu_threads: intra-op threads for the head on CPU ("auto": torch's default), restored
+    on exit. The head's ops take microseconds, where thread hand-offs cost more than they save."""
+    if device.type != "cpu" or spec == "auto":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(spec))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- one step ------------------------------------------------------------------------------------
-def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor, labels: Tensor,
-               text: Mapping[str, Tensor], cfg: Mapping[str, Any], aux: AuxLoss | None = None, *,
-               epoch: int = 0, step: int = 0, amp: torch.dtype | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    """One optimiser step on L = asl_weight * ASL + alpha * MFI (+ aux terms); returns the loss parts.
+def loss_parts(head: UnmixHead, tokens: Tensor, labels: Tensor, text: Mapping[str, Tensor],
+               cfg: Mapping[str, Any], aux: AuxLoss | None = None,
+               amp: torch.dtype | None = None) -> dict[str, Tensor]:
+    """{total, asl, mfi, *aux terms} as tensors (graph kept) for L = asl_weight * ASL + alpha * MFI
+    (+ aux terms), the head in training mode. The arithmetic every trainer shares (train_step, the
+    ablation's stacked grid).
 
-    MFI is left out of L (still reported) when cfg["objective"] is "infoclip".
-
-    tokens (B, T, D) and labels (B, C) on the head's device; text["negative"], text["positive"]
-    (C, D); cfg is params["train"]. The learning rate is whatever the optimiser holds (set_lr).
-    A non-finite loss raises TrainingError naming `epoch` and `step` before any update.
+    MFI is left out of L (still reported) when cfg["objective"] is "infoclip". tokens (B, T, D)
+    and labels (B, C) on the head's device; text["negative"], text["positive"] (C, D); cfg is
+    params["train"].
     """
     head.train()
     with _autocast(tokens.device, amp):
@@ -135,16 +159,28 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
     mfi = mfi_loss(out.text_pos.float(), out.text_neg.float(), lam=cfg["mfi"]["lambda"],
                    form=cfg["mfi"]["form"], bn=head.text_bn)  # the MFI BatchNorm follows the projector's
     parts: dict[str, Tensor] = {"asl": asl, "mfi": mfi}
-    # train.objective "infoclip" drops MFI from the loss (still reported); pipeline/objective.py
     # asl_weight: 1 in the paper; the authors' code uses 0.999 * 0.05
     total = cfg["asl_weight"] * asl
-    if uses_mfi(cfg.get("objective", "unmix")):
+    if uses_mfi(cfg.get("objective", "unmix")):  # pipeline/objective.py
         total = total + cfg["alpha"] * mfi
     if aux is not None:  # InfoCLIP's compression / distillation terms
         for name, term in aux(head=head, out=out, tokens=tokens, labels=labels, text=text).items():
             parts[name] = term
             total = total + term
-    parts = {"total": total, **parts}
+    return {"total": total, **parts}
+
+
+def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor, labels: Tensor,
+               text: Mapping[str, Tensor], cfg: Mapping[str, Any], aux: AuxLoss | None = None, *,
+               epoch: int = 0, step: int = 0, amp: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """One optimiser step on loss_parts' total; returns the loss parts as floats.
+
+    The learning rate is whatever the optimiser holds (set_lr). A non-finite loss raises
+    TrainingError naming `epoch` and `step` before any update.
+    """
+    parts = loss_parts(head, tokens, labels, text, cfg, aux, amp)
+    total = parts["total"]
     values = {name: float(value.detach()) for name, value in parts.items()}
     if not all(math.isfinite(v) for v in values.values()):
         shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
@@ -163,106 +199,54 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
 # -- evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
-                  amp: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  amp: torch.dtype | None = None, stats: str = "running") -> tuple[np.ndarray, np.ndarray]:
     """Scores (N, C) and labels (N, C) over a loader (`.epoch(0)` is used) or an iterable of batches.
 
-    Eval mode: the text projector's BatchNorm uses its running statistics, nothing is updated.
+    Eval mode, nothing updated. stats (evaluate.text_bn.mlr): the text projector's BatchNorm uses
+    its "running" statistics or those of the "batch" of 2C class prompts.
     """
     head.eval()
     device = text["positive"].device
     batches = loader.epoch(0) if hasattr(loader, "epoch") else loader
-    scores, labels = [], []
+    scores, labels, index = [], [], []
     for batch in batches:
+        index.append(batch.index)  # (B,)
         with _autocast(device, amp):
-            out = head(batch.tokens.to(device, non_blocking=True), text["negative"], text["positive"])
+            out = head(batch.tokens_on(device), text["negative"], text["positive"],
+                       stats)
         scores.append(positive_scores(out.logits.float()).cpu().numpy())  # (B, C)
         labels.append(batch.labels.numpy())  # (B, C)
+    from pipeline.provenance import require_finite  # NaN tokens: named here, not inside sklearn
+    require_finite(np.concatenate(scores), np.concatenate(index), getattr(loader, "cache", None))
     return np.concatenate(scores), np.concatenate(labels)
 
 
 @torch.no_grad()
-def text_figure_of_merit(head: UnmixHead, plain: Tensor) -> dict[str, float]:
-    """Paper Table 4 on the plain prompts "A photo of a {class}.": raw CLIP vs projected (eval mode)."""
+def text_figure_of_merit(head: UnmixHead, plain: Tensor, stats: str = "running") -> dict[str, float]:
+    """Paper Table 4 on the plain prompts "A photo of a {class}.": CLIP vs projected (eval mode).
+    stats (evaluate.text_bn.mfi): the text BatchNorm's "running" statistics or the "batch" ones of
+    these C prompts (the authors' figure script)."""
     head.eval()
-    return mfi_figure_of_merit(plain.float().cpu(), head.project_text(plain.float()).cpu())
+    return mfi_figure_of_merit(plain.float().cpu(), head.project_text(plain.float(), stats).cpu())
 
 
-# -- files ---------------------------------------------------------------------------------------
-def _atomic_save(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def merit_text(cache: Any, params: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The class text the figures of merit project: the evaluation's input (evaluate.text_input;
+    the authors' figure script feeds L2-normalised features), whatever training was fed."""
+    return projector_text(cache, params["evaluate"]["text_input"])
 
 
-def cache_identity(cache: Any) -> dict[str, Any]:
-    """What a checkpoint must agree on with the train cache it resumes on."""
-    return {"fingerprint": cache.fingerprint, "layout": cache.layout, "classnames": cache.classnames}
-
-
-def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
-    """Write the resume state atomically (temp file + rename).
-
-    state: head, optimizer, scaler (or None), epoch (completed), rng (torch CPU/CUDA states),
-    params, cache (cache_identity of the train cache), history (per-epoch metric rows).
-    """
-    _atomic_save(dict(state), path)
-
-
-def capture_rng() -> dict[str, Any]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def restore_rng(rng: Mapping[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            keys += _diff_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
-def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Read a resume state and refuse it unless it belongs to this train cache and these settings."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    differ = _diff_keys(state["cache"], cache_identity(cache))
-    if differ:
-        raise TrainingError(
-            f"checkpoint {path} was written for a different train cache than {cache.path} "
-            f"(fingerprint differs in: {', '.join(differ)}); delete {path} or train without --resume")
-    old_train = {k: v for k, v in state["params"]["train"].items() if k not in _RESUMABLE_CHANGES}
-    new_train = {k: v for k, v in params["train"].items() if k not in _RESUMABLE_CHANGES}
-    differ = _diff_keys({"model": state["params"]["model"], "train": old_train},
-                        {"model": params["model"], "train": new_train})
-    if differ:
-        raise TrainingError(f"checkpoint {path} was written with other settings ({', '.join(differ)}); "
-                            f"resuming would mix two experiments: delete {path} or restore the params")
-    return state
-
-
-def save_projectors(path: str | Path, head: UnmixHead, meta: Mapping[str, Any]) -> None:
-    """Final head for evaluation. meta: model (params section), embed_dim, classnames, fingerprint,
-    epoch (plain Python values, so the file loads with weights_only=True)."""
-    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    _atomic_save({"head": state, "meta": dict(meta)}, path)
-
-
-def load_projectors(path: str | Path, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
-    """(head in eval mode on `device`, meta) from a save_projectors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"no trained projectors at {path}: run `pipeline train` first")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    meta = blob["meta"]
-    head = head_from_params(meta["model"], meta["embed_dim"])
-    head.load_state_dict(blob["head"])
-    return head.to(device).eval(), meta
+def validation_metrics(head: UnmixHead, val_loader: Any, text: Mapping[str, Tensor],
+                       merit: Mapping[str, Tensor], params: Mapping[str, Any],
+                       amp: torch.dtype | None = None, mean_ap: Callable = mean_average_precision
+                       ) -> dict[str, float]:
+    """One validation as every trainer reports it (train.json, the ablation grid): val mAP with the
+    training text and the text BatchNorm statistics evaluate.text_bn.mlr, and paper Table 4 on the
+    plain and the positive prompts of `merit` (merit_text) with evaluate.text_bn.mfi."""
+    bn = params["evaluate"]["text_bn"]
+    scores, labels = evaluate_head(head, val_loader, text, amp, stats=bn["mlr"])
+    plain = text_figure_of_merit(head, merit["plain"], stats=bn["mfi"])
+    pos = text_figure_of_merit(head, merit["positive"], stats=bn["mfi"])
+    return {"val_map": mean_ap(scores, labels), "mfi_before": plain["before"],
+            "mfi_after": plain["after"], "mfi_reduction_pct": plain["reduction_pct"],
+            "mfi_pos_before": pos["before"], "mfi_pos_after": pos["after"]}

@@ -4,7 +4,8 @@ CLIP's global prediction on the whole image is combined with CLIP's predictions 
 that the model segments:
   global   g_c = softmax_c(100 * cos(global_embedding(image), text_c))   (CLIP's logit scale 100)
   regions  for each class c predicted in the image's segmentation ("ours" score maps, the
-           seg threshold making low-confidence pixels background) with area >= min_area of the
+           seg threshold on the max normalised score making low-confidence pixels background, the
+           "max-score" rule whatever evaluate.seg.background says) with area >= min_area of the
            image: the image outside that region is set to 0, i.e. the normalisation mean
            ("mask"), or its bounding box is cropped and resized ("crop"); r_c = class c's
            probability from CLIP on that view. Classes not segmented get r_c = 0.
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from pipeline.augment import eval_view
 from pipeline.backbone import FrozenCLIP
+from pipeline.classes import prompt_names
 from pipeline.heads import UnmixHead
 from pipeline.metrics import average_precision
-from pipeline.segmentation import method_text, plain_text, predict, score_maps
+from pipeline.segmentation import method_text, plain_text, predict, score_maps, seg_view
 
 CLIP_LOGIT_SCALE = 100.0  # exp(logit_scale) of the pretrained OpenAI models (clamped at 100)
 REGION_MODES = ("mask", "crop")
@@ -88,7 +89,9 @@ def combine(global_scores: np.ndarray, region_scores: np.ndarray, weight: float)
 def zero_shot_mlr(backbone: FrozenCLIP, head: UnmixHead, dataset: Any, *, image_size: int,
                   batch_size: int = 16, region_weight: float = 0.5, threshold: float = 0.85,
                   pos_interpolation: str = "bilinear", min_area: float = 0.01, region_mode: str = "mask",
-                  limit: int | None = None, progress: bool = True, prompt: str = "plain") -> dict:
+                  limit: int | None = None, progress: bool = True, prompt: str = "plain",
+                  interpolation: str = "bicubic", text_input: str = "normalised",
+                  text_bn: str = "running", voc_names: str = "official") -> dict:
     """mAP of CLIP global alone, of the regions alone and of the combination on a MultiLabelDataset.
 
     Returns {"map": {"clip", "regions", "combined"}, "per_class_ap": {...}, "scores": {name: (N, C)},
@@ -96,16 +99,19 @@ def zero_shot_mlr(backbone: FrozenCLIP, head: UnmixHead, dataset: Any, *, image_
     """
     names = list(dataset.classnames)
     num = len(dataset.records) if limit is None else min(limit, len(dataset.records))
-    raw = plain_text(backbone, names, prompt)  # (C, D)
-    texts = method_text(raw, head, ["ours"])
+    words = prompt_names(names, dataset.name, voc_names)
+    raw = plain_text(backbone, words, prompt)  # (C, D) L2-normalised, for CLIP itself
+    into_head = raw if text_input == "normalised" else plain_text(backbone, words, prompt, normalise=False)
+    texts = method_text(into_head, head, ["ours"], text_bn)
     glob, regions = [], []
     start = time.perf_counter()
     bar = tqdm(total=num, desc=f"zs-mlr {dataset.name}", unit="img", disable=not progress)
     for first in range(0, num, batch_size):
         indices = range(first, min(first + batch_size, num))
-        images = torch.stack([eval_view(dataset.image(i), image_size) for i in indices])  # (B, 3, S, S)
+        images = torch.stack([seg_view(dataset.image(i), image_size, interpolation)
+                              for i in indices])  # (B, 3, S, S)
         maps = score_maps(backbone, head, images, texts, pos_interpolation)["ours"]  # (B, C, h, w)
-        labels = torch.stack([torch.from_numpy(predict(m, (image_size, image_size), threshold))
+        labels = torch.stack([predict(m, (image_size, image_size), "max-score", threshold).cpu()
                               for m in maps])  # (B, S, S): 0 background, k + 1 class k
         glob.append(global_probabilities(backbone, images, raw).numpy())
         regions.append(region_probabilities(backbone, images, labels, raw, min_area, region_mode).numpy())

@@ -1,47 +1,65 @@
 """`pipeline ablate`: a lambda x alpha grid trained in ONE pass over the cache per epoch.
 
-Reading tokens is the shared, expensive part: each batch is read once and fed to every grid
-point's head in turn, each with its own optimiser, through the same training.train_step a solo
-`pipeline train` uses, from the same seeded initial head. So every point ends with the weights
-its solo run would reach (same batches, same arithmetic), while the grid pays for reading once.
-With an InfoCLIP objective each point also has its own LPAM (in its optimiser) and its own
-token-sampling generator seeded by train.seed, so the grid = solo property holds for it too;
-ablate.lambda1s / lambda2s then sweep InfoCLIP's weights as well.
+Every grid point is the solo `pipeline train` run with that point's params (ablation.point_params):
+same seeded initial head, same batches, same partial labels, same arithmetic. Points whose loss is
+the same (alpha = 0 leaves lambda out of it) are trained once and reported for each. The distinct
+heads are stacked into one batched forward / backward / update (pipeline/stacked.py), with one host
+sync per step for the whole grid; InfoCLIP objectives (an LPAM and a token sampler per point) run
+head by head through training.train_step instead. Each point is validated as a solo run is (every
+train.eval_every epochs and after the last), and its projectors are saved with its params under
+results/ablation/points/<slug>/projectors.pt (training.load_projectors reads them).
 """
 from __future__ import annotations
 
+import json
 import time
 
+import torch
 from tqdm import tqdm
 
-from pipeline import paths
-from pipeline.ablation import grid, plot_reduction_vs_map, point_params, write_csv, write_markdown
+from pipeline import paths, provenance
+from pipeline.ablation import (
+    distinct,
+    grid,
+    plot_ablation,
+    point_label,
+    point_params,
+    point_slug,
+    write_csv,
+    write_markdown,
+)
 from pipeline.build import resolve_device
 from pipeline.config import ParamError
+from pipeline.files import atomic_write_text
 from pipeline.metrics import mean_average_precision
-from pipeline.objective import (
-    build_objective,
-    clip_alignment_mi,
-    trainable_parameters,
-    uses_infoclip,
-)
+from pipeline.objective import build_objective, clip_alignment_mi, uses_infoclip
 from pipeline.results import stamp
+from pipeline.stacked import LoopTrainer, StackedTrainer
 from pipeline.training import (
     amp_dtype,
-    build_optimizer,
-    evaluate_head,
     lr_at,
-    make_scaler,
+    merit_text,
     new_head,
-    set_lr,
-    text_figure_of_merit,
-    train_step,
+    save_projectors,
+    torch_threads,
+    validation_metrics,
 )
 from stages.train import open_data
 
 
+def validate(head: torch.nn.Module, val_loader, text: dict, merit: dict, params: dict, amp) -> dict:
+    """The solo run's per-epoch validation figures of one head (what train.json reports)."""
+    m = validation_metrics(head, val_loader, text, merit, params, amp, mean_ap=mean_average_precision)
+    cfg = params["train"]
+    return {**m, "mfi_pos_reduction_pct": 100.0 * (1.0 - m["mfi_pos_after"] / m["mfi_pos_before"]),
+            "val_mi_clip": clip_alignment_mi(head, val_loader.epoch(0), text, cfg["infoclip"],
+                                             seed=cfg["seed"])}
+
+
 def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | None = None,
-        lambda1s: list[float] | None = None, lambda2s: list[float] | None = None) -> dict:
+        lambda1s: list[float] | None = None, lambda2s: list[float] | None = None,
+        stacked: bool | None = None) -> dict:
+    """stacked: None = stacked unless InfoCLIP is on; False = head by head (benchmarks compare)."""
     a = params["ablate"]
     sweeps = {"lambda1s": a.get("lambda1s", []) if lambda1s is None else lambda1s,
               "lambda2s": a.get("lambda2s", []) if lambda2s is None else lambda2s}
@@ -53,64 +71,74 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
     points = grid(a["lambdas"] if lambdas is None else lambdas, a["alphas"] if alphas is None else alphas,
                   sweeps["lambda1s"], sweeps["lambda2s"])
     runs = [point_params(params, lam, alpha, a["epochs"], l1, l2) for lam, alpha, l1, l2 in points]
-    epochs = runs[0]["train"]["epochs"]
-    device = resolve_device(params["train"]["device"])
-    amp = amp_dtype(device, params["train"]["precision"])
-    print(f"ablate: {len(points)} grid points x {epochs} epochs on {device}")
+    reps, owner = distinct(runs)  # reps[k]: the point trained for head k; owner[i]: point i's head
+    labels = [point_label(*pt) for pt in points]
+    cfg = runs[0]["train"]
+    epochs, every = cfg["epochs"], cfg.get("eval_every", 1)
+    device = resolve_device(cfg["device"])
+    amp = amp_dtype(device, cfg["precision"])
+    if stacked and uses_infoclip(objective):
+        raise ParamError(f"'train.objective' {objective!r} trains its grid head by head (an LPAM per point)")
+    stacked = not uses_infoclip(objective) if stacked is None else stacked
+    print(f"ablate: {len(points)} grid points ({len(reps)} distinct trainings, "
+          f"{'stacked' if stacked else 'head by head'}) x {epochs} epochs on {device}")
 
-    # -- data, heads, optimisers (one per point) ---------------------------------------------------
-    loader, val_loader, text = open_data(params, device)
-    heads = [new_head(p, loader.cache.dim, device) for p in runs]
-    num_classes = len(loader.cache.classnames)
-    auxes = [build_objective(p["train"], num_classes, device) for p in runs]  # None for unmix
-    optimizers = [build_optimizer(trainable_parameters(h, x), p["train"])
-                  for h, x, p in zip(heads, auxes, runs)]
-    scalers = [make_scaler(amp) for _ in runs]
-    steps = len(loader)
-    losses, mis = [0.0] * len(runs), [0.0] * len(runs)
+    with torch_threads(device, cfg["cpu_threads"]):
+        loader, val_loader, text = open_data(params, device)
+        cache = loader.cache
+        merit = {k: t.to(device) for k, t in merit_text(cache, params).items()}
+        heads = [new_head(runs[i], cache.dim, device) for i in reps]
+        head_labels = [labels[i] for i in reps]
+        if stacked:
+            trainer = StackedTrainer(heads, [runs[i]["train"] for i in reps], head_labels, amp)
+        else:
+            auxes = [build_objective(runs[i]["train"], len(cache.classnames), device) for i in reps]  # None: unmix
+            trainer = LoopTrainer(heads, [runs[i]["train"] for i in reps], head_labels, auxes, amp)
+        steps, seconds = len(loader), 0.0
+        history: list[list[dict]] = [[] for _ in reps]
 
-    # -- one pass over the cache per epoch, every head on every batch ------------------------------
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        losses, mis = [0.0] * len(runs), [0.0] * len(runs)
-        for step, batch in enumerate(tqdm(loader.epoch(epoch), total=steps,
-                                          desc=f"epoch {epoch + 1}/{epochs}", leave=False)):
-            tokens = batch.tokens.to(device, non_blocking=True)  # (B, T, D), read once
-            labels = batch.labels.to(device)
-            for i, (head, aux, optimizer, scaler, p) in enumerate(
-                    zip(heads, auxes, optimizers, scalers, runs)):
-                set_lr(optimizer, lr_at(epoch + step / steps, p["train"]))
-                parts = train_step(head, optimizer, tokens, labels, text, p["train"], aux,
-                                   epoch=epoch + 1, step=step + 1, amp=amp, scaler=scaler)
-                losses[i] += parts["total"] / steps
-                if aux is not None:
-                    mis[i] += float(aux.last_mi) / steps
-    seconds = time.perf_counter() - start
+        for epoch in range(epochs):
+            sums = torch.zeros(len(reps), len(trainer.parts), device=device)  # (H, parts)
+            t0 = time.perf_counter()
+            for step, batch in enumerate(tqdm(loader.epoch(epoch), total=steps,
+                                              desc=f"epoch {epoch + 1}/{epochs}", leave=False)):
+                tokens = batch.tokens_on(device)  # (B, T, D) float32, read once
+                sums += trainer.step(tokens, batch.labels.to(device, non_blocking=True), text,
+                                     lr_at(epoch + step / steps, cfg), epoch=epoch + 1,
+                                     step=step + 1).to(device)
+            means = (sums / steps).cpu()  # (H, parts): the epoch's one read-back
+            seconds += time.perf_counter() - t0
+            if (epoch + 1) % every and epoch + 1 != epochs:
+                continue
+            for k, head in enumerate(trainer.unstacked()):
+                row = {"epoch": epoch + 1, **dict(zip(trainer.parts, means[k].tolist()))}
+                history[k].append({**row, **validate(head, val_loader, text, merit, runs[reps[k]], amp)})
 
-    # -- evaluation and outputs ------------------------------------------------------------------
-    rows = []
-    for (lam, alpha, _, _), head, aux, p, loss, mi in zip(points, heads, auxes, runs, losses, mis):
-        scores, labels = evaluate_head(head, val_loader, text, amp)
-        merit = text_figure_of_merit(head, text["plain"])
-        pos = text_figure_of_merit(head, text["positive"])
-        cfg = p["train"]
-        row = {"lambda": lam, "alpha": alpha, "val_map": mean_average_precision(scores, labels),
-               "mfi_before": merit["before"], "mfi_after": merit["after"],
-               "mfi_reduction_pct": merit["reduction_pct"], "mfi_pos_before": pos["before"],
-               "mfi_pos_after": pos["after"], "mfi_pos_reduction_pct": pos["reduction_pct"],
-               "val_mi_clip": clip_alignment_mi(head, val_loader.epoch(0), text, cfg["infoclip"],
-                                                seed=cfg["seed"]),
-               "loss": loss}
-        if aux is not None:  # lambda1, lambda2 as trained, swept or not
-            row.update(lambda1=cfg["infoclip"]["lambda1"], lambda2=cfg["infoclip"]["lambda2"],
-                       mi_student_teacher=mi)
-        rows.append(row)
+    # -- outputs: one row and one projectors file per grid point --------------------------------
     out = paths.results_dir(params, "ablation")
+    final = trainer.unstacked()
+    rows = []
+    for i, ((lam, alpha, l1, l2), p) in enumerate(zip(points, runs)):
+        k = owner[i]
+        last = history[k][-1]
+        row = {"lambda": lam, "alpha": alpha, **{c: last[c] for c in last if c not in ("epoch", "total")},
+               "loss": last["total"], "trained_as": "" if reps[k] == i else labels[reps[k]]}
+        if uses_infoclip(objective):  # lambda1, lambda2 as trained, swept or not
+            row.update(lambda1=p["train"]["infoclip"]["lambda1"], lambda2=p["train"]["infoclip"]["lambda2"])
+        rows.append(row)
+        folder = out / "points" / point_slug(lam, alpha, l1, l2)
+        meta = {"model": p["model"], "train": p["train"], "params": p, "embed_dim": cache.dim,
+                "classnames": cache.classnames, "fingerprint": cache.fingerprint,
+                "epoch": last["epoch"], "val_map": last["val_map"], "point": labels[i],
+                "trained_as": row["trained_as"],
+                "provenance": provenance.record(p, cache, val_loader.cache)}
+        save_projectors(folder / "projectors.pt", final[k], meta)
+        atomic_write_text(folder / "history.json", json.dumps(history[k], indent=2) + "\n")
     write_csv(rows, out / "ablation.csv")
     write_markdown(rows, out / "ablation.md", epochs)
-    plot_reduction_vs_map(rows, out / "mfi_reduction_vs_map.png")
+    plot_ablation(rows, out / "ablation.png")
     stamp(params, out)  # the report checks which run made the grid
-    print(f"ablate: {len(points)} points trained in {seconds:.1f} s; table -> {out / 'ablation.md'}")
+    print(f"ablate: {len(reps)} heads trained for {len(points)} points in {seconds:.1f} s; "
+          f"table -> {out / 'ablation.md'}")
     return {"rows": rows, "train_seconds": seconds, "epochs": epochs, "out": str(out),
-            "heads": [h.cpu() for h in heads]}
-
+            "heads": [final[owner[i]].cpu() for i in range(len(points))], "trained": len(reps)}

@@ -19,7 +19,7 @@ def load_split(params: dict, role: str) -> MultiLabelDataset:
     name = params["data"]["dataset"]
     root = paths.dataset_root(params)
     split = params["data"][f"{role}_split"]
-    dataset = load_multilabel(name, root, split)
+    dataset = load_multilabel(name, root, split, params["data"]["coco_val_images"])
     if not dataset.records:
         raise DatasetError(f"{name} split {split!r} under {root} lists no images")
     for folder in sorted({r.path.parent for r in dataset.records}):
@@ -29,8 +29,12 @@ def load_split(params: dict, role: str) -> MultiLabelDataset:
     return dataset
 
 
-def run(params: dict, split: str = "all", restart_on_change: bool = False) -> dict[str, Any]:
-    """Build (or resume) the train and/or val caches; returns a summary per role."""
+def run(params: dict, split: str = "all", restart_on_change: bool = False,
+        break_lock: bool = False) -> dict[str, Any]:
+    """Build (or resume) the train and/or val caches; returns a summary per role.
+
+    ``break_lock`` takes over a store's writer lock recorded by a process on another host.
+    """
     ex, b = params["extract"], params["backbone"]
     roles = ["train", "val"] if split == "all" else [split]
     datasets = {role: load_split(params, role) for role in roles}  # fail on layout before the model
@@ -46,7 +50,7 @@ def run(params: dict, split: str = "all", restart_on_change: bool = False) -> di
             dtype=ex["dtype"], compressor=None if ex["compressor"] in (None, "none") else "zstd",
             num_workers=ex["num_workers"], on_bad_image=ex["on_bad_image"], augment=ex["augment"],
             restart_on_change=restart_on_change, workers=ex["workers"], scheduler=ex["scheduler"],
-            stats=stats)
+            stats=stats, break_lock=break_lock)
         info = cache.summary()
         summary[role] = {
             "store": info["path"], "images": info["num_images"], "views": info["views"],

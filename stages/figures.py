@@ -1,9 +1,11 @@
-"""Stage `figures`: activation maps of queried classes, CLIP vs CLIP-VV vs ours (paper Fig. 1/4).
+"""Stage `figures`: activation maps of queried classes, one column per evaluate.seg.methods entry
+(paper Fig. 1/4).
 
 Per class one PNG in results/figures/: rows = images of the first segmentation dataset
 (evaluate.seg.datasets[0], split val), preferring images whose mask contains the class;
-columns = the image, then the class's cosine map of each method, min-max normalised over the
-tokens and upsampled bilinearly to the image (the score the segmentation thresholds).
+columns = the image, then the class's score map of each method (computed against the whole
+class set: feature surgery needs it), min-max normalised over the tokens and upsampled
+bilinearly to the image. The title names the projectors file (best | last) and the recipe.
 """
 from __future__ import annotations
 
@@ -12,20 +14,20 @@ import re
 import numpy as np
 import torch
 
-from pipeline import paths
-from pipeline.augment import eval_view
+from pipeline import paths, provenance
+from pipeline.classes import prompt_names
 from pipeline.datacheck import for_evaluation
 from pipeline.datasets import load_segmentation
 from pipeline.plots import activation_grid
-from pipeline.results import stamp
+from pipeline.results import stamp as stamp_run
+from pipeline.seg_eval import object_classes
 from pipeline.segmentation import (
     METHOD_LABELS,
-    METHODS,
     method_text,
     normalise_minmax,
-    object_classes,
     plain_text,
     score_maps,
+    seg_view,
     upsample,
 )
 from stages.evaluate import SEG_SPLIT, backbone_and_head, dataset_root
@@ -58,26 +60,32 @@ def run(params: dict) -> dict:
     params, todo = for_evaluation(params, ["figures"])  # missing data: error, or skip (evaluate.missing)
     if not todo:
         return {"figures": [], "classes": [], "dataset": None}
+    provenance.require_current(params, val=False)  # projectors of this run's backbone and params
     cfg, seg = params["figures"], params["evaluate"]["seg"]
     name = seg["datasets"][0]
     dataset = load_segmentation(name, dataset_root(params, name), SEG_SPLIT)
-    backbone, head = backbone_and_head(params)
+    ev = params["evaluate"]
+    backbone, head, src = backbone_and_head(params)
     names = object_classes(dataset)
     classes = query_classes(list(cfg["classes"]), names)
-    texts = method_text(plain_text(backbone, names, params["evaluate"]["prompt"]), head, METHODS)
+    words = prompt_names(names, name, ev["voc_names"])
+    raw = plain_text(backbone, words, ev["prompt"], normalise=ev["text_input"] == "normalised")  # (C, D)
+    methods = list(seg["methods"])
+    texts = method_text(raw, head, methods, ev["text_bn"]["seg"])
+    stamp = f"projectors {src['projectors']['which']} (epoch {src['projectors']['epoch']}), recipe {src['recipe']}"
     written = []
     for cls in classes:
         k = names.index(cls)
         indices = pick_images(dataset, k + int(dataset.has_background), cfg["images"])
         pictures = [np.asarray(dataset.image(i)) for i in indices]  # (H, W, 3) uint8 each
-        images = torch.stack([eval_view(dataset.image(i), seg["image_size"]) for i in indices])  # (N, 3, S, S)
-        one_class = {m: t[k:k + 1] for m, t in texts.items()}  # (1, D) per method
-        maps = score_maps(backbone, head, images, one_class, seg["pos_interpolation"])  # (N, 1, h, w)
-        overlays = {METHOD_LABELS[m]: [upsample(normalise_minmax(maps[m][i]), p.shape[:2])[0].cpu().numpy()
-                                       for i, p in enumerate(pictures)] for m in METHODS}
+        images = torch.stack([seg_view(dataset.image(i), seg["image_size"], seg["interpolation"])
+                              for i in indices])  # (N, 3, S, S)
+        maps = score_maps(backbone, head, images, texts, seg["pos_interpolation"])  # (N, C, h, w) each
+        overlays = {METHOD_LABELS[m]: [upsample(normalise_minmax(maps[m][i, k:k + 1]), p.shape[:2])[0]
+                                       .cpu().numpy() for i, p in enumerate(pictures)] for m in methods}
         path = paths.results_dir(params, "figures", f"activation_{_slug(cls)}.png")
-        activation_grid(pictures, overlays, path, title=f"activation maps: {cls} ({name})")
+        activation_grid(pictures, overlays, path, title=f"activation maps: {cls} ({name}); {stamp}")
         written.append(str(path))
         print(f"figures: {path}", flush=True)
-    stamp(params, paths.results_dir(params, "figures"))  # the report checks which run drew them
-    return {"figures": written, "classes": classes, "dataset": name}
+    stamp_run(params, paths.results_dir(params, "figures"))  # the report checks which run drew them
+    return {"figures": written, "classes": classes, "dataset": name, "methods": methods, "source": src}

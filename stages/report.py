@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.files import atomic_write_text
 from pipeline.report import (
     paper_table,
@@ -27,7 +27,7 @@ def run(params: dict) -> dict:
     out = results / "report.md"
     lines = ["# Unmix-CLIP run report", "",
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.", "", *what_ran(params)]
-    foreign = provenance_warnings(results, params)
+    foreign = provenance_warnings(results, params) + provenance.check(params)
     if foreign:
         lines += ["", "> **WARNING: inputs from another run** (re-run `dvc repro` to make them agree):"]
         lines += [f"> - {w}" for w in foreign]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.build import resolve_device
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.files import atomic_write_text
@@ -26,20 +26,20 @@ from pipeline.training import (
     amp_dtype,
     build_optimizer,
     cache_identity,
-    capture_rng,
-    evaluate_head,
+    label_mask_identity,
     load_checkpoint,
     lr_at,
     make_scaler,
+    merit_text,
     new_head,
     partial_labels,
     projector_text,
-    restore_rng,
     save_checkpoint,
     save_projectors,
     set_lr,
-    text_figure_of_merit,
+    torch_threads,
     train_step,
+    validation_metrics,
 )
 
 # mfi_*: paper Table 4 on the plain prompts "A photo of a {class}."; mfi_pos_*: the same figure on
@@ -53,8 +53,9 @@ INFOCLIP_COLUMNS = ("compress", "distill", "mi_student_teacher")
 
 
 def open_data(params: dict, device: torch.device) -> tuple[TokenLoader, TokenLoader, dict[str, torch.Tensor]]:
-    """Train loader (shuffled, one view per image per epoch), val loader (in order) and the cached
-    class text features {positive, negative, plain} (C, D) on `device` (no text forward pass)."""
+    """Train loader (shuffled, one view per image per epoch, partial labels), val loader (in order)
+    and the cached class text features {positive, negative, plain} (C, D) on `device` (no text
+    forward pass), raw or normalised as train.text_input says."""
     cfg = params["train"]
     caches = {}
     for role in ("train", "val"):
@@ -99,7 +100,7 @@ def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Ca
                             f"that built {cache.path} ({fp['backbone']['weights_digest']}): check "
                             "params 'backbone'")
     name, split = fp["dataset"]["name"], fp["dataset"]["split"]
-    data = load_multilabel(name, paths.dataset_root(params, name), split)
+    data = load_multilabel(name, paths.dataset_root(params, name), split, params["data"]["coco_val_images"])
     if [r.image_id for r in data.records] != list(cache.ids):
         raise TrainingError(f"--online: dataset {name}/{split} no longer lists the images of "
                             f"{cache.path}: re-run `pipeline extract-features`")
@@ -128,6 +129,31 @@ def write_metrics(params: dict, history: list[dict], summary: dict | None) -> No
         write_results(params, "train", summary)  # details/train.json + headline metrics/train.json
 
 
+def evaluated(epoch: int, cfg: dict) -> bool:
+    """train.eval_every: validate after every N-th epoch (1-based) and after the last."""
+    return epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]
+
+
+def best_row(history: list[dict]) -> dict:
+    """The evaluated epoch with the highest val mAP (the earliest on ties)."""
+    rows = [r for r in history if np.isfinite(r["val_map"])]
+    return max(rows, key=lambda r: (r["val_map"], -r["epoch"]))
+
+
+def validate(head: torch.nn.Module, val_loader: TokenLoader, text: dict, figure_text: dict,
+             params: dict, amp: torch.dtype | None) -> dict[str, float]:
+    """training.validation_metrics plus val MI CLIP-projected (objective.clip_alignment_mi)."""
+    cfg = params["train"]
+    row = validation_metrics(head, val_loader, text, figure_text, params, amp,
+                             mean_ap=mean_average_precision)
+    row["val_mi_clip"] = clip_alignment_mi(head, val_loader.epoch(0), text, cfg["infoclip"], seed=cfg["seed"])
+    return row
+
+
+NOT_EVALUATED = dict.fromkeys(("val_map", "mfi_before", "mfi_after", "mfi_reduction_pct", "mfi_pos_before",
+                               "mfi_pos_after", "val_mi_clip"), float("nan"))
+
+
 def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     cfg = params["train"]
     device = resolve_device(cfg["device"])
@@ -137,6 +163,8 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     # -- data -------------------------------------------------------------------------------------
     loader, val_loader, text = open_data(params, device)
     cache = loader.cache
+    figure_text = {k: t.to(device) for k, t in merit_text(cache, params).items()}
+    mask = label_mask_identity(cache.labels, cfg["label_fraction"], cfg["seed"])
     get_tokens = online_tokens(params, cache, device) if online else None
     steps = len(loader)
 
@@ -146,79 +174,86 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     optimizer = build_optimizer(trainable_parameters(head, aux), cfg)
     scaler = make_scaler(amp)
     ckpt = paths.checkpoint(params)
-    start, history = 0, []
+    start, history, best_head = 0, [], None
     if resume:
-        state = load_checkpoint(ckpt, cache, params)
+        state = load_checkpoint(ckpt, cache, params, labels=mask)
         head.load_state_dict(state["head"])
         if aux is not None:
             aux.load_state_dict(state["objective"])  # LPAM and its token-sampling generator
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
-        start, history = state["epoch"], list(state["history"])
+        start, history, best_head = state["epoch"], list(state["history"]), state.get("best_head")
         print(f"train: resumed from {ckpt} after epoch {start}")
-
+    provenance.invalidate(params)  # an interrupted (re)train leaves no stale projectors to evaluate
     # -- loop ---------------------------------------------------------------------------------------
-    for epoch in range(start, cfg["epochs"]):
-        sums: dict[str, float] = defaultdict(float)
-        t0 = time.perf_counter()
-        bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False)
-        for step, batch in enumerate(bar):
-            lr = lr_at(epoch + step / steps, cfg)
-            set_lr(optimizer, lr)
-            tokens = get_tokens(batch) if online else batch.tokens.to(device, non_blocking=True)  # (B, T, D)
-            parts = train_step(head, optimizer, tokens, batch.labels.to(device), text, cfg, aux,
-                               epoch=epoch + 1, step=step + 1, amp=amp, scaler=scaler)
+    with torch_threads(device, cfg["cpu_threads"]):
+        for epoch in range(start, cfg["epochs"]):
+            sums: dict[str, float] = defaultdict(float)
+            t0 = time.perf_counter()
+            bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False)
+            for step, batch in enumerate(bar):
+                lr = lr_at(epoch + step / steps, cfg)
+                set_lr(optimizer, lr)
+                tokens = get_tokens(batch) if online else batch.tokens_on(device)  # (B, T, D)
+                parts = train_step(head, optimizer, tokens, batch.labels.to(device), text, cfg, aux,
+                                   epoch=epoch + 1, step=step + 1, amp=amp, scaler=scaler)
+                if aux is not None:
+                    parts["mi_student_teacher"] = float(aux.last_mi)  # logged, not in the loss
+                for name, value in parts.items():
+                    sums[name] += value
+                bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{lr:.2e}")
+            row = {"epoch": epoch + 1, "lr": lr, "loss": sums["total"] / steps, "asl": sums["asl"] / steps,
+                   "mfi": sums["mfi"] / steps, "train_seconds": time.perf_counter() - t0}
             if aux is not None:
-                parts["mi_student_teacher"] = float(aux.last_mi)  # logged, not in the loss
-            for name, value in parts.items():
-                sums[name] += value
-            bar.set_postfix(loss=f"{parts['total']:.3f}", lr=f"{lr:.2e}")
-        train_seconds = time.perf_counter() - t0
+                row.update({k: sums[k] / steps for k in ("compress", "distill", "mi_student_teacher")})
 
-        # -- evaluation ---------------------------------------------------------------------------
-        t0 = time.perf_counter()
-        scores, labels = evaluate_head(head, val_loader, text, amp)
-        merit = text_figure_of_merit(head, text["plain"])
-        merit_pos = text_figure_of_merit(head, text["positive"])
-        row = {"epoch": epoch + 1, "lr": lr, "loss": sums["total"] / steps, "asl": sums["asl"] / steps,
-               "mfi": sums["mfi"] / steps, "val_map": mean_average_precision(scores, labels),
-               "mfi_before": merit["before"], "mfi_after": merit["after"],
-               "mfi_reduction_pct": merit["reduction_pct"], "mfi_pos_before": merit_pos["before"],
-               "mfi_pos_after": merit_pos["after"],
-               "val_mi_clip": clip_alignment_mi(head, val_loader.epoch(0), text, cfg["infoclip"],
-                                                seed=cfg["seed"]),
-               "train_seconds": train_seconds}
-        if aux is not None:
-            row.update({k: sums[k] / steps for k in ("compress", "distill", "mi_student_teacher")})
-        row["val_seconds"] = time.perf_counter() - t0
-        history.append(row)
-        info = f", MI student-teacher {row['mi_student_teacher']:.3f}" if aux is not None else ""
-        print(f"epoch {epoch + 1}: loss {row['loss']:.4f} (asl {row['asl']:.4f}, "
-              f"mfi {row['mfi']:.4f}{info}), "
-              f"val mAP {row['val_map']:.2f}, text similarity {merit['before']:.3f} -> {merit['after']:.3f}, "
-              f"val MI CLIP-projected {row['val_mi_clip']:.3f}")
+            # -- evaluation -----------------------------------------------------------------------
+            t0 = time.perf_counter()
+            row.update(validate(head, val_loader, text, figure_text, params, amp) if evaluated(epoch + 1, cfg)
+                       else NOT_EVALUATED)
+            row["val_seconds"] = time.perf_counter() - t0
+            history.append(row)
+            if np.isfinite(row["val_map"]):
+                if best_row(history) is row:
+                    best_head = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+                info = f", MI student-teacher {row['mi_student_teacher']:.3f}" if aux is not None else ""
+                print(f"epoch {epoch + 1}: loss {row['loss']:.4f} (asl {row['asl']:.4f}, "
+                      f"mfi {row['mfi']:.4f}{info}), val mAP {row['val_map']:.2f}, text similarity "
+                      f"{row['mfi_before']:.3f} -> {row['mfi_after']:.3f}, "
+                      f"val MI CLIP-projected {row['val_mi_clip']:.3f}")
+            else:
+                print(f"epoch {epoch + 1}: loss {row['loss']:.4f} (asl {row['asl']:.4f}, mfi {row['mfi']:.4f})")
 
-        # -- checkpoint ---------------------------------------------------------------------------
-        save_checkpoint(ckpt, {
-            "head": head.state_dict(), "objective": aux.state_dict() if aux is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
-            "rng": capture_rng(), "params": params, "cache": cache_identity(cache), "history": history})
-        write_metrics(params, history, None)
+            # -- checkpoint -----------------------------------------------------------------------
+            save_checkpoint(ckpt, {
+                "head": head.state_dict(), "objective": aux.state_dict() if aux is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
+                "params": params, "cache": cache_identity(cache), "history": history,
+                "labels": mask, "best_head": best_head})
+            write_metrics(params, history, None)
 
     # -- final projectors and metrics -----------------------------------------------------------------
     if not history:
         raise TrainingError(f"parameter 'train.epochs' is {cfg['epochs']}: nothing to train")
+    last, best = history[-1], best_row(history)
     meta = {"model": params["model"], "embed_dim": cache.dim, "classnames": cache.classnames,
-            "fingerprint": cache.fingerprint, "epoch": history[-1]["epoch"]}
-    save_projectors(paths.projectors(params), head, meta)
-    last = history[-1]
+            "fingerprint": cache.fingerprint, "provenance": provenance.record(params, cache, val_loader.cache)}
+    files = {"last": paths.projectors(params, "last"), "best": paths.projectors(params, "best")}
+    save_projectors(files["best"], best_head, {**meta, "which": "best", "epoch": best["epoch"],
+                                               "val_map": best["val_map"]})
+    save_projectors(files["last"], head, {**meta, "which": "last", "epoch": last["epoch"],
+                                          "val_map": last["val_map"]})
     summary = {
         "device": str(device), "online": online, "objective": cfg["objective"], "epochs": last["epoch"],
         "val_map": last["val_map"],
+        "last": {"epoch": last["epoch"], "val_map": last["val_map"], "projectors": str(files["last"])},
+        "best": {"epoch": best["epoch"], "val_map": best["val_map"], "projectors": str(files["best"])},
+        "evaluated_epochs": [r["epoch"] for r in history if np.isfinite(r["val_map"])],
         "label_frequency_map": label_frequency_map(val_loader.cache.labels[val_loader.cache.valid]),
+        "labels": {"fraction": mask["fraction"], "kept": mask["kept"],
+                   "known_of": int(np.prod(mask["shape"]))},
         "mfi": {"before": last["mfi_before"], "after": last["mfi_after"],
                 "reduction_pct": last["mfi_reduction_pct"]},
         "mfi_positive_prompts": {"before": last["mfi_pos_before"], "after": last["mfi_pos_after"]},
@@ -232,6 +267,6 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     if device.type == "cuda":
         summary["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     write_metrics(params, history, summary)
-    print(f"train: val mAP {last['val_map']:.2f}; projectors -> {paths.projectors(params)}")
-    return {**summary, "projectors": str(paths.projectors(params)), "history": history}
-
+    print(f"train: val mAP last {last['val_map']:.2f} (epoch {last['epoch']}), best {best['val_map']:.2f} "
+          f"(epoch {best['epoch']}); projectors -> {files['last']}, {files['best']}")
+    return {**summary, "projectors": str(files["last"]), "history": history}

@@ -99,3 +99,78 @@ def test_train_view_cutout_region_survives_to_the_output(image):
         rows, cols = np.nonzero(box.any(1))[0], np.nonzero(box.any(0))[0]
         assert box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # a filled rectangle
         assert len(rows) >= SIZE // 4 and len(cols) >= SIZE // 4
+
+
+# -- augmentation as run (REFERENCE 4.1) ----------------------------------------------------------
+@pytest.mark.parametrize("seed", range(12))
+def test_inclusive_cutout_is_pils_rectangle_one_row_and_column_larger(image, seed):
+    """The authors' Cutout is ImageDraw.rectangle([x0, y0, x1, y1]), which paints its far edge."""
+    from PIL import ImageDraw
+
+    width, height = image.size
+    draw = np.random.default_rng(seed)  # the draws apply_cutout makes, replayed independently
+    cx, cy = int(draw.integers(width)), int(draw.integers(height))
+    colour = tuple(int(c) for c in draw.integers(0, 256, size=3))
+    half_w, half_h = int(0.5 * width + 0.5) // 2, int(0.5 * height + 0.5) // 2
+    x0, x1 = np.clip([cx - half_w, cx + half_w], 0, width)
+    y0, y1 = np.clip([cy - half_h, cy + half_h], 0, height)
+    expected = image.copy()
+    ImageDraw.Draw(expected).rectangle([int(x0), int(y0), int(x1), int(y1)], fill=colour)
+
+    inclusive, box_in, _ = apply_cutout(image, np.random.default_rng(seed), inclusive=True)
+    exclusive, box_ex, _ = apply_cutout(image, np.random.default_rng(seed), inclusive=False)
+    assert np.array_equal(np.asarray(inclusive), np.asarray(expected))
+    painted = (np.asarray(inclusive) != np.asarray(exclusive)).any(2)  # (H, W) the extra pixels
+    assert np.array_equal(np.asarray(exclusive)[~painted], np.asarray(inclusive)[~painted])
+    extra_cols, extra_rows = int(x1 < width), int(y1 < height)  # nothing to add past the border
+    assert box_in[2] - box_in[0] == box_ex[2] - box_ex[0] + extra_cols
+    assert box_in[3] - box_in[1] == box_ex[3] - box_ex[1] + extra_rows
+    box_w, box_h = box_ex[2] - box_ex[0], box_ex[3] - box_ex[1]
+    assert painted.sum() == extra_cols * box_h + extra_rows * box_w + extra_cols * extra_rows
+
+
+def test_package_randaugment_views_are_reproducible_in_a_fresh_process_and_differ(image, tmp_path):
+    import random
+
+    path = tmp_path / "img.png"
+    image.save(path)
+    kw = "randaugment='package', interpolation='bilinear', cutout_inclusive=True"
+    code = ("import hashlib; from PIL import Image; from pipeline.augment import train_view, view_seed;"
+            f"print(*[hashlib.sha256(train_view(Image.open(r'{path}'), {SIZE}, view_seed(7, 3, v), {kw})"
+            ".numpy().tobytes()).hexdigest() for v in range(4)])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    kwargs = {"randaugment": "package", "interpolation": "bilinear", "cutout_inclusive": True}
+    random.seed(11)
+    np.random.seed(12)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    here = [_digest(train_view(image, SIZE, view_seed(7, 3, v), **kwargs)) for v in range(4)]
+    assert out.stdout.split() == here  # same bits in another process
+    assert len(set(here)) == 4  # and a different view each
+    assert random.getstate() == py_state  # the global RNGs are restored ...
+    assert np.array_equal(np.random.get_state()[1], np_state[1])
+    assert "int" not in np.__dict__  # ... and NumPy's removed alias is not left behind
+    # without Cutout the ops alone change the view (each of the two applies with p 0.5)
+    plain = _digest(train_view(image, SIZE, 0, cutout=False, num_ops=0, interpolation="bilinear"))
+    ops = {_digest(train_view(image, SIZE, view_seed(7, 3, v), cutout=False, randaugment="package"))
+           for v in range(6)}
+    assert len(ops - {plain}) >= 3
+
+
+def test_training_view_interpolation_is_the_named_resize(image):
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    for name, pil in (("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)):
+        view = train_view(image, SIZE, 0, cutout=False, num_ops=0, interpolation=name)  # (3, S, S)
+        resized = np.asarray(image.resize((SIZE, SIZE), pil), np.float32) / 255
+        np.testing.assert_allclose(view.permute(1, 2, 0).numpy(), (resized - mean) / std, atol=1e-6)
+    with pytest.raises(ValueError, match="interpolation"):
+        train_view(image, SIZE, 0, interpolation="nearest")
+
+
+def test_every_augment_param_reaches_the_view_and_the_store_fingerprint():
+    import inspect
+
+    from pipeline.extract import DEFAULT_AUGMENT
+    from pipeline.schema import Augment
+
+    assert set(DEFAULT_AUGMENT) == set(Augment.model_fields)  # each param key has a default ...
+    assert set(DEFAULT_AUGMENT) <= set(inspect.signature(train_view).parameters)  # ... and is used

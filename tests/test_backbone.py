@@ -255,3 +255,43 @@ def test_one_trunk_pass_gives_exactly_the_spatial_and_vv_tokens(tiny, pos_interp
     spatial, vv = tiny.spatial_and_vv_tokens(images, pos_interpolation)
     assert torch.equal(spatial, tiny.spatial_tokens(images))
     assert torch.equal(vv, tiny.vv_tokens(images, pos_interpolation))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (96, 160)])
+def test_qk_tokens_equal_torch_multihead_attention_on_the_pool_weights(tiny, size):
+    """The CLIP row: every token queries with q_proj, keys k_proj, values v_proj, then c_proj.
+    Independent: nn.MultiheadAttention loaded with the pool's weights, on the raw trunk."""
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
+    sd = tiny.model.state_dict()
+    x = raw_pool_inputs(sd, raw_trunk(sd, images), "bilinear")  # (B, 1+HW, C)
+    width = x.shape[-1]
+    mha = torch.nn.MultiheadAttention(width, tiny.num_heads, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([sd[POOL + f"{n}_proj.weight"] for n in "qkv"]))
+        mha.in_proj_bias.copy_(torch.cat([sd[POOL + f"{n}_proj.bias"] for n in "qkv"]))
+        mha.out_proj.weight.copy_(torch.eye(width))  # c_proj applied below (its output width differs)
+        mha.out_proj.bias.zero_()
+        attended, _ = mha(x, x, x, need_weights=False)  # (B, 1+HW, C)
+    expected = linear(sd, "c_proj", attended)  # (B, 1+HW, D)
+    got = tiny.qk_tokens(images, "bilinear")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # token 0 is the pool's own output (global embedding at the native size)
+    if size == (224, 224):
+        torch.testing.assert_close(got[:, 0], tiny.model.visual.attnpool(tiny._trunk_eager(images)),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_token_paths_give_every_path_from_one_trunk_pass(tiny):
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(4))
+    calls = []
+    handle = tiny.model.visual.layer4.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        out = tiny.token_paths(images, ("vproj", "vv", "qk"), "bicubic")
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    assert torch.equal(out["vproj"], tiny.spatial_tokens(images))
+    assert torch.equal(out["vv"], tiny.vv_tokens(images, "bicubic"))
+    assert torch.equal(out["qk"], tiny.qk_tokens(images, "bicubic"))
+    with pytest.raises(ValueError, match="token paths"):
+        tiny.token_paths(images, ("kq",))

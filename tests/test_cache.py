@@ -229,3 +229,19 @@ def test_export_hdf5_round_trips(tmp_path: Path) -> None:
             assert np.array_equal(f[f"text/{n}"][:], v)
         assert json.loads(f.attrs["fingerprint"]) == FP
         assert list(f.attrs["classnames"]) == cache.classnames
+
+
+def test_every_array_carries_crc32c_and_tokens_one_chunk_per_view(tmp_path: Path) -> None:
+    """Format 2: a crc32c codec on every chunk of every array (and on each shard's index)."""
+    cache = FeatureCache.create_or_open(tmp_path / "c.zarr", **spec())
+    write_all(cache)
+    cache.write_text_features({"positive": np.ones((C, D))})
+    g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    sharding = g["tokens"].metadata.codecs[0]
+    assert sharding.chunk_shape == (1, 1, T, D)
+    assert [c.to_dict()["name"] for c in sharding.codecs][-1] == "crc32c"
+    assert [c.to_dict()["name"] for c in sharding.index_codecs][-1] == "crc32c"
+    for name in ("labels", "ids", "status", "complete", "text/positive"):
+        assert g[name].metadata.codecs[-1].to_dict()["name"] == "crc32c", name
+    assert g["labels"].fill_value == -128 and np.isnan(g["text/positive"].fill_value)
+    assert g.attrs["format_version"] == 2

@@ -117,6 +117,36 @@ def test_coco_labels_include_crowd_and_keep_unannotated_images(coco_root):
     assert ds.classnames == list(COCO_CLASSES)
 
 
+def test_coco_val_images_annotated_drops_unannotated_images_all_keeps_them(tmp_path):
+    """data.coco_val_images: the authors' val2014 kept only annotated images (40,137 of 40,504)."""
+    root = make_planted_coco(tmp_path, n_train=6, n_val=9, num_classes=4, image_size=32, seed=1)
+    ann = root / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    ids = sorted(im["id"] for im in data["images"])
+    bare = set(ids[1::3])  # every third val image loses its annotations
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in bare]
+    ann.write_text(json.dumps(data))
+    train_ann = root / "annotations" / "instances_train2017.json"
+    train_data = json.loads(train_ann.read_text())
+    train_ids = sorted(im["id"] for im in train_data["images"])
+    train_data["annotations"] = [a for a in train_data["annotations"] if a["image_id"] != train_ids[0]]
+    train_ann.write_text(json.dumps(train_data))
+
+    every = load_multilabel("synthetic", root, "val", val_images="all")
+    annotated = load_multilabel("synthetic", root, "val", val_images="annotated")
+    assert [r.image_id for r in every.records] == [str(i) for i in ids]
+    assert [r.image_id for r in annotated.records] == [str(i) for i in ids if i not in bare]
+    assert not every.labels[[ids.index(i) for i in bare]].any()  # all-zero rows, dropped above
+    keep = [ids.index(i) for i in ids if i not in bare]
+    assert np.array_equal(annotated.labels, every.labels[keep]) and annotated.labels.any(1).all()
+    assert load_multilabel("synthetic", root, "val").labels.shape == every.labels.shape  # default: all
+    for val_images in ("all", "annotated"):  # train splits always keep annotated images only
+        train = load_multilabel("synthetic", root, "train", val_images=val_images)
+        assert [r.image_id for r in train.records] == [str(i) for i in train_ids[1:]]
+    with pytest.raises(ValueError, match="val_images"):
+        load_multilabel("synthetic", root, "val", val_images="some")
+
+
 def test_coco_masks_crowd_ignored_and_small_objects_on_top(coco_root):
     ds = load_segmentation("coco2017", coco_root, "val")
     assert ds.has_background and ds.classnames[0] == "background" and len(ds.classnames) == 81

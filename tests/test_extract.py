@@ -193,3 +193,12 @@ def test_two_dask_workers_write_the_same_bytes_as_one_process(coco, tmp_path: Pa
         a, b = one._group[name][:], two._group[name][:]
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name
     assert two.complete.all() and np.abs(two.tokens[:]).max() > 0
+
+
+def test_num_workers_auto_is_the_cores_this_process_may_use() -> None:
+    import os
+
+    from pipeline.extract import resolve_num_workers
+
+    assert resolve_num_workers("auto") == len(os.sched_getaffinity(0)) >= 1
+    assert resolve_num_workers(3) == 3 and resolve_num_workers(0) == 0

@@ -1,11 +1,13 @@
 """Faults a user meets, through the `pipeline` CLI: each is survived or named, never a bare traceback.
 
-- a SIGKILLed `pipeline train` subprocess resumes (`--resume`) to the weights of an unbroken run;
+- `pipeline train` SIGKILLed at seeded random points (a step, half-way through a checkpoint write)
+  resumes (`--resume`) to the weights of an unbroken run; extraction SIGKILLed before a random zarr
+  write, then re-run, gives the bytes of an unbroken run;
 - a full disk / permission error during a shard write leaves that shard incomplete and names the
   store and the shard (simulated in the zarr store's `set`: chmod does not stop root, which CI is);
 - fuzzed image files stop extraction naming the file, or are recorded as skipped;
 - malformed COCO JSON / VOC XML and invalid parameters are one error naming the file or the key.
-Killed extraction (bit-identical resume) lives in test_extract_faults.py; the cache's own write
+Injected extraction failures live in test_extract_faults.py; the cache's own write
 ordering in test_cache.py; load_image per file kind in test_images.py.
 """
 from __future__ import annotations
@@ -16,8 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +33,14 @@ from pipeline.datasets import load_multilabel
 from pipeline.extract import extract
 from pipeline.synthetic import make_bad_images, make_planted_coco, make_voc_layout
 from pipeline.training import load_projectors
+from stages import train as train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "configs" / "params.yaml"
 SIZE, CLASSES = 64, 4  # 64 px -> a 2x2 token grid: tiny and fast
+BACKBONE = {"name": "tiny-RN", "pretrained": None, "checkpoint": None, "sha256": None,
+            "init_seed": 0, "image_size": SIZE, "precision": "fp32", "channels_last": False,
+            "compile": False, "device": "cpu"}
 
 
 def cli(*args: str) -> Result:
@@ -62,21 +66,51 @@ def assert_clear_error(result: Result, *names: object) -> None:
         assert str(name) in result.output, (name, result.output)
 
 
-# -- SIGKILL during training ----------------------------------------------------------------------
-EPOCHS = 6
+# -- SIGKILL at seeded random points of training and extraction ----------------------------------
+EPOCHS, TRAIN_IMAGES, BATCH = 3, 16, 8
+KILLS = range(3)  # three distinct kill points per run, drawn with a fixed seed
+# seed 5 draws, for training, events 8, 6, 1: mid-epoch 3, half-way through checkpoint 2, before
+# anything (then a plain re-run); for extraction it draws among ~all zarr writes.
+
+
+def kill_point(events: int, draw: int, seed: int = 5) -> int:
+    """The draw-th of three distinct event numbers in 1..events (seeded: the same in every run)."""
+    return int(np.random.default_rng(seed).choice(np.arange(1, events + 1), len(KILLS), replace=False)[draw])
+
+# Runs `pipeline <args>` and SIGKILLs itself at event number argv[1], counting each train step
+# (killed before it) and each torch.save (killed after half the bytes, before the rename).
+KILL_TRAINING = """
+import os, signal, sys
+import torch
+import stages.train as stage
+kill_at, count = int(sys.argv[1]), [0]
+step, save = stage.train_step, torch.save
+def killing_step(*args, **kwargs):
+    count[0] += 1
+    if count[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(*args, **kwargs)
+def killing_save(obj, f, *args, **kwargs):
+    save(obj, f, *args, **kwargs)
+    count[0] += 1
+    if count[0] == kill_at:
+        os.truncate(f, os.path.getsize(f) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+stage.train_step, torch.save = killing_step, killing_save
+from pipeline.cli import main
+main(sys.argv[2:])
+"""
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Train/val token stores of a planted dataset (extracted once, shared by the runs below)."""
     tmp = tmp_path_factory.mktemp("faults-train")
-    data = make_planted_coco(tmp / "data" / "synthetic", 16, 4, num_classes=CLASSES, image_size=SIZE)
-    params = {"name": "tiny-RN", "pretrained": None, "checkpoint": None, "sha256": None,
-              "init_seed": 0, "image_size": SIZE, "precision": "fp32", "channels_last": False,
-              "compile": False, "device": "cpu"}
+    data = make_planted_coco(tmp / "data" / "synthetic", TRAIN_IMAGES, 4, num_classes=CLASSES,
+                             image_size=SIZE)
     backbone = load_backbone("tiny-RN", pretrained=None)
     for role in ("train", "val"):
-        extract(load_multilabel("synthetic", data, role), tmp / "features" / f"{role}.zarr", params,
+        extract(load_multilabel("synthetic", data, role), tmp / "features" / f"{role}.zarr", BACKBONE,
                 backbone=backbone, image_size=SIZE, shard_size=8, dtype="float32", progress=False)
     return tmp
 
@@ -84,44 +118,155 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def train_args(stores: Path, run: Path) -> list[str]:
     (run / "cache").mkdir(parents=True)
     (run / "cache" / "features").symlink_to(stores / "features")
-    return ["train", *sets(run, paths__data=stores / "data", train__epochs=EPOCHS, train__batch_size=8,
-                           train__optimizer="adam", train__lr=0.01, train__weight_decay=0,
-                           train__warmup_epochs=0)]
+    return ["train", *sets(run, paths__data=stores / "data", train__epochs=EPOCHS,
+                           train__batch_size=BATCH, train__optimizer="adam", train__lr=0.01,
+                           train__weight_decay=0, train__warmup_epochs=0)]
 
 
-def kill_at_first_checkpoint(proc: subprocess.Popen, ckpt: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
+def projector_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_projectors(run / "cache" / "models" / "projectors.pt")[0].state_dict()
 
 
-def test_sigkilled_training_resumes_to_the_uninterrupted_weights(stores: Path, tmp_path: Path) -> None:
-    args = train_args(stores, tmp_path / "killed")
-    ckpt = tmp_path / "killed" / "cache" / "models" / "last.pt"
+@pytest.fixture(scope="module")
+def straight(stores: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    run = tmp_path_factory.mktemp("straight")
+    result = cli(*train_args(stores, run))
+    assert result.exit_code == 0, result.output
+    return projector_weights(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draw", KILLS)
+def test_training_sigkilled_at_a_random_point_resumes_to_the_uninterrupted_weights(
+        stores: Path, straight: dict[str, torch.Tensor], tmp_path: Path, draw: int) -> None:
+    events = EPOCHS * (TRAIN_IMAGES // BATCH) + EPOCHS + 1  # steps, checkpoints, projectors
+    kill_at = kill_point(events, draw)
+    args = train_args(stores, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same arithmetic as here
-    proc = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import main; main()", *args],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killer = threading.Thread(target=kill_at_first_checkpoint, args=(proc, ckpt))
-    killer.start()  # the uninterrupted run goes on here while the subprocess starts up
-    straight = cli(*train_args(stores, tmp_path / "straight"))
-    killer.join()
-    _, err = proc.communicate()
-    assert straight.exit_code == 0, straight.output
-    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]  # killed, did not finish
-    done = torch.load(ckpt, weights_only=True)["epoch"]
-    assert 1 <= done < EPOCHS
+    proc = subprocess.run([sys.executable, "-c", KILL_TRAINING, str(kill_at), *args], cwd=ROOT,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]  # killed, not finished
+    assert not (tmp_path / "cache" / "models" / "projectors.pt").exists()  # nothing half-trusted
 
+    ckpt = tmp_path / "cache" / "models" / "last.pt"
+    resumed = cli(*args, "--resume") if ckpt.exists() else cli(*args)  # killed before any epoch
+    assert resumed.exit_code == 0, (kill_at, resumed.output)
+    rows = (tmp_path / "results" / "plots" / "train.tsv").read_text().splitlines()[1:]
+    assert [int(float(r.split("\t")[0])) for r in rows] == list(range(1, EPOCHS + 1))
+    b = projector_weights(tmp_path)
+    assert straight.keys() == b.keys()
+    for k, value in straight.items():
+        assert torch.equal(value, b[k]), (kill_at, k)
+
+
+@pytest.mark.parametrize("objective", ["unmix", "unmix+infoclip"])
+def test_training_steps_draw_nothing_from_the_global_torch_rng(
+        stores: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, objective: str) -> None:
+    """Why the checkpoint holds no global RNG state: a step draws nothing from it (no dropout; InfoCLIP samples tokens from its own
+    generator, saved with the objective). The per-epoch val MI does draw (its throw-away LPAM's
+    init, then set to the identity), but no number depends on those draws. A future dropout or
+    unseeded sampling in a step fails this test: then checkpoint the RNG and test it."""
+    drew = []
+    step = train_stage.train_step
+
+    def watched_step(*args, **kwargs):
+        before = torch.get_rng_state()
+        out = step(*args, **kwargs)
+        drew.append(not torch.equal(before, torch.get_rng_state()))
+        return out
+
+    monkeypatch.setattr(train_stage, "train_step", watched_step)
+    result = cli(*train_args(stores, tmp_path), "--set", f"train.objective={objective}")
+    assert result.exit_code == 0, result.output
+    assert len(drew) == EPOCHS * TRAIN_IMAGES // BATCH and not any(drew)
+
+
+@pytest.mark.parametrize("objective", ["unmix", "unmix+infoclip"])
+def test_resume_with_a_scrambled_global_rng_gives_the_same_weights(
+        stores: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, objective: str) -> None:
+    objective_set = ("--set", f"train.objective={objective}")
+    straight = cli(*train_args(stores, tmp_path / "straight"), *objective_set)
+    assert straight.exit_code == 0, straight.output
+    args = [*train_args(stores, tmp_path / "resumed"), *objective_set]
+    step = train_stage.train_step
+
+    def crash_in_epoch_2(*a, **kw):
+        if kw["epoch"] == 2:
+            raise KeyboardInterrupt
+        return step(*a, **kw)
+
+    monkeypatch.setattr(train_stage, "train_step", crash_in_epoch_2)
+    assert cli(*args).exit_code == 1  # click reports the KeyboardInterrupt as "Aborted!"
+    monkeypatch.setattr(train_stage, "train_step", step)
+    torch.manual_seed(12345)  # the global RNG is not where the interrupted run left it
     resumed = cli(*args, "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert f"resumed from {ckpt} after epoch {done}" in resumed.output
-    rows = (tmp_path / "killed" / "results" / "plots" / "train.tsv").read_text().splitlines()[1:]
-    assert [int(float(r.split("\t")[0])) for r in rows] == list(range(1, EPOCHS + 1))
-    a = load_projectors(tmp_path / "straight" / "cache" / "models" / "projectors.pt")[0].state_dict()
-    b = load_projectors(tmp_path / "killed" / "cache" / "models" / "projectors.pt")[0].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    a, b = projector_weights(tmp_path / "straight"), projector_weights(tmp_path / "resumed")
+    for k, value in a.items():
+        assert torch.equal(value, b[k]), k
+
+
+# Runs extract() on argv[2]'s dataset into argv[3], SIGKILLing itself before zarr's write number argv[1].
+KILL_EXTRACTION = """
+import os, signal, sys
+import zarr
+kill_at, count = int(sys.argv[1]), [0]
+original = zarr.storage.LocalStore.set
+async def killing_set(self, key, value):
+    count[0] += 1
+    if count[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await original(self, key, value)
+zarr.storage.LocalStore.set = killing_set
+from pipeline.datasets import load_multilabel
+from pipeline.extract import extract
+from test_faults import BACKBONE, EXTRACT
+extract(load_multilabel("synthetic", sys.argv[2], "train"), sys.argv[3], BACKBONE, **EXTRACT)
+"""
+EXTRACT = {"views": 2, "train_augment": True, "seed": 0, "image_size": SIZE, "shard_size": 4,
+           "batch_size": 4, "dtype": "float32", "progress": False}
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    """(dataset, reference store, number of zarr writes of an uninterrupted extraction)."""
+    tmp = tmp_path_factory.mktemp("faults-extract")
+    data = make_planted_coco(tmp / "synthetic", 10, 1, num_classes=CLASSES, image_size=SIZE)
+    writes = [0]
+    original = zarr.storage.LocalStore.set
+
+    async def counting_set(self, key, value):
+        writes[0] += 1
+        return await original(self, key, value)
+
+    zarr.storage.LocalStore.set = counting_set
+    try:
+        extract(load_multilabel("synthetic", data, "train"), tmp / "ref.zarr", BACKBONE, **EXTRACT)
+    finally:
+        zarr.storage.LocalStore.set = original
+    return data, tmp / "ref.zarr", writes[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draw", KILLS)
+def test_extraction_sigkilled_at_a_random_write_then_rerun_is_bit_identical(
+        extracted: tuple[Path, Path, int], tmp_path: Path, draw: int) -> None:
+    data, reference, writes = extracted
+    kill_at = kill_point(writes, draw)
+    store = tmp_path / "run.zarr"
+    threads = str(torch.get_num_threads())  # the same thread count as here: the same rounding
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-c", KILL_EXTRACTION, str(kill_at), str(data), str(store)],
+                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    extract(load_multilabel("synthetic", data, "train"), store, BACKBONE, **EXTRACT)  # the re-run
+    a, b = store_files(reference), store_files(store)
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == [], kill_at
 
 
 # -- a failing shard write ------------------------------------------------------------------------

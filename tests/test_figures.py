@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.config import load_params
 from pipeline.datasets import load_segmentation
 from pipeline.heads import UnmixHead
@@ -32,8 +32,10 @@ def params(tmp_path_factory):
     p["evaluate"]["seg"]["image_size"] = 96
     make_planted_coco(paths.dataset_root(p, "synthetic"), 1, 6, image_size=64)
     torch.manual_seed(0)
-    save_projectors(paths.projectors(p), UnmixHead(64), {
-        "model": p["model"], "embed_dim": 64, "classnames": [], "fingerprint": {}, "epoch": 0})
+    p["evaluate"]["projectors"] = "best"
+    save_projectors(paths.projectors(p, "best"), UnmixHead(64), {
+        "model": p["model"], "embed_dim": 64, "classnames": [], "fingerprint": {}, "epoch": 0,
+        "provenance": provenance.record(p, None, None, provenance.declared_digest(p["backbone"]))})
     yield p
     torch.set_num_threads(threads)
 
@@ -45,21 +47,24 @@ def _png(path: str | Path) -> tuple[int, int]:
         return img.size
 
 
-def test_activation_maps_one_png_per_class_with_image_and_three_method_columns(params, monkeypatch):
-    panels = []
+def test_activation_maps_one_png_per_class_with_image_and_one_column_per_method(params, monkeypatch):
+    panels, titles = [], []
 
     def counting(*args, **kwargs):
         panels.append(activation_grid(*args, **kwargs))
+        titles.append(kwargs["title"])
         return panels[-1]
 
     monkeypatch.setattr(figures, "activation_grid", counting)
     out = figures.run(params)
     assert out["classes"] == ["person", "car"]  # the smoke profile's query, both synthetic classes
-    rows = params["figures"]["images"]
-    assert panels == [rows * 4] * 2  # image, CLIP, CLIP-VV, ours per row
+    rows, methods = params["figures"]["images"], params["evaluate"]["seg"]["methods"]
+    assert out["methods"] == methods and len(methods) == 6
+    assert panels == [rows * (1 + len(methods))] * 2  # the image, then one column per method
+    assert all("projectors best (epoch 0), recipe authors" in t for t in titles)
     for path in out["figures"]:
         width, height = _png(path)
-        assert width > height > 100  # 4 columns side by side, `rows` rows
+        assert width > height > 100  # 7 columns side by side, `rows` rows
 
 
 def test_unknown_query_classes_fall_back_to_the_datasets_first_classes():

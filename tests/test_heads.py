@@ -113,7 +113,7 @@ def test_forward_projects_both_prompt_sets_through_one_batchnorm():
     torch.testing.assert_close(out.logits, region_logits(image, joint, "per_prompt"))
 
 
-@pytest.mark.parametrize("form", ["paper", "authors"])
+@pytest.mark.parametrize("form", ["paper", "authors-classes", "authors-features"])
 def test_gradients_reach_every_projector_parameter_and_no_input(form):
     head = UnmixHead(16, image_projector="mlp").train()
     tokens, neg, pos = torch.randn(4, 5, 16), torch.randn(3, 16), torch.randn(3, 16)

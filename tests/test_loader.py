@@ -37,8 +37,10 @@ def run_epoch(loader: TokenLoader, e: int) -> tuple[np.ndarray, np.ndarray, list
 
 def check_tokens(batches: list, tokens: np.ndarray, labels: np.ndarray) -> None:
     for b in batches:
-        assert b.tokens.dtype == torch.float32 and b.tokens.shape == (len(b.index), T, D)
-        assert np.array_equal(b.tokens.numpy(), tokens[b.index, b.view].astype(np.float32))
+        assert b.tokens.dtype == torch.float16 and b.tokens.shape == (len(b.index), T, D)  # store dtype
+        assert b.tokens.numpy().tobytes() == tokens[b.index, b.view].tobytes()
+        on = b.tokens_on("cpu")
+        assert on.dtype == torch.float32 and np.array_equal(on.numpy(), tokens[b.index, b.view].astype(np.float32))
         assert np.array_equal(b.labels.numpy(), labels[b.index])
 
 
@@ -66,35 +68,49 @@ def test_order_is_deterministic_per_epoch_and_replayable(store) -> None:
         a = TokenLoader(cache, batch_size=5, seed=1, in_memory=in_memory)
         first = [run_epoch(a, e)[:2] for e in range(3)]
         b = TokenLoader(cache, batch_size=5, seed=1, in_memory=in_memory)
-        idx2, view2, _ = run_epoch(b, 2)  # epoch 2 directly, as after a resume
+        idx2, view2, batches2 = run_epoch(b, 2)  # epoch 2 directly, as after a resume
         assert np.array_equal(idx2, first[2][0]) and np.array_equal(view2, first[2][1])
+        again = run_epoch(TokenLoader(cache, batch_size=5, seed=1, in_memory=not in_memory), 2)
+        assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(batches2, again[2]))
         assert not np.array_equal(first[0][0], first[1][0])  # a new order each epoch
         assert not np.array_equal(first[0][1], first[1][1])  # and new random views
         other_seed = run_epoch(TokenLoader(cache, batch_size=5, seed=2, in_memory=in_memory), 0)[0]
         assert not np.array_equal(other_seed, first[0][0])
 
 
-def test_memory_and_streaming_serve_the_same_samples(store) -> None:
+def test_memory_and_streaming_serve_identical_epochs(store) -> None:
+    """An epoch is a function of (seed, epoch) only: the two I/O modes give the same batches."""
     cache, tokens = store
-    for e in range(2):
+    for e in range(3):
         mem = run_epoch(TokenLoader(cache, batch_size=6, seed=4, in_memory=True), e)
-        stream = run_epoch(TokenLoader(cache, batch_size=6, seed=4, in_memory=False, buffer_shards=3), e)
-        assert set(zip(mem[0], mem[1])) == set(zip(stream[0], stream[1]))
-        assert len(mem[0]) == len(stream[0]) == N - len(BAD)
+        stream = run_epoch(TokenLoader(cache, batch_size=6, seed=4, in_memory=False), e)
+        assert np.array_equal(mem[0], stream[0]) and np.array_equal(mem[1], stream[1])
+        assert [len(b.index) for b in mem[2]] == [len(b.index) for b in stream[2]]
+        for a, b in zip(mem[2], stream[2]):
+            assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
         check_tokens(stream[2], tokens, cache.labels)
     ordered = [run_epoch(TokenLoader(cache, batch_size=6, shuffle=False, in_memory=m), 0)[0] for m in (True, False)]
     assert np.array_equal(ordered[0], ordered[1]) and np.array_equal(ordered[0], np.sort(ordered[0]))
 
 
-def test_streaming_reads_whole_view_blocks_once(store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shuffle_is_global_across_shards(store) -> None:
+    """Not a shard-block order: the first batch mixes images of many shards."""
+    cache, _ = store
+    first = next(iter(TokenLoader(cache, batch_size=12, seed=0, in_memory=False).epoch(0)))
+    assert len(np.unique(first.index // S)) >= 4
+
+
+def test_streaming_reads_only_the_sampled_views(store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.shards import ShardReader
     cache, _ = store
     calls: list[tuple[int, int]] = []
-    real = FeatureCache.read_view_block
-    monkeypatch.setattr(FeatureCache, "read_view_block",
-                        lambda self, s, v: calls.append((s, v)) or real(self, s, v))
-    loader = TokenLoader(cache, batch_size=4, view_policy="cycle", in_memory=False)
-    run_epoch(loader, 1)
-    assert sorted(calls) == [(s, 1) for s in range(cache.num_shards)]  # one chunk read per shard
+    real = ShardReader.read_into
+    monkeypatch.setattr(ShardReader, "read_into",
+                        lambda self, i, v, out: calls.append((i, v)) or real(self, i, v, out))
+    monkeypatch.setattr(FeatureCache, "read_shard", lambda *a: pytest.fail("streaming loaded a shard"))
+    loader = TokenLoader(cache, batch_size=4, view_policy="random", seed=2, in_memory=False)
+    index, view, _ = run_epoch(loader, 1)
+    assert sorted(calls) == sorted(zip(index.tolist(), view.tolist()))  # one chunk per sample
 
 
 def test_drop_last_and_memory_budget(store) -> None:
@@ -108,21 +124,22 @@ def test_drop_last_and_memory_budget(store) -> None:
 
 def test_prefetch_thread_error_reaches_consumer(store, monkeypatch: pytest.MonkeyPatch) -> None:
     cache, _ = store
-    real = FeatureCache.read_view_block
+    from pipeline.shards import ShardReader
+    real = ShardReader.read_into
     seen: list[int] = []
 
-    def failing(self, s, v):
-        seen.append(s)
-        if len(seen) == 3:
+    def failing(self, i, v, out):
+        seen.append(i)
+        if len(seen) == 9:
             raise OSError("unreadable chunk (injected)")
-        return real(self, s, v)
+        return real(self, i, v, out)
 
-    monkeypatch.setattr(FeatureCache, "read_view_block", failing)
-    loader = TokenLoader(cache, batch_size=4, view_policy="cycle", in_memory=False, buffer_shards=1)
+    monkeypatch.setattr(ShardReader, "read_into", failing)
+    loader = TokenLoader(cache, batch_size=4, view_policy="cycle", in_memory=False, prefetch=1)
     got = []
     with pytest.raises(OSError, match="injected"):
         got.extend(loader.epoch(0))
-    assert 1 <= len(got) <= 4  # batches before the failure arrived first
+    assert len(got) == 2  # the two batches before the failure arrived first
     assert not any(t.name == "TokenLoader-prefetch" for t in threading.enumerate())
 
 

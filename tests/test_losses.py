@@ -113,6 +113,72 @@ def _mfi_authors_by_hand(t, lam, eps=1e-5):
     return total
 
 
+# -- REFERENCE.md formulas, written with NumPy only (no project helper) ----------------------------
+EPS = 1e-5  # BatchNorm1d's eps
+
+
+def _np_bn(t, bn):
+    """BatchNorm1d(affine=False) over the rows: batch statistics ("train") or the initial running
+    statistics mean 0, variance 1 ("eval")."""
+    if bn == "train":
+        return (t - t.mean(axis=0)) / np.sqrt(t.var(axis=0) + EPS)  # np.var is the biased one
+    return (t - 0.0) / np.sqrt(1.0 + EPS)
+
+
+def _np_penalty(c, lam):
+    off = ~np.eye(len(c), dtype=bool)
+    return float(((np.diag(c) - 1) ** 2).sum() + lam * (c[off] ** 2).sum())
+
+
+def _np_unit(t):
+    t = np.asarray(t, dtype=np.float64)
+    return t / np.linalg.norm(t, axis=1, keepdims=True)
+
+
+def _np_mfi(form, pos, neg, lam, bn):
+    if form == "paper":  # eq. 1: S = cosine similarities of the C positive prompts
+        s = _np_unit(pos) @ _np_unit(pos).T
+        return _np_penalty(s, lam)
+    if form == "authors-classes":  # c = z z^T per prompt set, summed
+        return sum(_np_penalty(_np_bn(_np_unit(t), bn) @ _np_bn(_np_unit(t), bn).T, lam) for t in (pos, neg))
+    z = _np_bn(_np_unit(np.concatenate([neg, pos])), bn)  # authors-features: (2C, D')
+    return _np_penalty(z.T @ z, lam)  # c = z^T z: (D', D')
+
+
+@pytest.mark.parametrize("bn", ["train", "eval"])
+@pytest.mark.parametrize("form", ["paper", "authors-classes", "authors-features"])
+def test_each_mfi_form_equals_its_reference_formula(form, bn):
+    g = np.random.default_rng(7)
+    common = g.normal(size=12)  # CLIP-like: the classes share a direction
+    pos, neg = common + g.normal(size=(5, 12)), common + g.normal(size=(5, 12))  # (C, D')
+    for lam in (0.2, 1.0, 0.0051):
+        got = mfi_loss(torch.from_numpy(pos), torch.from_numpy(neg), lam=lam, form=form, bn=bn)
+        assert float(got) == pytest.approx(_np_mfi(form, pos, neg, lam, bn), rel=1e-10)
+    if form != "paper":  # the BatchNorm mode matters to the authors' forms only
+        other = {"train": "eval", "eval": "train"}[bn]
+        assert float(mfi_loss(torch.from_numpy(pos), torch.from_numpy(neg), lam=1.0, form=form, bn=other)) \
+            != pytest.approx(_np_mfi(form, pos, neg, 1.0, bn), rel=1e-3)
+
+
+def test_authors_classes_in_eval_mode_is_the_paper_form_with_lambda_one_on_both_sets():
+    """With the initial statistics z = t / sqrt(1 + eps), so c = S / (1 + eps): every off-diagonal
+    term shrinks by (1 + eps)^-2 and each diagonal one is (eps / (1 + eps))^2 instead of 0, a
+    relative difference below 2 eps = 2e-5 (tolerance 3e-5); the batch-statistics mode differs."""
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64)
+    paper = mfi_loss(pos, lam=1.0, form="paper") + mfi_loss(neg, lam=1.0, form="paper")
+    got = mfi_loss(pos, neg, lam=1.0, form="authors-classes", bn="eval")
+    assert float(got) == pytest.approx(float(paper), rel=3e-5)
+    assert float(got) != float(paper)  # the eps is there
+    assert float(mfi_loss(pos, neg, lam=1.0, form="authors-classes", bn="train")) \
+        != pytest.approx(float(paper), rel=1e-2)
+
+
+def test_old_form_name_authors_is_refused():
+    with pytest.raises(ValueError, match="authors-classes"):
+        mfi_loss(torch.randn(3, 4), torch.randn(3, 4), form="authors")
+
+
 def test_mfi_paper_is_zero_for_orthogonal_features_and_positive_otherwise():
     q, _ = torch.linalg.qr(torch.randn(8, 5, dtype=torch.float64))  # (8, 5) orthonormal columns
     ortho = q.T * torch.tensor([[0.5], [2.0], [1.0], [3.0], [0.1]], dtype=torch.float64)  # (5, 8)
@@ -128,18 +194,20 @@ def test_mfi_paper_is_zero_for_orthogonal_features_and_positive_otherwise():
 def test_mfi_authors_matches_independent_batchnorm_computation():
     pos = torch.randn(6, 4, dtype=torch.float64)
     neg = torch.randn(6, 4, dtype=torch.float64)
-    got = mfi_loss(pos, neg, lam=1.0, form="authors")
+    got = mfi_loss(pos, neg, lam=1.0, form="authors-classes", bn="train")
     expected = _mfi_authors_by_hand(pos, 1.0) + _mfi_authors_by_hand(neg, 1.0)
     assert float(got) == pytest.approx(expected, rel=1e-10)
-    with pytest.raises(ValueError, match="text_neg"):
-        mfi_loss(pos, form="authors")
+    for form in ("authors-classes", "authors-features"):
+        with pytest.raises(ValueError, match="text_neg"):
+            mfi_loss(pos, form=form)
 
 
-def test_mfi_authors_has_trace_floor_reached_by_two_opposite_classes():
+def test_mfi_authors_classes_with_batch_statistics_has_trace_floor():
     # Standardised columns over C rows give trace(z z^T) = C * D', so with lam = 0 the diagonal
     # term is at least C * (D' - 1)^2 (Jensen) and never reaches 0 for D' > 1.
     classes, dim = 6, 4
-    loss = mfi_loss(torch.randn(classes, dim), torch.randn(classes, dim), lam=0.0, form="authors")
+    loss = mfi_loss(torch.randn(classes, dim), torch.randn(classes, dim), lam=0.0, form="authors-classes",
+                    bn="train")
     assert float(loss) >= 2 * classes * (dim - 1) ** 2 - 1e-3
     # Two opposite classes t and -t: every column standardises to (+1, -1), so z_1 = 1, z_2 = -1,
     # c = [[D', -D'], [-D', D']] and the loss per set is 2 (D' - 1)^2 + lam * 2 D'^2
@@ -148,7 +216,7 @@ def test_mfi_authors_has_trace_floor_reached_by_two_opposite_classes():
     pair = torch.stack([t, -t])  # (2, D')
     lam = 0.3
     per_set = 2 * (dim - 1) ** 2 + lam * 2 * dim**2
-    got = mfi_loss(pair, pair, lam=lam, form="authors")
+    got = mfi_loss(pair, pair, lam=lam, form="authors-classes", bn="train")
     assert float(got) == pytest.approx(2 * per_set, rel=1e-3)
 
 

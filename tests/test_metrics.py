@@ -100,7 +100,7 @@ def test_dataset_miou_equals_set_computation_over_all_pixels():
     assert miou == pytest.approx(np.mean(expected[:4]))
 
 
-def test_per_image_and_dataset_protocols_disagree_on_hand_example():
+def test_per_image_predicted_and_dataset_protocols_disagree_on_hand_example():
     # Image 1: target 0 0 0 0,    pred 0 0 0 0    -> predicted {0}: IoU(0) = 4/4 = 1.
     # Image 2: target 0 1 1 1 255, pred 1 1 1 1 0 -> the ignored pixel is dropped, so predicted
     #          {1}: IoU(1) = 3/4 (class 0, present in the target but not predicted, is not counted).
@@ -109,7 +109,7 @@ def test_per_image_and_dataset_protocols_disagree_on_hand_example():
     # mIoU = (0.8 + 0.75) / 2 = 77.5 %.
     preds = [np.array([[0, 0, 0, 0]]), np.array([[1, 1, 1, 1, 0]])]
     targets = [np.array([[0, 0, 0, 0]]), np.array([[0, 1, 1, 1, 255]])]
-    assert miou_per_image(preds, targets, num_classes=2) == pytest.approx(87.5)
+    assert miou_per_image(preds, targets, num_classes=2, protocol="per-image-predicted") == pytest.approx(87.5)
     conf = sum(confusion_matrix(p, t, 2) for p, t in zip(preds, targets))
     np.testing.assert_array_equal(conf, [[4, 1], [0, 3]])
     miou, iou = miou_dataset(conf)
@@ -128,4 +128,37 @@ def test_per_image_equals_dataset_for_one_image_predicting_exactly_its_classes()
     target[0, :4], pred[0, :4] = [0, 1, 2, 3], [0, 1, 2, 3]  # every class in both
     target[1, 0] = 255
     miou, _ = miou_dataset(confusion_matrix(pred, target, 4))
-    assert miou_per_image([pred], [target], 4) == pytest.approx(miou)
+    assert miou_per_image([pred], [target], 4, protocol="per-image-predicted") == pytest.approx(miou)
+
+
+def test_released_per_image_protocols_on_a_hand_example_where_all_figures_differ():
+    # Labels 0 = background, 1..3 classes, 255 boundary.
+    # Image A: target 0 1 1 1 2 2 255 255 / pred 1 1 1 2 2 1 3 1.
+    #   Released rule: GT background (pixel 0) and 255 (pixels 6, 7) ignored -> pixels 1..5.
+    #   class 1: pred {1,2,5}, target {1,2,3}: 2/4; class 2: pred {3,4}, target {4,5}: 1/3;
+    #   class 3 is predicted only on an ignored pixel: present, IoU 0.
+    #   positive_pred = (1/2 + 1/3 + 0) / 3 = 5/18; positive_only = (1/2 + 1/3) / 2 = 5/12.
+    #   per-image-predicted (only 255 ignored, background a class; classes predicted on the
+    #   non-ignored pixels 0..5 = {1, 2}): class 1 pred {0,1,2,5}: 2/5; class 2: 1/3 -> 11/30.
+    # Image B: target 0 3 3 255 / pred 2 3 3 3; class 1 is absent from the image.
+    #   Released: pixels 1, 2 -> class 3: 1; class 2 predicted only on GT background: 0.
+    #   positive_pred = (1 + 0) / 2 = 1/2; positive_only = 1.
+    #   per-image-predicted: pixels 0..2, predicted {2, 3}: class 2: 0/1, class 3: 1 -> 1/2.
+    # Averages over images: (5/18 + 1/2) / 2 = 7/18; (5/12 + 1) / 2 = 17/24; (11/30 + 1/2) / 2 = 13/30.
+    # Dataset-level over both (255 ignored): class 0: 0/2, class 1: 2/5, class 2: pred {A3,A4,B0},
+    # target {A4,A5}: 1/4, class 3: 2/2 -> (0 + 0.4 + 0.25 + 1) / 4 = 41.25 %.
+    preds = [np.array([[1, 1, 1, 2, 2, 1, 3, 1]]), np.array([[2, 3, 3, 3]])]
+    targets = [np.array([[0, 1, 1, 1, 2, 2, 255, 255]]), np.array([[0, 3, 3, 255]])]
+    assert miou_per_image(preds, targets, 4, protocol="per-image-positive-pred") == pytest.approx(100 * 7 / 18)
+    assert miou_per_image(preds, targets, 4, protocol="per-image-positive-only") == pytest.approx(100 * 17 / 24)
+    assert miou_per_image(preds, targets, 4, protocol="per-image-predicted") == pytest.approx(100 * 13 / 30)
+    miou, _ = miou_dataset(sum(confusion_matrix(p, t, 4) for p, t in zip(preds, targets)))
+    assert miou == pytest.approx(41.25)
+    # Without a background class (Context-59 style), label 0 is an ordinary class: in image A the
+    # pixel 0 (target 0, pred 1) then counts: class 1 pred {0,1,2,5}: 2/5, class 0: 0/1 (not present
+    # in the prediction), so positive_pred = (2/5 + 1/3 + 0) / 3 = 11/45; image B: class 0 target
+    # pixel 0 is predicted 2: class 2 0/1, class 3 1 -> 1/2. Mean (11/45 + 1/2) / 2 = 67/180.
+    assert miou_per_image(preds, targets, 4, protocol="per-image-positive-pred", background=None) == \
+        pytest.approx(100 * 67 / 180)
+    with pytest.raises(ValueError, match="per-image protocol"):
+        miou_per_image(preds, targets, 4, protocol="dataset")

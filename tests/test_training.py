@@ -23,7 +23,8 @@ from pipeline.augment import eval_view
 from pipeline.backbone import load_backbone, recalibrate_batchnorm
 from pipeline.build import backbone_from_params
 from pipeline.cache import FeatureCache
-from pipeline.config import load_params
+from pipeline.config import get as config_get
+from pipeline.config import load_params, load_recipe
 from pipeline.datasets import load_multilabel
 from pipeline.extract import extract
 from pipeline.loader import TokenLoader
@@ -103,32 +104,56 @@ def fresh(world: dict, where: Path, **train: object) -> dict:
     return params
 
 
+def with_recipe(params: dict, recipe: str) -> dict:
+    """`params` trained as `recipe` says: its model/train/evaluate keys as the smoke profile under
+    that recipe resolves them; the caches (data, extract) and everything else stay."""
+    resolved = load_params(profile="smoke", overrides=[f"recipe={recipe}"])
+    out = copy.deepcopy(params)
+    out["recipe"] = recipe
+    for key in load_recipe(recipe):
+        if key.split(".")[0] in ("model", "train", "evaluate"):
+            *parents, leaf = key.split(".")
+            section = out
+            for name in parents:
+                section = section[name]
+            section[leaf] = config_get(resolved, key)
+    return out
+
+
 def weights(params: dict) -> dict[str, torch.Tensor]:
     head, _ = load_projectors(paths.projectors(params))
     return head.state_dict()
 
 
-def test_lr_schedule_is_constant_warmup_then_cosine_to_zero() -> None:
-    cfg = {"warmup_epochs": 1, "warmup_lr": 1e-5, "epochs": 5, "lr": 0.002}
+def test_lr_schedule_is_constant_warmup_then_cosine_started_after_it() -> None:
+    cfg = {"warmup_epochs": 1, "warmup_lr": 1e-5, "epochs": 5, "lr": 0.002, "lr_schedule": "step"}
     assert lr_at(0.0, cfg) == lr_at(0.99, cfg) == 1e-5
-    # cosine over all 5 epochs, the warm-up epoch replaced by the constant (Dassl's warm-up wrapper)
-    assert lr_at(1.0, cfg) == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi / 5)))
-    assert lr_at(2.5, cfg) == pytest.approx(0.001)  # halfway through the 5 epochs: cos(pi/2) = 0
-    assert lr_at(4.0, cfg) == pytest.approx(0.002 * 0.5 * (1 + math.cos(4 * math.pi / 5)))
-    assert lr_at(5.0, cfg) == pytest.approx(0.0, abs=1e-15)
+    # the cosine (period 5 epochs) starts at lr0 when the warm-up ends (Dassl's warm-up wrapper)
+    assert lr_at(1.0, cfg) == pytest.approx(0.002)
+    assert lr_at(3.5, cfg) == pytest.approx(0.001)  # 2.5 epochs into the cosine: cos(pi/2) = 0
+    assert lr_at(5.0, cfg) == pytest.approx(0.002 * 0.5 * (1 + math.cos(4 * math.pi / 5)))
+    assert lr_at(6.0, cfg) == pytest.approx(0.0, abs=1e-15)
     sgd = build_optimizer([torch.zeros(2, requires_grad=True)], {
         "optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4})
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     assert sgd.defaults["weight_decay"] == 5e-4
 
 
-def test_training_beats_label_frequency_and_disentangles_text(world: dict, tmp_path: Path) -> None:
-    params = fresh(world, tmp_path)
+# Margins over the label-frequency baseline (23.4 mAP) and measured values on this world: the paper
+# recipe's thresholds were calibrated before the recipes existed (on its settings); the authors'
+# recipe (text BatchNorm frozen at its initial statistics, raw text whose class differences are a
+# small part of a shared component, 90% of the labels) learns more slowly here: 38.5 mAP.
+LEARNING_MARGIN = {"paper": 20.0, "authors": 8.0}
+
+
+@pytest.mark.parametrize("recipe", ["paper", "authors"])
+def test_training_beats_label_frequency_and_disentangles_text(world: dict, tmp_path: Path, recipe: str) -> None:
+    params = with_recipe(fresh(world, tmp_path), recipe)
     summary = train.run(params)
     labels = FeatureCache.open(paths.feature_store(params, "val")).labels  # (N, C), no unknowns
     baseline = 100 * labels.mean(axis=0).mean()  # constant scores: each class's AP is its positive rate
     assert summary["label_frequency_map"] == pytest.approx(baseline)
-    assert summary["val_map"] > baseline + 20
+    assert summary["val_map"] > baseline + LEARNING_MARGIN[recipe]
     assert summary["mfi"]["after"] < summary["mfi"]["before"]  # plain prompts (paper Table 4)
     # The positive prompts the MFI loss trains on disentangle far more: the random text tower puts
     # the plain prompts ("...{class}.") at cosine ~0.75 from them, so the projector barely sees them.

@@ -1,0 +1,215 @@
+"""Benchmark 5: the training reader at page-cache speed, and what the store's checksums cost.
+
+Stores of random float16 tokens of RN-101's shape (T=197, D=512) at K=1 and K=4 views are written
+by FeatureCache (format 2: one crc32c-checked chunk per image view). Side by side, in one process,
+on the same tokens, all in the page cache, batches of one random view of randomly ordered images:
+- RAM gather: tokens[index, view] from a NumPy array in memory (the in-memory limit);
+- memmap gather: the same from a NumPy memmap of a .npy of the tokens (the page-cache limit);
+- TokenLoader streaming, forced (in_memory=False, max_memory_bytes=0: it cannot load the store);
+- TokenLoader in memory (store loaded once, not timed), float16 batches as training gets them;
+  both first without the prefetch thread (the loader's own rate: the goals), then with it (as
+  training runs it: this do-nothing consumer and the thread then contend for the GIL, which a
+  training step, waiting in torch or CUDA with the GIL released, does not);
+- ShardReader.gather with and without crc32c verification (the reader's checksum cost);
+- extraction-side write of the same shards with and without the crc32c codec (write cost).
+Peak RSS of a streaming epoch is measured in child processes at two store sizes.
+Goals (issue "Feed a GPU"): streaming >= 10,000 views/s and >= 0.5x memmap; in memory >= 0.8x RAM.
+
+    python bench/bench_reader.py --images 256 --json results/bench_reader.json
+"""
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from pipeline.cache import FeatureCache
+from pipeline.loader import TokenLoader
+from pipeline.shards import ShardReader
+
+T, D = common.token_shape("RN101", 448)
+
+
+def make_store(path: Path, n: int, k: int, shard: int, seed: int = 0) -> np.ndarray:
+    """A complete float16 store of n images x k views; returns its tokens (n, k, T, D)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.standard_normal((n, k, T, D), dtype=np.float32).astype(np.float16)
+    cache = FeatureCache.create_or_open(
+        path, ids=[str(i) for i in range(n)], labels=np.zeros((n, 80), np.int8),
+        classnames=[f"c{c}" for c in range(80)], views=k, num_tokens=T, dim=D,
+        fingerprint={"bench": seed}, shard_size=shard, overwrite=True)
+    for s in range(cache.num_shards):
+        a, b = cache.shard_range(s)
+        cache.write_shard(s, tokens[a:b], np.zeros(b - a, np.int8))
+    return tokens
+
+
+def timed_rate(step, budget_s: float) -> float:
+    """Views/s of repeated `step()` calls (each returns views done) for about budget_s."""
+    step()  # warm-up
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < budget_s or n == 0:
+        n += step()
+    return n / elapsed
+
+
+def epoch_batches(n: int, k: int, batch: int, epoch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(epoch)
+    order, views = rng.permutation(n), rng.integers(0, k, n)
+    return [(order[i:i + batch], views[order[i:i + batch]]) for i in range(0, n, batch)]
+
+
+def gather_rate(array: np.ndarray, k: int, batch: int, budget_s: float) -> float:
+    state = {"e": 0}
+
+    def step() -> int:
+        state["e"] += 1
+        return sum(len(np.ascontiguousarray(array[i, v])) for i, v in
+                   epoch_batches(len(array), k, batch, state["e"]))
+    return timed_rate(step, budget_s)
+
+
+def loader_rate(loader: TokenLoader, budget_s: float) -> float:
+    state = {"e": 0}
+
+    def step() -> int:
+        state["e"] += 1
+        return sum(len(b.index) for b in loader.epoch(state["e"]))
+    return timed_rate(step, budget_s)
+
+
+def reader_rate(cache: FeatureCache, verify: bool, batch: int, budget_s: float) -> float:
+    reader, state = ShardReader(cache, verify_crc=verify), {"e": 0}
+
+    def step() -> int:
+        state["e"] += 1
+        return sum(len(reader.gather(i, v)) for i, v in
+                   epoch_batches(cache.num_images, cache.views, batch, state["e"]))
+    return timed_rate(step, budget_s)
+
+
+def write_seconds(root: Path, tokens: np.ndarray, shard: int, crc: bool) -> float:
+    """Seconds to write all shards of `tokens` through zarr, with or without the crc32c codec."""
+    n, k = tokens.shape[:2]
+    g = zarr.open_group(str(root / f"write-{crc}.zarr"), mode="w")
+    a = g.create_array("tokens", shape=tokens.shape, dtype="float16", shards=(shard, k, T, D),
+                       chunks=(1, 1, T, D), fill_value=float("nan"),
+                       compressors=[Crc32cCodec()] if crc else None)
+    with common.Timer() as t:
+        for s in range(0, n, shard):
+            a[s:s + shard] = tokens[s:s + shard]
+    return t.seconds
+
+
+CHILD = "--rss-child"
+
+
+def _rss() -> int:
+    """Resident bytes now (/proc/self/statm: anonymous and mapped pages of this process)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def child_rss(store: Path, batch: int) -> None:
+    """Run two streaming epochs; print the peak RSS growth (MiB) over the state after opening,
+    sampled after every batch."""
+    cache = FeatureCache.open(store)
+    loader = TokenLoader(cache, batch, seed=0, in_memory=False, max_memory_bytes=0)
+    base = peak = _rss()
+    n = 0
+    for e in range(2):
+        for b in loader.epoch(e):
+            n += len(b.index)
+            peak = max(peak, _rss())
+    print(n, (peak - base) / 2**20)
+
+
+def rss_growth(store: Path, batch: int, mmap_threshold: bool) -> float:
+    """Peak RSS growth of a streaming child; `mmap_threshold` fixes glibc's at 1 MiB, so freed
+    batch buffers go back to the OS instead of staying cached in the malloc heap."""
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(2**20)} if mmap_threshold else {})}
+    out = subprocess.run([sys.executable, __file__, CHILD, str(store), str(batch)], check=True,
+                         capture_output=True, text=True, env=env).stdout.split()
+    return float(out[-1])
+
+
+def main() -> None:
+    p = common.parser(__doc__.splitlines()[0], images=256, views=4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--budget", type=float, default=4.0, help="seconds per measured rate")
+    args = p.parse_args()
+    shard, b = args.shard_size or 64, args.batch_size
+    rows, results = [], {"rates": {}, "rss_mib": {}}
+    with common.workdir(args.workdir) as root:
+        for k in sorted({1, args.views}):
+            n = args.images * (4 // k if k < 4 else 1)  # K=1 stores hold as many views as K=4
+            tokens = make_store(root / f"k{k}.zarr", n, k, shard)
+            np.save(root / f"k{k}.npy", tokens)
+            memmap = np.load(root / f"k{k}.npy", mmap_mode="r")
+            cache = FeatureCache.open(root / f"k{k}.zarr")
+            rates = {
+                "RAM gather (NumPy array)": gather_rate(tokens, k, b, args.budget),
+                "memmap gather (page-cache limit)": gather_rate(memmap, k, b, args.budget),
+                "TokenLoader streaming (forced, memory cap 0)": loader_rate(
+                    TokenLoader(cache, b, seed=0, in_memory=False, max_memory_bytes=0, prefetch=0),
+                    args.budget),
+                "TokenLoader in memory": loader_rate(
+                    TokenLoader(cache, b, seed=0, in_memory=True, prefetch=0), args.budget),
+                "TokenLoader streaming, prefetch thread (2)": loader_rate(
+                    TokenLoader(cache, b, seed=0, in_memory=False, max_memory_bytes=0), args.budget),
+                "TokenLoader in memory, prefetch thread (2)": loader_rate(
+                    TokenLoader(cache, b, seed=0, in_memory=True), args.budget),
+                "ShardReader.gather, crc32c checked": reader_rate(cache, True, b, args.budget),
+                "ShardReader.gather, crc32c not checked": reader_rate(cache, False, b, args.budget),
+            }
+            results["rates"][f"K={k}"] = rates
+            ram, mm = rates["RAM gather (NumPy array)"], rates["memmap gather (page-cache limit)"]
+            for name, rate in rates.items():
+                vs_ram = "RAM" in name or "in memory" in name
+                rows.append([f"K={k}, {n} images: {name}", f"{rate:,.0f} views/s",
+                             f"{rate / (ram if vs_ram else mm):.3f} ({'RAM' if vs_ram else 'memmap'})"])
+            if k == args.views:
+                with_crc = write_seconds(root, tokens, shard, True)
+                without = write_seconds(root, tokens, shard, False)
+                results["write_seconds"] = {"crc32c": with_crc, "none": without}
+                rows.append([f"K={k}: zarr write of all shards, crc32c / none",
+                             f"{with_crc:.3f} s / {without:.3f} s", f"{with_crc / without:.3f}"])
+            del tokens, memmap
+        small, large = root / "k1.zarr", root / "large.zarr"
+        make_store(large, 4 * args.images * 4, 1, shard, seed=1)
+        batch_mib = b * T * D * 2 / 2**20
+        for name, store in (("small", small), ("large", large)):
+            c = FeatureCache.open(store)
+            for fixed in (False, True):  # child processes: this one holds the stores in RAM
+                growth = rss_growth(store, b, fixed)
+                how = "malloc mmap threshold 1 MiB" if fixed else "default malloc"
+                results["rss_mib"][f"{name}, {how}"] = {"store_mib": c.tokens_nbytes / 2**20,
+                                                        "peak_growth_mib": growth}
+                what = f"2 streaming epochs, store {c.tokens_nbytes / 2**20:,.0f} MiB ({how}): peak RSS growth"
+                rows.append([what, f"{growth:.1f} MiB",
+                             f"{growth / batch_mib:.1f} batches of {batch_mib:.1f} MiB"])
+    k4 = results["rates"][f"K={args.views}"]
+    stream = k4["TokenLoader streaming (forced, memory cap 0)"]
+    mm = k4["memmap gather (page-cache limit)"]
+    mem = k4["TokenLoader in memory"] / k4["RAM gather (NumPy array)"]
+    met = stream >= 10_000 and stream / mm >= 0.5 and mem >= 0.8
+    verdict = (f"**K={args.views}: streaming {stream:,.0f} views/s = {stream / mm:.2f}x memmap (goal >= 10,000 "
+               f"and >= 0.5x); in memory {mem:.2f}x RAM gather (goal >= 0.8x)**: "
+               f"**{'met' if met else 'NOT met'}**")
+    setup = (f"random float16 tokens {T} x {D} (RN-101 at 448 px), shards of {shard} images, batches "
+             f"of {b} one-view samples in a global random order, warm page cache")
+    common.report("Benchmark 5: reader", setup, ["what", "value", "ratio"], rows, verdict, args, results)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == CHILD:
+        child_rss(Path(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main()

@@ -1,0 +1,73 @@
+"""What every evaluation shares: which projectors it read, strict JSON + Markdown output.
+
+Every results JSON carries "source": the projectors file (best or last, its epoch) and the
+recipe, and every table says the same in its first line, so a number never travels without
+what produced it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import paths
+from pipeline.config import recipe_summary
+from pipeline.files import atomic_write_text
+from pipeline.heads import UnmixHead
+from pipeline.training import TrainingError, load_projectors
+
+
+def jsonable(obj: Any) -> Any:
+    """numpy -> Python, NaN/inf -> None (strict JSON for DVC and other readers)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_results(params: dict, what: str, metrics: dict, table: str) -> None:
+    atomic_write_text(paths.results_dir(params, "metrics", f"{what}.json"),
+                      json.dumps(jsonable(metrics), indent=2) + "\n")
+    atomic_write_text(paths.results_dir(params, "tables", f"{what}.md"), table.rstrip() + "\n")
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def load_head(params: dict, device: torch.device, embed_dim: int | None = None,
+              path: Path | None = None) -> tuple[UnmixHead, dict, dict]:
+    """(head in eval mode, its meta, its source) for evaluate.projectors (best | last), or `path`.
+    Refuses a head trained for another backbone width."""
+    which = params["evaluate"]["projectors"]
+    path = paths.projectors(params, which) if path is None else Path(path)
+    head, meta = load_projectors(path, device)
+    if embed_dim is not None and meta["embed_dim"] != embed_dim:
+        raise TrainingError(f"projectors at {path} were trained on {meta['embed_dim']}-d tokens but "
+                            f"backbone {params['backbone']['name']} gives {embed_dim}-d: retrain them")
+    return head, meta, source(params, path, meta)
+
+
+def source(params: dict, path: Path, meta: dict) -> dict:
+    """What produced a result: the projectors file, which one and its epoch, and the recipe."""
+    return {"projectors": {"which": params["evaluate"]["projectors"], "path": str(path),
+                           "epoch": meta.get("epoch")},
+            "recipe": recipe_summary(params)["recipe"]}
+
+
+def source_line(src: dict) -> str:
+    """The provenance sentence every table starts with."""
+    p = src["projectors"]
+    return (f"Projectors: {p['which']} ({p['path']}, epoch {p['epoch']}); "
+            f"recipe: {src['recipe']}.")

@@ -1,0 +1,168 @@
+"""`pipeline evaluate mfi`: the MFI figure of merit (paper Table 4), and how much of it the MFI loss
+does. Per class set, the mean off-diagonal cosine similarity of "A photo of a {class}." features:
+  clip       CLIP's own text features (no projector);
+  untrained  the projector as training started it (new_head: seeded by train.seed);
+  alpha0     a projector trained with alpha = 0 (no MFI loss; lambda and form then irrelevant);
+  trained    the evaluated projectors (evaluate.projectors).
+Every projector row uses the same text input (evaluate.text_input) and BatchNorm statistics
+(evaluate.text_bn.mfi). The alpha = 0 control (evaluate.mfi.control) comes from the ablation's
+saved points (results/ablation/points/*/projectors.pt whose params equal this run's model and
+train params except alpha = 0, the MFI loss settings and the epochs), else from a control run of
+the training stage in <paths.cache>/models/control-alpha0/; the table names which.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline import paths
+from pipeline.classes import classnames, prompt_names
+from pipeline.config import read_yaml
+from pipeline.evaluation import fmt, load_head, source_line
+from pipeline.files import atomic_write_text
+from pipeline.metrics import mean_offdiagonal_similarity
+from pipeline.plots import similarity_heatmaps
+from pipeline.segmentation import PROMPTS, plain_text, project_classes
+from pipeline.training import TrainingError, load_projectors, new_head
+from stages.evaluate import backbone_and_head
+
+MFI_CLASS_SETS = {"voc": "voc2007", "coco": "coco2014", "context59": "context59",
+                  "context_unseen": "context59-unseen"}  # other names: classes.classnames(name)
+ROWS = {"clip": "CLIP (no projector)", "untrained": "untrained projector",
+        "alpha0": "projector trained with alpha = 0 (no MFI loss)", "trained": "trained projector (ours)"}
+CONTROL_DIR = "control-alpha0"
+# train params that do not change what an alpha = 0 run learns, or only how it runs.
+_IGNORED_TRAIN_KEYS = ("alpha", "mfi", "epochs", "warmup_epochs", "device", "cpu_threads", "eval_every")
+
+
+def class_set(name: str) -> list[str]:
+    return classnames(MFI_CLASS_SETS.get(name, name))
+
+
+def _comparable(params: dict) -> dict:
+    """The params that decide what an alpha = 0 run learns, JSON-normalised (tuples -> lists)."""
+    train = {k: v for k, v in params["train"].items() if k not in _IGNORED_TRAIN_KEYS}
+    return json.loads(json.dumps({"model": params["model"], "train": train}))
+
+
+def _point_params(folder: Path, meta: dict) -> dict | None:
+    """An ablation point's params: in the projectors' meta, or params.json / params.yaml beside."""
+    if isinstance(meta.get("params"), dict):
+        return meta["params"]
+    for name in ("params.json", "params.yaml"):
+        if (folder / name).is_file():
+            text = (folder / name).read_text()
+            return json.loads(text) if name.endswith("json") else read_yaml(folder / name)
+    return None
+
+
+def ablation_control(params: dict, fingerprint: dict | None) -> Path | None:
+    """The first ablation point trained like this run but with alpha = 0, on the same cache."""
+    want = _comparable(params)
+    for path in sorted(paths.results_dir(params, "ablation", "points").glob("*/projectors.pt")):
+        meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+        point = _point_params(path.parent, meta)
+        if point is None or float(point["train"]["alpha"]) != 0.0 or _comparable(point) != want:
+            continue
+        if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+            continue
+        return path
+    return None
+
+
+def train_control(params: dict) -> Path:
+    """Train (or reuse) the alpha = 0 control with the training stage, in its own folder under
+    paths.cache (its features/ links to this run's cache, so nothing is re-extracted and the
+    run's own models and results are never touched). Epochs: ablate.epochs, else train.epochs."""
+    from stages import train
+
+    root = (Path(params["paths"]["cache"]) / "models" / CONTROL_DIR).resolve()
+    control = copy.deepcopy(params)
+    control["train"]["alpha"] = 0.0
+    control["train"]["epochs"] = params["ablate"]["epochs"] or params["train"]["epochs"]
+    control["train"]["warmup_epochs"] = min(params["train"]["warmup_epochs"], control["train"]["epochs"] - 1)
+    control["paths"] = {**params["paths"], "cache": str(root), "results": str(root / "results")}
+    out = paths.projectors(control, "last")
+    stamp = root / "control.json"
+    identity = json.dumps({"train": control["train"], "model": control["model"],
+                           "features": str(paths.feature_store(params, "train").resolve())}, sort_keys=True)
+    if out.is_file() and stamp.is_file() and stamp.read_text() == identity:
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / "features"
+    if not link.exists():
+        os.symlink(paths.feature_store(params, "train").resolve().parent, link)
+    stamp.unlink(missing_ok=True)
+    print(f"mfi: training the alpha = 0 control ({control['train']['epochs']} epochs) in {root}", flush=True)
+    with torch.enable_grad():  # evaluate_mfi runs under no_grad
+        train.run(control)
+    atomic_write_text(stamp, identity)
+    return out
+
+
+def control_head(params: dict, device: torch.device, fingerprint: dict | None):
+    """(head, meta, "ablation" | "train", path) per evaluate.mfi.control, or None for "none"."""
+    mode = params["evaluate"]["mfi"]["control"]
+    if mode == "none":
+        return None
+    path = ablation_control(params, fingerprint) if mode in ("auto", "ablation") else None
+    kind = "ablation"
+    if path is None:
+        if mode == "ablation":
+            raise TrainingError(
+                f"evaluate.mfi.control is 'ablation' but no point under "
+                f"{paths.results_dir(params, 'ablation', 'points')} was trained with alpha = 0 and this "
+                "run's other params: run `pipeline ablate` with alpha 0, or set it to auto / train / none")
+        path, kind = train_control(params), "train"
+    head, meta = load_projectors(path, device)
+    return head, meta, kind, path
+
+
+@torch.no_grad()
+def evaluate_mfi(params: dict) -> tuple[dict, str]:
+    ev = params["evaluate"]
+    stats, text_input = ev["text_bn"]["mfi"], ev["text_input"]
+    backbone, head, src = backbone_and_head(params)
+    device = next(head.parameters()).device
+    _, meta, _ = load_head(params, device, backbone.embed_dim)
+    heads = {"untrained": new_head(params, backbone.embed_dim, device).eval(), "trained": head}
+    control = control_head(params, device, meta.get("fingerprint"))
+    control_info = {"source": "none"}
+    if control is not None:
+        heads = {"untrained": heads["untrained"], "alpha0": control[0], "trained": head}
+        control_info = {"source": control[2], "path": str(control[3]), "epoch": control[1].get("epoch")}
+    sets, lines = {}, []
+    for name in ev["mfi"]["class_sets"]:
+        words = prompt_names(class_set(name), MFI_CLASS_SETS.get(name, name), ev["voc_names"])
+        text = plain_text(backbone, words, ev["prompt"], normalise=text_input == "normalised")  # (C, D)
+        features = {"clip": text.cpu()}
+        features.update({k: project_classes(h, text, stats).cpu() for k, h in heads.items()})  # (C, D')
+        rows = {k: mean_offdiagonal_similarity(f) for k, f in features.items()}
+        reduction = {k: 100.0 * (rows["clip"] - v) / rows["clip"] for k, v in rows.items() if k != "clip"}
+        figure = paths.results_dir(params, "heatmaps", f"mfi_{name}.png")
+        similarity_heatmaps({ROWS[k].split(" (")[0]: f.numpy() for k, f in features.items()}, words,
+                            figure, title=f"class text similarity: {name}")
+        sets[name] = {"num_classes": len(words), "rows": rows, "reduction_pct": reduction,
+                      "before": rows["clip"], "after": rows["trained"], "figure": str(figure)}
+        lines += [f"| {name} | {len(words)} | {ROWS[k]} | {fmt(v, 3)} | "
+                  f"{fmt(reduction.get(k)) if k != 'clip' else '-'} |" for k, v in rows.items()]
+    control_text = {"none": "no alpha = 0 control (evaluate.mfi.control none)",
+                    "ablation": f"alpha = 0 control from the ablation point {control_info.get('path')} "
+                                f"(epoch {control_info.get('epoch')})",
+                    "train": f"alpha = 0 control trained by this stage: {control_info.get('path')} "
+                             f"(epoch {control_info.get('epoch')})"}[control_info["source"]]
+    prompt = PROMPTS[ev["prompt"]].format("{class}")
+    table = "\n".join([
+        "## MFI figure of merit (paper Table 4): how much is the MFI loss", "", source_line(src), "",
+        (f"Mean off-diagonal cosine similarity of \"{prompt}\" features; text into the projector "
+        f"{text_input}, BatchNorm {stats} statistics, VOC names {ev['voc_names']}; {control_text}. "
+        "Reduction relative to CLIP."), "",
+        "| class set | classes | features | mean off-diagonal cosine | reduction (%) |",
+        "|---|---|---|---|---|", *lines])
+    metrics = {"source": src, "text_input": text_input, "text_bn": stats, "voc_names": ev["voc_names"],
+               "control": control_info, "class_sets": sets}
+    return metrics, table

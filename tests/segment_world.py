@@ -1,0 +1,98 @@
+"""Shared fixture of test_api.py and test_segment_cli.py: a tiny random CLIP (BatchNorm
+recalibrated, saved as a checkpoint), smoke projectors trained in the fixture on planted-signal
+images, and planted test images on disk with their ground-truth masks (as tests/test_evaluate.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline.augment import eval_view
+from pipeline.backbone import POSITIVE_TEMPLATE, load_backbone, recalibrate_batchnorm
+from pipeline.classes import COCO_CLASSES
+from pipeline.config import load_params
+from pipeline.synthetic import planted_sample
+from pipeline.training import build_optimizer, new_head, save_projectors, train_step
+from pipeline.weights import sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES, N_TRAIN, N_TEST, PIXELS, SIZE, STEPS, LR = 8, 48, 12, 96, 128, 300, 3e-3
+CLASSES = list(COCO_CLASSES[:NUM_CLASSES])
+TEMPLATE = POSITIVE_TEMPLATE  # the training prompt: a random text tower puts others far away
+
+
+def planted_mask(objects, size: int) -> np.ndarray:
+    """(H, W) uint8: 0 background, k + 1 class k; squares painted largest first like the pixels."""
+    mask = np.zeros((size, size), np.uint8)
+    for o in objects:
+        mask[o.y0:o.y0 + o.side, o.x0:o.x0 + o.side] = o.cls + 1
+    return mask
+
+
+def _labels(objects) -> np.ndarray:
+    row = np.zeros(NUM_CLASSES, np.int8)
+    row[[o.cls for o in objects]] = 1
+    return row
+
+
+_BUILT: dict[str, dict] = {}  # both test modules import the fixture: build it once per session
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny head is ~30x slower on 2 shared threads
+    key = str(tmp_path_factory.getbasetemp())
+    if key not in _BUILT:
+        _BUILT[key] = _build(tmp_path_factory.mktemp("segment"))
+    yield _BUILT[key]
+    torch.set_num_threads(threads)
+
+
+def _build(base: Path) -> dict:
+    train = [planted_sample(0, "train", i, PIXELS, NUM_CLASSES) for i in range(N_TRAIN)]
+    test = [planted_sample(0, "val", i, PIXELS, NUM_CLASSES) for i in range(N_TEST)]
+    images = base / "images"
+    images.mkdir()
+    files = []
+    for i, (pixels, _) in enumerate(test):
+        files.append(images / f"planted_{i:02d}.png")  # lossless: file and in-memory image agree
+        Image.fromarray(pixels).save(files[-1])
+    masks = [planted_mask(objects, PIXELS) for _, objects in test]
+
+    backbone = load_backbone("tiny-RN", pretrained=None)
+    x_train = torch.stack([eval_view(Image.fromarray(p), SIZE) for p, _ in train])  # (N, 3, S, S)
+    recalibrate_batchnorm(backbone, [x_train])  # random-init backbone only (TESTING trap 1)
+    checkpoint = base / "backbone.pt"
+    torch.save(backbone.model.state_dict(), checkpoint)
+    digest = sha256_file(checkpoint)
+
+    # The paper recipe: the authors' (eval-mode text BatchNorm, raw text input, their loss weights)
+    # does not learn this toy task in 300 steps (object mIoU at chance, like CLIP-VV).
+    params = load_params(REPO / "configs" / "params.yaml", ["recipe=paper"], profile="smoke")
+    params["paths"] = {"data": str(base / "data"), "cache": str(base / "cache"),
+                       "results": str(base / "results")}
+    params["backbone"].update(checkpoint=str(checkpoint), device="cpu")
+    params["evaluate"]["seg"]["image_size"] = SIZE
+    params["evaluate"]["batch_size"] = 5  # batches that do not divide N_TEST
+    text = backbone.class_text_features(CLASSES)  # {positive, negative, plain}: (C, D)
+    tokens = backbone.spatial_tokens(x_train)  # (N, T, D)
+    labels = torch.from_numpy(np.stack([_labels(o) for _, o in train])).long()  # (N, C)
+    head = new_head(params, backbone.embed_dim, torch.device("cpu"))
+    optimizer = build_optimizer(head.parameters(), {**params["train"], "lr": LR})
+    for step in range(STEPS):
+        train_step(head, optimizer, tokens, labels, text, params["train"], step=step)
+    projectors = base / "projectors.pt"
+    save_projectors(projectors, head, {
+        "model": params["model"], "embed_dim": backbone.embed_dim, "classnames": CLASSES, "epoch": 0,
+        "fingerprint": {"backbone": {"name": "tiny-RN", "weights_digest": digest}, "image_size": SIZE}})
+    params_file = base / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    return {"base": base, "files": files, "masks": masks, "checkpoint": checkpoint, "digest": digest,
+            "projectors": projectors, "params": params, "params_file": params_file,
+            "backbone": backbone, "head": head.eval(), "images_dir": images}

@@ -1,0 +1,185 @@
+"""The Python API on smoke projectors: free-text segmentation beats CLIP-VV on planted objects,
+its numbers match independent computations, and wrong inputs fail with one clear message."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segment_world import CLASSES, SIZE, TEMPLATE, world  # noqa: F401  (session fixture)
+
+from pipeline.api import UnmixCLIP, class_list
+from pipeline.augment import eval_view
+from pipeline.backbone import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE, load_backbone
+from pipeline.config import ParamError
+from pipeline.heads import positive_scores
+from pipeline.images import BadImageError
+from pipeline.segment_maps import label_map
+from pipeline.synthetic import make_bad_images
+from pipeline.weights import WeightsError, sha256_file
+
+
+@pytest.fixture(scope="module")
+def model(world):  # noqa: F811
+    return UnmixCLIP.from_files(world["projectors"], checkpoint=world["checkpoint"], device="cpu",
+                                batch_size=5)
+
+
+@pytest.fixture(scope="module")
+def segmented(world, model):  # noqa: F811
+    return model.segment(world["files"], CLASSES, template=TEMPLATE, methods=("clip-vv",))
+
+
+def object_scores(preds: list[np.ndarray], masks: list[np.ndarray], num: int) -> tuple[float, float]:
+    """(mIoU over classes, pixel accuracy) on object pixels only (ground-truth background ignored);
+    labels 1..num. Written independently of pipeline.metrics."""
+    pred = np.concatenate([p.ravel() for p in preds]).astype(np.int64)
+    gt = np.concatenate([m.ravel() for m in masks]).astype(np.int64)
+    keep = gt > 0
+    pred, gt = pred[keep], gt[keep]
+    ious = []
+    for k in range(1, num + 1):
+        union = np.sum((pred == k) | (gt == k))
+        if union:
+            ious.append(np.sum((pred == k) & (gt == k)) / union)
+    return float(np.mean(ious)), float(np.mean(pred == gt))
+
+
+def test_segment_beats_clip_vv_on_planted_objects_and_is_above_chance(world, segmented):  # noqa: F811
+    ours = object_scores(segmented.label_maps, world["masks"], len(CLASSES))
+    vv = object_scores(segmented.method_label_maps["clip-vv"], world["masks"], len(CLASSES))
+    print(f"object-pixel mIoU / accuracy: ours {ours}, CLIP-VV {vv}")
+    assert ours[0] > vv[0] + 0.02
+    assert ours[1] > 1.0 / len(CLASSES)
+    assert [m.shape for m in segmented.label_maps] == [m.shape for m in world["masks"]]
+    assert segmented.score_maps[0].shape == (len(CLASSES), *world["masks"][0].shape)
+
+
+def test_image_scores_are_the_heads_region_scores_with_pos_neg_prompts(world, segmented):  # noqa: F811
+    backbone, head = world["backbone"], world["head"]
+    x = torch.stack([eval_view(Image.open(f).convert("RGB"), SIZE) for f in world["files"]])
+    with torch.no_grad():
+        text = {t: F.normalize(backbone.text_features([t.format(c) for c in CLASSES]), dim=-1)
+                for t in (POSITIVE_TEMPLATE, NEGATIVE_TEMPLATE)}  # (C, D) each
+        direct = positive_scores(head(backbone.spatial_tokens(x), text[NEGATIVE_TEMPLATE],
+                                      text[POSITIVE_TEMPLATE]).logits)  # (N, C)
+    np.testing.assert_allclose(segmented.image_scores, direct.numpy(), atol=1e-5)
+
+
+def test_label_maps_follow_the_background_rule_on_the_score_maps(world, model):  # noqa: F811
+    files = world["files"][:3]
+    for rule, threshold in (("max-score", 0.6), ("softmax", 0.9), ("none", 0.85)):
+        result = model.segment(files, CLASSES, background=rule, threshold=threshold, template=TEMPLATE)
+        for labels, n in zip(result.label_maps, result.score_maps):  # (H, W), (C, H, W)
+            n = n.astype(np.float64)
+            if rule == "softmax":
+                e = np.exp(100.0 * (n - n.max(axis=0)))
+                best = (e / e.sum(axis=0)).max(axis=0)
+            else:
+                best = n.max(axis=0)
+            expected = n.argmax(axis=0) + 1
+            if rule != "none":
+                expected = np.where(best < threshold, 0, expected)
+            assert np.mean(labels == expected) > 0.999  # float ties at the threshold aside
+        fractions = result.pixel_fractions(0)
+        assert sum(fractions.values()) == pytest.approx(1.0)
+        assert ("background" in fractions) == (rule != "none")
+
+
+def test_label_map_rules_on_a_hand_made_example():
+    n = torch.tensor([[[0.9, 0.50, 0.2]], [[0.1, 0.52, 0.3]]])  # (C=2, H=1, W=3)
+    assert label_map(n, "none", 0.85).tolist() == [[1, 2, 2]]
+    assert label_map(n, "max-score", 0.85).tolist() == [[1, 0, 0]]
+    # softmax(100 n): pixel 0 p=1.0, pixel 1 p=softmax(50,52)=0.88, pixel 2 p=softmax(20,30)=1.0
+    assert label_map(n, "softmax", 0.85).tolist() == [[1, 2, 2]]
+    assert label_map(n, "softmax", 0.9).tolist() == [[1, 0, 2]]
+
+
+def test_prompt_ensemble_averages_normalised_text_features(world, model):  # noqa: F811
+    templates = ["a photo of a {}.", "a drawing of the {}"]
+    feats = model.text_features(["zebra crossing", "teapot"], template=templates)  # unseen words
+    each = [F.normalize(world["backbone"].text_features([t.format(c) for c in ("zebra crossing", "teapot")]),
+                        dim=-1) for t in templates]
+    expected = F.normalize((each[0] + each[1]) / 2, dim=-1)
+    torch.testing.assert_close(feats.raw, expected, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(feats.projected, world["head"].project_text(expected, stats="running"))
+    result = model.segment(world["files"][:2], ["zebra crossing", "teapot"], template=templates)
+    assert set(np.unique(np.concatenate([m.ravel() for m in result.label_maps]))) <= {1, 2}
+    assert np.all((result.image_scores >= 0) & (result.image_scores <= 1))
+
+
+def test_batch_statistics_need_two_classes_and_depend_on_the_list(world):  # noqa: F811
+    model = UnmixCLIP.from_files(world["projectors"], checkpoint=world["checkpoint"], device="cpu",
+                                 text_bn="batch")
+    with pytest.raises(ParamError, match="at least 2"):
+        model.segment(world["files"][:1], ["person"], template=TEMPLATE)
+    two = model.text_features(["person", "car"], TEMPLATE).projected
+    three = model.text_features(["person", "car", "bus"], TEMPLATE).projected
+    assert not torch.allclose(two[0], three[0], atol=1e-4)  # the scores depend on the class list
+
+
+def test_path_and_in_memory_images_give_the_same_result(world, model):  # noqa: F811
+    path = world["files"][0]
+    from_path = model.segment(path, CLASSES[:3], template=TEMPLATE)
+    with Image.open(path) as img:
+        from_pil = model.segment([img.copy()], CLASSES[:3], template=TEMPLATE)
+    np.testing.assert_array_equal(from_path.label_maps[0], from_pil.label_maps[0])
+    np.testing.assert_array_equal(from_path.image_scores, from_pil.image_scores)
+    tokens = model.image_tokens([path])
+    assert tokens.spatial.shape == tokens.vv.shape and tokens.projected.shape[-1] == world["head"].proj_dim
+
+
+def test_a_backbone_with_other_weights_is_refused(world, tmp_path):  # noqa: F811
+    other = tmp_path / "other.pt"
+    torch.save(load_backbone("tiny-RN", pretrained=None, init_seed=1).model.state_dict(), other)
+    with pytest.raises(WeightsError) as err:
+        UnmixCLIP.from_files(world["projectors"], checkpoint=other, device="cpu")
+    message = str(err.value)
+    assert sha256_file(other) in message and world["digest"] in message and "backbone.checkpoint" in message
+    with pytest.raises(WeightsError, match="random:0"):
+        UnmixCLIP.from_files(world["projectors"], pretrained="random", device="cpu")
+    with pytest.raises(WeightsError, match="pass that file"):  # a local file's digest names no tag
+        UnmixCLIP.from_files(world["projectors"], device="cpu")
+
+
+def test_a_corrupt_image_names_the_file(world, model, tmp_path):  # noqa: F811
+    bad = make_bad_images(tmp_path)["truncated_jpeg"]
+    with pytest.raises(BadImageError, match=str(bad)):
+        model.segment([world["files"][0], bad], CLASSES, template=TEMPLATE)
+
+
+@pytest.mark.parametrize("classes", [[], "", ["person", " "], ["dog", "dog"]])
+def test_bad_class_lists_are_clear_errors(world, model, classes):  # noqa: F811
+    with pytest.raises(ParamError, match="class"):
+        model.segment(world["files"][:1], classes, template=TEMPLATE)
+
+
+def test_class_list_and_templates_are_validated():
+    assert class_list([" person ", "traffic light"]) == ["person", "traffic light"]
+    with pytest.raises(ParamError, match="no classes"):
+        class_list([])
+
+
+@pytest.mark.parametrize("record", ["provenance", "fingerprint"])
+def test_recorded_weights_that_can_be_named_are_loaded_without_arguments(tmp_path, record):
+    """Both meta layouts (provenance, the train store fingerprint) name the backbone; a seeded
+    random init is rebuilt from its record, and another seed is refused."""
+    from pipeline.heads import UnmixHead
+    from pipeline.training import save_projectors
+
+    backbone = {"name": "tiny-RN", "weights_digest": "random:2"}
+    meta = {"provenance": {"backbone": "tiny-RN", "weights_digest": "random:2"}} \
+        if record == "provenance" else {"fingerprint": {"backbone": backbone, "image_size": 64}}
+    path = tmp_path / "projectors.pt"
+    save_projectors(path, UnmixHead(64), {"model": {"proj_dim": None, "text_hidden": None,
+                                                    "image_projector": "linear", "softmax": "per_prompt"},
+                                          "embed_dim": 64, "classnames": [], **meta})
+    model = UnmixCLIP.from_files(path, device="cpu")
+    reference = load_backbone("tiny-RN", pretrained=None, init_seed=2)
+    assert model.backbone.weights_digest == "random:2"
+    torch.testing.assert_close(model.backbone.text_features(["a dog"]), reference.text_features(["a dog"]))
+    assert model.image_size == (64 if record == "fingerprint" else reference.image_size)
+    with pytest.raises(WeightsError, match="random:5 differ from random:2"):
+        UnmixCLIP.from_files(path, pretrained="random", init_seed=5, device="cpu")

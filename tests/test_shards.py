@@ -1,0 +1,85 @@
+"""Direct shard reads (pipeline/shards.py) equal zarr's reads byte for byte, for every layout option,
+and refuse a damaged chunk or index naming the store, the array, the shard and the image view."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache import CacheError, FeatureCache
+from pipeline.shards import ShardReader
+
+N, K, T, D, S, C = 11, 3, 5, 8, 4, 3  # 3 shards, the last partial
+
+
+def make(path: Path, dtype: str = "float16", compressor: str | None = None) -> tuple[FeatureCache, np.ndarray]:
+    rng = np.random.default_rng(0)
+    cache = FeatureCache.create_or_open(
+        path, ids=[f"i{i}" for i in range(N)], labels=rng.integers(-1, 2, (N, C)), classnames=list("abc"),
+        views=K, num_tokens=T, dim=D, fingerprint={"t": 1}, shard_size=S, dtype=dtype,
+        compressor=compressor)
+    tokens = rng.standard_normal((N, K, T, D)).astype(dtype)  # (N, K, T, D)
+    tokens[2, 1] = 0  # a bad image's zeros, and repeated values that zstd compresses
+    for s in range(cache.num_shards):
+        a, b = cache.shard_range(s)
+        cache.write_shard(s, tokens[a:b], np.zeros(b - a, np.int8))
+    return cache, tokens
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_direct_reads_equal_zarr_reads(tmp_path: Path, dtype: str, compressor: str | None) -> None:
+    cache, tokens = make(tmp_path / "c.zarr", dtype, compressor)
+    reader = ShardReader(cache)
+    zarr_all = cache.tokens[:]  # zarr's own decoding, crc32c checked by its codec
+    assert zarr_all.tobytes() == tokens.tobytes()
+    for i in range(N):
+        for v in range(K):
+            out = np.empty((T, D), dtype=dtype)
+            reader.read_into(i, v, out)
+            assert out.tobytes() == zarr_all[i, v].tobytes(), (i, v)
+    index, view = np.array([10, 0, 5, 5]), np.array([2, 1, 0, 2])
+    assert reader.gather(index, view).tobytes() == zarr_all[index, view].tobytes()
+
+
+def _chunk(cache: FeatureCache, i: int, v: int) -> tuple[int, int]:
+    s = i // S
+    offset, nbytes = ShardReader(cache).index(s)[(i - s * S) * K + v]
+    return int(offset), int(nbytes)
+
+
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_flipped_byte_is_refused_naming_store_shard_image_view(tmp_path: Path, compressor) -> None:
+    cache, _ = make(tmp_path / "c.zarr", compressor=compressor)
+    offset, nbytes = _chunk(cache, 6, 2)  # shard 1
+    f = cache.shard_file(1)
+    raw = bytearray(f.read_bytes())
+    raw[offset + nbytes // 2] ^= 0x10
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CacheError) as err:
+        ShardReader(cache).read_into(6, 2, np.empty((T, D), np.float16))
+    msg = str(err.value)
+    assert str(cache.path) in msg and "array tokens" in msg and "shard 1" in msg
+    assert "image 6 view 2" in msg and "verify --repair" in msg
+    other = np.empty((T, D), np.float16)
+    ShardReader(cache).read_into(6, 1, other)  # its neighbours still read
+    with pytest.raises(CacheError, match=r"array tokens, shard 1 .*damaged"):
+        cache.read_shard(1)  # zarr's path too
+
+
+def test_damaged_or_truncated_index_is_refused(tmp_path: Path) -> None:
+    cache, _ = make(tmp_path / "c.zarr")
+    f = cache.shard_file(0)
+    raw = bytearray(f.read_bytes())
+    raw[-10] ^= 0x01  # inside the index
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match=r"shard 0 .*index fails its crc32c"):
+        ShardReader(cache).read_into(0, 0, np.empty((T, D), np.float16))
+    with pytest.raises(CacheError, match="shard 0"):
+        cache.read_shard(0)
+    g = cache.shard_file(2)
+    g.write_bytes(g.read_bytes()[:50])
+    assert "truncated" in ShardReader(cache).check_shard(2)
+    with pytest.raises(CacheError, match="shard 2"):
+        cache.read_shard(2)

@@ -1,0 +1,215 @@
+"""User- and disk-caused failures end in one line naming the file or key and what to do, never a
+bare traceback: damaged checkpoints and projectors, NaN tokens in the val store, a COCO category
+without a name, a zip with a symbolic link, a full disk while a store is created, and any project
+error type raised by a lazily imported module."""
+from __future__ import annotations
+
+import errno
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import torch
+import zarr
+from test_faults import BACKBONE, CLASSES, SIZE, assert_clear_error, cli, sets
+from test_provenance import args, build_stores
+
+import pipeline
+from pipeline import cli as cli_module
+from pipeline.backbone import load_backbone
+from pipeline.cache import CacheError, FeatureCache
+from pipeline.datasets import load_multilabel
+from pipeline.download import Archive, DownloadError, download_dataset
+from pipeline.extract import extract
+from pipeline.synthetic import make_planted_coco
+from pipeline.training import TrainingError, load_projectors
+
+POISONED = 5  # val image whose tokens the backbone returns as NaN
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Planted data, its stores and a trained run (cache/models) on them."""
+    root = tmp_path_factory.mktemp("tracebacks")
+    make_planted_coco(root / "data" / "synthetic", 16, 8, num_classes=CLASSES, image_size=SIZE)
+    build_stores(root)
+    (root / "run" / "cache").mkdir(parents=True)
+    (root / "run" / "cache" / "features").symlink_to(root / "features")
+    result = cli("train", *args(root, root / "run"))
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def run_copy(world: Path, run: Path) -> Path:
+    (run / "cache").mkdir(parents=True)
+    shutil.copytree(world / "run" / "cache" / "models", run / "cache" / "models")
+    (run / "cache" / "features").symlink_to(world / "features")
+    return run
+
+
+DAMAGE = {  # how a file is damaged -> its new bytes (torch raises a different error for each)
+    "empty": lambda b: b"",
+    "first bytes": lambda b: b[:10],
+    "half": lambda b: b[: len(b) // 2],
+    "last bytes missing": lambda b: b[:-10],
+    "not a torch file": lambda b: b"garbage" * 100,
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_damaged_checkpoint_is_named_on_resume(world: Path, tmp_path: Path, how: str) -> None:
+    run = run_copy(world, tmp_path)
+    ckpt = run / "cache" / "models" / "last.pt"
+    ckpt.write_bytes(DAMAGE[how](ckpt.read_bytes()))
+    result = cli("train", *args(world, run), "--resume")
+    assert_clear_error(result, ckpt, "damaged", "delete it and re-run `pipeline train`")
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_damaged_projectors_are_named_by_evaluate(world: Path, tmp_path: Path, how: str) -> None:
+    run = run_copy(world, tmp_path)
+    path = run / "cache" / "models" / "projectors.pt"
+    path.write_bytes(DAMAGE[how](path.read_bytes()))
+    assert_clear_error(cli("evaluate", "mlr", *args(world, run)), path, "damaged", "pipeline train")
+    with pytest.raises(TrainingError, match="damaged"):
+        load_projectors(path)
+    assert not (run / "results" / "metrics" / "mlr.json").exists()
+
+
+@pytest.fixture(scope="module")
+def poisoned_val(world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The val store of `world` extracted by a backbone that returns NaN for one image (as fp16
+    overflow would): the store is complete and consistent, its numbers are not."""
+    root = tmp_path_factory.mktemp("nan-val")
+    backbone = load_backbone("tiny-RN", pretrained=None)
+    real = backbone.spatial_tokens
+
+    def nan_for_one(images: torch.Tensor) -> torch.Tensor:
+        tokens = real(images)  # (B, T, D): the whole split is one batch here
+        tokens[POISONED] = float("nan")
+        return tokens
+
+    backbone.spatial_tokens = nan_for_one
+    shutil.copytree(world / "features" / "train.zarr", root / "features" / "train.zarr")
+    extract(load_multilabel("synthetic", world / "data" / "synthetic", "val"),
+            root / "features" / "val.zarr", BACKBONE, backbone=backbone, image_size=SIZE,
+            shard_size=8, dtype="float32", progress=False)
+    return root / "features"
+
+
+@pytest.mark.parametrize("command", [["train"], ["evaluate", "mlr"]])
+def test_nan_val_tokens_stop_naming_the_store_and_image(world: Path, poisoned_val: Path,
+                                                        tmp_path: Path, command: list[str]) -> None:
+    run = run_copy(world, tmp_path)
+    (run / "cache" / "features").unlink()
+    (run / "cache" / "features").symlink_to(poisoned_val)
+    if command == ["train"]:
+        shutil.rmtree(run / "cache" / "models")  # a fresh training run on these stores
+    image_id = FeatureCache.open(poisoned_val / "val.zarr").ids[POISONED]
+    result = cli(*command, *args(world, run))
+    assert_clear_error(result, run / "cache" / "features" / "val.zarr", f"ids {image_id}", "non-finite")
+    assert "ValueError" not in result.output and not (run / "results" / "metrics").exists()
+
+
+def test_coco_category_without_a_name_is_named(tmp_path: Path) -> None:
+    root = make_planted_coco(tmp_path / "data" / "synthetic", 2, 2, num_classes=CLASSES, image_size=SIZE)
+    ann = root / "annotations" / "instances_val2017.json"
+    data = json.loads(ann.read_text())
+    category = data["categories"][1]
+    del category["name"]
+    ann.write_text(json.dumps(data))
+    result = cli("extract-features", "--split", "val", *sets(tmp_path))
+    assert_clear_error(result, ann, f"category id {category['id']} has no 'name'")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_zip_with_a_symbolic_link_is_refused_naming_the_member(tmp_path: Path) -> None:
+    buf = tmp_path / "toy.zip"
+    with zipfile.ZipFile(buf, "w") as zf:
+        link = zipfile.ZipInfo("toy/images")  # a link where the archive then puts files
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "../elsewhere")
+        zf.writestr("toy/images/a.jpg", b"x")
+    archive = Archive("http://127.0.0.1:9/toy.zip", "toy.zip", ("toy",))
+    with pytest.raises(DownloadError, match=r"toy.zip: refused member 'toy/images', a symbolic link"):
+        download_dataset("toy", tmp_path, registry={"toy": (archive,)}, progress=False)
+    assert not (tmp_path / "toy").exists() and not list(tmp_path.glob(".unpack-*"))
+
+
+def test_full_disk_while_creating_a_store_is_one_line(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    make_planted_coco(tmp_path / "data" / "synthetic", 2, 4, num_classes=CLASSES, image_size=SIZE)
+    store = tmp_path / "cache" / "features" / "val.zarr"
+    original = zarr.storage.LocalStore.set
+
+    async def full_disk(self, key, value):
+        if Path(self.root).name != "val.zarr":  # the store's temporary directory: its creation
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(self.root) / key))
+        return await original(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
+    result = cli("extract-features", "--split", "val", *sets(tmp_path))
+    assert_clear_error(result, store.parent, "val.zarr", os.strerror(errno.ENOSPC))
+    monkeypatch.undo()
+    assert not store.exists()  # no half-created store
+    assert cli("extract-features", "--split", "val", *sets(tmp_path)).exit_code == 0
+    assert FeatureCache.open(store).incomplete_shards() == []
+
+
+def test_every_project_error_type_becomes_one_line() -> None:
+    """Each exception class defined in pipeline/ is a user error the CLI maps (or a declared
+    internal one), so a new error type cannot escape as a traceback unnoticed."""
+    for info in pkgutil.iter_modules(pipeline.__path__, "pipeline."):
+        importlib.import_module(info.name)
+    user = cli_module._user_error_types()
+    assert len(user) == len(cli_module._USER_ERRORS)  # each importable by now
+    internal = tuple(getattr(importlib.import_module(m), n) for m, n in cli_module._INTERNAL_ERRORS)
+    for info in pkgutil.iter_modules(pipeline.__path__, "pipeline."):
+        for _, cls in inspect.getmembers(importlib.import_module(info.name), inspect.isclass):
+            if cls.__module__ == info.name and issubclass(cls, Exception):
+                assert issubclass(cls, user + internal), f"{info.name}.{cls.__name__} is not mapped"
+
+
+def raising_stage(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """`stages.<any>` becomes a module whose run() raises `error`."""
+    def run() -> None:
+        raise error
+
+    monkeypatch.setattr(importlib, "import_module", lambda name: type("Stage", (), {"run": run}))
+
+
+@pytest.mark.parametrize("error", [
+    CacheError("store x is bad"), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/d/f.zarr"),
+    OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/f")])
+def test_run_stage_turns_user_and_disk_errors_into_one_line(error: Exception,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    raising_stage(monkeypatch, error)
+    with pytest.raises(click.ClickException) as err:
+        cli_module.run_stage("x")
+    assert str(error.filename if isinstance(error, OSError) else error) in err.value.message
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError("bug"), OSError(errno.EIO, "I/O error", "/f")])
+def test_run_stage_leaves_bugs_and_other_os_errors_as_tracebacks(
+        error: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
+    raising_stage(monkeypatch, error)
+    with pytest.raises(type(error)):
+        cli_module.run_stage("x")
+
+
+def test_nan_check_is_exact() -> None:
+    from pipeline.provenance import require_finite
+    scores = np.zeros((4, 3))
+    require_finite(scores, np.arange(4))
+    scores[2, 1] = np.inf
+    with pytest.raises(CacheError, match=r"1 images \(ids 12\)"):
+        require_finite(scores, np.array([10, 11, 12, 13]))
