@@ -141,24 +141,27 @@ def require_datasets(params: dict, *, generated_ok: bool = False,
 
 
 def for_evaluation(params: dict, whats: tuple[str, ...] | list[str]) -> tuple[dict, list[str]]:
-    """Call at the start of an evaluation stage: (params without the missing evaluation datasets,
-    the evaluations that still have data). Raises DatasetError under `evaluate.missing: error`.
+    """Call at the start of an evaluation stage: (params, the evaluations that still have data).
 
-    An evaluation left without data gets a results file that says so (DVC expects its outputs);
-    the skipped datasets are under params['_skipped'][what] for `results.write_results`.
+    Under `evaluate.missing: error` nothing changes here: the data stage refused before any work,
+    and each evaluation names a dataset that went missing since. Under `skip`: zs-mlr without its
+    dataset gets results that say so (DVC expects its outputs), figures use the first segmentation
+    dataset on disk, and seg skips its missing datasets itself (stages/evaluate_seg.py).
     """
+    if params["evaluate"]["missing"] != "skip":
+        return params, list(whats)
     problems = require_datasets(params, whats=whats, training=False)
-    out = copy.deepcopy(params)
     skipped: dict[str, list[str]] = {}
     for p in problems:
         skipped.setdefault(p.need.what, []).append(p.need.dataset)
-    ev = out["evaluate"]
-    ev["seg"]["datasets"] = [n for n in ev["seg"]["datasets"] if n not in skipped.get("seg", [])]
-    out["_skipped"] = skipped
+    out = copy.deepcopy(params)
+    out["_skipped"] = {k: v for k, v in skipped.items() if k != "seg"}  # seg records its own
     kept = []
     for what in whats:
-        if what == "figures":  # drawn on the first segmentation dataset
-            if ev["seg"]["datasets"] or "seg" not in skipped:
+        present = [n for n in out["evaluate"]["seg"]["datasets"] if n not in skipped.get("seg", [])]
+        if what == "figures" and "seg" in skipped:
+            if present:  # drawn on the first segmentation dataset: the first one on disk
+                out["evaluate"]["seg"]["datasets"] = present
                 kept.append(what)
             else:
                 folder = paths.results_dir(out, "figures")
@@ -166,8 +169,7 @@ def for_evaluation(params: dict, whats: tuple[str, ...] | list[str]) -> tuple[di
                 (folder / "SKIPPED.txt").write_text(
                     f"no figures: {', '.join(skipped['seg'])} not on disk (evaluate.missing: skip)\n")
                 stamp(out, folder)
-            continue
-        if what in skipped and (what == "zs-mlr" or not ev["seg"]["datasets"]):
+        elif what == "zs-mlr" and "zs-mlr" in skipped:
             write_skipped(out, what, skipped[what])
         else:
             kept.append(what)

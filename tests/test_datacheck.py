@@ -79,11 +79,11 @@ def test_placed_dataset_is_used_as_is(placed, monkeypatch, capsys):
 
 def test_skip_evaluates_what_is_present_and_records_the_rest(placed, capsys):
     params = _params(placed, "data.dataset=coco2017", "evaluate.missing=skip",
-                     "evaluate.seg.datasets=[coco2017,voc2012]", "evaluate.zs_mlr.dataset=voc2007")
+                     "evaluate.seg.datasets=[voc2012,coco2017]", "evaluate.zs_mlr.dataset=voc2007")
     kept_params, kept = datacheck.for_evaluation(params, ["mlr", "seg", "zs-mlr", "figures"])
-    assert kept == ["mlr", "seg", "figures"]  # seg keeps coco2017, zs-mlr has nothing left
-    assert kept_params["evaluate"]["seg"]["datasets"] == ["coco2017"]
-    assert params["evaluate"]["seg"]["datasets"] == ["coco2017", "voc2012"]  # caller's dict untouched
+    assert kept == ["mlr", "seg", "figures"]  # seg skips voc2012 itself; zs-mlr has nothing left
+    assert kept_params["evaluate"]["seg"]["datasets"] == ["coco2017"]  # figures: first on disk
+    assert params["evaluate"]["seg"]["datasets"] == ["voc2012", "coco2017"]  # caller's dict untouched
     out = capsys.readouterr().out
     assert "skipping voc2012 for seg" in out and "skipping voc2007 for zs-mlr" in out
     details = json.loads((placed / "results" / "details" / "zs-mlr.json").read_text())
@@ -92,9 +92,8 @@ def test_skip_evaluates_what_is_present_and_records_the_rest(placed, capsys):
     assert "Skipped: voc2007" in (placed / "results" / "tables" / "zs-mlr.md").read_text()
 
 
-def test_error_mode_refuses_at_the_start_of_an_evaluation(placed):
+def test_error_mode_leaves_the_evaluation_to_name_what_went_missing(placed):
     params = _params(placed, "data.dataset=coco2017", "evaluate.seg.datasets=[context59]")
+    assert datacheck.for_evaluation(params, ["seg", "mlr"]) == (params, ["seg", "mlr"])
     with pytest.raises(DatasetError, match="context59.*evaluate.seg.datasets"):
-        datacheck.for_evaluation(params, ["seg"])
-    _, kept = datacheck.for_evaluation(params, ["mlr"])  # mlr reads the cache only
-    assert kept == ["mlr"]
+        datacheck.require_datasets(params, whats=["seg"], training=False)
