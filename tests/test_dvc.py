@@ -84,7 +84,8 @@ def test_fresh_clone_repro_then_experiment_then_readable_metrics(clone):
     report = (clone / "results" / "report.md").read_text()
     assert "WARNING: this run used a RANDOM backbone" in report
     assert "inputs from another run" not in report  # every input of this report is this run's
-    assert _ran(_sh(clone, DVC, "repro", step="dvc repro (no-op)")) == set()
+    again = _sh(clone, DVC, "repro", step="dvc repro (no-op)")
+    assert _ran(again) == set(), again  # nothing changed, nothing runs
     _sh(clone, "git", "add", "-A")  # the README: commit the baseline, then run experiments on it
     _sh(clone, "git", "commit", "-qm", "baseline")
 
