@@ -96,7 +96,7 @@ def paper_table(results: Path, params: dict) -> list[str]:
     """Paper vs this run, for the rows this run's configuration can answer."""
     metrics = {p.stem: read_json(p) for p in (results / "metrics").glob("*.json")}
     present = {"data.dataset": {params["data"]["dataset"]},
-               "seg": set(_get(read_json(results / "details" / "seg.json"), ()) or {}) - {"run", "skipped"},
+               "seg": set(read_json(results / "details" / "seg.json").get("datasets", {})),
                "zs": {params["evaluate"]["zs_mlr"]["dataset"]} if metrics.get("zs-mlr") else set()}
     rows = []
     for label, paper, (what, keys), (axis, name) in PAPER_ROWS:
@@ -130,15 +130,13 @@ def per_class_sections(results: Path) -> list[str]:
     return out
 
 
-def _collect(d, path: tuple[str, ...], columns: dict[str, dict]) -> None:
+def _collect(d, path: tuple[str, ...], columns: dict[str, dict], inside: bool = False) -> None:
+    """Every {class: number} mapping under a `per_class*` key, named by the keys above it."""
     if not isinstance(d, dict):
         return
+    if inside and d and all(not isinstance(v, dict) for v in d.values()):
+        columns[" ".join(path).replace("per_class_", "").replace("per_class", "").strip()] = d
+        return
     for k, v in d.items():
-        if k.startswith("per_class") and isinstance(v, dict):
-            if all(isinstance(x, dict) for x in v.values()):  # {method: {class: value}}
-                for m, per in v.items():
-                    columns[" ".join((*path, k.removeprefix("per_class_"), m)).strip()] = per
-            else:
-                columns[" ".join((*path, k.removeprefix("per_class_"))).strip()] = v
-        elif isinstance(v, dict) and k != "run":
-            _collect(v, (*path, k), columns)
+        if k != "run":
+            _collect(v, (*path, k), columns, inside or k.startswith("per_class"))

@@ -83,29 +83,36 @@ def miou_key(variant: dict, protocol: str) -> str | None:
                 None)
 
 
+def _trained(v: Any) -> Any:
+    """MFI reduction: a number, or {untrained, alpha0, trained} (the trained projector's)."""
+    return v.get("trained") if isinstance(v, dict) else v
+
+
 def headline(what: str, full: dict, params: dict) -> dict:
     """The few numbers of `full` that `dvc metrics show` / `dvc exp show` display."""
     if what in ("mlr",):
         return {m: _num(r["map"]) for m, r in full.items() if isinstance(r, dict) and "map" in r}
     if what == "mfi":  # short names: `dvc exp show` prints one column per value
+        sets = full.get("class_sets", full)
         return {s: {"before": _num(r.get("before")), "after": _num(r.get("after")),
-                    "reduction": _num(r.get("reduction_pct"))}
-                for s, r in full.items() if isinstance(r, dict) and "after" in r}
+                    "reduction": _num(_trained(r.get("reduction_pct")))}
+                for s, r in sets.items() if isinstance(r, dict) and "after" in r}
     if what == "zs-mlr":
         return {m: _num(v) for m, v in full.get("map", {}).items()}
     if what == "train":
         mfi = full.get("mfi", {})
         return {"val_map": _num(full.get("val_map")), "mfi_reduction": _num(mfi.get("reduction_pct"))}
-    if what == "seg":
-        protocol = params["evaluate"]["seg"]["protocol"]
+    if what == "seg":  # {datasets: {name: {methods: {method: {variant: {protocol: mIoU}}}}}}
+        protocol = full.get("protocol", params["evaluate"]["seg"]["protocol"])
         out: dict = {}
-        for name, result in full.items():
+        for name, result in full.get("datasets", full).items():
             if not isinstance(result, dict) or "methods" not in result:
                 continue
             row = {}
             for method, variants in result["methods"].items():
-                variant = variants.get("all", next(iter(variants.values())))
-                key = miou_key(variant, protocol)
+                variant = next((variants[v] for v in ("bkgd", "all") if v in variants),
+                               next(iter(variants.values())))
+                key = protocol if protocol in variant else miou_key(variant, protocol)
                 row[method] = _num(variant.get(key)) if key else None
             out[name] = row
         return out
