@@ -102,7 +102,7 @@ def test_fresh_clone_repro_then_experiment_then_readable_metrics(clone):
     assert "per_class" in json.dumps(details)  # per-class values kept, beside the headline
     assert _count(json.loads((clone / "results" / "metrics" / "seg.json").read_text())) == 6
     # --drop: the dependency columns (a hash per changed folder); metric names keep their ':'
-    table = _sh(clone, DVC, "exp", "show", "--only-changed", "--drop", "[^:]*/[^:]*$", "--md")
+    table = _sh(clone, DVC, "exp", "show", "--only-changed", "--drop", "[^:]*/[^:]*$", "--no-pager")
     widest = max(len(line) for line in table.splitlines())
     assert widest < 200, f"dvc exp show --only-changed is {widest} characters wide:\n{table}"
     assert "train.mfi.lambda" in table and "val_map" in table
