@@ -110,11 +110,13 @@ def report(params: dict) -> None:
 
 
 @main.command("download")
-@click.option("--dataset", required=True,
-              type=click.Choice(["coco2014", "coco2017", "voc2007", "voc2012", "synthetic"]))
+@click.option("--dataset", default=None,
+              type=click.Choice(["coco2014", "coco2017", "voc2007", "voc2012", "synthetic"]),
+              help="Only this one. Default (the DVC `data` stage): check every configured dataset, "
+                   "fetch only what is missing.")
 @params_options
-def download(params: dict, dataset: str) -> None:
-    """Fetch, verify and unpack a dataset (synthetic: generate the planted-signal data)."""
+def download(params: dict, dataset: str | None) -> None:
+    """Check the configured datasets; fetch, verify and unpack one (synthetic: generate it)."""
     run_stage("download", params=params, dataset=dataset)
 
 

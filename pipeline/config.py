@@ -262,7 +262,7 @@ def configure(path: str | Path, profile: str | None = None, recipe: str | None =
     comments, so `dvc repro` runs what `--profile` would. Returns the changed dotted keys."""
     from ruamel.yaml import YAML
 
-    path = Path(path).resolve()  # params.yaml is a symlink to configs/params.yaml: write the target
+    path = Path(path).resolve()  # configs/params.yaml is a symlink to params.yaml: write the target
     changes: dict[str, Any] = {}
     if profile:
         changes.update(flatten(load_profile(profile)))

@@ -3,7 +3,8 @@
 Datasets are resolved by name in one place (``REGISTRY``), like open_clip's pretrained registry:
 each archive has its official URL, size and checksum (when known) and the paths it provides.
 A download resumes from ``<file>.part`` with an HTTP Range request, is verified before anything is
-unpacked, and a ``.done-<file>`` marker (written last) makes re-runs free. Without network access the
+unpacked, and a ``.done-<file>`` marker (written last) makes re-runs free. An archive whose paths
+are already in place (a dataset unpacked by hand) is not fetched. Without network access the
 error says which file to fetch by hand: a verified ``<root>/<file>`` is then used as is.
 """
 from __future__ import annotations
@@ -145,6 +146,8 @@ def _fetch_and_unpack(archive: Archive, url: str, root: Path, progress: bool, ti
     marker = root / f".done-{archive.filename}"
     if marker.exists():
         return
+    if not (root / archive.filename).exists() and all((root / p).exists() for p in archive.provides):
+        return  # placed by hand (unpacked): used as is, never fetched again
     final = root / archive.filename
     if final.exists():  # fetched by hand (or kept): verify it, never delete the user's file
         try:

@@ -5,7 +5,9 @@ most training code save plain state dicts. Both come back here as a plain ``{key
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import warnings
 import zipfile
 from pathlib import Path
@@ -74,3 +76,83 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> dict[str, to
     except Exception as e:  # corrupt archive, pickled code, ...: name the file either way
         raise WeightsError(f"{path}: cannot read as a TorchScript archive or state dict: {e}") from e
     return _unwrap(state, path)
+
+
+# -- pretrained tags offline, and open_clip's misleading log lines ------------------------------------
+
+HUB_HOSTS = ("huggingface.co", "openaipublic.azureedge.net")
+REACH_TIMEOUT_S = 3.0
+
+
+def _cached_pretrained(cfg: dict) -> bool:
+    """True when open_clip will find the tag's weights without the network (HF cache or ~/.cache/clip)."""
+    import os
+
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            pass
+        else:
+            repo, filename = os.path.split(hub)
+            for name in (filename or "open_clip_pytorch_model.bin", "open_clip_model.safetensors"):
+                if isinstance(try_to_load_from_cache(repo, name), str):
+                    return True
+    url = cfg.get("url", "")
+    return bool(url) and os.path.isfile(os.path.expanduser(f"~/.cache/clip/{os.path.basename(url)}"))
+
+
+def _reachable(hosts: tuple[str, ...], timeout: float) -> bool:
+    import socket
+
+    for host in hosts:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def check_pretrained_available(name: str, tag: str, *, hosts: tuple[str, ...] = HUB_HOSTS,
+                               timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail in seconds (not after a minute of hub retries) when a tag's weights are neither cached
+    nor downloadable; the message names both ways out."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    if not cfg:
+        raise WeightsError(f"backbone.pretrained: open_clip has no tag {tag!r} for {name} "
+                           f"(known: {open_clip.list_pretrained_tags_by_model(name)})")
+    if _cached_pretrained(cfg) or _reachable(hosts, timeout):
+        return
+    raise WeightsError(
+        f"pretrained weights {name}:{tag} are not cached and {' / '.join(hosts)} cannot be reached: "
+        f"set 'backbone.checkpoint' to the downloaded file (e.g. OpenAI's {name}.pt, with "
+        f"'backbone.sha256'), or 'backbone.pretrained: null' for random weights (numbers then mean nothing)")
+
+
+class _DropOpenClipNoise(logging.Filter):
+    """open_clip logs 'No pretrained weights loaded ... initialized randomly' when we build the
+    architecture to load our own checkpoint into it: true for open_clip, wrong for the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def quiet_open_clip():
+    """Drop open_clip's misleading 'initialized randomly' line for the duration (root logger)."""
+    noise = _DropOpenClipNoise()
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    root.addFilter(noise)
+    for h in handlers:
+        h.addFilter(noise)
+    try:
+        yield
+    finally:
+        root.removeFilter(noise)
+        for h in handlers:
+            h.removeFilter(noise)

@@ -33,6 +33,7 @@ from pipeline.config import ParamError
 from pipeline.files import atomic_write_text
 from pipeline.metrics import mean_average_precision
 from pipeline.objective import build_objective, clip_alignment_mi, uses_infoclip
+from pipeline.results import stamp
 from pipeline.stacked import LoopTrainer, StackedTrainer
 from pipeline.training import (
     amp_dtype,
@@ -136,6 +137,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
     write_csv(rows, out / "ablation.csv")
     write_markdown(rows, out / "ablation.md", epochs)
     plot_ablation(rows, out / "ablation.png")
+    stamp(params, out)  # the report checks which run made the grid
     print(f"ablate: {len(reps)} heads trained for {len(points)} points in {seconds:.1f} s; "
           f"table -> {out / 'ablation.md'}")
     return {"rows": rows, "train_seconds": seconds, "epochs": epochs, "out": str(out),

@@ -1,4 +1,9 @@
-"""Stage `download`: fetch and unpack a dataset, or generate the planted-signal one.
+"""Stage `data` (`pipeline download`): check every dataset the params configure, fetch only what is
+missing, or generate the planted-signal one.
+
+Without --dataset (the DVC stage): every evaluation dataset is checked first (pipeline.datacheck;
+a missing one fails before any work, or is skipped under `evaluate.missing: skip`), then the
+training dataset is used as placed, downloaded only when absent. With --dataset: that one only.
 
 For `synthetic` this also writes the smoke profile's backbone: a random-init tiny CLIP whose
 BatchNorm statistics are recalibrated on the generated images. A random ModifiedResNet in eval
@@ -14,27 +19,57 @@ import torch
 from pipeline import paths
 from pipeline.augment import eval_view
 from pipeline.backbone import load_backbone, recalibrate_batchnorm
+from pipeline.datacheck import check_datasets, require_datasets
 from pipeline.datasets import load_multilabel
 from pipeline.download import download_dataset
 from pipeline.files import atomic_write
 from pipeline.images import load_image
 from pipeline.synthetic import make_planted_coco
+from pipeline.weights import quiet_open_clip
 
 RECALIBRATION_IMAGES = 128
 
 
 def write_random_backbone(out: Path, name: str, init_seed: int, image_size: int, images: list[Path]) -> Path:
     """Random-init `name`, BatchNorm recalibrated on `images`, saved as a plain state dict."""
-    backbone = load_backbone(name, pretrained=None, init_seed=init_seed)
+    with quiet_open_clip():
+        backbone = load_backbone(name, pretrained=None, init_seed=init_seed)
     batch = torch.stack([eval_view(load_image(p), image_size) for p in images])  # (N, 3, S, S)
     recalibrate_batchnorm(backbone, batch.split(32))
     return atomic_write(out, lambda tmp: torch.save(backbone.model.state_dict(), tmp))
 
 
-def run(params: dict, dataset: str) -> dict:
+def run(params: dict, dataset: str | None = None) -> dict:
+    if dataset is None:
+        return check_and_fetch(params)
     root = paths.dataset_root(params, dataset)
     if dataset != "synthetic":
         return {"dataset": dataset, "files": [str(p) for p in download_dataset(dataset, root)]}
+    return generate(params, root)
+
+
+def check_and_fetch(params: dict) -> dict:
+    """The DVC `data` stage: evaluation datasets checked first, then the training one in place
+    (verified), fetched (only missing archives) or generated."""
+    name = params["data"]["dataset"]
+    skipped = require_datasets(params, whats=("seg", "zs-mlr"), training=False,  # before any work
+                               generated_ok=name == "synthetic")
+    root = paths.dataset_root(params, name)
+    if name == "synthetic":
+        generate(params, root)
+    else:
+        training = [p for p in check_datasets(params) if p.need.what is None]
+        if training:
+            print(f"{name}: not in place under {root} ({training[0].message.split(': ', 1)[1]}); "
+                  "downloading the missing archives", flush=True)
+            download_dataset(name, root)
+        require_datasets(params, whats=())  # the training dataset, in place now
+        print(f"{name}: in place under {root}", flush=True)
+    return {"dataset": name, "root": str(root),
+            "skipped": [f"{p.need.dataset} ({p.need.what})" for p in skipped]}
+
+
+def generate(params: dict, root: Path) -> dict:
     s = params["data"]["synthetic"]
     make_planted_coco(root, s["n_train"], s["n_val"], num_classes=s["num_classes"],
                       image_size=s["image_size"], seed=s["seed"])
@@ -43,4 +78,4 @@ def run(params: dict, dataset: str) -> dict:
     ckpt = write_random_backbone(root / "backbone.pt", b["name"], b["init_seed"], b["image_size"],
                                  [r.path for r in train.records[:RECALIBRATION_IMAGES]])
     print(f"generated planted-signal data in {root} and a recalibrated random {b['name']} at {ckpt}")
-    return {"dataset": dataset, "root": str(root), "backbone": str(ckpt)}
+    return {"dataset": "synthetic", "root": str(root), "backbone": str(ckpt)}

@@ -23,11 +23,13 @@ from pipeline import paths, provenance
 from pipeline.backbone import FrozenCLIP
 from pipeline.build import backbone_from_params, resolve_device
 from pipeline.cache import FeatureCache
+from pipeline.datacheck import for_evaluation
 from pipeline.datasets import DatasetError, load_multilabel
-from pipeline.evaluation import fmt, load_head, source_line, write_results
+from pipeline.evaluation import fmt, load_head, source_line
 from pipeline.heads import UnmixHead, positive_scores, region_logits
 from pipeline.loader import TokenLoader
 from pipeline.metrics import average_precision
+from pipeline.results import write_results
 from pipeline.segmentation import project_classes
 from pipeline.training import TrainingError, projector_text
 from pipeline.zsmlr import zero_shot_mlr
@@ -147,9 +149,10 @@ def run(params: dict, what: str = "all") -> dict:
     """Run one evaluation (or "all" in order), write its JSON and Markdown table, return the metrics."""
     provenance.require_current(params, val=what in ("mlr", "all"))  # same run as the projectors
     out = {}
-    for name in (WHATS if what == "all" else (what,)):
+    params, whats = for_evaluation(params, WHATS if what == "all" else (what,))
+    for name in whats:
         metrics, table = _evaluations()[name](params)
-        write_results(params, name, metrics, table)
+        write_results(params, name, metrics, table=table)
         print(table, flush=True)
         out[name] = metrics
     return out

@@ -8,7 +8,7 @@ Every projector row uses the same text input (evaluate.text_input) and BatchNorm
 (evaluate.text_bn.mfi). The alpha = 0 control (evaluate.mfi.control) comes from the ablation's
 saved points (results/ablation/points/*/projectors.pt whose params equal this run's model and
 train params except alpha = 0, the MFI loss settings and the epochs), else from a control run of
-the training stage in <paths.cache>/models/control-alpha0/; the table names which.
+the training stage in <paths.cache>/controls/control-alpha0/; the table names which.
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def train_control(params: dict) -> Path:
     run's own models and results are never touched). Epochs: ablate.epochs, else train.epochs."""
     from stages import train
 
-    root = (Path(params["paths"]["cache"]) / "models" / CONTROL_DIR).resolve()
+    # not under models/: that is the train stage's DVC output, and a change there re-runs training
+    root = (Path(params["paths"]["cache"]) / "controls" / CONTROL_DIR).resolve()
     control = copy.deepcopy(params)
     control["train"]["alpha"] = 0.0
     control["train"]["epochs"] = params["ablate"]["epochs"] or params["train"]["epochs"]

@@ -16,8 +16,10 @@ import torch
 
 from pipeline import paths, provenance
 from pipeline.classes import prompt_names
+from pipeline.datacheck import for_evaluation
 from pipeline.datasets import load_segmentation
 from pipeline.plots import activation_grid
+from pipeline.results import stamp as stamp_run
 from pipeline.seg_eval import object_classes
 from pipeline.segmentation import (
     METHOD_LABELS,
@@ -55,6 +57,9 @@ def _slug(name: str) -> str:
 
 
 def run(params: dict) -> dict:
+    params, todo = for_evaluation(params, ["figures"])  # missing data: error, or skip (evaluate.missing)
+    if not todo:
+        return {"figures": [], "classes": [], "dataset": None}
     provenance.require_current(params, val=False)  # projectors of this run's backbone and params
     cfg, seg = params["figures"], params["evaluate"]["seg"]
     name = seg["datasets"][0]
@@ -82,4 +87,5 @@ def run(params: dict) -> dict:
         activation_grid(pictures, overlays, path, title=f"activation maps: {cls} ({name}); {stamp}")
         written.append(str(path))
         print(f"figures: {path}", flush=True)
+    stamp_run(params, paths.results_dir(params, "figures"))  # the report checks which run drew them
     return {"figures": written, "classes": classes, "dataset": name, "methods": methods, "source": src}

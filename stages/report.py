@@ -1,60 +1,59 @@
-"""Stage `report`: one Markdown file that collects the tables, metrics and figures of a run.
+"""Stage `report`: one Markdown file a person reads in a minute (pipeline/report.py has the parts).
 
-It is generic on purpose: every stage writes its tables under results/tables/*.md, metrics under
-results/metrics/*.json and figures under results/{figures,heatmaps,ablation}/*.png; the report only gathers.
+Order: what ran (and a loud line when the numbers mean nothing), inputs from another run, the
+paper beside this run, training, the stages' tables, figures, the ablation; per-class values last,
+collapsed. It never refuses: what it cannot vouch for is marked at the top.
 """
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime, timezone
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.files import atomic_write_text
+from pipeline.report import (
+    paper_table,
+    per_class_sections,
+    provenance_warnings,
+    read_json,
+    what_ran,
+)
 
-
-def _metrics_table(metrics: dict) -> list[str]:
-    rows = ["| metric | value |", "|---|---|"]
-    for key, value in sorted(_flatten(metrics).items()):
-        rows.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    return rows
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        elif not isinstance(value, list):
-            out[f"{prefix}{key}"] = value
-    return out
+TABLE_ORDER = ("mlr", "mfi", "seg", "zs-mlr")
 
 
 def run(params: dict) -> dict:
     results = paths.results_dir(params)
     out = results / "report.md"
-    b, d, t = params["backbone"], params["data"], params["train"]
-    lines = [
-        "# Unmix-CLIP run report",
-        "",
-        (f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Backbone {b['name']} "
-         f"({b['checkpoint'] or b['pretrained']}), {b['image_size']} px; dataset {d['dataset']}; "
-         f"objective {t['objective']}, alpha {t['alpha']}, MFI {t['mfi']['form']} "
-         f"lambda {t['mfi']['lambda']}."),
-    ]
-    for table in sorted((results / "tables").glob("*.md")):
-        lines += ["", f"## {table.stem}", "", table.read_text().strip()]
-    ablation = results / "ablation" / "ablation.md"
-    if ablation.exists():
-        lines += ["", "## ablation (lambda x alpha)", "", ablation.read_text().strip()]
-    for metrics in sorted((results / "metrics").glob("*.json")):
-        lines += ["", f"## metrics: {metrics.stem}", "", *_metrics_table(json.loads(metrics.read_text()))]
-    figures = [png for folder in ("figures", "heatmaps", "ablation")
+    lines = ["# Unmix-CLIP run report", "",
+             f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.", "", *what_ran(params)]
+    foreign = provenance_warnings(results, params) + provenance.check(params)
+    if foreign:
+        lines += ["", "> **WARNING: inputs from another run** (re-run `dvc repro` to make them agree):"]
+        lines += [f"> - {w}" for w in foreign]
+    lines += ["", "## Paper vs this run", "", *paper_table(results, params)]
+    train = read_json(results / "metrics" / "train.json")
+    if train:
+        lines += ["", "## Training", "", "| " + " | ".join(train) + " |", "|---" * len(train) + "|",
+                  "| " + " | ".join("-" if v is None else f"{v:.4g}" for v in train.values()) + " |"]
+    tables = sorted((results / "tables").glob("*.md"),
+                    key=lambda p: (TABLE_ORDER.index(p.stem) if p.stem in TABLE_ORDER else 99, p.stem))
+    for table in tables:
+        lines += ["", table.read_text().strip()]  # each stage's table carries its own heading
+    figures = [png for folder in ("figures", "heatmaps")
                for png in sorted((results / folder).glob("*.png"))]
     if figures:
-        lines += ["", "## figures"]
-        for fig in figures:
-            lines += ["", f"![{fig.stem}]({os.path.relpath(fig, out.parent)})"]
+        lines += ["", "## Figures"]
+        lines += [f"\n![{fig.stem}]({os.path.relpath(fig, out.parent)})" for fig in figures]
+    ablation = results / "ablation" / "ablation.md"
+    if ablation.exists():
+        lines += ["", "## Ablation (lambda x alpha)", "", ablation.read_text().strip()]
+        lines += [f"\n![{p.stem}]({os.path.relpath(p, out.parent)})"
+                  for p in sorted((results / "ablation").glob("*.png"))]
+    per_class = per_class_sections(results)
+    if per_class:
+        lines += ["", "## Per-class values", *per_class]
     atomic_write_text(out, "\n".join(lines) + "\n")
-    print(f"report: {out}")
-    return {"report": str(out), "figures": len(figures)}
+    print(f"report: {out}" + (f" ({len(foreign)} input(s) from another run, marked at the top)"
+                              if foreign else ""))
+    return {"report": str(out), "figures": len(figures), "foreign": foreign}

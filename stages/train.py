@@ -4,7 +4,6 @@ the same tokens with the frozen backbone on every batch, for comparison and benc
 """
 from __future__ import annotations
 
-import json
 import resource
 import time
 from collections import defaultdict
@@ -21,6 +20,7 @@ from pipeline.files import atomic_write_text
 from pipeline.loader import Batch, TokenLoader
 from pipeline.metrics import mean_average_precision
 from pipeline.objective import build_objective, clip_alignment_mi, trainable_parameters
+from pipeline.results import write_results
 from pipeline.training import (
     TrainingError,
     amp_dtype,
@@ -126,8 +126,7 @@ def write_metrics(params: dict, history: list[dict], summary: dict | None) -> No
     lines = ["\t".join(columns)] + ["\t".join(f"{row[c]:.6g}" for c in columns) for row in history]
     atomic_write_text(paths.results_dir(params, "plots", "train.tsv"), "\n".join(lines) + "\n")
     if summary is not None:
-        atomic_write_text(paths.results_dir(params, "metrics", "train.json"),
-                          json.dumps(summary, indent=2) + "\n")
+        write_results(params, "train", summary)  # details/train.json + headline metrics/train.json
 
 
 def evaluated(epoch: int, cfg: dict) -> bool:

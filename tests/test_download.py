@@ -332,3 +332,11 @@ def test_registry_entries_are_well_formed():
             top = Path(a.provides[0]).parts[0]
             assert top in {"annotations", "train2014", "val2014", "train2017", "val2017", "VOCdevkit"}
     assert [a.filename for a in REGISTRY["coco2017"] if a.optional] == ["train2017.zip"]
+
+
+def test_dataset_unpacked_by_hand_is_used_without_any_request(tmp_path):
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "a.txt").write_bytes(b"unpacked by hand")  # no archive, no marker
+    paths = download_dataset("toy", tmp_path, base_url=f"http://127.0.0.1:{closed_port()}",
+                             registry=single("toy.tar", b"x", ("toy/a.txt",)), progress=False)
+    assert paths == [tmp_path / "toy/a.txt"] and paths[0].read_bytes() == b"unpacked by hand"

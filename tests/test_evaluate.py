@@ -96,7 +96,7 @@ def world(tmp_path_factory):
 
 
 def _written(params: dict, what: str) -> tuple[dict, str]:
-    metrics = json.loads(paths.results_dir(params, "metrics", f"{what}.json").read_text())
+    metrics = json.loads(paths.results_dir(params, "details", f"{what}.json").read_text())
     return metrics, paths.results_dir(params, "tables", f"{what}.md").read_text()
 
 
@@ -224,7 +224,7 @@ def test_missing_dataset_root_names_the_path_and_how_to_get_it(world, name, hint
 @pytest.mark.slow
 def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     """No matching ablation point: the alpha = 0 control is trained with stages.train.run into
-    cache/models/control-alpha0/, leaving the run's own projectors and results alone, and reused."""
+    cache/controls/control-alpha0/, leaving the run's own projectors and results alone, and reused."""
     params = copy.deepcopy(world["params"])
     params["evaluate"]["mfi"] = {"class_sets": ["synthetic"], "control": "train"}
     params["ablate"]["epochs"] = 2
@@ -245,7 +245,7 @@ def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     metrics = evaluate.run(params, what="mfi")["mfi"]
     control = Path(metrics["control"]["path"])
     assert metrics["control"]["source"] == "train" and metrics["control"]["epoch"] == 2
-    assert control.parent.parent == (Path(params["paths"]["cache"]) / "models" / "control-alpha0").resolve()
+    assert control.parent.parent == (Path(params["paths"]["cache"]) / "controls" / "control-alpha0").resolve()
     assert list(metrics["class_sets"]["synthetic"]["rows"]) == ["clip", "untrained", "alpha0", "trained"]
     assert {w: paths.projectors(params, w).stat().st_mtime_ns for w in own} == own
     assert not paths.results_dir(params, "metrics", "train.json").exists()

@@ -181,7 +181,7 @@ def test_lpam_is_optimised_checkpointed_and_resumed_exactly(world: dict, tmp_pat
         terms = straight["train"]["asl_weight"] * float(r["asl"]) + straight["train"]["alpha"] * float(r["mfi"])
         assert float(r["loss"]) == pytest.approx(terms + float(r["compress"]) + float(r["distill"]), rel=1e-4)
         assert float(r["mi_student_teacher"]) == pytest.approx(-float(r["distill"]) / LAMBDA2, rel=1e-4)
-    metrics = json.loads((tmp_path / "resumed" / "results" / "metrics" / "train.json").read_text())
+    metrics = json.loads((tmp_path / "resumed" / "results" / "details" / "train.json").read_text())
     assert metrics["objective"] == "unmix+infoclip"
     assert metrics["mi_student_teacher"] == pytest.approx(summary["history"][-1]["mi_student_teacher"])
 

@@ -206,7 +206,7 @@ def test_best_and_last_projectors_follow_val_map_over_the_evaluated_epochs(world
         for k, v in head.state_dict().items():
             assert torch.equal(v, heads[epoch][k]), (which, k)
     assert paths.projectors(params) == paths.projectors(params, "last")  # the old signature
-    metrics = json.loads((tmp_path / "results" / "metrics" / "train.json").read_text())
+    metrics = json.loads((tmp_path / "results" / "details" / "train.json").read_text())
     assert (metrics["best"]["epoch"], metrics["last"]["epoch"]) == (4, 7)
     tsv = (tmp_path / "results" / "plots" / "train.tsv").read_text().splitlines()
     assert len(tsv) == 8 and tsv[1].split("\t")[5] == "nan"  # epoch 1: no validation

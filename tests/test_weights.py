@@ -114,3 +114,40 @@ def test_unknown_pretrained_tag_fails_with_advice():
 def test_sha256_without_checkpoint_is_refused():
     with pytest.raises(ValueError, match="sha256"):
         load_backbone(TINY_MODEL, pretrained=None, sha256="0" * 64)
+
+
+def test_uncached_pretrained_tag_offline_fails_in_seconds_naming_both_ways_out(tmp_path, monkeypatch):
+    import time
+
+    from pipeline import weights
+
+    monkeypatch.setattr(weights, "_cached_pretrained", lambda cfg: False)
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as err:  # port 443 on loopback: refused at once
+        weights.check_pretrained_available("RN101", "openai", hosts=("127.0.0.1",), timeout=1)
+    assert time.monotonic() - start < 5
+    assert "backbone.checkpoint" in str(err.value) and "backbone.pretrained: null" in str(err.value)
+
+
+def test_random_backbone_is_announced_and_open_clip_noise_is_dropped(capfd, caplog):
+    import logging
+
+    from pipeline.build import backbone_from_params
+
+    b = {"name": TINY_MODEL, "pretrained": None, "checkpoint": None, "sha256": None, "device": "cpu",
+         "precision": "fp32", "channels_last": False, "compile": False, "init_seed": 0,
+         "recalibrate_bn": False, "image_size": 64}
+    with caplog.at_level(logging.WARNING):
+        backbone_from_params({"backbone": b})
+    err = capfd.readouterr().err
+    assert err.count("RANDOM weights") == 1 and "backbone.recalibrate_bn" in err
+    assert "No pretrained weights loaded" not in caplog.text + err
+
+
+def test_recalibrate_bn_is_refused_with_pretrained_weights():
+    from pipeline.build import backbone_from_params
+    from pipeline.config import ParamError
+
+    b = {"name": "RN101", "pretrained": "openai", "checkpoint": None, "recalibrate_bn": True}
+    with pytest.raises(ParamError, match="backbone.recalibrate_bn"):
+        backbone_from_params({"backbone": b})

@@ -1,0 +1,142 @@
+"""The run report's parts: who made the numbers, the paper beside this run, per-class tables.
+
+A person reads the top in a minute: what ran (recipe, backbone, weights), loud lines when the
+numbers mean nothing (random weights) or when an input came from another run than the projectors,
+then the paper-vs-this-run table and the stages' own tables. Per-class values are collapsed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.results import read_run, run_identity
+
+# REFERENCE.md section 1 "Reference numbers" (RN-101, openai weights) and Table 5.
+# (row, paper value, where this run's number is: (metrics file, key path), the dataset it needs)
+PAPER_ROWS: list[tuple[str, str, tuple[str, tuple[str, ...]], tuple[str, str]]] = [
+    ("MLR mAP, COCO-2014 (ASL + MFI)", "85.3", ("mlr", ("ours",)), ("data.dataset", "coco2014")),
+    ("MLR mAP, COCO-2014 (ASL only, Table 5)", "84.8", ("", ()), ("data.dataset", "coco2014")),
+    ("MLR mAP, VOC2007", "94.8", ("mlr", ("ours",)), ("data.dataset", "voc2007")),
+    ("ZS3 mIoU, VOC2012 (bkgd)", "36.0", ("seg", ("voc2012", "ours")), ("seg", "voc2012")),
+    ("ZS3 mIoU, VOC2012, CLIP-VV", "32.6", ("seg", ("voc2012", "clip-vv")), ("seg", "voc2012")),
+    ("ZS3 mIoU, COCO-2017 (bkgd / no bkgd)", "22.7 / 37.8", ("seg", ("coco2017", "ours")),
+     ("seg", "coco2017")),
+    ("ZS3 mIoU, PASCAL Context 59", "12.9", ("seg", ("context59", "ours")), ("seg", "context59")),
+    ("ZS-MLR mAP, VOC2007 (CLIP 78.73)", "80.71", ("zs-mlr", ("combined",)), ("zs", "voc2007")),
+    ("ZS-MLR mAP, COCO-2014 (CLIP 50.10)", "52.00", ("zs-mlr", ("combined",)), ("zs", "coco2014")),
+]
+
+
+def _get(d: dict, keys: tuple[str, ...]):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def what_ran(params: dict) -> list[str]:
+    """The one-line summary of the run, and a loud line when its numbers mean nothing."""
+    b, d, t = params["backbone"], params["data"], params["train"]
+    run = run_identity(params)
+    lines = [(f"Recipe **{params.get('recipe')}**; backbone **{b['name']}**, weights **{run['weights']}**, "
+             f"{b['image_size']} px; training data **{d['dataset']}** ({d['train_split']} / "
+             f"{d['val_split']}); objective {t['objective']}, MFI {t['mfi']['form']} "
+             f"(lambda {t['mfi']['lambda']}, alpha {t['alpha']}); run digest `{run['digest']}`.")]
+    random = not b.get("checkpoint") and b.get("pretrained") in (None, "random")
+    if random or d["dataset"] == "synthetic":
+        what = "generated planted-signal data and a tiny random backbone (smoke test)" \
+            if d["dataset"] == "synthetic" else "a RANDOM backbone (backbone.pretrained: null)"
+        lines += ["", (f"> **WARNING: this run used {what}. Its numbers test the pipeline; they say "
+                  "nothing about the method and are not comparable with the paper.**")]
+    return lines
+
+
+def provenance_warnings(results: Path, params: dict) -> list[str]:
+    """One line per input made by another run than the projectors (or than params.yaml now)."""
+    current = run_identity(params)["digest"]
+    trained = read_run(results / "details" / "train.json")
+    reference = trained["digest"] if trained else current
+    out = []
+    if trained and trained["digest"] != current:
+        out.append(f"the projectors (results/details/train.json, run `{trained['digest']}`) were "
+                   f"trained with other params than params.yaml now (`{current}`): re-run `dvc repro`")
+    for path in sorted((results / "details").glob("*.json")):
+        run = read_run(path)
+        if run is None:
+            out.append(f"{path.relative_to(results)} records no run: origin unknown")
+        elif run["digest"] != reference:
+            out.append(f"{path.relative_to(results)} comes from run `{run['digest']}`, not from the "
+                       f"projectors' run `{reference}`")
+    for folder in ("ablation", "figures"):
+        if not (results / folder).is_dir() or not any((results / folder).iterdir()):
+            continue
+        run = read_run(results / folder / "run.json")
+        if run is None:
+            out.append(f"{folder}/ records no run (no {folder}/run.json): it may come from another run")
+        elif run["digest"] != reference:
+            out.append(f"{folder}/ comes from run `{run['digest']}`, not from the projectors' run "
+                       f"`{reference}`")
+    return out
+
+
+def paper_table(results: Path, params: dict) -> list[str]:
+    """Paper vs this run, for the rows this run's configuration can answer."""
+    metrics = {p.stem: read_json(p) for p in (results / "metrics").glob("*.json")}
+    present = {"data.dataset": {params["data"]["dataset"]},
+               "seg": set(read_json(results / "details" / "seg.json").get("datasets", {})),
+               "zs": {params["evaluate"]["zs_mlr"]["dataset"]} if metrics.get("zs-mlr") else set()}
+    rows = []
+    for label, paper, (what, keys), (axis, name) in PAPER_ROWS:
+        if name not in present[axis]:
+            continue
+        rows.append(f"| {label} | {paper} | {_fmt(_get(metrics.get(what, {}), keys)) if what else '-'} |")
+    if not rows:
+        return [("No result of this run has a published counterpart (the paper used COCO-2014, "
+                "VOC2007, VOC2012, COCO-2017 and PASCAL Context).")]
+    b = params["backbone"]
+    note = "" if b["name"] == "RN101" else f" The paper's numbers are for RN101; this run used {b['name']}."
+    return [f"Paper: REFERENCE.md section 1 (RN101, OpenAI weights).{note}", "",
+            "| result | paper | this run |", "|---|---:|---:|", *rows]
+
+
+def per_class_sections(results: Path) -> list[str]:
+    """Every `per_class*` mapping of the details files as a class x column table, collapsed."""
+    out = []
+    for path in sorted((results / "details").glob("*.json")):
+        columns: dict[str, dict] = {}
+        _collect(read_json(path), (), columns)
+        if not columns:
+            continue
+        classes = list(dict.fromkeys(c for col in columns.values() for c in col))
+        names = list(columns)
+        out += ["", f"<details><summary>{path.stem}: per-class values ({len(classes)} classes)</summary>",
+                "", "| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        out += [f"| {c} | " + " | ".join(_fmt(columns[n].get(c)) for n in names) + " |"
+                for c in classes]
+        out += ["", "</details>"]
+    return out
+
+
+def _collect(d, path: tuple[str, ...], columns: dict[str, dict], inside: bool = False) -> None:
+    """Every {class: number} mapping under a `per_class*` key, named by the keys above it."""
+    if not isinstance(d, dict):
+        return
+    if inside and d and all(not isinstance(v, dict) for v in d.values()):
+        columns[" ".join(path).replace("per_class_", "").replace("per_class", "").strip()] = d
+        return
+    for k, v in d.items():
+        if k != "run":
+            _collect(v, (*path, k), columns, inside or k.startswith("per_class"))

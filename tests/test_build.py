@@ -1,0 +1,44 @@
+"""`backbone.recalibrate_bn`: a random backbone's BatchNorm statistics from the dataset's own images,
+part of the weights digest (so feature stores notice), computed once and reused by every stage."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.augment import eval_view
+from pipeline.backbone import TINY_MODEL
+from pipeline.build import backbone_from_params
+from pipeline.datasets import load_multilabel
+from pipeline.synthetic import make_planted_coco
+
+
+def _params(tmp_path: Path, recalibrate: bool) -> dict:
+    b = {"name": TINY_MODEL, "pretrained": None, "checkpoint": None, "sha256": None, "device": "cpu",
+         "precision": "fp32", "channels_last": False, "compile": False, "init_seed": 0,
+         "recalibrate_bn": recalibrate, "image_size": 64}
+    return {"backbone": b, "data": {"dataset": "synthetic", "train_split": "train"},
+            "paths": {"data": str(tmp_path / "data"), "cache": str(tmp_path / "cache")}}
+
+
+def _spread(backbone, images: torch.Tensor) -> float:
+    """Mean over token dimensions of the std across images of the mean token (a per-image summary)."""
+    tokens = backbone.spatial_tokens(images).mean(dim=1)  # (N, T, D) -> (N, D)
+    return float(tokens.std(dim=0).mean() / tokens.abs().mean())
+
+
+def test_recalibrated_random_backbone_separates_images_and_changes_the_digest(tmp_path):
+    root = make_planted_coco(tmp_path / "data" / "synthetic", 24, 8, num_classes=4, image_size=64)
+    val = load_multilabel("synthetic", root, "val")
+    images = torch.stack([eval_view(val.image(i), 64) for i in range(len(val))])  # (8, 3, 64, 64)
+
+    plain = backbone_from_params(_params(tmp_path, False))
+    recal = backbone_from_params(_params(tmp_path, True))
+    assert recal.weights_digest.startswith(plain.weights_digest + "+bn:")
+    assert _spread(recal, images) > 5 * _spread(plain, images)  # trap 1: near-constant tokens before
+
+    stats = list((tmp_path / "cache" / "backbone").glob("bn-*.pt"))
+    assert len(stats) == 1
+    again = backbone_from_params(_params(tmp_path, True))  # another stage: the cached statistics
+    assert again.weights_digest == recal.weights_digest
+    assert torch.equal(again.spatial_tokens(images), recal.spatial_tokens(images))

@@ -1,0 +1,94 @@
+"""Headline metrics for DVC, full details beside them, and a report that marks foreign inputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DEFAULT_PARAMS, load_params
+from pipeline.results import count_values, headline, run_identity, stamp, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = [f"class{i}" for i in range(80)]
+
+
+def _params(tmp_path: Path, *overrides: str) -> dict:
+    return load_params(ROOT / DEFAULT_PARAMS, [f"paths.results={tmp_path / 'results'}", *overrides])
+
+
+def _seg_full(datasets, methods) -> dict:
+    """The evaluation's shape: dataset -> methods -> variant -> both protocols + per-class IoUs."""
+    return {d: {"methods": {m: {"all": {"miou_dataset": 10.0 + i + j, "miou_per_image": 50.0 + i + j,
+                                        "per_class_iou": dict.fromkeys(CLASSES, 0.5)}}
+                            for j, m in enumerate(methods)}, "num_images": 5}
+            for i, d in enumerate(datasets)}
+
+
+@pytest.mark.parametrize("protocol, key", [("dataset", "miou_dataset"),
+                                           ("per-image-positive-pred", "miou_per_image")])
+def test_seg_headline_is_the_chosen_protocol_per_dataset_and_method(tmp_path, protocol, key):
+    params = _params(tmp_path, f"evaluate.seg.protocol={protocol}")
+    full = _seg_full(["voc2012", "coco2017", "context59"], ["clip", "clip-vv", "ours"])
+    head = headline("seg", full, params)
+    assert head == {d: {m: v["all"][key] for m, v in r["methods"].items()} for d, r in full.items()}
+
+
+def test_full_run_headline_fits_forty_values_and_details_keep_per_class(tmp_path):
+    params = _params(tmp_path)
+    methods = ["clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours"]
+    fulls = {
+        "train": {"val_map": 80.1, "mfi": {"before": 0.7, "after": 0.2, "reduction_pct": 71.0},
+                  "loss": {"asl": 1.0}, "seconds_per_epoch": 3.0},
+        "mlr": {m: {"map": 60.0, "per_class_ap": dict.fromkeys(CLASSES, 0.6)} for m in ("clip", "ours")},
+        "mfi": {s: {"before": 0.7, "after": 0.1, "reduction_pct": 85.0, "num_classes": 20,
+                    "figure": "x.png"} for s in ("voc", "coco", "context59", "context_unseen")},
+        "seg": _seg_full(["voc2012", "coco2017", "context59"], methods),
+        "zs-mlr": {"map": {"clip": 78.0, "regions": 70.0, "combined": 80.0},
+                   "per_class_ap": {"clip": dict.fromkeys(CLASSES, 0.7)}, "num_images": 9},
+    }
+    total = sum(count_values(write_results(params, what, full)) for what, full in fulls.items())
+    assert total <= 40
+    metrics = [json.loads(p.read_text()) for p in (tmp_path / "results" / "metrics").glob("*.json")]
+    assert "per_class" not in json.dumps(metrics)
+    details = json.loads((tmp_path / "results" / "details" / "mlr.json").read_text())
+    assert details["ours"]["per_class_ap"] == dict.fromkeys(CLASSES, 0.6)
+    assert details["run"] == run_identity(params)
+
+
+def test_report_marks_inputs_from_another_run_and_never_refuses(tmp_path, monkeypatch):
+    from stages import report
+
+    monkeypatch.chdir(tmp_path)
+    ours = _params(tmp_path, "data.dataset=coco2014")
+    other = _params(tmp_path, "data.dataset=coco2014", "train.lr=0.5")
+    assert run_identity(ours)["digest"] != run_identity(other)["digest"]
+    write_results(ours, "train", {"val_map": 85.0, "mfi": {"after": 0.1, "reduction_pct": 80.0}})
+    write_results(ours, "mlr", {"ours": {"map": 84.0}, "clip": {"map": 60.0}}, table="## MLR\n\nt")
+    stamp(other, tmp_path / "results" / "ablation")
+    (tmp_path / "results" / "ablation" / "ablation.md").write_text("| grid |")
+
+    text = Path(report.run(ours)["report"]).read_text()
+    top = text.split("## Paper vs this run")[0]
+    assert "inputs from another run" in top and "ablation/ comes from run" in top
+    assert "details/mlr.json" not in top  # same run as the projectors: not flagged
+    assert "| MLR mAP, COCO-2014 (ASL + MFI) | 85.3 | 84.00 |" in text
+    assert text.count("## MLR") == 1  # the stage's own heading, not doubled
+    assert "RANDOM" not in text  # default weights are pretrained
+
+    random_run = _params(tmp_path, "backbone.pretrained=null")
+    text = Path(report.run(random_run)["report"]).read_text()
+    assert "WARNING: this run used a RANDOM backbone" in text
+    assert "trained with other params than params.yaml now" in text
+
+
+def test_demo_summary_quotes_the_headline_numbers(tmp_path):
+    from stages.demo import summary_table
+
+    params = _params(tmp_path)
+    write_results(params, "mlr", {"clip": {"map": 25.86}, "ours": {"map": 98.61}})
+    write_results(params, "mfi", {"coco": {"before": 0.9291, "after": 0.5237, "reduction_pct": 43.6}})
+    text = summary_table(tmp_path / "results", {"data": 1.0, "train": 2.25})
+    assert "| MLR val mAP | 25.9 | 98.6 |" in text
+    assert "| MFI figure of merit, coco classes | 0.929 | 0.524 |" in text
+    assert "| seconds | 1 | 2 | 3 |" in text
