@@ -6,40 +6,15 @@ what produced it.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline import paths
 from pipeline.config import recipe_summary
-from pipeline.files import atomic_write_text
 from pipeline.heads import UnmixHead
 from pipeline.training import TrainingError, load_projectors
-
-
-def jsonable(obj: Any) -> Any:
-    """numpy -> Python, NaN/inf -> None (strict JSON for DVC and other readers)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def write_results(params: dict, what: str, metrics: dict, table: str) -> None:
-    atomic_write_text(paths.results_dir(params, "metrics", f"{what}.json"),
-                      json.dumps(jsonable(metrics), indent=2) + "\n")
-    atomic_write_text(paths.results_dir(params, "tables", f"{what}.md"), table.rstrip() + "\n")
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

@@ -37,10 +37,8 @@ def args(world: Path, run: Path, **extra: object) -> list[str]:
     return sets(run, paths__data=world / "data", **{**TRAIN, **extra})
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Planted data, its stores, and one trained run (cache/models) on them."""
-    root = tmp_path_factory.mktemp("provenance")
+def trained_world(root: Path) -> Path:
+    """Planted data, its stores, and one trained run (cache/models) on them, under `root`."""
     make_planted_coco(root / "data" / "synthetic", 16, 8, num_classes=CLASSES, image_size=SIZE)
     build_stores(root)
     (root / "run" / "cache").mkdir(parents=True)
@@ -48,6 +46,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = cli("train", *args(root, root / "run"))
     assert result.exit_code == 0, result.output
     return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_world(tmp_path_factory.mktemp("provenance"))
 
 
 def copy_run(world: Path, run: Path, own_features: bool = False) -> Path:

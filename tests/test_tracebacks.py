@@ -21,7 +21,7 @@ import pytest
 import torch
 import zarr
 from test_faults import BACKBONE, CLASSES, SIZE, assert_clear_error, cli, sets
-from test_provenance import args, build_stores
+from test_provenance import args, trained_world
 
 import pipeline
 from pipeline import cli as cli_module
@@ -38,15 +38,7 @@ POISONED = 5  # val image whose tokens the backbone returns as NaN
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Planted data, its stores and a trained run (cache/models) on them."""
-    root = tmp_path_factory.mktemp("tracebacks")
-    make_planted_coco(root / "data" / "synthetic", 16, 8, num_classes=CLASSES, image_size=SIZE)
-    build_stores(root)
-    (root / "run" / "cache").mkdir(parents=True)
-    (root / "run" / "cache" / "features").symlink_to(root / "features")
-    result = cli("train", *args(root, root / "run"))
-    assert result.exit_code == 0, result.output
-    return root
+    return trained_world(tmp_path_factory.mktemp("tracebacks"))
 
 
 def run_copy(world: Path, run: Path) -> Path:
