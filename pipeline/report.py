@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.results import read_run, run_identity
+from pipeline.results import RECIPE_FILE, read_run, run_identity
 
 # REFERENCE.md section 1 "Reference numbers" (RN-101, openai weights) and Table 5.
 # (row, paper value, where this run's number is: (metrics file, key path), the dataset it needs)
@@ -61,6 +61,26 @@ def what_ran(params: dict) -> list[str]:
             if d["dataset"] == "synthetic" else "a RANDOM backbone (backbone.pretrained: null)"
         lines += ["", (f"> **WARNING: this run used {what}. Its numbers test the pipeline; they say "
                   "nothing about the method and are not comparable with the paper.**")]
+    return lines
+
+
+def recipe_lines(results: Path) -> list[str]:
+    """The recipe the results were made with and every recipe-controlled key that differs from the
+    other recipe (results/recipe.json, written with every result) or from its own (overridden)."""
+    summary = read_json(results / RECIPE_FILE)
+    if not summary:
+        return []
+    name = summary["recipe"]
+    lines = ["## Recipe", "", f"Recipe **{name}** (`recipe` in params.yaml; README \"Recipes\")."]
+    for key, diffs in summary.items():
+        if key.startswith("differs_from_") and diffs:
+            other = key.removeprefix("differs_from_")
+            lines += ["", f"| differs from `{other}` | {name} | {other} |", "|---|---|---|",
+                      *(f"| `{k}` | {v[name]} | {v[other]} |" for k, v in diffs.items())]
+    if summary.get("overridden"):
+        lines += ["", "Set to other values than the recipe's (params file, profile or --set):", "",
+                  "| key | this run | recipe |", "|---|---|---|",
+                  *(f"| `{k}` | {v['value']} | {v['recipe']} |" for k, v in summary["overridden"].items())]
     return lines
 
 

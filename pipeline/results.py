@@ -21,7 +21,10 @@ from typing import Any
 import numpy as np
 
 from pipeline import paths
+from pipeline.config import recipe_summary
 from pipeline.files import atomic_write_text
+
+RECIPE_FILE = "recipe.json"
 
 # The params that decide the projectors (and so every number downstream of them).
 RUN_SECTIONS = ("data", "backbone", "extract", "model", "train")
@@ -138,6 +141,8 @@ def write_results(params: dict, what: str, full: dict, headline_: dict | None = 
                       json.dumps(details, indent=1) + "\n")
     atomic_write_text(paths.results_dir(params, "metrics", f"{what}.json"),
                       json.dumps(head, indent=2) + "\n")
+    # beside the metrics, not one: which recipe, and every key that differs from the other one
+    atomic_write_text(paths.results_dir(params, RECIPE_FILE), json.dumps(recipe_summary(params), indent=1) + "\n")
     if table is not None:
         note = f"\n\nNot evaluated (not on disk, evaluate.missing: skip): {', '.join(skipped)}." \
             if skipped else ""

@@ -223,7 +223,8 @@ class Evaluate(Section):
         description="a configured evaluation dataset that is not on disk: error (before any work) or skip")
     prompt: Literal["plain", "positive"]
     projectors: Literal["best", "last"] = Field(description="which trained projectors every evaluation uses")
-    text_input: Literal["raw", "normalised"]
+    text_input: Literal["raw", "normalised"] = Field(
+        description="text into the projector for ZS3, the MFI figure and ZS-MLR (MLR uses train.text_input)")
     text_bn: TextBn
     voc_names: Literal["authors", "official"] = Field(
         description="VOC prompt names: authors' ('dining table', 'potted plant', 'tv/monitor') or official")

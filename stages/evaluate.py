@@ -95,13 +95,17 @@ def evaluate_mlr(params: dict) -> tuple[dict, str]:
     if list(meta["classnames"]) != list(cache.classnames):
         raise TrainingError(f"projectors at {src['projectors']['path']} were trained on other classes "
                             f"than those of {cache.path}")
-    text = {k: v.to(device) for k, v in projector_text(cache, params["evaluate"]["text_input"]).items()}
+    # The projectors see the text they were trained on (train.text_input): the published mAP is the
+    # training loop's validation; CLIP's zero-shot region scores compare normalised features.
+    text_input = params["train"]["text_input"]
+    text = {k: v.to(device) for k, v in projector_text(cache, text_input).items()}
+    unit = {k: v.to(device) for k, v in projector_text(cache, "normalised").items()}
     loader = TokenLoader(cache, params["evaluate"]["batch_size"], "cycle", shuffle=False)
     stats = params["evaluate"]["text_bn"]["mlr"]
     ours, labels = projected_scores(head, loader, text, stats)
-    clip = zero_shot_scores(loader, text, meta["model"]["softmax"])
+    clip = zero_shot_scores(loader, unit, meta["model"]["softmax"])
     aps = {"clip": average_precision(clip, labels), "ours": average_precision(ours, labels)}
-    metrics = {"source": src, "text_input": params["evaluate"]["text_input"], "text_bn": stats,
+    metrics = {"source": src, "text_input": text_input, "text_bn": stats,
                "num_images": len(labels), **{m: {"map": float(np.nanmean(ap))} for m, ap in aps.items()},
                "per_class": {m: {"ap": dict(zip(cache.classnames, ap))} for m, ap in aps.items()}}
     labels_ = {"clip": "CLIP", "ours": "ours (Unmix-CLIP)"}
@@ -109,7 +113,7 @@ def evaluate_mlr(params: dict) -> tuple[dict, str]:
     table = "\n".join([f"## Multi-label recognition, {cache.path.name} ({len(labels)} images)", "",
                        source_line(src), "",
                        (f"CLIP = region aggregation on the raw tokens and prompts, no projectors. Text "
-                       f"into the projector: {params['evaluate']['text_input']}, BatchNorm {stats} "
+                       f"into the projector: {text_input} (train.text_input), BatchNorm {stats} "
                        "statistics."), "", "| method | mAP (%) |", "|---|---|", *rows])
     return metrics, table
 

@@ -16,6 +16,7 @@ from pipeline.report import (
     per_class_sections,
     provenance_warnings,
     read_json,
+    recipe_lines,
     what_ran,
 )
 
@@ -32,6 +33,7 @@ def run(params: dict) -> dict:
         lines += ["", "> **WARNING: inputs from another run** (re-run `dvc repro` to make them agree):"]
         lines += [f"> - {w}" for w in foreign]
     lines += ["", "## Paper vs this run", "", *paper_table(results, params)]
+    lines += ["", *recipe_lines(results)]
     train = read_json(results / "metrics" / "train.json")
     if train:
         lines += ["", "## Training", "", "| " + " | ".join(train) + " |", "|---" * len(train) + "|",

@@ -100,6 +100,10 @@ def test_fresh_clone_repro_then_experiment_then_readable_metrics(clone):
     assert "per_class" not in json.dumps(metrics)
     details = json.loads((clone / "results" / "details" / "mlr.json").read_text())
     assert "per_class" in json.dumps(details)  # per-class values kept, beside the headline
+    # `evaluate mlr` on the projectors evaluate.projectors names is the epoch train.json reports
+    trained = json.loads((clone / "results" / "details" / "train.json").read_text())
+    which = details["source"]["projectors"]["which"]
+    assert details["ours"]["map"] == pytest.approx(trained[which]["val_map"], abs=1e-6)
     assert _count(json.loads((clone / "results" / "metrics" / "seg.json").read_text())) == 6
     # --drop: the dependency columns (a hash per changed folder); metric names keep their ':'
     table = _sh(clone, DVC, "exp", "show", "--only-changed", "--drop", "[^:]*/[^:]*$", "--no-pager")

@@ -56,6 +56,7 @@ def world(tmp_path_factory):
     # Train-mode text BatchNorm and the paper's ASL weight: the authors' eval-mode BatchNorm at its
     # initial statistics and 0.05 x ASL reach only ~38 mAP here in 300 steps (67 this way).
     params["model"]["text_bn"] = "train"
+    params["train"]["text_input"] = "normalised"  # what the head below is trained on
     head = new_head(params, backbone.embed_dim, torch.device("cpu"))
     optimizer = build_optimizer(head.parameters(), {**params["train"], "lr": LR})
     labels = torch.from_numpy(train.labels).long()
@@ -68,7 +69,9 @@ def world(tmp_path_factory):
         classnames=val.classnames, views=1, num_tokens=val_tokens.shape[1], dim=backbone.embed_dim,
         fingerprint={"test": "evaluate"}, shard_size=N_VAL, dtype="float32")
     cache.write_shard(0, val_tokens[:, None].numpy(), np.zeros(N_VAL, np.int8))
-    cache.write_text_features({k: v.numpy() for k, v in text.items()})
+    raw = backbone.class_text_features(val.classnames, normalise=False)
+    cache.write_text_features({**{k: v.numpy() for k, v in text.items()},
+                               **{f"raw_{k}": v.numpy() for k, v in raw.items()}})
     meta = {"model": params["model"], "embed_dim": backbone.embed_dim, "classnames": train.classnames,
             "fingerprint": {"test": "evaluate"},
             "provenance": provenance.record(params, None, cache, provenance.declared_digest(params["backbone"]))}

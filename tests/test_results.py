@@ -92,3 +92,22 @@ def test_demo_summary_quotes_the_headline_numbers(tmp_path):
     assert "| MLR val mAP | 25.9 | 98.6 |" in text
     assert "| MFI figure of merit, coco classes | 0.929 | 0.524 |" in text
     assert "| seconds | 1 | 2 | 3 |" in text
+
+
+@pytest.mark.parametrize("recipe, other", [("authors", "paper"), ("paper", "authors")])
+def test_every_result_names_its_recipe_and_what_differs_from_the_other(tmp_path, recipe, other):
+    from pipeline.config import load_recipe
+    from pipeline.report import recipe_lines
+
+    params = _params(tmp_path, f"recipe={recipe}", "train.alpha=0.5")
+    write_results(params, "mlr", {"ours": {"map": 50.0}}, {"ours": 50.0}, "## mlr")
+    summary = json.loads((tmp_path / "results" / "recipe.json").read_text())
+    mine, theirs = load_recipe(recipe), load_recipe(other)
+    assert summary["recipe"] == recipe
+    # every recipe key the two recipes set differently (alpha is overridden, so its own row says 0.5)
+    expected = {k for k in mine if mine[k] != theirs[k]}
+    assert set(summary[f"differs_from_{other}"]) == expected
+    assert summary[f"differs_from_{other}"]["train.alpha"] == {recipe: 0.5, other: theirs["train.alpha"]}
+    assert summary["overridden"] == {"train.alpha": {"value": 0.5, "recipe": mine["train.alpha"]}}
+    text = "\n".join(recipe_lines(tmp_path / "results"))
+    assert f"Recipe **{recipe}**" in text and "`train.mfi.form`" in text and "| `train.alpha` | 0.5 |" in text
