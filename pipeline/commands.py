@@ -141,9 +141,11 @@ def configure(params_path: str, profile: str | None, recipe: str | None, overrid
 @main.command("demo")
 @click.option("--workdir", default="demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the generated data, cache and results.")
-def demo(workdir: str) -> None:
+@click.option("--recipe", type=click.Choice(["authors", "paper"]), default=None,
+              help="Recipe (default: params.yaml's, authors).")
+def demo(workdir: str, recipe: str | None) -> None:
     """Run the whole DAG on the embedded smoke profile (generated data, tiny backbone)."""
-    run_stage("demo", workdir=workdir)
+    run_stage("demo", workdir=workdir, recipe=recipe)
 
 
 _TEMPLATE_HELP = ("Prompt template with {} for the class name (repeatable: the templates' text features "

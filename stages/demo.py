@@ -25,7 +25,7 @@ def _base_params() -> Path:
     return repo if repo.exists() else DEFAULT_PARAMS.resolve()
 
 
-def summary_table(results: Path, timings: dict[str, float]) -> str:
+def summary_table(results: Path, timings: dict[str, float], params: dict) -> str:
     """The "latest run" table the README quotes: CLIP vs ours per result, and seconds per stage."""
     m = {p.stem: json.loads(p.read_text()) for p in (results / "metrics").glob("*.json")}
 
@@ -44,8 +44,9 @@ def summary_table(results: Path, timings: dict[str, float]) -> str:
                 f"{f('zs-mlr', 'regions')} / {f('zs-mlr', 'combined')} |")
     host = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch_version()}"
     return "\n".join([
-        (f"Latest `pipeline demo` ({datetime.now(timezone.utc):%Y-%m-%d}, {host}); generated data and "
-         "a tiny random backbone: the numbers test the pipeline, not the method."), "",
+        (f"Latest `pipeline demo` ({datetime.now(timezone.utc):%Y-%m-%d}, {host}), recipe "
+         f"**{params['recipe']}**; generated data and a tiny random backbone: the "
+         "numbers test the pipeline, not the method."), "",
         "| result (smoke data) | CLIP, no projectors | ours |", "|---|---:|---:|", *rows, "",
         "| stage | " + " | ".join(timings) + " | total |", "|---" * (len(timings) + 2) + "|",
         "| seconds | " + " | ".join(f"{v:.0f}" for v in timings.values())
@@ -58,10 +59,10 @@ def torch_version() -> str:
     return torch.__version__
 
 
-def run(workdir: str | Path = "demo") -> dict:
+def run(workdir: str | Path = "demo", recipe: str | None = None) -> dict:
     from stages import ablate, download, evaluate, extract_features, figures, report, train
 
-    params = load_params(_base_params(), profile="smoke")
+    params = load_params(_base_params(), [f"recipe={recipe}"] if recipe else [], profile="smoke")
     workdir = Path(workdir).resolve()
     (workdir / "configs").mkdir(parents=True, exist_ok=True)
     (workdir / "configs" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -86,7 +87,7 @@ def run(workdir: str | Path = "demo") -> dict:
     finally:
         os.chdir(cwd)
     results = workdir / params["paths"]["results"]
-    summary = atomic_write_text(results / "summary.md", summary_table(results, timings))
+    summary = atomic_write_text(results / "summary.md", summary_table(results, timings, params))
     print("\n" + summary.read_text())
     print(f"results: {results}\nreport:  {results / 'report.md'}\nsummary: {summary}")
     return {"workdir": str(workdir), "timings": timings}

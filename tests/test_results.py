@@ -88,7 +88,7 @@ def test_demo_summary_quotes_the_headline_numbers(tmp_path):
     params = _params(tmp_path)
     write_results(params, "mlr", {"clip": {"map": 25.86}, "ours": {"map": 98.61}})
     write_results(params, "mfi", {"coco": {"before": 0.9291, "after": 0.5237, "reduction_pct": 43.6}})
-    text = summary_table(tmp_path / "results", {"data": 1.0, "train": 2.25})
+    text = summary_table(tmp_path / "results", {"data": 1.0, "train": 2.25}, _params(tmp_path))
     assert "| MLR val mAP | 25.9 | 98.6 |" in text
     assert "| MFI figure of merit, coco classes | 0.929 | 0.524 |" in text
     assert "| seconds | 1 | 2 | 3 |" in text
