@@ -18,6 +18,7 @@ import common
 import torch
 
 from pipeline import paths
+from pipeline.augment import normalise_pixels
 from pipeline.build import backbone_from_params
 from pipeline.extract import DEFAULT_AUGMENT, ImageViews, ViewSpec
 from stages import extract_features
@@ -60,7 +61,7 @@ def main() -> None:
                         args.image_size, {**DEFAULT_AUGMENT, **ex["augment"]})
         views = ImageViews(spec)
         with common.Timer() as prep:  # the engine's preprocessing, in this one process
-            pixels = [torch.stack([views[i][1] for i in rng]) for rng in  # (b, K, 3, S, S)
+            pixels = [normalise_pixels(torch.stack([views[i][1] for i in rng])) for rng in  # (b, K, 3, S, S)
                       batches(len(data), ex["shard_size"], max(1, args.batch_size // args.views))]
         backbone = backbone_from_params(params)
         backbone.spatial_tokens(pixels[0][:1].flatten(0, 1))  # warm-up: first-call kernel selection

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
-from pipeline.augment import eval_view, train_view, view_seed
+from pipeline.augment import eval_pil_view, normalise_pixels, train_pil_view, view_seed
 from pipeline.backbone import FrozenCLIP
 from pipeline.build import backbone_from_params
 from pipeline.cache import CacheError, FeatureCache, FingerprintMismatch
@@ -75,7 +76,8 @@ class ViewSpec:
 
 
 class ImageViews(Dataset):
-    """Item i -> (i, views (K, 3, S, S) float32, reason); reason is "" or why the file is bad.
+    """Item i -> (i, views (K, 3, S, S) uint8, reason); reason is "" or why the file is bad.
+    Normalisation happens on the backbone's device (encode_views).
 
     One item per image (not per view) so each file is decoded once for its K views. A bad image
     is reported, not raised: DataLoader workers cannot re-raise BadImageError faithfully.
@@ -92,13 +94,13 @@ class ImageViews(Dataset):
         try:
             image = load_image(s.path(index))
         except BadImageError as err:
-            return index, torch.zeros(s.views, 3, s.image_size, s.image_size), err.reason
+            return index, torch.zeros(s.views, 3, s.image_size, s.image_size, dtype=torch.uint8), err.reason
         if s.train_augment:
-            views = [train_view(image, s.image_size, view_seed(s.seed, index, k), **s.augment)
+            views = [train_pil_view(image, s.image_size, view_seed(s.seed, index, k), **s.augment)
                      for k in range(s.views)]
         else:
-            views = [eval_view(image, s.image_size)] * s.views
-        return index, torch.stack(views), ""  # (K, 3, S, S)
+            views = [eval_pil_view(image, s.image_size)] * s.views
+        return index, torch.stack([pil_to_tensor(v) for v in views]), ""  # (K, 3, S, S) uint8
 
 
 def _collate(items: list[tuple[int, torch.Tensor, str]]
@@ -118,9 +120,11 @@ def shard_batches(cache: FeatureCache, shards: Sequence[int], batch_images: int)
 
 
 def encode_views(backbone: FrozenCLIP, pixels: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    """(b, K, 3, S, S) normalised views -> (b, K, T, D) tokens in the cache dtype."""
+    """(b, K, 3, S, S) uint8 views -> (b, K, T, D) tokens in the cache dtype; the views are copied
+    to the backbone's device as uint8 and normalised there."""
     b, k = pixels.shape[:2]
-    tokens = backbone.spatial_tokens(pixels.flatten(0, 1))  # (bK, T, D) float32
+    views = normalise_pixels(pixels.flatten(0, 1).to(backbone.device, non_blocking=True))  # (bK, 3, S, S)
+    tokens = backbone.spatial_tokens(views)  # (bK, T, D) float32
     return tokens.reshape(b, k, *tokens.shape[1:]).cpu().numpy().astype(dtype)  # (b, K, T, D)
 
 
