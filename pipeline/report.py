@@ -6,6 +6,7 @@ then the paper-vs-this-run table and the stages' own tables. Per-class values ar
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -14,16 +15,27 @@ from pipeline.results import RECIPE_FILE, read_run, run_identity
 # REFERENCE.md section 1 "Reference numbers" (RN-101, openai weights) and Table 5.
 # (row, paper value, where this run's number is: (metrics file, key path), the dataset it needs)
 PAPER_ROWS: list[tuple[str, str, tuple[str, tuple[str, ...]], tuple[str, str]]] = [
-    ("MLR mAP, COCO-2014 (ASL + MFI)", "85.3", ("mlr", ("ours",)), ("data.dataset", "coco2014")),
-    ("MLR mAP, COCO-2014 (ASL only, Table 5)", "84.8", ("", ()), ("data.dataset", "coco2014")),
-    ("MLR mAP, VOC2007", "94.8", ("mlr", ("ours",)), ("data.dataset", "voc2007")),
-    ("ZS3 mIoU, VOC2012 (bkgd)", "36.0", ("seg", ("voc2012", "ours")), ("seg", "voc2012")),
-    ("ZS3 mIoU, VOC2012, CLIP-VV", "32.6", ("seg", ("voc2012", "clip-vv")), ("seg", "voc2012")),
-    ("ZS3 mIoU, COCO-2017 (bkgd / no bkgd)", "22.7 / 37.8", ("seg", ("coco2017", "ours")),
+    # (result, paper, (metrics file, keys), (what must have run, dataset)); REFERENCE.md section 1
+    ("Table 1: MLR mAP, COCO-2014 (DualCoOp 83.6, DualCoOp++ 85.1)", "85.3", ("mlr", ("ours",)),
+     ("data.dataset", "coco2014")),
+    ("Table 1: MLR mAP, VOC2007", "94.8", ("mlr", ("ours",)), ("data.dataset", "voc2007")),
+    ("Table 2: ZS3 mIoU, VOC2012 (bkgd)", "36.0", ("seg", ("voc2012", "ours")), ("seg", "voc2012")),
+    ("Table 2: ZS3 mIoU, VOC2012, CLIP-VV / CLIP Surgery / CLIP", "32.6 / 17.5 / 14.1",
+     ("seg", ("voc2012",)), ("seg", "voc2012")),
+    ("Table 2: ZS3 mIoU, COCO-2017 (bkgd / no bkgd)", "22.7 / 37.8", ("seg", ("coco2017", "ours")),
      ("seg", "coco2017")),
-    ("ZS3 mIoU, PASCAL Context 59", "12.9", ("seg", ("context59", "ours")), ("seg", "context59")),
-    ("ZS-MLR mAP, VOC2007 (CLIP 78.73)", "80.71", ("zs-mlr", ("combined",)), ("zs", "voc2007")),
-    ("ZS-MLR mAP, COCO-2014 (CLIP 50.10)", "52.00", ("zs-mlr", ("combined",)), ("zs", "coco2014")),
+    ("Table 2: ZS3 mIoU, PASCAL Context 59 (CLIP-VV 15.5)", "12.9", ("seg", ("context59", "ours")),
+     ("seg", "context59")),
+    ("Table 3: ZS-MLR mAP, VOC2007 (CLIP 78.73)", "80.71", ("zs-mlr", ("combined",)), ("zs", "voc2007")),
+    ("Table 3: ZS-MLR mAP, COCO-2014 (CLIP 50.10)", "52.00", ("zs-mlr", ("combined",)), ("zs", "coco2014")),
+    ("Table 4: MFI figure, VOC classes (CLIP -> ours)", "0.77 -> 0.50", ("mfi", ("voc",)), ("mfi", "voc")),
+    ("Table 4: MFI figure, COCO classes (CLIP -> ours)", "0.69 -> 0.52", ("mfi", ("coco",)), ("mfi", "coco")),
+    ("Table 4: MFI figure, Context classes (CLIP -> ours)", "0.75 -> 0.53", ("mfi", ("context59",)),
+     ("mfi", "context59")),
+    ("Table 4: MFI figure, 30 Context classes unseen in COCO", "0.75 -> 0.52", ("mfi", ("context_unseen",)),
+     ("mfi", "context_unseen")),
+    ("Table 5: MLR mAP, COCO-2014, ASL only (alpha = 0) / ASL + MFI", "84.8 / 85.3", ("", ()),
+     ("data.dataset", "coco2014")),
 ]
 
 
@@ -112,24 +124,46 @@ def provenance_warnings(results: Path, params: dict) -> list[str]:
     return out
 
 
+def _this_run(metrics: dict, what: str, keys: tuple[str, ...], results: Path) -> str:
+    """This run's figure for one paper row, in the paper's form."""
+    v = _get(metrics.get(what, {}), keys)
+    if what == "seg" and len(keys) == 1 and isinstance(v, dict):  # the three baselines
+        return " / ".join(_fmt(v.get(m)) for m in ("clip-vv", "clip-surgery", "clip"))
+    if what == "mfi" and isinstance(v, dict):
+        return f"{_fmt(v.get('before'))} -> {_fmt(v.get('after'))}"
+    if not what:  # Table 5: the ablation's alpha = 0 point beside the run
+        alpha0 = [r for r in _ablation_rows(results) if float(r.get("alpha", 1)) == 0.0]
+        ours = _get(metrics.get("mlr", {}), ("ours",))
+        return f"{_fmt(float(alpha0[0]['val_map'])) if alpha0 else '-'} / {_fmt(ours)}"
+    return _fmt(v)
+
+
+def _ablation_rows(results: Path) -> list[dict]:
+    path = results / "ablation" / "ablation.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def paper_table(results: Path, params: dict) -> list[str]:
-    """Paper vs this run, for the rows this run's configuration can answer."""
+    """The paper's Tables 1-5 beside this run: every row, "not run" where this run's configuration
+    does not produce it (another dataset, evaluation or class set)."""
     metrics = {p.stem: read_json(p) for p in (results / "metrics").glob("*.json")}
     present = {"data.dataset": {params["data"]["dataset"]},
                "seg": set(read_json(results / "details" / "seg.json").get("datasets", {})),
-               "zs": {params["evaluate"]["zs_mlr"]["dataset"]} if metrics.get("zs-mlr") else set()}
+               "zs": {params["evaluate"]["zs_mlr"]["dataset"]} if metrics.get("zs-mlr") else set(),
+               "mfi": set(metrics.get("mfi", {}))}
     rows = []
     for label, paper, (what, keys), (axis, name) in PAPER_ROWS:
-        if name not in present[axis]:
-            continue
-        rows.append(f"| {label} | {paper} | {_fmt(_get(metrics.get(what, {}), keys)) if what else '-'} |")
-    if not rows:
-        return [("No result of this run has a published counterpart (the paper used COCO-2014, "
-                "VOC2007, VOC2012, COCO-2017 and PASCAL Context).")]
+        mine = _this_run(metrics, what, keys, results) if name in present[axis] else f"not run ({name})"
+        rows.append(f"| {label} | {paper} | {mine} |")
     b = params["backbone"]
     note = "" if b["name"] == "RN101" else f" The paper's numbers are for RN101; this run used {b['name']}."
-    return [f"Paper: REFERENCE.md section 1 (RN101, OpenAI weights).{note}", "",
-            "| result | paper | this run |", "|---|---:|---:|", *rows]
+    return [(f"Paper: RN101 with OpenAI weights, the authors' run (the method reference, section 1)."
+             f"{note} ZS3 figures here are this run's headline protocol "
+             f"(`{params['evaluate']['seg']['protocol']}`, background `{params['evaluate']['seg']['background']}`)."),
+            "", "| result | paper | this run |", "|---|---:|---:|", *rows]
 
 
 def per_class_sections(results: Path) -> list[str]:

@@ -34,10 +34,14 @@ def run(params: dict) -> dict:
         lines += [f"> - {w}" for w in foreign]
     lines += ["", "## Paper vs this run", "", *paper_table(results, params)]
     lines += ["", *recipe_lines(results)]
-    train = read_json(results / "metrics" / "train.json")
-    if train:
-        lines += ["", "## Training", "", "| " + " | ".join(train) + " |", "|---" * len(train) + "|",
-                  "| " + " | ".join("-" if v is None else f"{v:.4g}" for v in train.values()) + " |"]
+    trained = read_json(results / "details" / "train.json")
+    if "last" in trained or "best" in trained:
+        used = params["evaluate"]["projectors"]
+        lines += ["", "## Training", "", "| projectors | file | epoch | val mAP | evaluations use it |",
+                  "|---|---|---:|---:|---|"]
+        lines += [f"| {which} | `{trained[which]['projectors']}` | {trained[which]['epoch']} | "
+                  f"{trained[which]['val_map']:.2f} | {'yes' if which == used else 'no'} |"
+                  for which in ("last", "best") if which in trained]
     tables = sorted((results / "tables").glob("*.md"),
                     key=lambda p: (TABLE_ORDER.index(p.stem) if p.stem in TABLE_ORDER else 99, p.stem))
     for table in tables:

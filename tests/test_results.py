@@ -72,7 +72,7 @@ def test_report_marks_inputs_from_another_run_and_never_refuses(tmp_path, monkey
     top = text.split("## Paper vs this run")[0]
     assert "inputs from another run" in top and "ablation/ comes from run" in top
     assert "details/mlr.json" not in top  # same run as the projectors: not flagged
-    assert "| MLR mAP, COCO-2014 (ASL + MFI) | 85.3 | 84.00 |" in text
+    assert "| Table 1: MLR mAP, COCO-2014 (DualCoOp 83.6, DualCoOp++ 85.1) | 85.3 | 84.00 |" in text
     assert text.count("## MLR") == 1  # the stage's own heading, not doubled
     assert "RANDOM" not in text  # default weights are pretrained
 
@@ -111,3 +111,16 @@ def test_every_result_names_its_recipe_and_what_differs_from_the_other(tmp_path,
     assert summary["overridden"] == {"train.alpha": {"value": 0.5, "recipe": mine["train.alpha"]}}
     text = "\n".join(recipe_lines(tmp_path / "results"))
     assert f"Recipe **{recipe}**" in text and "`train.mfi.form`" in text and "| `train.alpha` | 0.5 |" in text
+
+
+def test_report_names_the_last_and_best_projectors_and_which_one_evaluations_use(tmp_path):
+    from stages import report
+
+    params = _params(tmp_path, f"paths.cache={tmp_path / 'cache'}")
+    write_results(params, "train", {
+        "last": {"epoch": 50, "val_map": 84.52, "projectors": "cache/models/projectors.pt"},
+        "best": {"epoch": 37, "val_map": 85.09, "projectors": "cache/models/projectors-best.pt"}})
+    text = Path(report.run(params)["report"]).read_text()
+    assert "| last | `cache/models/projectors.pt` | 50 | 84.52 | no |" in text
+    assert "| best | `cache/models/projectors-best.pt` | 37 | 85.09 | yes |" in text  # authors: best
+    assert "| Table 1: MLR mAP, COCO-2014 (DualCoOp 83.6, DualCoOp++ 85.1) | 85.3 | - |" in text
