@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from pipeline.cache import CacheError
 
@@ -120,7 +120,7 @@ class StoreLock:
         self.break_lock = break_lock
         self._fd: int | None = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> StoreLock:
         self.acquire()
         return self
 
