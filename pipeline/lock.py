@@ -18,9 +18,12 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.cache import CacheError
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; the package supports 3.10
+    from typing import Self
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ class StoreLock:
         self.break_lock = break_lock
         self._fd: int | None = None
 
-    def __enter__(self) -> StoreLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 
