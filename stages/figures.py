@@ -76,7 +76,10 @@ def run(params: dict) -> dict:
     written = []
     for cls in classes:
         k = names.index(cls)
-        indices = pick_images(dataset, k + int(dataset.has_background), cfg["images"])
+        value = k + int(dataset.has_background)
+        indices = pick_images(dataset, value, cfg["images"])
+        with_class = sum(bool((dataset.mask(i) == value).any()) for i in indices)
+        shown = "" if with_class == len(indices) else f" ({with_class} of {len(indices)} images contain it)"
         pictures = [np.asarray(dataset.image(i)) for i in indices]  # (H, W, 3) uint8 each
         images = torch.stack([seg_view(dataset.image(i), seg["image_size"], seg["interpolation"])
                               for i in indices])  # (N, 3, S, S)
@@ -84,7 +87,7 @@ def run(params: dict) -> dict:
         overlays = {METHOD_LABELS[m]: [upsample(normalise_minmax(maps[m][i, k:k + 1]), p.shape[:2])[0]
                                        .cpu().numpy() for i, p in enumerate(pictures)] for m in methods}
         path = paths.results_dir(params, "figures", f"activation_{_slug(cls)}.png")
-        activation_grid(pictures, overlays, path, title=f"activation maps: {cls} ({name}); {stamp}")
+        activation_grid(pictures, overlays, path, title=f"activation maps: {cls} ({name}){shown}; {stamp}")
         written.append(str(path))
         print(f"figures: {path}", flush=True)
     stamp_run(params, paths.results_dir(params, "figures"))  # the report checks which run drew them
