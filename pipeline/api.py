@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.api_weights import recorded_image_size, resolve_backbone
+from pipeline.api_weights import recorded_image_size, recorded_train_text_input, resolve_backbone
 from pipeline.augment import eval_view
 from pipeline.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
 from pipeline.build import resolve_device
@@ -184,11 +184,13 @@ class UnmixCLIP:
         return cls(backbone, head, meta, source=str(Path(projectors).resolve()), **options)
 
     # -- text ------------------------------------------------------------------------------------
-    def _prompt_features(self, classes: list[str], templates: list[str]) -> Tensor:
+    def _prompt_features(self, classes: list[str], templates: list[str], text_input: str | None = None
+                         ) -> Tensor:
         """(C, D) CLIP text features of every class, averaged over the templates (CLIP's prompt
-        ensembling: mean of the L2-normalised features, normalised again; raw input: plain mean)."""
+        ensembling: mean of the L2-normalised features, normalised again; raw input: plain mean).
+        text_input None: the maps' (`self.text_input`)."""
         prompts = [t.replace("{}", c) for t in templates for c in classes]
-        normalise = self.text_input == "normalised"
+        normalise = (text_input or self.text_input) == "normalised"
         feats = self.backbone.text_features(prompts, normalise=normalise)  # (T*C, D)
         mean = feats.view(len(templates), len(classes), -1).mean(dim=0)  # (C, D)
         return torch.nn.functional.normalize(mean, dim=-1) if normalise else mean
@@ -233,8 +235,9 @@ class UnmixCLIP:
             raise ParamError(f"background threshold must be in [0, 1], got {threshold}")
         text = self.text_features(classes, template)
         methods = list(dict.fromkeys([*methods, "ours"]))
-        pos = self._prompt_features(text.classes, [POSITIVE_TEMPLATE])  # (C, D)
-        neg = self._prompt_features(text.classes, [NEGATIVE_TEMPLATE])  # (C, D)
+        trained_on = recorded_train_text_input(self.meta)  # the region scores see the training text
+        pos = self._prompt_features(text.classes, [POSITIVE_TEMPLATE], trained_on)  # (C, D)
+        neg = self._prompt_features(text.classes, [NEGATIVE_TEMPLATE], trained_on)  # (C, D)
         items = _image_list(images)
         sources, scores = [], []
         labels: dict[str, list[np.ndarray]] = {m: [] for m in methods}

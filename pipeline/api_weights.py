@@ -37,6 +37,13 @@ def recorded_image_size(meta: dict[str, Any]) -> int | None:
     return int(size) if size else None
 
 
+def recorded_train_text_input(meta: dict[str, Any]) -> str:
+    """The text the projectors were trained on (train.text_input): their image-level scores need it.
+    Projectors from before the recipes record none and were trained on normalised features."""
+    train = ((meta.get("provenance") or {}).get("params") or {}).get("train") or meta.get("train") or {}
+    return train.get("text_input", "normalised")
+
+
 def _base(digest: str) -> str:
     return digest.strip().lower()
 

@@ -22,6 +22,7 @@ RN-101 shape, so the default is no compressor; `compressor="zstd"` is there for 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -59,6 +60,15 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _digest(name: str, value: Any) -> str:
+    """sha256 of the ids (joined by newlines) or of the int8 labels' bytes, recorded at creation."""
+    if name == "ids":
+        data = "\n".join(str(i) for i in value).encode()
+    else:
+        data = np.ascontiguousarray(value, dtype=np.int8).tobytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 def _is_cache_dir(path: Path) -> bool:
@@ -168,17 +178,19 @@ class FeatureCache:
         return cache
 
     def _repair_metadata(self, ids: list[str], labels: np.ndarray) -> None:
-        """Rewrite a damaged or lost labels / ids chunk from the dataset (same bytes as at creation)."""
+        """Rewrite a damaged or lost labels / ids chunk from the dataset, only when the dataset's gives
+        the digest recorded at creation (the same bytes): tokens never end up under other images."""
+        recorded = self._group.attrs.get("digests", {})
         for name, value, data in (("labels", labels, lambda: self.labels),
                                   ("ids", np.array(ids), lambda: self.ids)):
             try:
                 data()
             except CacheError as err:
-                if len(value) != self.num_images:
-                    raise
-                import logging
-                logging.getLogger(__name__).warning("%s; rewriting %s from the dataset", err, name)
-                print(f"{self.path}: rewriting damaged array {name} from the dataset")
+                if recorded.get(name) != _digest(name, value):
+                    raise FingerprintMismatch(
+                        f"{err}; the dataset's {name} differ from those the store was built with, so "
+                        f"they cannot repair it: `rm -r {self.path}` and re-run extract-features") from err
+                print(f"{self.path}: rewriting damaged array {name} from the dataset (digest checked)")
                 getattr(self, f"_{name}")[:] = value
 
     @staticmethod
@@ -203,7 +215,8 @@ class FeatureCache:
             g.create_array("complete", shape=(-(-n // s),), dtype="bool", chunks=(1,), fill_value=False,
                            compressors=crc)
             g.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout,
-                            "fingerprint": fingerprint, "classnames": classnames})
+                            "fingerprint": fingerprint, "classnames": classnames,
+                            "digests": {"labels": _digest("labels", labels), "ids": _digest("ids", ids)}})
             try:
                 os.rename(tmp, path)  # replaces an empty directory; fails if another process won
             except OSError:

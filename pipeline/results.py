@@ -29,7 +29,6 @@ RECIPE_FILE = "recipe.json"
 # The params that decide the projectors (and so every number downstream of them).
 RUN_SECTIONS = ("data", "backbone", "extract", "model", "train")
 _DATA_KEYS = ("dataset", "train_split", "val_split", "coco_val_images", "synthetic")
-MIOU_KEYS = {"dataset": "miou_dataset", "per-image": "miou_per_image"}
 
 
 def jsonable(obj: Any) -> Any:
@@ -76,16 +75,6 @@ def _num(v: Any) -> float | None:
     return float(f"{v:.4g}") if math.isfinite(v) else None
 
 
-def miou_key(variant: dict, protocol: str) -> str | None:
-    """The key of the headline mIoU protocol in one segmentation result."""
-    for key in (f"miou_{protocol.replace('-', '_')}", MIOU_KEYS.get(protocol)):
-        if key and key in variant:
-            return key
-    prefix = "miou_dataset" if protocol == "dataset" else "miou_per_image"
-    return next((k for k in variant if k.startswith(prefix) and not k.endswith(("_seen", "_unseen"))),
-                None)
-
-
 def _trained(v: Any) -> Any:
     """MFI reduction: a number, or {untrained, alpha0, trained} (the trained projector's)."""
     return v.get("trained") if isinstance(v, dict) else v
@@ -115,8 +104,7 @@ def headline(what: str, full: dict, params: dict) -> dict:
             for method, variants in result["methods"].items():
                 variant = next((variants[v] for v in ("bkgd", "all") if v in variants),
                                next(iter(variants.values())))
-                key = protocol if protocol in variant else miou_key(variant, protocol)
-                row[method] = _num(variant.get(key)) if key else None
+                row[method] = _num(variant.get(protocol))  # absent: None, never another protocol
             out[name] = row
         return out
     return {k: _num(v) for k, v in full.items() if _num(v) is not None}

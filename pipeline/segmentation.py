@@ -140,6 +140,9 @@ def score_maps(backbone: FrozenCLIP, head: UnmixHead | None, images: Tensor, tex
         grid = projected if m in PROJECTED else token_grid(tokens[TOKEN_PATH[m]])  # (B, D, h, w)
         text = text.to(grid.device)
         maps[m] = feature_surgery(grid, text) if m in SURGERY else cosine_maps(grid, text)
+        if not torch.isfinite(maps[m]).all():  # an argmax of NaN is a label: never score it
+            raise ParamError(f"non-finite {m} score maps from the backbone (with backbone.precision fp16 "
+                             "this is an overflow: use fp32 or bf16)")
     return {m: s.float() for m, s in maps.items()}
 
 

@@ -216,9 +216,10 @@ def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
                        stats)
         scores.append(positive_scores(out.logits.float()).cpu().numpy())  # (B, C)
         labels.append(batch.labels.numpy())  # (B, C)
+    scores_ = np.concatenate(scores)  # (N, C)
     from pipeline.provenance import require_finite  # NaN tokens: named here, not inside sklearn
-    require_finite(np.concatenate(scores), np.concatenate(index), getattr(loader, "cache", None))
-    return np.concatenate(scores), np.concatenate(labels)
+    require_finite(scores_, np.concatenate(index), getattr(loader, "cache", None))
+    return scores_, np.concatenate(labels)
 
 
 @torch.no_grad()

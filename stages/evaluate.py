@@ -30,8 +30,7 @@ from pipeline.heads import UnmixHead, positive_scores, region_logits
 from pipeline.loader import TokenLoader
 from pipeline.metrics import average_precision
 from pipeline.results import write_results
-from pipeline.segmentation import project_classes
-from pipeline.training import TrainingError, projector_text
+from pipeline.training import TrainingError, evaluate_head, projector_text
 from pipeline.zsmlr import zero_shot_mlr
 
 WHATS = ("mlr", "mfi", "seg", "zs-mlr")
@@ -74,20 +73,6 @@ def zero_shot_scores(loader: TokenLoader, text: dict[str, torch.Tensor], softmax
     return np.concatenate(scores)  # (N, C)
 
 
-@torch.no_grad()
-def projected_scores(head: UnmixHead, loader: TokenLoader, text: dict[str, torch.Tensor],
-                     stats: str) -> tuple[np.ndarray, np.ndarray]:
-    """The head's scores (N, C) and labels: the text projector sees [neg; pos] (2C rows) once,
-    with BatchNorm `stats` (running, or batch = of those 2C prompts)."""
-    prompts = project_classes(head, torch.cat([text["negative"], text["positive"]]), stats)  # (2C, D')
-    scores, labels = [], []
-    for b in loader.epoch(0):
-        image = head.project_tokens(b.tokens.to(prompts.device).float())  # (B, T, D')
-        scores.append(positive_scores(region_logits(image, prompts, head.softmax_mode)).cpu().numpy())
-        labels.append(b.labels.numpy())
-    return np.concatenate(scores), np.concatenate(labels)  # (N, C) each
-
-
 def evaluate_mlr(params: dict) -> tuple[dict, str]:
     device = resolve_device(params["backbone"]["device"])
     cache = FeatureCache.open(paths.feature_store(params, "val"))
@@ -102,7 +87,7 @@ def evaluate_mlr(params: dict) -> tuple[dict, str]:
     unit = {k: v.to(device) for k, v in projector_text(cache, "normalised").items()}
     loader = TokenLoader(cache, params["evaluate"]["batch_size"], "cycle", shuffle=False)
     stats = params["evaluate"]["text_bn"]["mlr"]
-    ours, labels = projected_scores(head, loader, text, stats)
+    ours, labels = evaluate_head(head, loader, text, stats=stats)  # non-finite scores: named, not scored
     clip = zero_shot_scores(loader, unit, meta["model"]["softmax"])
     aps = {"clip": average_precision(clip, labels), "ours": average_precision(ours, labels)}
     metrics = {"source": src, "text_input": text_input, "text_bn": stats,

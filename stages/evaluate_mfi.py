@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline import paths
+from pipeline.cache import FeatureCache
 from pipeline.classes import classnames, prompt_names
 from pipeline.config import read_yaml
 from pipeline.evaluation import fmt, load_head, source_line
@@ -68,7 +69,7 @@ def ablation_control(params: dict, fingerprint: dict | None) -> Path | None:
         point = _point_params(path.parent, meta)
         if point is None or float(point["train"]["alpha"]) != 0.0 or _comparable(point) != want:
             continue
-        if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+        if meta.get("fingerprint") != fingerprint:  # another (or an unrecorded) train store
             continue
         return path
     return None
@@ -89,14 +90,18 @@ def train_control(params: dict) -> Path:
     control["paths"] = {**params["paths"], "cache": str(root), "results": str(root / "results")}
     out = paths.projectors(control, "last")
     stamp = root / "control.json"
-    identity = json.dumps({"train": control["train"], "model": control["model"],
-                           "features": str(paths.feature_store(params, "train").resolve())}, sort_keys=True)
+    store = paths.feature_store(params, "train").resolve()
+    train_store = FeatureCache.open(store)  # its fingerprint: a store re-extracted in place retrains
+    identity = json.dumps({"train": control["train"], "model": control["model"], "features": str(store),
+                           "fingerprint": train_store.fingerprint, "layout": train_store.layout},
+                          sort_keys=True)
     if out.is_file() and stamp.is_file() and stamp.read_text() == identity:
         return out
     root.mkdir(parents=True, exist_ok=True)
     link = root / "features"
-    if not link.exists():
-        os.symlink(paths.feature_store(params, "train").resolve().parent, link)
+    if link.is_symlink() or link.exists():
+        link.unlink()  # always this run's stores, also when they moved
+    os.symlink(store.parent, link)
     stamp.unlink(missing_ok=True)
     print(f"mfi: training the alpha = 0 control ({control['train']['epochs']} epochs) in {root}", flush=True)
     with torch.enable_grad():  # evaluate_mfi runs under no_grad

@@ -63,9 +63,8 @@ def split_classes(texts: Sequence[str]) -> list[str]:
 
 
 def default_projectors(params: dict) -> Path:
-    """evaluate.projectors: the best-epoch file when asked for and present, else the last one."""
-    best = paths.models_dir(params) / "projectors-best.pt"
-    return best if params["evaluate"]["projectors"] == "best" and best.is_file() else paths.projectors(params)
+    """The file evaluate.projectors names (as every evaluation reads it; no silent fallback)."""
+    return paths.projectors(params, params["evaluate"]["projectors"])
 
 
 def model_from_params(params: dict, projectors: str | Path | None = None) -> UnmixCLIP:

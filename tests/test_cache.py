@@ -172,6 +172,23 @@ def test_changed_labels_or_ids_are_refused(tmp_path: Path) -> None:
         FeatureCache.create_or_open(path, **spec(ids=kw["ids"][::-1]))
 
 
+@pytest.mark.parametrize("name", ["ids", "labels"])
+def test_a_lost_ids_or_labels_chunk_is_repaired_only_from_the_same_dataset(tmp_path: Path, name: str) -> None:
+    """A lost chunk is rewritten from the dataset only when the dataset's ids / labels have the digest
+    recorded at creation: another image list of the same length must not inherit the tokens."""
+    path = tmp_path / "c.zarr"
+    kw = spec()
+    write_all(FeatureCache.create_or_open(path, **kw))
+    other = {"ids": kw["ids"][::-1], "labels": kw["labels"][::-1].copy()}[name]
+    for chunk in (path / name / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()  # the chunk is lost: it reads as its (refused) fill value
+    with pytest.raises(FingerprintMismatch, match=f"dataset's {name} differ"):
+        FeatureCache.create_or_open(path, **{**kw, name: other})
+    repaired = FeatureCache.create_or_open(path, **kw)  # the same dataset: repaired byte for byte
+    assert list(repaired.ids) == kw["ids"] and np.array_equal(repaired.labels, kw["labels"])
+
+
 def test_non_cache_directory_is_a_clear_error(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     junk.mkdir()

@@ -19,19 +19,18 @@ def _params(tmp_path: Path, *overrides: str) -> dict:
 
 def _seg_full(datasets, methods) -> dict:
     """The evaluation's shape: dataset -> methods -> variant -> both protocols + per-class IoUs."""
-    return {d: {"methods": {m: {"all": {"miou_dataset": 10.0 + i + j, "miou_per_image": 50.0 + i + j,
+    return {d: {"methods": {m: {"all": {"dataset": 10.0 + i + j, "per-image-positive-pred": 50.0 + i + j,
                                         "per_class_iou": dict.fromkeys(CLASSES, 0.5)}}
                             for j, m in enumerate(methods)}, "num_images": 5}
             for i, d in enumerate(datasets)}
 
 
-@pytest.mark.parametrize("protocol, key", [("dataset", "miou_dataset"),
-                                           ("per-image-positive-pred", "miou_per_image")])
-def test_seg_headline_is_the_chosen_protocol_per_dataset_and_method(tmp_path, protocol, key):
+@pytest.mark.parametrize("protocol", ["dataset", "per-image-positive-pred"])
+def test_seg_headline_is_the_chosen_protocol_per_dataset_and_method(tmp_path, protocol):
     params = _params(tmp_path, f"evaluate.seg.protocol={protocol}")
     full = _seg_full(["voc2012", "coco2017", "context59"], ["clip", "clip-vv", "ours"])
     head = headline("seg", full, params)
-    assert head == {d: {m: v["all"][key] for m, v in r["methods"].items()} for d, r in full.items()}
+    assert head == {d: {m: v["all"][protocol] for m, v in r["methods"].items()} for d, r in full.items()}
 
 
 def test_full_run_headline_fits_forty_values_and_details_keep_per_class(tmp_path):
