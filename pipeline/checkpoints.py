@@ -53,8 +53,16 @@ def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "")
     return keys
 
 
+def validation_identity(val_cache: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """What every validated epoch of one run is measured with: the val store and how the text goes
+    in. Best-epoch selection compares val mAPs across epochs, so a resume must not change it."""
+    ev = params["evaluate"]
+    return {"store": cache_identity(val_cache), "text_bn": dict(ev["text_bn"]), "text_input": ev["text_input"]}
+
+
 def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
-                    labels: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    labels: Mapping[str, Any] | None = None,
+                    validation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read a resume state and refuse it unless it belongs to this train cache and these settings
     (and, given `labels` = label_mask_identity of this run, was trained on the same label mask)."""
     path = Path(path)
@@ -75,6 +83,12 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
     if differ:
         raise TrainingError(f"checkpoint {path} was written with other settings ({', '.join(differ)}); "
                             f"resuming would mix two experiments: delete {path} or restore the params")
+    if validation is not None:
+        differ = _diff_keys(dict(state.get("validation") or {}), dict(validation))
+        if differ:
+            raise TrainingError(
+                f"checkpoint {path} validated its epochs differently ({', '.join(differ)}): the best "
+                f"epoch would compare two measures; delete {path} or restore the val store / params")
     if labels is not None and dict(state.get("labels") or {}) != dict(labels):
         raise TrainingError(f"checkpoint {path} was trained on another partial-label mask "
                             f"({state.get('labels')} vs {dict(labels)}): delete {path} or train "

@@ -25,6 +25,7 @@ from pipeline.checkpoints import (  # noqa: F401  (re-exported: the training API
     load_projectors,
     save_checkpoint,
     save_projectors,
+    validation_identity,
 )
 from pipeline.heads import HeadOutput, UnmixHead, positive_scores
 from pipeline.losses import asl_loss, mfi_loss

@@ -39,6 +39,7 @@ from pipeline.training import (
     set_lr,
     torch_threads,
     train_step,
+    validation_identity,
     validation_metrics,
 )
 
@@ -176,7 +177,8 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     ckpt = paths.checkpoint(params)
     start, history, best_head = 0, [], None
     if resume:
-        state = load_checkpoint(ckpt, cache, params, labels=mask)
+        state = load_checkpoint(ckpt, cache, params, labels=mask,
+                                validation=validation_identity(val_loader.cache, params))
         head.load_state_dict(state["head"])
         if aux is not None:
             aux.load_state_dict(state["objective"])  # LPAM and its token-sampling generator
@@ -231,6 +233,7 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
                 "params": params, "cache": cache_identity(cache), "history": history,
+                "validation": validation_identity(val_loader.cache, params),
                 "labels": mask, "best_head": best_head})
             write_metrics(params, history, None)
 

@@ -230,3 +230,35 @@ def test_cpu_threads_apply_to_the_head_step_and_are_restored(world: dict, tmp_pa
     monkeypatch.setattr(train, "train_step", recording_step)
     train.run(fresh(world, tmp_path, epochs=1, cpu_threads=2))
     assert set(seen) == {2} and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("change", ["evaluate.text_bn.mlr", "evaluate.text_input", "val store"])
+def test_resume_is_refused_when_the_epochs_would_be_validated_differently(tmp_path: Path, change: str) -> None:
+    """Best-epoch selection compares val mAPs across epochs: a resume that measures them another way
+    (another val store, other BatchNorm statistics or text input) must not mix the two."""
+    from types import SimpleNamespace
+
+    from pipeline.checkpoints import TrainingError as CheckpointError
+    from pipeline.checkpoints import (
+        cache_identity,
+        load_checkpoint,
+        save_checkpoint,
+        validation_identity,
+    )
+
+    params = load_params(profile="smoke")
+    store = SimpleNamespace(fingerprint={"a": 1}, layout={"n": 4}, classnames=["x", "y"], path=tmp_path / "s")
+    val = SimpleNamespace(fingerprint={"v": 1}, layout={"n": 2}, classnames=["x", "y"], path=tmp_path / "v")
+    ckpt = tmp_path / "last.pt"
+    save_checkpoint(ckpt, {"params": params, "cache": cache_identity(store),
+                           "validation": validation_identity(val, params)})
+    assert load_checkpoint(ckpt, store, params, validation=validation_identity(val, params))
+    later = copy.deepcopy(params)
+    if change == "evaluate.text_bn.mlr":
+        later["evaluate"]["text_bn"]["mlr"] = "batch"
+    elif change == "evaluate.text_input":
+        later["evaluate"]["text_input"] = "raw"
+    else:
+        val = SimpleNamespace(**{**vars(val), "fingerprint": {"v": 2}})
+    with pytest.raises(CheckpointError, match="validated its epochs differently"):
+        load_checkpoint(ckpt, store, later, validation=validation_identity(val, later))
