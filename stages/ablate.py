@@ -79,7 +79,10 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
     amp = amp_dtype(device, cfg["precision"])
     if stacked and uses_infoclip(objective):
         raise ParamError(f"'train.objective' {objective!r} trains its grid head by head (an LPAM per point)")
-    stacked = not uses_infoclip(objective) if stacked is None else stacked
+    if stacked and amp == torch.float16:
+        raise ParamError("fp16 trains the grid head by head: one GradScaler for stacked heads would skip "
+                         "every head's step when one overflows (set train.precision bf16 or fp32 to stack)")
+    stacked = not (uses_infoclip(objective) or amp == torch.float16) if stacked is None else stacked
     print(f"ablate: {len(points)} grid points ({len(reps)} distinct trainings, "
           f"{'stacked' if stacked else 'head by head'}) x {epochs} epochs on {device}")
 
@@ -123,6 +126,8 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
         last = history[k][-1]
         row = {"lambda": lam, "alpha": alpha, **{c: last[c] for c in last if c not in ("epoch", "total")},
                "loss": last["total"], "trained_as": "" if reps[k] == i else labels[reps[k]]}
+        if row["trained_as"]:  # its MFI loss value was computed with the trained point's lambda
+            row["mfi"] = None
         if uses_infoclip(objective):  # lambda1, lambda2 as trained, swept or not
             row.update(lambda1=p["train"]["infoclip"]["lambda1"], lambda2=p["train"]["infoclip"]["lambda2"])
         rows.append(row)
