@@ -59,17 +59,21 @@ def _describe(info: dict[str, Any]) -> str:
     return f"pid {info['pid']} on host {info['host']} (since {info.get('started', '?')})"
 
 
-def _try_flock(fd: int) -> bool | None:
-    """True: locked; False: another open file holds it; None: the filesystem has no flock."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as err:
-        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return None
-        raise
+def _try_flock(fd: int, mode: int = fcntl.LOCK_EX, attempts: int = 1) -> bool | None:
+    """True: locked; False: another open file holds it; None: the filesystem has no flock.
+    `attempts` > 1 retries every 50 ms: a reader's probe holds the file for microseconds."""
+    for attempt in range(attempts):
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < attempts:
+                time.sleep(0.05)
+        except OSError as err:
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return None
+            raise
+    return False
 
 
 def _own(info: dict[str, Any]) -> bool:
@@ -96,14 +100,14 @@ def holder(store: str | Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     try:
-        flocked = _try_flock(fd)
+        flocked = _try_flock(fd, fcntl.LOCK_SH)  # a probe: never blocks a writer for long
         if flocked is False:
             return info
     finally:
         os.close(fd)  # closing drops a flock we may just have taken
-    if info["host"] == socket.gethostname():
-        return info if flocked is None and _pid_alive(int(info["pid"])) else None
-    return None  # another host's record with no OS lock held: not being written from here
+    if flocked is None:  # no flock here: the record decides, as it does for writers
+        return info if _live_holder(info, flocked) else None
+    return None  # flock works and nobody holds it: not being written
 
 
 def check_not_written(store: str | Path) -> None:
@@ -140,7 +144,7 @@ class StoreLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            flocked = _try_flock(fd)
+            flocked = _try_flock(fd, attempts=20)  # outlasts a reader's probe
             info = _read(self.path)
             if flocked is False:
                 os.close(fd)
