@@ -8,6 +8,7 @@ image to nearly the same tokens; TESTING-WITHOUT-WEIGHTS trap 1).
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -78,19 +79,26 @@ def recalibrate_on_dataset(backbone: FrozenCLIP, params: dict) -> None:
     stats_file = Path(params["paths"]["cache"]) / "backbone" / f"bn-{key}.pt"
     norms = {n: m for n, m in backbone.model.visual.named_modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-    if stats_file.exists():
-        saved = torch.load(stats_file, map_location="cpu", weights_only=True)
-        for name, m in norms.items():
-            m.running_mean.copy_(saved["stats"][f"{name}.mean"])
-            m.running_var.copy_(saved["stats"][f"{name}.var"])
-        backbone.weights_digest = saved["weights_digest"]
-        return
     from pipeline.augment import eval_view
     from pipeline.datasets import load_multilabel
     from pipeline.images import load_image
 
     dataset = load_multilabel(d["dataset"], paths.dataset_root(params), d["train_split"])
     records = dataset.records[:RECALIBRATION_IMAGES]
+    # reused only for the same image bytes, weights and precision: regenerated or replaced images
+    # (same names) recalibrate again
+    images = hashlib.sha256()
+    for r in records:
+        images.update(hashlib.sha256(Path(r.path).read_bytes()).digest())
+    identity = {"images": images.hexdigest(), "weights": backbone.weights_digest, "precision": b["precision"]}
+    if stats_file.exists():
+        saved = torch.load(stats_file, map_location="cpu", weights_only=True)
+        if saved.get("identity") == identity:
+            for name, m in norms.items():
+                m.running_mean.copy_(saved["stats"][f"{name}.mean"])
+                m.running_var.copy_(saved["stats"][f"{name}.var"])
+            backbone.weights_digest = saved["weights_digest"]
+            return
     batches = (torch.stack([eval_view(load_image(r.path), b["image_size"])
                             for r in records[i:i + RECALIBRATION_BATCH]])  # (B, 3, S, S)
                for i in range(0, len(records), RECALIBRATION_BATCH))
@@ -98,7 +106,7 @@ def recalibrate_on_dataset(backbone: FrozenCLIP, params: dict) -> None:
     stats = {f"{n}.{k}": getattr(m, f"running_{k}").detach().cpu().clone()
              for n, m in norms.items() for k in ("mean", "var")}
     atomic_write(stats_file, lambda tmp: torch.save(
-        {"stats": stats, "weights_digest": backbone.weights_digest}, tmp))
+        {"stats": stats, "weights_digest": backbone.weights_digest, "identity": identity}, tmp))
     print(f"backbone {b['name']}: BatchNorm statistics recalibrated on {len(records)} "
           f"{d['dataset']} {d['train_split']} images -> {stats_file}", file=sys.stderr, flush=True)
 

@@ -39,6 +39,14 @@ def test_recalibrated_random_backbone_separates_images_and_changes_the_digest(tm
 
     stats = list((tmp_path / "cache" / "backbone").glob("bn-*.pt"))
     assert len(stats) == 1
+    stamp = stats[0].stat().st_mtime_ns
     again = backbone_from_params(_params(tmp_path, True))  # another stage: the cached statistics
     assert again.weights_digest == recal.weights_digest
     assert torch.equal(again.spatial_tokens(images), recal.spatial_tokens(images))
+    assert stats[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    # the same file names with other pixels (the data regenerated with another seed): recalibrated again
+    make_planted_coco(tmp_path / "data" / "synthetic", 24, 8, num_classes=4, image_size=64, seed=7)
+    regenerated = backbone_from_params(_params(tmp_path, True))
+    assert regenerated.weights_digest != recal.weights_digest
+    assert stats[0].stat().st_mtime_ns != stamp
