@@ -15,7 +15,6 @@ those grids head by head through `training.train_step`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,13 +26,16 @@ from torch.func import functional_call, stack_module_state, vmap
 from pipeline.heads import UnmixHead
 from pipeline.losses import asl_loss, mfi_loss
 from pipeline.objective import trainable_parameters, uses_mfi
-from pipeline.training import TrainingError, build_optimizer, make_scaler, set_lr, train_step
+from pipeline.training import (
+    TrainingError,
+    _autocast,
+    build_optimizer,
+    make_scaler,
+    set_lr,
+    train_step,
+)
 
 PARTS = ("total", "asl", "mfi")  # columns of the (H, parts) tensor a step returns
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def nonfinite_error(parts: Tensor, names: Sequence[str], labels: Sequence[str], epoch: int,
