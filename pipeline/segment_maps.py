@@ -17,12 +17,9 @@ from pipeline.segmentation import (
     BACKGROUND_RULES,
     METHOD_LABELS,
     PROJECTED,
-    SURGERY,
     TOKEN_PATH,
-    cosine_maps,
-    feature_surgery,
+    maps_from_tokens,
     normalised_maps,
-    token_grid,
 )
 from pipeline.segmentation import label_with_background as label_map
 
@@ -49,20 +46,12 @@ def token_paths_for(methods: Sequence[str]) -> list[str]:
     return sorted({"vproj", *(TOKEN_PATH[m] for m in methods)})
 
 
-@torch.no_grad()
 def method_maps(tokens: dict[str, Tensor], head: UnmixHead, raw_text: Tensor, projected_text: Tensor,
                 methods: Sequence[str]) -> dict[str, Tensor]:
-    """Score maps (B, C, h, w) float32 per method from one trunk pass's token paths (B, 1+hw, D)."""
-    maps: dict[str, Tensor] = {}
-    for m in methods:
-        if m in PROJECTED:
-            grid = token_grid(head.project_tokens(tokens["vv"].to(projected_text.device)))  # (B, D', h, w)
-            text = projected_text
-        else:
-            grid = token_grid(tokens[TOKEN_PATH[m]])  # (B, D, h, w)
-            text = raw_text.to(grid.device)
-        maps[m] = feature_surgery(grid, text) if m in SURGERY else cosine_maps(grid, text)
-    return {m: s.float() for m, s in maps.items()}
+    """Score maps (B, C, h, w) float32 per method from one trunk pass's token paths (B, 1+hw, D):
+    the evaluation's own maps_from_tokens, with the projected text for the projected methods."""
+    texts = {m: projected_text if m in PROJECTED else raw_text for m in methods}
+    return maps_from_tokens(tokens, head, texts)
 
 
 @torch.no_grad()

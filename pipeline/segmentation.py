@@ -130,6 +130,14 @@ def score_maps(backbone: FrozenCLIP, head: UnmixHead | None, images: Tensor, tex
     device (where the post-processing runs too). One trunk pass gives every token path needed;
     images are square (seg_view), so the grid is square."""
     tokens = backbone.token_paths(images, sorted({TOKEN_PATH[m] for m in texts}), pos_interpolation)
+    return maps_from_tokens(tokens, head, texts)
+
+
+@torch.no_grad()
+def maps_from_tokens(tokens: dict[str, Tensor], head: UnmixHead | None, texts: dict[str, Tensor]
+                     ) -> dict[str, Tensor]:
+    """score_maps on token paths already computed (B, 1+hw, D) each: the one place that decides a
+    method's grid (projected once for every PROJECTED method) and its similarity (surgery or cosine)."""
     projected = None
     if any(m in PROJECTED for m in texts):
         head.eval()
