@@ -19,7 +19,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
-from pipeline.weights import WeightsError, load_checkpoint, sha256_file
+from pipeline.weights import WeightsError, load_checkpoint, quiet_open_clip, sha256_file
 
 TINY_MODEL = "tiny-RN"
 open_clip.add_model_config(Path(__file__).resolve().parent / "model_configs")
@@ -257,7 +257,8 @@ def _create_random(name: str, init_seed: int, quick_gelu: bool) -> nn.Module:
     """open_clip's own initialisation, seeded in a forked RNG: identical weights in every process."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+        with quiet_open_clip():  # its "initialized randomly" line misleads when a checkpoint follows
+            return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
 
 
 def load_backbone(name: str = "RN101", pretrained: str | None = "openai",

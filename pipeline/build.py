@@ -16,7 +16,7 @@ import torch
 
 from pipeline.backbone import FrozenCLIP, load_backbone
 from pipeline.heads import UnmixHead
-from pipeline.weights import check_pretrained_available, quiet_open_clip
+from pipeline.weights import check_pretrained_available
 
 RECALIBRATION_IMAGES = 128  # first training images (sorted by id), one un-augmented view each
 RECALIBRATION_BATCH = 32
@@ -52,11 +52,10 @@ def backbone_from_params(params: dict, device: torch.device | None = None) -> Fr
     pretrained = None if b["checkpoint"] else b["pretrained"]
     if pretrained not in (None, "random"):
         check_pretrained_available(b["name"], pretrained)
-    with quiet_open_clip():
-        backbone = load_backbone(
-            b["name"], pretrained=pretrained, checkpoint=b["checkpoint"], sha256=b["sha256"],
-            device=device or resolve_device(b["device"]), precision=b["precision"],
-            channels_last=b["channels_last"], compile=b["compile"], init_seed=b["init_seed"])
+    backbone = load_backbone(
+        b["name"], pretrained=pretrained, checkpoint=b["checkpoint"], sha256=b["sha256"],
+        device=device or resolve_device(b["device"]), precision=b["precision"],
+        channels_last=b["channels_last"], compile=b["compile"], init_seed=b["init_seed"])
     if is_random(b):
         print(random_warning(b), file=sys.stderr, flush=True)
         if b.get("recalibrate_bn"):
