@@ -4,7 +4,8 @@ An epoch is a global shuffle of the valid images and a view per image, both func
 (seed, epoch) only: any epoch can be replayed directly (resumed training is identical), and the
 two I/O modes serve identical batches. A store that fits the memory budget is loaded once and
 gathered in RAM; a larger one is streamed: each batch reads exactly its sampled (image, view)
-chunks from the shard files (pipeline/shards.py, one crc32c-checked pread per view), so memory is
+chunks from the shard files (pipeline/shards.py, one pread per view, its crc32c checked at the
+first read of the chunk and after its file changes), so memory is
 bounded by the prefetched batches plus 16 bytes of shard index per stored view, whatever the store
 size. Batches hold the store dtype (float16 by default): `Batch.tokens_on(device)` casts to float32
 on the device, after a non-blocking copy of half the bytes. A background thread prepares the next
@@ -171,7 +172,9 @@ class TokenLoader:
         if self.in_memory:
             tokens = self._load()
         elif self._reader is None:
-            self._reader = ShardReader(self.cache)
+            self._reader = ShardReader(self.cache)  # crc32c of each chunk at its first read
+        else:
+            self._reader.refresh()  # a shard file changed since: its chunks are checked again
         stop = min(len(self) * self.batch_size, len(order))
         for b in range(0, stop, self.batch_size):
             index = order[b : b + self.batch_size]

@@ -106,11 +106,35 @@ def test_streaming_reads_only_the_sampled_views(store, monkeypatch: pytest.Monke
     calls: list[tuple[int, int]] = []
     real = ShardReader.read_into
     monkeypatch.setattr(ShardReader, "read_into",
-                        lambda self, i, v, out: calls.append((i, v)) or real(self, i, v, out))
+                        lambda self, i, v, out, verify=None: calls.append((i, v)) or real(self, i, v, out, verify))
     monkeypatch.setattr(FeatureCache, "read_shard", lambda *a: pytest.fail("streaming loaded a shard"))
     loader = TokenLoader(cache, batch_size=4, view_policy="random", seed=2, in_memory=False)
     index, view, _ = run_epoch(loader, 1)
     assert sorted(calls) == sorted(zip(index.tolist(), view.tolist()))  # one chunk per sample
+
+
+def test_a_chunk_damaged_between_epochs_stops_the_next_epoch(tmp_path: Path) -> None:
+    """Streaming checks a chunk's crc32c at its first read only; a shard file written since is
+    checked again, so a chunk the first epoch proved cannot be served damaged by the second."""
+    from pipeline.shards import ShardReader
+    rng = np.random.default_rng(1)
+    cache = FeatureCache.create_or_open(
+        tmp_path / "c.zarr", ids=[str(i) for i in range(16)], labels=np.zeros((16, C), np.int8),
+        classnames=[f"c{i}" for i in range(C)], views=1, num_tokens=T, dim=D,
+        fingerprint={"test": 2}, shard_size=S)
+    tokens = rng.standard_normal((16, 1, T, D)).astype(np.float16)
+    for s in range(cache.num_shards):
+        a, b = cache.shard_range(s)
+        cache.write_shard(s, tokens[a:b], np.zeros(b - a, np.int8))
+    loader = TokenLoader(cache, batch_size=4, seed=0, in_memory=False)
+    check_tokens(run_epoch(loader, 0)[2], tokens, np.zeros((16, C), np.int8))
+    offset, nbytes = ShardReader(cache).index(1)[3]  # image 11, view 0
+    f = cache.shard_file(1)
+    raw = bytearray(f.read_bytes())
+    raw[int(offset) + 7] ^= 0x01
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match="shard 1 .*image 11 view 0 fails its crc32c"):
+        run_epoch(loader, 1)
 
 
 def test_drop_last_and_memory_budget(store) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import CacheError, FeatureCache
+from pipeline import shards
 from pipeline.shards import ShardReader
 
 N, K, T, D, S, C = 11, 3, 5, 8, 4, 3  # 3 shards, the last partial
@@ -83,3 +84,51 @@ def test_damaged_or_truncated_index_is_refused(tmp_path: Path) -> None:
     assert "truncated" in ShardReader(cache).check_shard(2)
     with pytest.raises(CacheError, match="shard 2"):
         cache.read_shard(2)
+
+
+def _count_crc_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = shards.crc32c
+    monkeypatch.setattr(shards, "crc32c", lambda data: calls.append(1) or real(data))
+    return calls
+
+
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_a_chunk_is_checked_at_its_first_read_and_again_after_its_file_changes(
+        tmp_path: Path, compressor: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, tokens = make(tmp_path / "c.zarr", compressor=compressor)
+    reader = ShardReader(cache)  # verify="first", training's default
+    for s in range(cache.num_shards):
+        reader.index(s)  # each index has its own crc32c: not counted below
+    calls = _count_crc_calls(monkeypatch)
+    index, view = np.repeat(np.arange(N), K), np.tile(np.arange(K), N)
+    assert reader.gather(index, view).tobytes() == tokens.reshape(N * K, T, D).tobytes()
+    assert len(calls) == N * K  # every chunk checked once...
+    reader.refresh()  # ...no file changed...
+    assert reader.gather(index, view).tobytes() == tokens.reshape(N * K, T, D).tobytes()
+    assert len(calls) == N * K  # ...so a second pass reads proved chunks unchecked
+
+    offset, nbytes = _chunk(cache, 6, 2)  # shard 1 (images 4..7), damaged in place after reading
+    f = cache.shard_file(1)
+    raw = bytearray(f.read_bytes())
+    raw[offset + nbytes // 2] ^= 0x10
+    f.write_bytes(bytes(raw))
+    reader.refresh()  # the file's mtime/ctime changed: shard 1 is forgotten, the others are not
+    with pytest.raises(CacheError, match="shard 1 .*image 6 view 2 fails its crc32c"):
+        reader.read_into(6, 2, np.empty((T, D), np.float16))
+    calls.clear()
+    reader.gather(np.array([0, 4, 10]), np.array([0, 0, 0]))
+    assert len(calls) == 1  # image 4: shard 1 re-checked; images 0 and 10 still proved
+    assert ShardReader(cache, verify="every").verify_shard(1) is not None  # `pipeline verify` sees it
+
+
+def test_every_read_policy_checks_every_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, _ = make(tmp_path / "c.zarr")
+    reader = ShardReader(cache, verify="every")
+    reader.gather(np.array([1]), np.array([1]))  # loads shard 0's index
+    calls = _count_crc_calls(monkeypatch)
+    for _ in range(3):
+        reader.gather(np.array([1, 2]), np.array([1, 0]))
+    assert len(calls) == 6
+    with pytest.raises(ValueError, match="verify must be one of"):
+        ShardReader(cache, verify="sometimes")
