@@ -14,6 +14,7 @@ on the same tokens, all in the page cache, batches of one random view of randoml
   does: an epoch re-reads chunks an earlier one proved; a changed shard file is checked again),
   and none (the reader's checksum cost). The timed epochs follow a warm-up epoch, so the loader's
   rows are its steady state; the "every read" row is what a chunk's first read costs;
+- streaming with `--read-threads` threads reading each batch (train.read_threads);
 - extraction-side write of the same shards with and without the crc32c codec (write cost).
 Peak RSS of a streaming epoch is measured in child processes at two store sizes.
 Goals (issue "Feed a GPU"): streaming >= 10,000 views/s and >= 0.5x memmap; in memory >= 0.8x RAM.
@@ -147,7 +148,9 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0], images=256, views=4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--budget", type=float, default=4.0, help="seconds per measured rate")
+    p.add_argument("--read-threads", default="2", help="comma-separated train.read_threads to time")
     args = p.parse_args()
+    threads = [int(t) for t in args.read_threads.split(",") if int(t) > 1]
     shard, b = args.shard_size or 64, args.batch_size
     rows, results = [], {"rates": {}, "rss_mib": {}}
     with common.workdir(args.workdir) as root:
@@ -174,6 +177,9 @@ def main() -> None:
                 "ShardReader.gather, crc32c at a chunk's first read (training's default)": reader_rate(
                     cache, "first", b, args.budget),
                 "ShardReader.gather, crc32c not checked": reader_rate(cache, "none", b, args.budget),
+                **{f"TokenLoader streaming, {t} read threads": loader_rate(
+                    TokenLoader(cache, b, seed=0, in_memory=False, max_memory_bytes=0, prefetch=0,
+                                read_threads=t), args.budget) for t in threads},
             }
             results["rates"][f"K={k}"] = rates
             ram, mm = rates["RAM gather (NumPy array)"], rates["memmap gather (page-cache limit)"]

@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${SMALL:-0}" = 1 ]; then   # toy sizes: checks the script, measures nothing
   NET=(--backbone tiny-RN --image-size 64); IMAGES=8; GRID=32; READER=16; BUDGET=0.2
 else
-  NET=(--backbone RN101 --image-size 448); IMAGES=256; GRID=1024; READER=512; BUDGET=3
+  NET=(--backbone RN101 --image-size 448); IMAGES=256; GRID=1024; READER=512; BUDGET=2
 fi
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
@@ -27,5 +27,5 @@ bench bench_extract 200 --device "$DEVICE" "${NET[@]}" --images "$IMAGES" --view
   --num-workers "$(nproc)" --generated --transforms workers,device
 bench bench_ablate 150 --device "$DEVICE" --source random "${NET[@]}" --images "$GRID" --threads 1 --repeats 2
 bench bench_train 100 --device "$DEVICE" "${NET[@]}" --images 64 --views 1 --val-images 16 --generated
-bench bench_reader 90 --images "$READER" --budget "$BUDGET"
+bench bench_reader 140 --images "$READER" --budget "$BUDGET" --read-threads 2,4,8
 exit $status

@@ -17,7 +17,7 @@ from pipeline.heads import UnmixHead
 
 # train-section keys a resumed run may change without making its result a different experiment.
 # Extending `epochs` on resume is a warm restart of the cosine schedule: not the same as a longer run.
-_RESUMABLE_CHANGES = ("epochs", "device", "cpu_threads")  # how fast, not what is learnt
+_RESUMABLE_CHANGES = ("epochs", "device", "cpu_threads", "read_threads")  # how fast, not what is learnt
 
 
 class TrainingError(RuntimeError):

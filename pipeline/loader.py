@@ -52,6 +52,15 @@ def default_memory_budget() -> int:
         return 0
 
 
+def resolve_read_threads(value: int | str) -> int:
+    """train.read_threads: an int, or "auto": one thread per 4 cores this process may run on, 1 to
+    8 (on a 2-core VM two threads read slower than one; a GPU host's many cores read in parallel)."""
+    if value != "auto":
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // 4))
+
+
 def prefetch_batches(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
     """Run `batches` in a background thread `depth` items ahead; its exceptions re-raise here."""
     q: queue.Queue = queue.Queue(maxsize=depth)
@@ -101,7 +110,7 @@ class TokenLoader:
                  seed: int = 0, shuffle: bool = True, in_memory: bool | None = None, *,
                  drop_last: bool = False, buffer_shards: int = 4, prefetch: int = 2,
                  max_memory_bytes: int | None = None, pin_memory: bool | None = None,
-                 labels: np.ndarray | None = None) -> None:
+                 labels: np.ndarray | None = None, read_threads: int = 1) -> None:
         if view_policy not in ("random", "cycle"):
             raise ValueError(f"view_policy must be 'random' or 'cycle', got {view_policy!r}")
         if batch_size < 1 or buffer_shards < 1 or prefetch < 0:
@@ -114,6 +123,7 @@ class TokenLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.prefetch = prefetch
+        self.read_threads = read_threads  # streaming: threads reading one batch's views
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.valid = np.flatnonzero(cache.valid)  # (N_valid,) sorted image indices
         # (N, C) int8; `labels` replaces the stored ones (train.label_fraction's partial labels)
@@ -172,7 +182,7 @@ class TokenLoader:
         if self.in_memory:
             tokens = self._load()
         elif self._reader is None:
-            self._reader = ShardReader(self.cache)  # crc32c of each chunk at its first read
+            self._reader = ShardReader(self.cache, threads=self.read_threads)  # crc32c: first reads
         else:
             self._reader.refresh()  # a shard file changed since: its chunks are checked again
         stop = min(len(self) * self.batch_size, len(order))

@@ -27,7 +27,7 @@ from pipeline.cache import CacheError, FeatureCache
 from pipeline.training import TrainingError
 
 # train keys that change where or how fast a run goes, not its weights
-IGNORED_TRAIN_KEYS = ("device", "cpu_threads", "eval_every")
+IGNORED_TRAIN_KEYS = ("device", "cpu_threads", "read_threads", "eval_every")
 PROJECTORS_GLOB = "projectors*.pt"  # projectors.pt and projectors-best.pt
 EVAL_RESULTS = ("mlr", "mfi", "seg", "zs-mlr")  # results/{metrics,tables}/<name>.* of `evaluate`
 _SHOWN = 60  # characters of a value shown in a message

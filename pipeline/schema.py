@@ -163,6 +163,8 @@ class Train(Section):
     device: Device
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     cpu_threads: PosInt | Auto = Field(description="torch threads for the head step on CPU")
+    read_threads: PosInt | Auto = Field(
+        description="threads reading a batch's views from a streamed store; auto = 1 per 4 cores, <= 8")
     eval_every: PosInt = Field(description="validate every N epochs (and after the last)")
     text_input: Literal["raw", "normalised"] = Field(
         description="text features into the text projector: raw encode_text output (as run) or L2-normalised")

@@ -23,6 +23,7 @@ import contextlib
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +43,15 @@ def _crc(data: object) -> bytes:
 class ShardReader:
     """Reads token chunks of a FeatureCache's shard files, checking every crc32c."""
 
-    def __init__(self, cache: FeatureCache, verify: str = "first") -> None:
+    def __init__(self, cache: FeatureCache, verify: str = "first", threads: int = 1) -> None:
         if verify not in VERIFY:
             raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.cache = cache
         self.verify = verify
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
         self.path = cache.path
         c = cache
         self.chunks = c.shard_size * c.views  # inner chunks per shard
@@ -64,6 +69,9 @@ class ShardReader:
             self._zstd = Zstd()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         with self._lock:
             for fd in self._files.values():
                 os.close(fd)
@@ -151,14 +159,19 @@ class ShardReader:
     def read_into(self, i: int, v: int, out: np.ndarray, verify: bool | None = None) -> None:
         """Tokens of image i, view v into `out` ((T, D) C-contiguous, the store dtype); `verify`
         True/False overrides the reader's policy for this read."""
-        s, r = divmod(i, self._shard_size)
+        s = i // self._shard_size
         idx = self._index.get(s)
+        idx = self.index(s) if idx is None else idx
+        self._read(i, v, idx, self._files.get(s) or self._fd(s), out, verify)
+
+    def _read(self, i: int, v: int, idx: np.ndarray, fd: int, out: np.ndarray,
+              verify: bool | None = None) -> None:
+        s, r = divmod(i, self._shard_size)
         k = r * self._views + v
-        offset, nbytes = (self.index(s) if idx is None else idx)[k].tolist()
+        offset, nbytes = idx[k].tolist()
         proved = self._proved[s]
         if verify is None:
             verify = self.verify == "every" or (self.verify == "first" and not proved[k])
-        fd = self._files.get(s) or self._fd(s)  # fast path without the lock (a dict get is atomic)
         if self.compressed:
             payload = os.pread(fd, nbytes, offset)
             ok = len(payload) == nbytes and (not verify or _crc(
@@ -178,12 +191,31 @@ class ShardReader:
 
     def gather(self, index: np.ndarray, view: np.ndarray, out: np.ndarray | None = None
                ) -> np.ndarray:
-        """(B, T, D) tokens of images `index`, views `view`, in the store dtype."""
+        """(B, T, D) tokens of images `index`, views `view`, in the store dtype. With `threads` > 1
+        the batch is split between threads (pread and crc32c release the GIL); the batch's shard
+        files are opened and indexed first, in this thread, so no thread closes another's file."""
         c = self.cache
         if out is None:
             out = np.empty((len(index), c.num_tokens, c.dim), dtype=c.dtype)
-        for b, (i, v) in enumerate(zip(index.tolist(), view.tolist())):
-            self.read_into(i, v, out[b])
+        rows = list(zip(range(len(index)), index.tolist(), view.tolist()))
+        shards = np.unique(index // self._shard_size).tolist()
+        if self.threads == 1 or len(rows) < 2 * self.threads or len(shards) > _OPEN_FILES // 2:
+            for b, i, v in rows:
+                self.read_into(i, v, out[b])
+            return out
+        files = {s: (self.index(s), self._fd(s)) for s in shards}
+
+        def part(rows: list[tuple[int, int, int]]) -> None:
+            for b, i, v in rows:
+                self._read(i, v, *files[i // self._shard_size], out[b])
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ShardReader")
+        step = -(-len(rows) // self.threads)
+        futures = [self._pool.submit(part, rows[a:a + step]) for a in range(0, len(rows), step)]
+        wait(futures)  # every thread done with `out` before an error is raised
+        for f in futures:
+            f.result()
         return out
 
     def check_shard(self, s: int) -> str | None:

@@ -17,7 +17,7 @@ from pipeline import paths, provenance
 from pipeline.build import resolve_device
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.files import atomic_write_text
-from pipeline.loader import Batch, TokenLoader
+from pipeline.loader import Batch, TokenLoader, resolve_read_threads
 from pipeline.metrics import mean_average_precision
 from pipeline.objective import build_objective, clip_alignment_mi, trainable_parameters
 from pipeline.results import write_results
@@ -67,8 +67,11 @@ def open_data(params: dict, device: torch.device) -> tuple[TokenLoader, TokenLoa
         raise CacheError(f"{train.path} and {val.path} disagree on classes or token dim: "
                          "extract both with the same dataset and backbone")
     labels = partial_labels(train.labels, cfg["label_fraction"], cfg["seed"])  # (N, C), -1 = unknown
-    loader = TokenLoader(train, cfg["batch_size"], cfg["view_policy"], seed=cfg["seed"], labels=labels)
-    val_loader = TokenLoader(val, cfg["batch_size"], "cycle", seed=cfg["seed"], shuffle=False)
+    threads = resolve_read_threads(cfg["read_threads"])
+    loader = TokenLoader(train, cfg["batch_size"], cfg["view_policy"], seed=cfg["seed"], labels=labels,
+                         read_threads=threads)
+    val_loader = TokenLoader(val, cfg["batch_size"], "cycle", seed=cfg["seed"], shuffle=False,
+                             read_threads=threads)
     text = {name: t.to(device) for name, t in projector_text(train, cfg["text_input"]).items()}
     return loader, val_loader, text
 

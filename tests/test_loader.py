@@ -93,6 +93,22 @@ def test_memory_and_streaming_serve_identical_epochs(store) -> None:
     assert np.array_equal(ordered[0], ordered[1]) and np.array_equal(ordered[0], np.sort(ordered[0]))
 
 
+def test_reader_threads_serve_the_same_batches(store) -> None:
+    cache, tokens = store
+    one = run_epoch(TokenLoader(cache, batch_size=8, seed=3, in_memory=False), 2)
+    three = run_epoch(TokenLoader(cache, batch_size=8, seed=3, in_memory=False, read_threads=3), 2)
+    assert np.array_equal(one[0], three[0]) and np.array_equal(one[1], three[1])
+    check_tokens(three[2], tokens, cache.labels)
+
+
+def test_read_threads_auto_is_one_per_four_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.loader import resolve_read_threads
+    for cores, threads in ((2, 1), (4, 1), (16, 4), (64, 8)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert resolve_read_threads("auto") == threads
+    assert resolve_read_threads(3) == 3
+
+
 def test_shuffle_is_global_across_shards(store) -> None:
     """Not a shard-block order: the first batch mixes images of many shards."""
     cache, _ = store

@@ -132,3 +132,23 @@ def test_every_read_policy_checks_every_read(tmp_path: Path, monkeypatch: pytest
     assert len(calls) == 6
     with pytest.raises(ValueError, match="verify must be one of"):
         ShardReader(cache, verify="sometimes")
+
+
+@pytest.mark.parametrize("compressor", [None, "zstd"])
+def test_threaded_gather_equals_one_thread_and_names_a_damaged_chunk(
+        tmp_path: Path, compressor: str | None) -> None:
+    cache, tokens = make(tmp_path / "c.zarr", compressor=compressor)
+    rng = np.random.default_rng(5)
+    index, view = rng.integers(0, N, 40), rng.integers(0, K, 40)  # repeats, every shard
+    one = ShardReader(cache).gather(index, view)
+    threaded = ShardReader(cache, threads=3)
+    assert threaded.gather(index, view).tobytes() == one.tobytes() == tokens[index, view].tobytes()
+    offset, nbytes = _chunk(cache, 9, 1)  # shard 2
+    f = cache.shard_file(2)
+    raw = bytearray(f.read_bytes())
+    raw[offset + 3] ^= 0x04
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match="shard 2 .*image 9 view 1 fails its crc32c"):
+        ShardReader(cache, threads=3).gather(np.array([0, 9, 4, 1, 5, 8, 10]), np.array([0, 1, 2, 0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        ShardReader(cache, threads=0)
