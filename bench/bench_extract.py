@@ -1,13 +1,15 @@
 """Benchmark 1: `pipeline extract-features` throughput vs the bare frozen backbone forward.
 
 Engine: stages.extract_features.run(params, split="train"), what the CLI command calls: decode,
-augment K views (DataLoader workers), forward, float16 conversion and Zarr shard writes; its
+augment K views (DataLoader workers, or on the device with --transforms device), forward,
+float16 conversion and Zarr shard writes; its
 own timer (model and store set-up excluded). Bare: FrozenCLIP.spatial_tokens alone on the same
 preprocessed batches (same views, same batch composition), tensors already in memory.
 Goal (issue 7): engine images/s >= 0.9 x bare images/s.
 
     python bench/bench_extract.py                                    # quick: tiny-RN, 224 px
     python bench/bench_extract.py --backbone RN101 --image-size 448 --images 16 --views 1
+    python bench/bench_extract.py --device cuda --backbone RN101 --image-size 448 --transforms device
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from pipeline import paths
 from pipeline.augment import normalise_pixels
 from pipeline.build import backbone_from_params
-from pipeline.extract import DEFAULT_AUGMENT, ImageViews, ViewSpec
+from pipeline.view_loader import DEFAULT_AUGMENT, ViewSpec, view_batches
 from stages import extract_features
 
 GOAL = 0.9
@@ -49,20 +51,29 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32, help="views per forward pass (extract.batch_size)")
     p.add_argument("--num-workers", type=int, default=2, help="decode/augment processes (extract.num_workers)")
     p.add_argument("--repeats", type=int, default=1, help="engine runs (bare runs: one more)")
+    p.add_argument("--transforms", choices=("workers", "device"), default="workers",
+                   help="extract.transforms: decode/augment in the workers or on the device")
+    p.add_argument("--recipe", choices=("authors", "paper"), default=None,
+                   help="default: paper with --transforms device (torchvision RandAugment), "
+                        "else params.yaml's")
     args = p.parse_args()
+    recipe = args.recipe or ("paper" if args.transforms == "device" else None)
 
     with common.workdir(args.workdir) as root:
         dataset, source = common.prepare_images(args, root, n_val=0)
         params = common.make_params(args, root, dataset, extract={
-            "batch_size": args.batch_size, "num_workers": args.num_workers})
+            "batch_size": args.batch_size, "num_workers": args.num_workers,
+            "transforms": args.transforms}, recipe=recipe)
         ex = params["extract"]
         data = extract_features.load_split(params, "train")
         spec = ViewSpec(tuple(str(r.path) for r in data.records), args.views, True, ex["seed"],
-                        args.image_size, {**DEFAULT_AUGMENT, **ex["augment"]})
-        views = ImageViews(spec)
+                        args.image_size, {**DEFAULT_AUGMENT, **ex["augment"]},
+                        transforms=args.transforms)
+        index = batches(len(data), ex["shard_size"], max(1, args.batch_size // args.views))
         with common.Timer() as prep:  # the engine's preprocessing, in this one process
-            pixels = [normalise_pixels(torch.stack([views[i][1] for i in rng])) for rng in  # (b, K, 3, S, S)
-                      batches(len(data), ex["shard_size"], max(1, args.batch_size // args.views))]
+            pixels = [normalise_pixels(p) for _, p, _ in  # (b, K, 3, S, S)
+                      view_batches(spec, [list(r) for r in index], torch.device(args.device))]
+            common.sync(args.device)
         backbone = backbone_from_params(params)
         backbone.spatial_tokens(pixels[0][:1].flatten(0, 1))  # warm-up: first-call kernel selection
 
@@ -79,12 +90,14 @@ def main() -> None:
         rows = [
             ["bare forward: FrozenCLIP.spatial_tokens on preprocessed batches", n / bare_s,
              n * args.views / bare_s, bare_s],
-            ["preprocessing alone: decode + K views (1 process)", n / prep.seconds,
+            [f"preprocessing alone: decode + K views (1 process, transforms {args.transforms})",
+             n / prep.seconds,
              n * args.views / prep.seconds, prep.seconds],
             [f"`pipeline extract-features` engine ({args.num_workers} workers, writes)", n / engine_s,
              n * args.views / engine_s, engine_s],
         ]
         setup = (f"{args.backbone} (random init), {args.image_size} px, {n} images x {args.views} views, "
+                 f"recipe {params['recipe']}, extract.transforms {args.transforms}, "
                  f"{args.batch_size} views per forward, device {args.device}; {source}; median of "
                  f"{len(engine)} engine / {len(bare)} bare runs; tokens stored as float16")
         common.report("Benchmark 1: extraction throughput", setup,

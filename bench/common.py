@@ -115,9 +115,10 @@ def prepare_images(args: argparse.Namespace, root: Path, n_val: int) -> tuple[st
     return "synthetic", (f"generated {GENERATED_IMAGE_SIZE}px JPEGs ({args.images} train, {n_val} val)")
 
 
-def make_params(args: argparse.Namespace, root: Path, dataset: str, **sections: dict) -> dict:
+def make_params(args: argparse.Namespace, root: Path, dataset: str, recipe: str | None = None,
+                **sections: dict) -> dict:
     """configs/params.yaml with the bench's backbone, device, views and folders under root;
-    `sections` override further keys, e.g. train={"epochs": 1}."""
+    `recipe` (default: the file's) and `sections` override further keys, e.g. train={"epochs": 1}."""
     sets = {
         "paths.data": root / "data", "paths.cache": root / "cache", "paths.results": root / "results",
         "data.dataset": dataset, "data.train_split": "train", "data.val_split": "val",
@@ -128,6 +129,8 @@ def make_params(args: argparse.Namespace, root: Path, dataset: str, **sections: 
     }
     if args.shard_size:
         sets["extract.shard_size"] = args.shard_size
+    if recipe:
+        sets["recipe"] = recipe
     for section, values in sections.items():
         for key, value in values.items():
             sets[f"{section}.{key}"] = "null" if value is None else value

@@ -18,14 +18,16 @@ fi
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 status=0
-bench() {  # name, limit (s), args...
-  local name=$1 limit=$2; shift 2
+bench() {  # name, json tag, limit (s), args...
+  local name=$1 tag=$2 limit=$3; shift 3
   echo "== $name $*"
-  timeout "$limit" python "bench/$name.py" "$@" --json "$OUT/$name.json" || { echo "!! $name failed ($?)"; status=1; }
+  timeout "$limit" python "bench/$name.py" "$@" --json "$OUT/$name$tag.json" || { echo "!! $name failed ($?)"; status=1; }
 }
-bench bench_extract 200 --device "$DEVICE" "${NET[@]}" --images "$IMAGES" --views 2 --batch-size 64 \
-  --num-workers "$(nproc)" --generated --transforms workers,device
-bench bench_ablate 150 --device "$DEVICE" --source random "${NET[@]}" --images "$GRID" --threads 1 --repeats 2
-bench bench_train 100 --device "$DEVICE" "${NET[@]}" --images 64 --views 1 --val-images 16 --generated
-bench bench_reader 140 --images "$READER" --budget "$BUDGET" --read-threads 2,4,8
+for transforms in workers device; do  # the paper recipe: torchvision's RandAugment runs on the device
+  bench bench_extract "-$transforms" 100 --device "$DEVICE" "${NET[@]}" --images "$IMAGES" --views 2 \
+    --batch-size 64 --num-workers "$(nproc)" --generated --transforms $transforms --recipe paper
+done
+bench bench_ablate "" 150 --device "$DEVICE" --source random "${NET[@]}" --images "$GRID" --threads 1 --repeats 2
+bench bench_train "" 100 --device "$DEVICE" "${NET[@]}" --images 64 --views 1 --val-images 16 --generated
+bench bench_reader "" 140 --images "$READER" --budget "$BUDGET" --read-threads 2,4,8
 exit $status

@@ -50,30 +50,71 @@ def view_seed(seed: int, index: int, view: int) -> int:
     return (int(words[0]) << 31) ^ int(words[1])
 
 
+def interpolation_mode(name: str) -> InterpolationMode:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {name!r}")
+    return INTERPOLATIONS[name]
+
+
 def _resize(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
-    return v2.functional.resize(image, [size, size], interpolation=INTERPOLATIONS[interpolation])
+    return v2.functional.resize(image, [size, size], interpolation=interpolation_mode(interpolation))
 
 
-def apply_cutout(image: Image.Image, rng: np.random.Generator, inclusive: bool = False
-                 ) -> tuple[Image.Image, tuple[int, int, int, int], tuple[int, int, int]]:
-    """Cutout as in ASL/DualCoOp: a (w/2, h/2) box around a uniform random centre, clipped at the
-    borders, filled with one random RGB colour. `inclusive`: the far edge (x1, y1) is painted too,
-    as PIL's ImageDraw.rectangle([x0, y0, x1, y1]) in the authors' code does (one more row and
-    column unless clipped at the border).
-
-    Returns (image, box (x0, y0, x1, y1) half-open, i.e. the painted pixels, colour)."""
-    width, height = image.size
+def cutout_box(width: int, height: int, rng: np.random.Generator, inclusive: bool = False
+               ) -> tuple[tuple[int, int, int, int], tuple[int, int, int]]:
+    """Cutout's draws, as in ASL/DualCoOp: a (w/2, h/2) box around a uniform random centre,
+    clipped at the borders, and one random RGB colour. `inclusive`: the far edge (x1, y1) is
+    painted too, as PIL's ImageDraw.rectangle([x0, y0, x1, y1]) in the authors' code does (one
+    more row and column unless clipped at the border). The PIL and the device views both paint
+    what this returns: box (x0, y0, x1, y1) half-open, i.e. the painted pixels, and the colour."""
     box_w, box_h = int(0.5 * width + 0.5), int(0.5 * height + 0.5)
     cx, cy = int(rng.integers(width)), int(rng.integers(height))
     far = 1 if inclusive else 0
     x0, x1 = max(cx - box_w // 2, 0), min(cx + box_w // 2 + far, width)
     y0, y1 = max(cy - box_h // 2, 0), min(cy + box_h // 2 + far, height)
     colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    return (x0, y0, x1, y1), colour
+
+
+def _paint(image: Image.Image, box: tuple[int, int, int, int], colour: tuple[int, int, int]
+           ) -> Image.Image:
+    x0, y0, x1, y1 = box
     pixels = np.array(image.convert("RGB"))  # (H, W, 3) uint8, a copy
     pixels[y0:y1, x0:x1] = colour
-    return Image.fromarray(pixels, "RGB"), (x0, y0, x1, y1), colour
+    return Image.fromarray(pixels, "RGB")
+
+
+def apply_cutout(image: Image.Image, rng: np.random.Generator, inclusive: bool = False
+                 ) -> tuple[Image.Image, tuple[int, int, int, int], tuple[int, int, int]]:
+    """Cutout (cutout_box's draws) painted on a PIL image -> (image, box, colour)."""
+    box, colour = cutout_box(*image.size, rng, inclusive)
+    return _paint(image, box, colour), box, colour
+
+
+def view_draws(seed: int, size: int, cutout: bool = True, inclusive: bool = False
+               ) -> tuple[tuple[tuple[int, int, int, int], tuple[int, int, int]] | None, int]:
+    """Every draw of one (S, S) train view from its seed, in order: the Cutout box and colour
+    (None without Cutout), then the seed of the RandAugment ops. One function, so the PIL and the
+    device views (pipeline/device_views.py) cannot drift apart."""
+    rng = np.random.default_rng(seed)
+    cut = cutout_box(size, size, rng, inclusive) if cutout else None
+    return cut, int(rng.integers(2**63 - 1))
+
+
+def check_randaugment(randaugment: str) -> None:
+    if randaugment not in RANDAUGMENTS:
+        raise ValueError(f"randaugment must be one of {RANDAUGMENTS}, got {randaugment!r}")
+
+
+def torchvision_randaugment(view: Image.Image | torch.Tensor, op_seed: int, num_ops: int = 2,
+                            magnitude: int = 9) -> Image.Image | torch.Tensor:
+    """torchvision's RandAugment on a PIL image or a (3, H, W) uint8 tensor on any device; its op
+    and magnitude draws come from the CPU generator seeded with ``op_seed`` (so the same ops on
+    both), global RNG state untouched."""
+    rand_augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)  # torchvision defaults
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(op_seed)  # CPU only: CUDA RNG state untouched
+        return rand_augment(view)
 
 
 def eval_pil_view(image: Image.Image, size: int) -> Image.Image:
@@ -119,20 +160,15 @@ def train_pil_view(image: Image.Image, size: int, seed: int, cutout: bool = True
                    num_ops: int = 2, magnitude: int = 9, cutout_inclusive: bool = False,
                    randaugment: str = "torchvision", interpolation: str = "bicubic") -> Image.Image:
     """The augmented train view before normalisation (for inspection and figures)."""
-    if randaugment not in RANDAUGMENTS:
-        raise ValueError(f"randaugment must be one of {RANDAUGMENTS}, got {randaugment!r}")
-    rng = np.random.default_rng(seed)
+    check_randaugment(randaugment)
+    cut, op_seed = view_draws(seed, size, cutout, cutout_inclusive)
     view = _resize(image.convert("RGB"), size, interpolation)
-    if cutout:
-        view, _, _ = apply_cutout(view, rng, inclusive=cutout_inclusive)
-    op_seed = int(rng.integers(2**63 - 1))
-    with _GLOBAL_RNG_LOCK:
-        if randaugment == "package":
+    if cut is not None:
+        view = _paint(view, *cut)
+    if randaugment == "package":
+        with _GLOBAL_RNG_LOCK:
             return _randaugment_package(view, op_seed)
-        rand_augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)  # torchvision defaults
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(op_seed)  # CPU only: CUDA RNG state untouched
-            return rand_augment(view)
+    return torchvision_randaugment(view, op_seed, num_ops, magnitude)
 
 
 def train_view(image: Image.Image, size: int, seed: int, cutout: bool = True,

@@ -5,7 +5,8 @@ with ``FeatureCache.write_shard`` (data first, then the completion mark), so an 
 resumes where it stopped and ends with exactly the bytes of an uninterrupted one. Batches never
 cross a shard boundary, so each shard's forward passes are the same however the work is split
 (resume, Dask tasks). Decoding and augmentation run in DataLoader worker processes, overlapped
-with the model; with ``workers``/``scheduler`` shards become Dask tasks (pipeline/distributed.py).
+with the model, or on the backbone's device (``transforms``, pipeline/view_loader.py); with
+``workers``/``scheduler`` shards become Dask tasks (pipeline/distributed.py).
 """
 from __future__ import annotations
 
@@ -14,30 +15,25 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm.auto import tqdm
 
-from pipeline.augment import eval_pil_view, normalise_pixels, train_pil_view, view_seed
+from pipeline.augment import normalise_pixels
 from pipeline.backbone import FrozenCLIP
 from pipeline.build import backbone_from_params
 from pipeline.cache import CacheError, FeatureCache, FingerprintMismatch
 from pipeline.datasets import MultiLabelDataset
-from pipeline.images import BadImageError, load_image
+from pipeline.images import BadImageError
 from pipeline.lock import StoreLock
 from pipeline.shards import ShardReader
+from pipeline.view_loader import DEFAULT_AUGMENT, TRANSFORMS, ViewSpec, view_batches
 
 log = logging.getLogger(__name__)
 
-# Every key reaches train_view and the store fingerprint (extract.augment.* params override all).
-DEFAULT_AUGMENT = {"cutout": True, "num_ops": 2, "magnitude": 9, "cutout_inclusive": False,
-                   "randaugment": "torchvision", "interpolation": "bicubic"}
 BACKBONE_STRIDE = 32  # ModifiedResNet: layer4 is 1/32 of the input side
 
 
@@ -52,63 +48,6 @@ def package_version() -> str:
         return "0+unknown"
 
 
-@dataclass(frozen=True)
-class ViewSpec:
-    """How image i becomes its K views; picklable, so it travels to DataLoader and Dask workers.
-
-    ``paths[j]`` is image ``first + j`` of the dataset (Dask tasks carry only their shard's paths).
-    """
-    paths: tuple[str, ...]
-    views: int
-    train_augment: bool
-    seed: int
-    image_size: int
-    augment: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AUGMENT))
-    first: int = 0
-
-    def path(self, index: int) -> str:
-        return self.paths[index - self.first]
-
-    def subset(self, start: int, stop: int) -> ViewSpec:
-        """The spec restricted to images [start, stop) (what one shard task needs)."""
-        return ViewSpec(self.paths[start - self.first:stop - self.first], self.views,
-                        self.train_augment, self.seed, self.image_size, self.augment, start)
-
-
-class ImageViews(Dataset):
-    """Item i -> (i, views (K, 3, S, S) uint8, reason); reason is "" or why the file is bad.
-    Normalisation happens on the backbone's device (encode_views).
-
-    One item per image (not per view) so each file is decoded once for its K views. A bad image
-    is reported, not raised: DataLoader workers cannot re-raise BadImageError faithfully.
-    """
-
-    def __init__(self, spec: ViewSpec) -> None:
-        self.spec = spec
-
-    def __len__(self) -> int:
-        return self.spec.first + len(self.spec.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, str]:
-        s = self.spec
-        try:
-            image = load_image(s.path(index))
-        except BadImageError as err:
-            return index, torch.zeros(s.views, 3, s.image_size, s.image_size, dtype=torch.uint8), err.reason
-        if s.train_augment:
-            views = [train_pil_view(image, s.image_size, view_seed(s.seed, index, k), **s.augment)
-                     for k in range(s.views)]
-        else:
-            views = [eval_pil_view(image, s.image_size)] * s.views
-        return index, torch.stack([pil_to_tensor(v) for v in views]), ""  # (K, 3, S, S) uint8
-
-
-def _collate(items: list[tuple[int, torch.Tensor, str]]
-             ) -> tuple[list[int], torch.Tensor, list[str]]:
-    index, pixels, reasons = zip(*items)
-    return list(index), torch.stack(pixels), list(reasons)  # pixels (b, K, 3, S, S)
-
-
 def shard_batches(cache: FeatureCache, shards: Sequence[int], batch_images: int) -> list[list[int]]:
     """Image-index batches in shard order; no batch crosses a shard boundary."""
     batches = []
@@ -121,7 +60,7 @@ def shard_batches(cache: FeatureCache, shards: Sequence[int], batch_images: int)
 
 def encode_views(backbone: FrozenCLIP, pixels: torch.Tensor, dtype: np.dtype) -> np.ndarray:
     """(b, K, 3, S, S) uint8 views -> (b, K, T, D) tokens in the cache dtype; the views are copied
-    to the backbone's device as uint8 and normalised there."""
+    to the backbone's device as uint8 (unless made there) and normalised there."""
     b, k = pixels.shape[:2]
     views = normalise_pixels(pixels.flatten(0, 1).to(backbone.device, non_blocking=True))  # (bK, 3, S, S)
     tokens = backbone.spatial_tokens(views)  # (bK, T, D) float32
@@ -138,14 +77,12 @@ def encode_shards(backbone: FrozenCLIP, cache: FeatureCache, shards: Sequence[in
     "skip" stores zero tokens with status 1. ``fail_after_shards`` (tests) writes the first batch
     of the next shard straight into the tokens array, as a crash mid-write would, then raises.
     """
-    loader = DataLoader(
-        ImageViews(spec), batch_sampler=shard_batches(cache, shards, batch_images),
-        num_workers=num_workers, collate_fn=_collate, pin_memory=backbone.device.type == "cuda",
-        prefetch_factor=2 if num_workers else None)
+    batches = view_batches(spec, shard_batches(cache, shards, batch_images), backbone.device,
+                           num_workers)
     bad: list[tuple[str, str]] = []
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     written = 0
-    for index, pixels, reasons in loader:
+    for index, pixels, reasons in batches:
         status = np.array([bool(r) for r in reasons], dtype=np.int8)  # (b,) 1 = bad image
         for i, reason in zip(index, reasons):
             if reason:
@@ -211,12 +148,16 @@ def recheck_complete(cache: FeatureCache) -> list[int]:
 
 def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
                 train_augment: bool, seed: int, image_size: int, dtype: str,
-                augment: dict[str, Any], precision: str, batch_images: int) -> dict[str, Any]:
+                augment: dict[str, Any], precision: str, batch_images: int,
+                transforms: str = "workers") -> dict[str, Any]:
     """Everything that changes the stored numbers; a store built otherwise is refused, not mixed.
 
     Besides the weights and the views this includes what changes the last bits of the forward:
     precision, memory layout, compilation, images per forward and the device type (TF32 on CUDA).
+    Views made on the device (other decoder and resize kernels) add ``transforms: device``; the
+    key is absent for worker views, so stores extracted before it existed stay valid.
     """
+    made_on_device = {"transforms": "device"} if transforms == "device" else {}
     return {
         "backbone": {"name": backbone.name, "weights_digest": backbone.weights_digest,
                      "precision": precision, "channels_last": backbone.channels_last,
@@ -225,6 +166,7 @@ def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
         "image_size": image_size,
         "views": views,
         "augment": {"enabled": True, **augment} if train_augment else {"enabled": False},
+        **made_on_device,
         "seed": seed if train_augment else None,
         "dtype": dtype,
         "dataset": {"name": dataset.name, "split": dataset.split,
@@ -240,7 +182,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             augment: dict[str, Any] | None = None, restart_on_change: bool = False,
             progress: bool = True, workers: int = 0, scheduler: str | None = None,
             fail_after_shards: int | None = None, stats: dict[str, Any] | None = None,
-            backbone: FrozenCLIP | None = None, break_lock: bool = False) -> FeatureCache:
+            backbone: FrozenCLIP | None = None, break_lock: bool = False,
+            transforms: str = "workers") -> FeatureCache:
     """Extract (or resume) the spatial tokens of ``dataset`` into the store at ``store_path``.
 
     ``backbone_params`` is the params["backbone"] section (Dask workers rebuild the model from it;
@@ -252,6 +195,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
     (pipeline/lock.py; ``break_lock`` takes over one recorded on another host); shards marked
     complete are re-checked cheaply first (recheck_complete), so a lost shard file is redone.
     ``num_workers`` "auto" means one DataLoader worker per core this process may run on.
+    ``transforms`` "device" decodes and augments on the backbone's device (pipeline/device_views.py;
+    train views need augment randaugment "torchvision", eval stores take any recipe).
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -260,6 +205,12 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
     if image_size % BACKBONE_STRIDE:
         raise ValueError(f"image_size must be a multiple of {BACKBONE_STRIDE}, got {image_size}")
     augment = {**DEFAULT_AUGMENT, **(augment or {})}
+    if transforms not in TRANSFORMS:
+        raise ValueError(f"transforms must be one of {TRANSFORMS}, got {transforms!r}")
+    if transforms == "device" and train_augment and augment["randaugment"] == "package":
+        raise ValueError("extract.transforms: device cannot run extract.augment.randaugment: package "
+                         "(the `randaugment` package works on PIL images only): use transforms "
+                         "workers or randaugment torchvision")
     backbone = backbone or backbone_from_params({"backbone": backbone_params})
     grid = image_size // BACKBONE_STRIDE
     layout = {
@@ -270,7 +221,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         "fingerprint": fingerprint(dataset, backbone, views=views, train_augment=train_augment,
                                 seed=seed, image_size=image_size, dtype=dtype, augment=augment,
                                 precision=backbone.precision,
-                                batch_images=max(1, batch_size // views))}
+                                batch_images=max(1, batch_size // views), transforms=transforms)}
     with StoreLock(store_path, break_lock=break_lock):  # one writer per store, for the whole run
         try:
             cache = FeatureCache.create_or_open(store_path, **layout)
@@ -296,7 +247,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         todo = sum(b - a for a, b in map(cache.shard_range, shards))
         # absolute paths: Dask workers on other hosts may run in another working directory
         spec = ViewSpec(tuple(str(r.path.resolve()) for r in dataset.records), views, train_augment, seed,
-                        image_size, augment)
+                        image_size, augment, transforms=transforms)
         batch_images = max(1, batch_size // views)
         bar = tqdm(total=todo, unit="img", desc=f"extract {dataset.name}/{dataset.split}",
                    disable=not progress or not todo, smoothing=0.1)

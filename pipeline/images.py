@@ -11,9 +11,14 @@ Conversion choices:
 - CMYK, YCbCr, LAB, HSV, 1-bit, L and P go through PIL's own ``convert("RGB")``.
 - EXIF orientation is NOT applied: dataset annotations refer to the stored pixel grid.
 - The format is sniffed from the content, so a JPEG named ``.png`` loads.
+
+``read_for_device`` is the decode workers' side of extract.transforms "device": a complete RGB or
+greyscale JPEG comes back as its bytes (decoded later on the backbone's device, with the same
+orientation rule), anything else as ``load_image`` gives it, reasons for bad files included.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from PIL import Image
 # PIL's own warning threshold (~89.5 MP, 256 MiB of RGB): far above any dataset image (COCO is
 # <= 640 px a side). PIL itself only warns up to twice this; here it is an error.
 MAX_PIXELS = 89_478_485
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"  # SOI + the first marker's 0xff; EOI
 
 
 class BadImageError(ValueError):
@@ -74,3 +80,31 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         raise BadImageError(path, f"decompression bomb: {err}") from err
     except Exception as err:  # decoders raise OSError, SyntaxError, struct.error, zlib.error, ...
         raise BadImageError(path, f"{type(err).__name__}: {err}") from err
+
+
+def read_for_device(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> bytes | Image.Image:
+    """A JPEG the device decoder can take -> its bytes; anything else -> ``load_image(path)``.
+
+    Taken as bytes: a regular file that starts like a JPEG, ends with the EOI marker (a truncated
+    file does not: it goes to PIL, which reports it exactly as load_image does), whose header
+    declares L or RGB pixels within ``max_pixels``. Only the header is parsed here. CMYK/YCCK
+    JPEGs, other formats and every doubtful file take the PIL path: same pixels, same reasons.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError:  # unreadable: load_image says why
+        data = b""
+    if data.startswith(JPEG_START) and data.endswith(JPEG_END) and _plain_jpeg(data, max_pixels):
+        return data
+    return load_image(path, max_pixels)
+
+
+def _plain_jpeg(data: bytes, max_pixels: int) -> bool:
+    """Its header declares L or RGB pixels within max_pixels (any doubt: False, PIL decides)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            return img.mode in ("L", "RGB") and 0 < width * height <= max_pixels
+    except Exception:  # noqa: BLE001 - load_image then names the reason
+        return False

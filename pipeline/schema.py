@@ -109,7 +109,20 @@ class Extract(Section):
     workers: NonNegInt = Field(description="Dask local cluster size; 0 = in-process")
     scheduler: str | None
     on_bad_image: Literal["error", "skip"]
+    transforms: Literal["workers", "device"] = Field(
+        description="where images are decoded and augmented: workers (PIL, in the decode processes) "
+                    "or device (the backbone's, e.g. nvJPEG + torchvision on a GPU; ~1 grey level "
+                    "from PIL, so another store fingerprint; needs randaugment torchvision)")
     augment: Augment
+
+    @model_validator(mode="after")
+    def _device_transforms_need_torchvision_randaugment(self) -> Extract:
+        if self.transforms == "device" and self.augment.randaugment == "package":
+            raise ValueError("parameter 'extract.transforms' device cannot run "
+                             "'extract.augment.randaugment' package (the `randaugment` package works "
+                             "on PIL images only): set extract.transforms: workers or "
+                             "extract.augment.randaugment: torchvision (the paper recipe's)")
+        return self
 
 
 class Model(Section):

@@ -50,7 +50,7 @@ def run(params: dict, split: str = "all", restart_on_change: bool = False,
             dtype=ex["dtype"], compressor=None if ex["compressor"] in (None, "none") else "zstd",
             num_workers=ex["num_workers"], on_bad_image=ex["on_bad_image"], augment=ex["augment"],
             restart_on_change=restart_on_change, workers=ex["workers"], scheduler=ex["scheduler"],
-            stats=stats, break_lock=break_lock)
+            stats=stats, break_lock=break_lock, transforms=ex["transforms"])
         info = cache.summary()
         summary[role] = {
             "store": info["path"], "images": info["num_images"], "views": info["views"],

@@ -90,12 +90,14 @@ def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Ca
     """Batch -> (B, T, D) tokens recomputed by the frozen backbone: the cached images and views.
 
     Everything that decides a view (dataset, image size, augmentation, view seeds) is read from
-    the cache's fingerprint, and the view recipe is extract.ImageViews's: image i, view k is
-    train_view(seed = view_seed(seed, i, k)) when augmented, else eval_view.
+    the cache's fingerprint, and the view recipe is the extraction's: image i, view k is
+    train_view(seed = view_seed(seed, i, k)) when augmented, else eval_view; made on the
+    backbone's device when the store's views were (fingerprint "transforms": "device").
     """
-    from pipeline.augment import eval_view, train_view, view_seed
+    from pipeline.augment import eval_view, normalise_pixels, train_view, view_seed
     from pipeline.build import backbone_from_params
     from pipeline.datasets import load_multilabel
+    from pipeline.device_views import file_view
 
     fp = cache.fingerprint
     backbone = backbone_from_params(params, device)
@@ -110,8 +112,13 @@ def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Ca
                             f"{cache.path}: re-run `pipeline extract-features`")
     size, augment = fp["image_size"], dict(fp["augment"])
     enabled = augment.pop("enabled")
+    on_device = fp.get("transforms") == "device"
 
     def view(i: int, k: int) -> torch.Tensor:  # (3, S, S)
+        if on_device:
+            seed = view_seed(fp["seed"], i, k) if enabled else None
+            return normalise_pixels(file_view(str(data.records[i].path), size, seed, augment,
+                                              backbone.device))
         image = data.image(i)
         if enabled:
             return train_view(image, size, view_seed(fp["seed"], i, k), **augment)

@@ -176,10 +176,12 @@ def test_missing_annotation_file_or_image_folder_is_one_clear_error(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_two_dask_workers_write_the_same_bytes_as_one_process(coco, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transforms", ["workers", "device"])
+def test_two_dask_workers_write_the_same_bytes_as_one_process(coco, tmp_path: Path,
+                                                              transforms: str) -> None:
     root, ckpt = coco
     dataset = load_multilabel("synthetic", root, "val")
-    kw = dict(KW, shard_size=2)  # 3 images -> 2 shards -> 2 tasks
+    kw = dict(KW, shard_size=2, transforms=transforms)  # 3 images -> 2 shards -> 2 tasks
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Dask workers run one thread each; oneDNN rounds per thread count
     try:

@@ -20,7 +20,7 @@ from pipeline.cli import main
 from pipeline.datasets import load_multilabel
 from pipeline.distributed import _BACKBONES, extract_shard_task
 from pipeline.extract import InjectedFailure, ViewSpec, extract
-from pipeline.images import BadImageError
+from pipeline.images import BadImageError, load_image
 from pipeline.synthetic import make_bad_images, make_planted_coco
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,23 +145,30 @@ def dirty(data: Path, tmp_path: Path) -> tuple[Path, dict[int, Path]]:
     return root, {1: records[1].path, 5: records[5].path}
 
 
-def test_bad_images_stop_naming_the_file_or_are_recorded_and_skipped(data, dirty, tmp_path) -> None:
+@pytest.mark.parametrize("transforms", ["workers", "device"])
+def test_bad_images_stop_naming_the_file_or_are_recorded_and_skipped(data, dirty, tmp_path,
+                                                                      transforms) -> None:
     root, bad = dirty
     dataset = load_multilabel("synthetic", root, "val")
+    kw = {**KW, "transforms": transforms}  # device: reasons and zeros exactly as the workers'
     with pytest.raises(BadImageError, match=str(bad[1])) as err:
-        extract(dataset, tmp_path / "error.zarr", BACKBONE, **KW)
+        extract(dataset, tmp_path / "error.zarr", BACKBONE, **kw)
     assert "truncated" in str(err.value).lower() and "--on-bad-image skip" in str(err.value)
     assert not FeatureCache.open(tmp_path / "error.zarr").complete.any()
 
     stats: dict = {}
-    cache = extract(dataset, tmp_path / "skip.zarr", BACKBONE, **KW, on_bad_image="skip",
+    cache = extract(dataset, tmp_path / "skip.zarr", BACKBONE, **kw, on_bad_image="skip",
                     stats=stats)
     assert cache.status.tolist() == [0, 1, 0, 0, 0, 1, 0, 0, 0, 0] and cache.complete.all()
     assert [p for p, _ in stats["bad"]] == [str(bad[1]), str(bad[5])]
+    for path, reason in stats["bad"]:
+        with pytest.raises(BadImageError) as direct:
+            load_image(path)
+        assert reason == direct.value.reason  # load_image's own words, either way
     tokens = cache.tokens[:]
     assert not tokens[[1, 5]].any()
     clean = extract(load_multilabel("synthetic", data, "val"), tmp_path / "clean.zarr", BACKBONE,
-                    **KW).tokens[:]
+                    **kw).tokens[:]
     unchanged = [0, 2, 3, 4, 7, 8, 9]  # other images' tokens do not depend on their batch-mates
     assert np.array_equal(tokens[unchanged], clean[unchanged])
     assert tokens[6].any() and not np.array_equal(tokens[6], clean[6])  # CMYK: converted, its own
