@@ -174,6 +174,10 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     # -- data -------------------------------------------------------------------------------------
     loader, val_loader, text = open_data(params, device)
     cache = loader.cache
+    if not online:
+        print(f"train: {cache.tokens_nbytes / 2**30:.2f} GiB of tokens, " + (
+            "held in memory" if loader.in_memory else
+            f"streamed from the shard files ({loader.read_threads} read threads)"))
     figure_text = {k: t.to(device) for k, t in merit_text(cache, params).items()}
     mask = label_mask_identity(cache.labels, cfg["label_fraction"], cfg["seed"])
     get_tokens = online_tokens(params, cache, device) if online else None
