@@ -18,12 +18,13 @@ import torch
 
 from pipeline import paths
 from pipeline.augment import eval_view
-from pipeline.backbone import load_backbone, recalibrate_batchnorm
+from pipeline.backbone import load_backbone
 from pipeline.datacheck import check_datasets, require_datasets
 from pipeline.datasets import load_multilabel
 from pipeline.download import download_dataset
 from pipeline.files import atomic_write
 from pipeline.images import load_image
+from pipeline.recalibrate import recalibrate_batchnorm
 from pipeline.synthetic import make_planted_coco
 from pipeline.weights import quiet_open_clip
 

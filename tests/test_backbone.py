@@ -9,9 +9,9 @@ from pipeline.backbone import (
     POSITIVE_TEMPLATE,
     TINY_MODEL,
     load_backbone,
-    recalibrate_batchnorm,
     resize_positional_embedding,
 )
+from pipeline.recalibrate import recalibrate_batchnorm
 
 POOL = "visual.attnpool."
 

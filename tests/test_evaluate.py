@@ -17,12 +17,13 @@ from PIL import Image
 
 from pipeline import paths, provenance
 from pipeline.augment import eval_view
-from pipeline.backbone import load_backbone, recalibrate_batchnorm
+from pipeline.backbone import load_backbone
 from pipeline.cache import FeatureCache
 from pipeline.config import load_params
 from pipeline.datasets import DatasetError, load_multilabel
 from pipeline.heads import positive_scores
 from pipeline.metrics import mean_average_precision
+from pipeline.recalibrate import recalibrate_batchnorm
 from pipeline.segmentation import PROMPTS
 from pipeline.synthetic import make_planted_coco
 from pipeline.training import TrainingError, build_optimizer, new_head, save_projectors, train_step
