@@ -207,13 +207,13 @@ class FeatureCache:
     @property
     def status(self) -> np.ndarray:
         """(N,) int8; -1 (the fill) only in incomplete shards, else a CacheError."""
+        from pipeline.integrity import status_problem  # it builds on this module
+
         status = np.asarray(self._get("status", self._status), dtype=np.int8)
         done = np.repeat(self.complete, self.shard_size)[: self.num_images]
-        wrong = done & ~np.isin(status, (0, 1))
-        if wrong.any():
-            i = int(np.flatnonzero(wrong)[0])
-            raise CacheError(f"{self.path}: array status, shard {i // self.shard_size}: image {i} of "
-                             f"a complete shard has status {status[i]} (a lost chunk); {REPAIR}")
+        problem = status_problem(self, np.where(done, status, 0))  # incomplete shards: -1 until written
+        if problem is not None:
+            raise CacheError(f"{problem}; {REPAIR}")
         return status
 
     @property
