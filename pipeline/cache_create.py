@@ -40,16 +40,7 @@ from pipeline.cache import (
     FeatureCache,
     FingerprintMismatch,
 )
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+from pipeline.config import flatten  # an empty mapping is a value, so {} differs from absent
 
 
 def _digest(name: str, value: Any) -> str:
@@ -154,9 +145,9 @@ def _create(path: Path, ids: list[str], labels: np.ndarray, classnames: list[str
 
 def _check_same(cache: FeatureCache, ids: list[str], labels: np.ndarray, classnames: list[str],
                 layout: dict[str, Any], fingerprint: dict[str, Any]) -> None:
-    old = {**_flatten(cache.fingerprint, "fingerprint."), **_flatten(cache.layout, "layout."),
+    old = {**flatten(cache.fingerprint, "fingerprint."), **flatten(cache.layout, "layout."),
            "classnames": cache.classnames}
-    new = {**_flatten(fingerprint, "fingerprint."), **_flatten(layout, "layout."),
+    new = {**flatten(fingerprint, "fingerprint."), **flatten(layout, "layout."),
            "classnames": classnames}
     diffs = [f"  {k}: stored {old.get(k, '<absent>')!r}, requested {new.get(k, '<absent>')!r}"
              for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]

@@ -146,6 +146,7 @@ def test_same_fingerprint_resumes_and_shows_progress(tmp_path: Path) -> None:
     ({"fingerprint": {**FP, "backbone": "RN101"}}, "fingerprint.backbone", "'tiny-RN'", "'RN101'"),
     ({"fingerprint": {**FP, "aug": {"cutout": False}}}, "fingerprint.aug.cutout", "True", "False"),
     ({"views": 2, "fingerprint": {**FP, "views": 2}}, "layout.views", "3", "2"),
+    ({"fingerprint": {**FP, "extra": {}}}, "fingerprint.extra", "'<absent>'", "{}"),  # {} is a setting
 ])
 def test_different_fingerprint_is_refused_naming_the_key(tmp_path: Path, change: dict, key: str,
                                                          old: str, new: str) -> None:
