@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -55,15 +55,24 @@ def recalibrate_batchnorm(backbone: FrozenCLIP, batches: Iterable[torch.Tensor])
     backbone.weights_digest = f"{base}+bn:{stats.hexdigest()[:16]}"
 
 
+def recalibrate_on_images(backbone: FrozenCLIP, images: Sequence[str | Path], image_size: int) -> None:
+    """recalibrate_batchnorm on one un-augmented view of each image file, RECALIBRATION_BATCH at a time."""
+    from pipeline.augment import eval_view
+    from pipeline.images import load_image
+
+    batches = (torch.stack([eval_view(load_image(p), image_size)
+                            for p in images[i:i + RECALIBRATION_BATCH]])  # (B, 3, S, S)
+               for i in range(0, len(images), RECALIBRATION_BATCH))
+    recalibrate_batchnorm(backbone, batches)
+
+
 def recalibrate_on_dataset(backbone: FrozenCLIP, params: dict) -> None:
     """BatchNorm statistics from the first training images; cached under paths.cache/backbone so
     every stage (and every Dask worker) gets the same statistics without recomputing them."""
     from pipeline import paths
-    from pipeline.augment import eval_view
     from pipeline.config import ParamError
     from pipeline.datasets import load_multilabel
     from pipeline.files import atomic_write
-    from pipeline.images import load_image
 
     if "data" not in params or "paths" not in params:
         raise ParamError("'backbone.recalibrate_bn' needs the dataset: pass the whole params")
@@ -89,10 +98,7 @@ def recalibrate_on_dataset(backbone: FrozenCLIP, params: dict) -> None:
                 m.running_var.copy_(saved["stats"][f"{name}.var"])
             backbone.weights_digest = saved["weights_digest"]
             return
-    batches = (torch.stack([eval_view(load_image(r.path), b["image_size"])
-                            for r in records[i:i + RECALIBRATION_BATCH]])  # (B, 3, S, S)
-               for i in range(0, len(records), RECALIBRATION_BATCH))
-    recalibrate_batchnorm(backbone, batches)
+    recalibrate_on_images(backbone, [r.path for r in records], b["image_size"])
     stats = {f"{n}.{k}": getattr(m, f"running_{k}").detach().cpu().clone()
              for n, m in norms.items() for k in ("mean", "var")}
     atomic_write(stats_file, lambda tmp: torch.save(
