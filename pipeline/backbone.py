@@ -212,13 +212,6 @@ class FrozenCLIP(nn.Module):
         return {k: v.float() for k, v in out.items()}
 
     @torch.no_grad()
-    def spatial_and_vv_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear"
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`spatial_tokens` and `vv_tokens` from one trunk pass (see `token_paths`)."""
-        out = self.token_paths(images, ("vproj", "vv"), pos_interpolation)
-        return out["vproj"], out["vv"]
-
-    @torch.no_grad()
     def global_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP's image embedding (B, D): model.encode_image at the native size.
 

@@ -248,18 +248,12 @@ class FeatureCache:
         """Uncompressed size of all tokens (what loading them into RAM costs)."""
         return self.num_images * self.views * self.num_tokens * self.dim * self.dtype.itemsize
 
-    def read_view_block(self, s: int, view: int) -> np.ndarray:
-        """(n, T, D) tokens of one view for shard s."""
-        return self._read(s, view)
-
     def read_shard(self, s: int) -> np.ndarray:
-        return self._read(s, slice(None))  # (n, K, T, D)
-
-    def _read(self, s: int, view: int | slice) -> np.ndarray:
+        """(n, K, T, D) tokens of shard s; a damaged or lost shard file is a CacheError."""
         start, stop = self.shard_range(s)
         where = f"{self.path}: array tokens, shard {s} (images {start}..{stop - 1}, {self.shard_file(s)})"
         try:
-            out = self._tokens[start:stop, view]
+            out = self._tokens[start:stop]
         except (OSError, ValueError) as err:  # a truncated or corrupted shard file
             raise CacheError(f"{where} is damaged ({err}); {REPAIR}") from err
         if not np.isfinite(out).all():  # NaN is the fill of a lost file or chunk: which is it?

@@ -59,7 +59,6 @@ def test_round_trip_shapes_dtypes_and_few_files(tmp_path: Path) -> None:
     assert c.tokens.shape == (N, K, T, D) and c.tokens.dtype == np.float16
     assert np.array_equal(c.tokens[:], expected)
     assert np.array_equal(c.read_shard(2), expected[8:10])
-    assert np.array_equal(c.read_view_block(1, 2), expected[4:8, 2])
     assert c.labels.dtype == np.int8 and np.array_equal(c.labels, kw["labels"])
     assert list(c.ids) == kw["ids"] and c.classnames == kw["classnames"]
     assert c.fingerprint == FP
