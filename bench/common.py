@@ -141,9 +141,9 @@ def recalibrate(params: dict, images: int = 16) -> None:
     """Give the random backbone data-fitted BatchNorm statistics (TESTING-WITHOUT-WEIGHTS trap 1),
     so its tokens vary between images as real features do; saved and set as backbone.checkpoint."""
     from pipeline.augment import eval_view
-    from pipeline.backbone import recalibrate_batchnorm
     from pipeline.build import backbone_from_params
     from pipeline.datasets import load_multilabel
+    from pipeline.recalibrate import recalibrate_batchnorm
 
     data = load_multilabel(params["data"]["dataset"], paths.dataset_root(params), "train")
     backbone = backbone_from_params(params)

@@ -8,7 +8,6 @@ arithmetic on the pool's weights lives in this file, with shapes at every reshap
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -213,13 +212,6 @@ class FrozenCLIP(nn.Module):
         return {k: v.float() for k, v in out.items()}
 
     @torch.no_grad()
-    def spatial_and_vv_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear"
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`spatial_tokens` and `vv_tokens` from one trunk pass (see `token_paths`)."""
-        out = self.token_paths(images, ("vproj", "vv"), pos_interpolation)
-        return out["vproj"], out["vv"]
-
-    @torch.no_grad()
     def global_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP's image embedding (B, D): model.encode_image at the native size.
 
@@ -302,39 +294,3 @@ def load_backbone(name: str = "RN101", pretrained: str | None = "openai",
         digest = f"{name}:{pretrained}"
     return FrozenCLIP(model, name, digest, device=device, precision=precision,
                       channels_last=channels_last, compile=compile)
-
-
-def recalibrate_batchnorm(backbone: FrozenCLIP, batches: Iterable[torch.Tensor]) -> None:
-    """Re-estimate the image tower's BatchNorm running statistics on ``batches`` of images.
-
-    ONLY for random-init backbones (tests, smoke profile), never for pretrained weights: a fresh
-    ModifiedResNet at its initial statistics maps all images to nearly the same tokens
-    (TESTING-WITHOUT-WEIGHTS.md, trap 1). Statistics are reset and averaged cumulatively
-    (momentum=None) over a train-mode forward without gradients; the tower goes back to eval.
-    ``weights_digest`` gets a "+bn:<hash of the new statistics>" suffix so caches notice.
-    """
-    visual = backbone.model.visual
-    norms = [m for m in visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    seen = 0
-    visual.train()
-    try:
-        with torch.no_grad():
-            for images in batches:
-                backbone._trunk_eager(backbone._prepare(images))
-                seen += 1
-    finally:
-        visual.eval()
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-    if seen == 0:
-        raise ValueError("recalibrate_batchnorm needs at least one batch of images")
-    stats = hashlib.sha256()
-    for m in norms:
-        stats.update(m.running_mean.detach().cpu().numpy().tobytes())
-        stats.update(m.running_var.detach().cpu().numpy().tobytes())
-    base = backbone.weights_digest.split("+bn:")[0]
-    backbone.weights_digest = f"{base}+bn:{stats.hexdigest()[:16]}"

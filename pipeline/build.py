@@ -8,18 +8,13 @@ image to nearly the same tokens; TESTING-WITHOUT-WEIGHTS trap 1).
 """
 from __future__ import annotations
 
-import hashlib
 import sys
-from pathlib import Path
 
 import torch
 
 from pipeline.backbone import FrozenCLIP, load_backbone
 from pipeline.heads import UnmixHead
 from pipeline.weights import check_pretrained_available
-
-RECALIBRATION_IMAGES = 128  # first training images (sorted by id), one un-augmented view each
-RECALIBRATION_BATCH = 32
 
 
 def resolve_device(spec: str | None = "auto") -> torch.device:
@@ -58,56 +53,11 @@ def backbone_from_params(params: dict, device: torch.device | None = None) -> Fr
         channels_last=b["channels_last"], compile=b["compile"], init_seed=b["init_seed"])
     if is_random(b):
         print(random_warning(b), file=sys.stderr, flush=True)
-        if b.get("recalibrate_bn"):
+        if b.get("recalibrate_bn"):  # imported only then: it reads the dataset
+            from pipeline.recalibrate import recalibrate_on_dataset
+
             recalibrate_on_dataset(backbone, params)
     return backbone
-
-
-def recalibrate_on_dataset(backbone: FrozenCLIP, params: dict) -> None:
-    """BatchNorm statistics from the first training images; cached under paths.cache/backbone so
-    every stage (and every Dask worker) gets the same statistics without recomputing them."""
-    from pipeline import paths
-    from pipeline.backbone import recalibrate_batchnorm
-    from pipeline.config import ParamError
-    from pipeline.files import atomic_write
-
-    if "data" not in params or "paths" not in params:
-        raise ParamError("'backbone.recalibrate_bn' needs the dataset: pass the whole params")
-    b, d = params["backbone"], params["data"]
-    key = f"{b['name']}-seed{b['init_seed']}-{b['image_size']}px-{d['dataset']}-{d['train_split']}"
-    stats_file = Path(params["paths"]["cache"]) / "backbone" / f"bn-{key}.pt"
-    norms = {n: m for n, m in backbone.model.visual.named_modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
-    from pipeline.augment import eval_view
-    from pipeline.datasets import load_multilabel
-    from pipeline.images import load_image
-
-    dataset = load_multilabel(d["dataset"], paths.dataset_root(params), d["train_split"])
-    records = dataset.records[:RECALIBRATION_IMAGES]
-    # reused only for the same image bytes, weights and precision: regenerated or replaced images
-    # (same names) recalibrate again
-    images = hashlib.sha256()
-    for r in records:
-        images.update(hashlib.sha256(Path(r.path).read_bytes()).digest())
-    identity = {"images": images.hexdigest(), "weights": backbone.weights_digest, "precision": b["precision"]}
-    if stats_file.exists():
-        saved = torch.load(stats_file, map_location="cpu", weights_only=True)
-        if saved.get("identity") == identity:
-            for name, m in norms.items():
-                m.running_mean.copy_(saved["stats"][f"{name}.mean"])
-                m.running_var.copy_(saved["stats"][f"{name}.var"])
-            backbone.weights_digest = saved["weights_digest"]
-            return
-    batches = (torch.stack([eval_view(load_image(r.path), b["image_size"])
-                            for r in records[i:i + RECALIBRATION_BATCH]])  # (B, 3, S, S)
-               for i in range(0, len(records), RECALIBRATION_BATCH))
-    recalibrate_batchnorm(backbone, batches)
-    stats = {f"{n}.{k}": getattr(m, f"running_{k}").detach().cpu().clone()
-             for n, m in norms.items() for k in ("mean", "var")}
-    atomic_write(stats_file, lambda tmp: torch.save(
-        {"stats": stats, "weights_digest": backbone.weights_digest, "identity": identity}, tmp))
-    print(f"backbone {b['name']}: BatchNorm statistics recalibrated on {len(records)} "
-          f"{d['dataset']} {d['train_split']} images -> {stats_file}", file=sys.stderr, flush=True)
 
 
 def head_from_params(model: dict, embed_dim: int) -> UnmixHead:

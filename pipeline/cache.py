@@ -1,39 +1,24 @@
 """Zarr v3 cache of frozen-CLIP spatial tokens: written once per shard, resumable, read by training.
 
-Layout of the group at `path` (one directory), format version 2:
-  tokens   (N, K, T, D) float16|float32  one shard file per `shard_size` images; inner chunk
-                                         (1, 1, T, D), one per image view, so a sampled view is one
-                                         read (pipeline/shards.py); fill NaN
-  labels   (N, C) int8     1 positive, 0 negative, -1 unknown; fill -128  (written at creation)
-  ids      (N,) str        image ids; fill ""                             (written at creation)
-  status   (N,) int8       0 ok, 1 bad image (excluded from training), -1 not extracted yet
-  complete (num_shards,) bool, chunk 1: one tiny object per shard, so writers of different
-                           shards never touch the same file
-  text/{positive,negative,plain,raw_*} (C, D) float32; fill NaN           (write_text_features)
-  attrs: format, format_version, fingerprint, classnames, layout
+The layout (tokens (N, K, T, D) one shard file per `shard_size` images; labels, ids, status, the
+per-shard completion marks and the class text features) and its creation are in
+pipeline/cache_create.py.
 
 No silent wrong result: every chunk (and each shard's index) carries a crc32c (zarr's
 Crc32cCodec), so a flipped or zeroed byte fails the read; a missing chunk reads as a fill value
 that validation refuses (NaN tokens or text, label -128, id "", status -1 in a complete shard).
 Every such failure is a CacheError naming the store, the array and the shard.
-
-Float16 tokens compress poorly: zstd level 3 saved 8% (ratio 1.09) on Gaussian float16 tokens of
-RN-101 shape, so the default is no compressor; `compressor="zstd"` is there for slow disks.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec
 
 FORMAT = "unmix-clip-feature-cache"
 FORMAT_VERSION = 2
@@ -50,34 +35,6 @@ class CacheError(RuntimeError):
 
 class FingerprintMismatch(CacheError):
     """An existing cache was built with different settings than the ones now requested."""
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _digest(name: str, value: Any) -> str:
-    """sha256 of the ids (joined by newlines) or of the int8 labels' bytes, recorded at creation."""
-    if name == "ids":
-        data = "\n".join(str(i) for i in value).encode()
-    else:
-        data = np.ascontiguousarray(value, dtype=np.int8).tobytes()
-    return hashlib.sha256(data).hexdigest()
-
-
-def _is_cache_dir(path: Path) -> bool:
-    """Whether `path` holds a feature cache of any format version (safe to delete on --overwrite)."""
-    try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("attributes", {}).get("format") == FORMAT
 
 
 def _dir_stats(path: Path) -> tuple[int, int]:
@@ -153,98 +110,11 @@ class FeatureCache:
         Different settings raise FingerprintMismatch naming each differing key. `overwrite` removes
         an existing cache (only a directory that is a cache or empty) and starts fresh.
         """
-        path = Path(path)
-        labels = np.asarray(labels, dtype=np.int8)
-        ids = [str(i) for i in ids]
-        fingerprint = json.loads(json.dumps(dict(fingerprint)))  # tuples -> lists, as stored
-        if dtype not in ("float16", "float32"):
-            raise CacheError(f"cache dtype must be float16 or float32, got {dtype!r}")
-        if compressor not in (None, "zstd"):
-            raise CacheError(f"cache compressor must be None or 'zstd', got {compressor!r}")
-        if labels.ndim != 2 or labels.shape != (len(ids), len(classnames)) or not ids:
-            raise CacheError(f"labels shape {labels.shape} does not match {len(ids)} ids x "
-                             f"{len(classnames)} classnames")
-        layout = {"num_images": len(ids), "views": views, "num_tokens": num_tokens, "dim": dim,
-                  "shard_size": shard_size, "dtype": dtype, "compressor": compressor}
-        if overwrite and path.exists():
-            if any(path.iterdir()) and not _is_cache_dir(path):
-                raise CacheError(f"refusing to overwrite {path}: it is not a feature cache")
-            shutil.rmtree(path)
-        if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-            cls._create(path, ids, labels, list(classnames), layout, fingerprint)
-        cache = cls(path, "r+")
-        cache._repair_metadata(ids, labels)
-        cache._check_same(ids, labels, list(classnames), layout, fingerprint)
-        return cache
+        from pipeline.cache_create import create_or_open  # it builds on this class
 
-    def _repair_metadata(self, ids: list[str], labels: np.ndarray) -> None:
-        """Rewrite a damaged or lost labels / ids chunk from the dataset, only when the dataset's gives
-        the digest recorded at creation (the same bytes): tokens never end up under other images."""
-        recorded = self._group.attrs.get("digests", {})
-        for name, value, data in (("labels", labels, lambda: self.labels),
-                                  ("ids", np.array(ids), lambda: self.ids)):
-            try:
-                data()
-            except CacheError as err:
-                if recorded.get(name) != _digest(name, value):
-                    raise FingerprintMismatch(
-                        f"{err}; the dataset's {name} differ from those the store was built with, so "
-                        f"they cannot repair it: `rm -r {self.path}` and re-run extract-features") from err
-                print(f"{self.path}: rewriting damaged array {name} from the dataset (digest checked)")
-                getattr(self, f"_{name}")[:] = value
-
-    @staticmethod
-    def _create(path: Path, ids: list[str], labels: np.ndarray, classnames: list[str],
-                layout: dict[str, Any], fingerprint: dict[str, Any]) -> None:
-        """Build in a temporary directory, then rename: a store at `path` is never half-created."""
-        n, k, t, d, s = (layout[x] for x in ("num_images", "views", "num_tokens", "dim", "shard_size"))
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            g = zarr.open_group(str(tmp), mode="w-")
-            crc = [Crc32cCodec()]  # after bytes (and zstd): checks what is on disk
-            g.create_array("tokens", shape=(n, k, t, d), dtype=layout["dtype"], shards=(s, k, t, d),
-                           chunks=(1, 1, t, d), fill_value=float("nan"),  # a lost file reads as NaN, not 0
-                           compressors=[ZstdCodec(level=3), *crc] if layout["compressor"] else crc)
-            g.create_array("labels", shape=labels.shape, dtype="int8", chunks=labels.shape,
-                           fill_value=LABEL_FILL, compressors=crc)[:] = labels
-            g.create_array("ids", shape=(n,), dtype=str, chunks=(n,), fill_value="",
-                           compressors=crc)[:] = np.array(ids)  # variable-length
-            g.create_array("status", shape=(n,), dtype="int8", chunks=(s,), fill_value=-1,
-                           compressors=crc)
-            g.create_array("complete", shape=(-(-n // s),), dtype="bool", chunks=(1,), fill_value=False,
-                           compressors=crc)
-            g.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout,
-                            "fingerprint": fingerprint, "classnames": classnames,
-                            "digests": {"labels": _digest("labels", labels), "ids": _digest("ids", ids)}})
-            try:
-                os.rename(tmp, path)  # replaces an empty directory; fails if another process won
-            except OSError:
-                if not (path / "zarr.json").is_file():
-                    raise
-        except OSError as err:  # full disk, permissions: nothing is left at `path`
-            raise CacheError(f"cannot create {path}: {err.strerror or err}; free space (or fix "
-                             "permissions) and re-run `pipeline extract-features`") from err
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _check_same(self, ids: list[str], labels: np.ndarray, classnames: list[str],
-                    layout: dict[str, Any], fingerprint: dict[str, Any]) -> None:
-        old = {**_flatten(self.fingerprint, "fingerprint."), **_flatten(self.layout, "layout."),
-               "classnames": self.classnames}
-        new = {**_flatten(fingerprint, "fingerprint."), **_flatten(layout, "layout."),
-               "classnames": classnames}
-        diffs = [f"  {k}: stored {old.get(k, '<absent>')!r}, requested {new.get(k, '<absent>')!r}"
-                 for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-        if not diffs:
-            if list(self.ids) != ids:
-                diffs.append("  ids: the image list differs")
-            elif not np.array_equal(self.labels, labels):
-                diffs.append(f"  labels: {int((self.labels != labels).any(1).sum())} images differ")
-        if diffs:
-            raise FingerprintMismatch(
-                f"feature cache {self.path} was built with different settings:\n" + "\n".join(diffs)
-                + f"\nto start fresh: `rm -r {self.path}` or pass --overwrite")
+        return create_or_open(path, ids=ids, labels=labels, classnames=classnames, views=views,
+                              num_tokens=num_tokens, dim=dim, fingerprint=fingerprint, shard_size=shard_size,
+                              dtype=dtype, compressor=compressor, overwrite=overwrite)
 
     # -- writing ------------------------------------------------------------------------------
     def shard_range(self, s: int) -> tuple[int, int]:
@@ -337,13 +207,13 @@ class FeatureCache:
     @property
     def status(self) -> np.ndarray:
         """(N,) int8; -1 (the fill) only in incomplete shards, else a CacheError."""
+        from pipeline.integrity import status_problem  # it builds on this module
+
         status = np.asarray(self._get("status", self._status), dtype=np.int8)
         done = np.repeat(self.complete, self.shard_size)[: self.num_images]
-        wrong = done & ~np.isin(status, (0, 1))
-        if wrong.any():
-            i = int(np.flatnonzero(wrong)[0])
-            raise CacheError(f"{self.path}: array status, shard {i // self.shard_size}: image {i} of "
-                             f"a complete shard has status {status[i]} (a lost chunk); {REPAIR}")
+        problem = status_problem(self, np.where(done, status, 0))  # incomplete shards: -1 until written
+        if problem is not None:
+            raise CacheError(f"{problem}; {REPAIR}")
         return status
 
     @property
@@ -378,18 +248,12 @@ class FeatureCache:
         """Uncompressed size of all tokens (what loading them into RAM costs)."""
         return self.num_images * self.views * self.num_tokens * self.dim * self.dtype.itemsize
 
-    def read_view_block(self, s: int, view: int) -> np.ndarray:
-        """(n, T, D) tokens of one view for shard s."""
-        return self._read(s, view)
-
     def read_shard(self, s: int) -> np.ndarray:
-        return self._read(s, slice(None))  # (n, K, T, D)
-
-    def _read(self, s: int, view: int | slice) -> np.ndarray:
+        """(n, K, T, D) tokens of shard s; a damaged or lost shard file is a CacheError."""
         start, stop = self.shard_range(s)
         where = f"{self.path}: array tokens, shard {s} (images {start}..{stop - 1}, {self.shard_file(s)})"
         try:
-            out = self._tokens[start:stop, view]
+            out = self._tokens[start:stop]
         except (OSError, ValueError) as err:  # a truncated or corrupted shard file
             raise CacheError(f"{where} is damaged ({err}); {REPAIR}") from err
         if not np.isfinite(out).all():  # NaN is the fill of a lost file or chunk: which is it?

@@ -42,17 +42,6 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     _atomic_save(dict(state), path)
 
 
-def _diff_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            keys += _diff_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
 def validation_identity(val_cache: Any, params: Mapping[str, Any]) -> dict[str, Any]:
     """What every validated epoch of one run is measured with: the val store and how the text goes
     in. Best-epoch selection compares val mAPs across epochs, so a resume must not change it."""
@@ -68,23 +57,26 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
-    from pipeline.provenance import read_state  # a damaged file: one line, not a torch traceback
+    from pipeline.provenance import (  # read_state: a damaged file is one line
+        differences,
+        read_state,
+    )
 
     state = read_state(path)
-    differ = _diff_keys(state["cache"], cache_identity(cache))
+    differ = [k for k, _, _ in differences(state["cache"], cache_identity(cache))]
     if differ:
         raise TrainingError(
             f"checkpoint {path} was written for a different train cache than {cache.path} "
             f"(fingerprint differs in: {', '.join(differ)}); delete {path} or train without --resume")
     old_train = {k: v for k, v in state["params"]["train"].items() if k not in _RESUMABLE_CHANGES}
     new_train = {k: v for k, v in params["train"].items() if k not in _RESUMABLE_CHANGES}
-    differ = _diff_keys({"model": state["params"]["model"], "train": old_train},
-                        {"model": params["model"], "train": new_train})
+    differ = [k for k, _, _ in differences({"model": state["params"]["model"], "train": old_train},
+                                           {"model": params["model"], "train": new_train})]
     if differ:
         raise TrainingError(f"checkpoint {path} was written with other settings ({', '.join(differ)}); "
                             f"resuming would mix two experiments: delete {path} or restore the params")
     if validation is not None:
-        differ = _diff_keys(dict(state.get("validation") or {}), dict(validation))
+        differ = [k for k, _, _ in differences(dict(state.get("validation") or {}), dict(validation))]
         if differ:
             raise TrainingError(
                 f"checkpoint {path} validated its epochs differently ({', '.join(differ)}): the best "

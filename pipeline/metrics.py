@@ -6,7 +6,9 @@ Core functions assume valid inputs (shapes agree, class ids in range) and say so
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,6 +136,42 @@ def nanmean_percent(values: Iterable[float]) -> float:
     return float(100.0 * arr[np.isfinite(arr)].mean()) if np.isfinite(arr).any() else float("nan")
 
 
+@dataclass
+class MiouAccumulator:
+    """Every mIoU protocol in one pass over images: the dataset-level confusion matrix and each
+    image's per-image figures. `background`: the label of the ground-truth background class
+    (ignored by the positive-* per-image protocols), None without one."""
+    num_classes: int
+    background: int | None = None
+    ignore_index: int = 255
+    conf: np.ndarray = field(init=False)
+    per_image: dict[str, list[float]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.conf = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        self.per_image = {p: [] for p in PER_IMAGE_PROTOCOLS}
+
+    def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> None:
+        """One image: pred and target label maps of the same shape."""
+        pred = _numpy(pred)
+        conf = confusion_matrix(pred, target, self.num_classes, self.ignore_index)  # (K, K), rows = target
+        self.conf += conf
+        k = self.num_classes
+        present = np.bincount(pred.ravel().astype(np.int64), minlength=k)[:k] > 0  # (K,), all pixels
+        for protocol, value in image_figures(conf, present, self.background).items():
+            self.per_image[protocol].append(value)
+
+    def result(self, subsets: dict[str, Sequence[int]] | None = None) -> tuple[dict, np.ndarray]:
+        """({protocol: mIoU %, "dataset_<subset>": ...}, per-class dataset IoU % (K,))."""
+        miou, iou = miou_dataset(self.conf)
+        out: dict[str, Any] = {"dataset": miou}
+        out.update({p: nanmean_percent(v) for p, v in self.per_image.items()})
+        for subset, index in (subsets or {}).items():
+            values = iou[list(index)]
+            out[f"dataset_{subset}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+        return out, iou
+
+
 def miou_per_image(
     preds: Iterable[np.ndarray | torch.Tensor],
     targets: Iterable[np.ndarray | torch.Tensor],
@@ -151,10 +189,7 @@ def miou_per_image(
     """
     if protocol not in PER_IMAGE_PROTOCOLS:
         raise ValueError(f"per-image protocol must be one of {PER_IMAGE_PROTOCOLS}, got {protocol!r}")
-    values = []
+    acc = MiouAccumulator(num_classes, background, ignore_index)
     for pred, target in zip(preds, targets, strict=True):
-        pred = _numpy(pred)
-        conf = confusion_matrix(pred, target, num_classes, ignore_index)  # (K, K)
-        present = np.bincount(pred.ravel().astype(np.int64), minlength=num_classes)[:num_classes] > 0
-        values.append(image_figures(conf, present, background)[protocol])
-    return nanmean_percent(values)
+        acc.update(pred, target)
+    return nanmean_percent(acc.per_image[protocol])

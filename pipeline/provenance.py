@@ -110,12 +110,12 @@ def invalidate(params: Mapping[str, Any]) -> list[Path]:
 
 
 # -- comparing -----------------------------------------------------------------------------------
-def _diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) for every leaf that differs."""
+def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf that differs; a key absent on one side reads as None."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         out = []
         for k in sorted(set(old) | set(new), key=str):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+            out += differences(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [(prefix.rstrip("."), old, new)]
 
@@ -157,13 +157,13 @@ def mismatches(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str 
     if rec is None:
         return [f"{path} records no provenance (written by an older pipeline): run `pipeline train`"]
     out = []
-    differ = _diff(rec["params"], trained_params(params))
+    differ = differences(rec["params"], trained_params(params))
     if differ:
         out.append(f"{path} was trained with other params ({_first(differ)}): run `pipeline train`, "
                    f"or restore {differ[0][0]}")
     if backbone_digest is not None:
         old = rec["weights_digest"].split("+bn:")[0]
-        differ = _diff({"backbone.name": rec["backbone"], "backbone weights": old},
+        differ = differences({"backbone.name": rec["backbone"], "backbone weights": old},
                        {"backbone.name": params["backbone"]["name"],
                         "backbone weights": backbone_digest.split("+bn:")[0]})
         if differ:
@@ -174,9 +174,9 @@ def mismatches(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str 
         if cache is None:
             continue
         old = rec[f"{role}_store"] or {"fingerprint": None, "layout": None}  # None: not recorded
-        differ = _diff(old["fingerprint"], _plain(cache.fingerprint), "fingerprint.")
+        differ = differences(old["fingerprint"], _plain(cache.fingerprint), "fingerprint.")
         if role == "train":
-            differ += _diff(old["layout"], _plain(cache.layout), "layout.")
+            differ += differences(old["layout"], _plain(cache.layout), "layout.")
         if differ:
             out.append(f"{cache.path} was rebuilt after {path} was trained ({_first(differ)}): run "
                        f"`pipeline train`, or rebuild the {role} store as it was")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,14 +22,7 @@ from tqdm import tqdm
 from pipeline.backbone import FrozenCLIP
 from pipeline.classes import CONTEXT_UNSEEN_IN_COCO, prompt_names
 from pipeline.heads import UnmixHead
-from pipeline.metrics import (
-    MIOU_PROTOCOLS,
-    PER_IMAGE_PROTOCOLS,
-    confusion_matrix,
-    image_figures,
-    miou_dataset,
-    nanmean_percent,
-)
+from pipeline.metrics import MIOU_PROTOCOLS, MiouAccumulator
 from pipeline.segmentation import (
     IGNORE_INDEX,
     METHODS,
@@ -41,37 +33,6 @@ from pipeline.segmentation import (
     score_maps,
     seg_view,
 )
-
-
-@dataclass
-class MiouAccumulator:
-    """Every protocol for one (method, variant). `background`: the label of the ground-truth
-    background class (ignored by the positive-* per-image protocols), None without one."""
-    num_classes: int
-    background: int | None = None
-    conf: np.ndarray = field(init=False)
-    per_image: dict[str, list[float]] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.conf = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
-        self.per_image = {p: [] for p in PER_IMAGE_PROTOCOLS}
-
-    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
-        conf = confusion_matrix(pred, target, self.num_classes, IGNORE_INDEX)  # (K, K), rows = target
-        self.conf += conf
-        present = np.bincount(pred.ravel(), minlength=self.num_classes) > 0  # (K,), all pixels
-        for protocol, value in image_figures(conf, present, self.background).items():
-            self.per_image[protocol].append(value)
-
-    def result(self, subsets: dict[str, Sequence[int]] | None = None) -> tuple[dict, np.ndarray]:
-        """({protocol: mIoU %, "dataset_<subset>": ...}, per-class dataset IoU % (K,))."""
-        miou, iou = miou_dataset(self.conf)
-        out: dict[str, Any] = {"dataset": miou}
-        out.update({p: nanmean_percent(v) for p, v in self.per_image.items()})
-        for subset, index in (subsets or {}).items():
-            values = iou[list(index)]
-            out[f"dataset_{subset}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-        return out, iou
 
 
 def variants(has_background: bool) -> tuple[str, ...]:
@@ -124,7 +85,7 @@ def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset:
     subsets = class_subsets(dataset.name, names)
     raw = plain_text(backbone, words, prompt, normalise=text_input == "normalised")  # (C, D)
     texts = method_text(raw, head, methods, text_bn)
-    acc = {m: {v: MiouAccumulator(len(names) + (v == "bkgd"), 0 if v == "bkgd" else None)
+    acc = {m: {v: MiouAccumulator(len(names) + (v == "bkgd"), 0 if v == "bkgd" else None, IGNORE_INDEX)
                for v in variants(dataset.has_background)} for m in methods}
     kept: dict[str, dict[str, list[np.ndarray]]] = {m: {v: [] for v in acc[m]} for m in methods}
     start = time.perf_counter()

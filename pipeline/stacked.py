@@ -24,13 +24,13 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from pipeline.heads import UnmixHead
-from pipeline.losses import asl_loss, mfi_loss
 from pipeline.objective import trainable_parameters, uses_mfi
 from pipeline.training import (
     TrainingError,
     _autocast,
     build_optimizer,
     make_scaler,
+    objective_terms,
     set_lr,
     train_step,
 )
@@ -78,17 +78,11 @@ class StackedTrainer:
 
     def _loss(self, params: dict[str, Tensor], buffers: dict[str, Tensor], tokens: Tensor,
               labels: Tensor, neg: Tensor, pos: Tensor, alpha: Tensor, lam: Tensor) -> Tensor:
-        """One head's (total, asl, mfi), as training.train_step computes them."""
-        cfg = self.cfg
+        """One head's (total, asl, mfi), as training.train_step computes them (objective_terms)."""
         with _autocast(tokens.device, self.amp):
             out = functional_call(self.base, (params, buffers), (tokens, neg, pos))
-        asl = asl_loss(out.logits.float(), labels, **cfg["asl"])
-        mfi = mfi_loss(out.text_pos.float(), out.text_neg.float(), lam=lam, form=cfg["mfi"]["form"],
-                       bn=self.base.text_bn)
-        total = cfg["asl_weight"] * asl
-        if self.use_mfi:
-            total = total + alpha * mfi
-        return torch.stack([total, asl, mfi])
+        return torch.stack(objective_terms(out, labels, self.cfg, alpha=alpha, lam=lam,
+                                           bn=self.base.text_bn, use_mfi=self.use_mfi))
 
     def step(self, tokens: Tensor, labels: Tensor, text: Mapping[str, Tensor], lr: float, *,
              epoch: int = 0, step: int = 0) -> Tensor:

@@ -141,12 +141,25 @@ def torch_threads(device: torch.device, spec: int | str = "auto") -> Any:
 
 
 # -- one step ------------------------------------------------------------------------------------
+def objective_terms(out: HeadOutput, labels: Tensor, cfg: Mapping[str, Any], *, alpha: float | Tensor,
+                    lam: float | Tensor, bn: str, use_mfi: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(total, asl, mfi) of one head's output: L = asl_weight * ASL (+ alpha * MFI when `use_mfi`).
+    The arithmetic every trainer shares: loss_parts (train_step) and the ablation's stacked grid,
+    whose alpha and MFI lambda are per-head tensors. bn: the MFI BatchNorm mode (the projector's)."""
+    # Losses in fp32: the ASL log and the MFI squares are where half precision loses bits.
+    asl = asl_loss(out.logits.float(), labels, **cfg["asl"])
+    mfi = mfi_loss(out.text_pos.float(), out.text_neg.float(), lam=lam, form=cfg["mfi"]["form"], bn=bn)
+    total = cfg["asl_weight"] * asl  # 1 in the paper; the authors' code uses 0.999 * 0.05
+    if use_mfi:
+        total = total + alpha * mfi
+    return total, asl, mfi
+
+
 def loss_parts(head: UnmixHead, tokens: Tensor, labels: Tensor, text: Mapping[str, Tensor],
                cfg: Mapping[str, Any], aux: AuxLoss | None = None,
                amp: torch.dtype | None = None) -> dict[str, Tensor]:
     """{total, asl, mfi, *aux terms} as tensors (graph kept) for L = asl_weight * ASL + alpha * MFI
-    (+ aux terms), the head in training mode. The arithmetic every trainer shares (train_step, the
-    ablation's stacked grid).
+    (+ aux terms), the head in training mode (objective_terms, then the aux terms).
 
     MFI is left out of L (still reported) when cfg["objective"] is "infoclip". tokens (B, T, D)
     and labels (B, C) on the head's device; text["negative"], text["positive"] (C, D); cfg is
@@ -155,15 +168,9 @@ def loss_parts(head: UnmixHead, tokens: Tensor, labels: Tensor, text: Mapping[st
     head.train()
     with _autocast(tokens.device, amp):
         out: HeadOutput = head(tokens, text["negative"], text["positive"])
-    # Losses in fp32: the ASL log and the MFI squares are where half precision loses bits.
-    asl = asl_loss(out.logits.float(), labels, **cfg["asl"])
-    mfi = mfi_loss(out.text_pos.float(), out.text_neg.float(), lam=cfg["mfi"]["lambda"],
-                   form=cfg["mfi"]["form"], bn=head.text_bn)  # the MFI BatchNorm follows the projector's
+    total, asl, mfi = objective_terms(out, labels, cfg, alpha=cfg["alpha"], lam=cfg["mfi"]["lambda"],
+                                      bn=head.text_bn, use_mfi=uses_mfi(cfg.get("objective", "unmix")))
     parts: dict[str, Tensor] = {"asl": asl, "mfi": mfi}
-    # asl_weight: 1 in the paper; the authors' code uses 0.999 * 0.05
-    total = cfg["asl_weight"] * asl
-    if uses_mfi(cfg.get("objective", "unmix")):  # pipeline/objective.py
-        total = total + cfg["alpha"] * mfi
     if aux is not None:  # InfoCLIP's compression / distillation terms
         for name, term in aux(head=head, out=out, tokens=tokens, labels=labels, text=text).items():
             parts[name] = term

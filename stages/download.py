@@ -17,25 +17,19 @@ from pathlib import Path
 import torch
 
 from pipeline import paths
-from pipeline.augment import eval_view
-from pipeline.backbone import load_backbone, recalibrate_batchnorm
+from pipeline.backbone import load_backbone
 from pipeline.datacheck import check_datasets, require_datasets
 from pipeline.datasets import load_multilabel
 from pipeline.download import download_dataset
 from pipeline.files import atomic_write
-from pipeline.images import load_image
+from pipeline.recalibrate import RECALIBRATION_IMAGES, recalibrate_on_images
 from pipeline.synthetic import make_planted_coco
-from pipeline.weights import quiet_open_clip
-
-RECALIBRATION_IMAGES = 128
 
 
 def write_random_backbone(out: Path, name: str, init_seed: int, image_size: int, images: list[Path]) -> Path:
     """Random-init `name`, BatchNorm recalibrated on `images`, saved as a plain state dict."""
-    with quiet_open_clip():
-        backbone = load_backbone(name, pretrained=None, init_seed=init_seed)
-    batch = torch.stack([eval_view(load_image(p), image_size) for p in images])  # (N, 3, S, S)
-    recalibrate_batchnorm(backbone, batch.split(32))
+    backbone = load_backbone(name, pretrained=None, init_seed=init_seed)
+    recalibrate_on_images(backbone, images, image_size)
     return atomic_write(out, lambda tmp: torch.save(backbone.model.state_dict(), tmp))
 
 

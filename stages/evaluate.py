@@ -45,12 +45,13 @@ CONTEXT59_HELP = (
 
 
 # -- shared ------------------------------------------------------------------------------------
-def backbone_and_head(params: dict) -> tuple[FrozenCLIP, UnmixHead, dict]:
-    """The frozen backbone, the evaluated projectors and their source (pipeline.evaluation.source)."""
+def backbone_and_head(params: dict) -> tuple[FrozenCLIP, UnmixHead, dict, dict]:
+    """The frozen backbone, the evaluated projectors, their meta and their source
+    (pipeline.evaluation.source)."""
     device = resolve_device(params["backbone"]["device"])
     backbone = backbone_from_params(params, device)
-    head, _, src = load_head(params, device, backbone.embed_dim)
-    return backbone, head, src
+    head, meta, src = load_head(params, device, backbone.embed_dim)
+    return backbone, head, meta, src
 
 
 def dataset_root(params: dict, name: str) -> Path:
@@ -107,7 +108,7 @@ def evaluate_mlr(params: dict) -> tuple[dict, str]:
 def evaluate_zs_mlr(params: dict) -> tuple[dict, str]:
     cfg, seg = params["evaluate"]["zs_mlr"], params["evaluate"]["seg"]
     dataset = load_multilabel(cfg["dataset"], dataset_root(params, cfg["dataset"]), cfg["split"])
-    backbone, head, src = backbone_and_head(params)
+    backbone, head, _, src = backbone_and_head(params)
     ev = params["evaluate"]
     res = zero_shot_mlr(backbone, head, dataset, image_size=cfg["image_size"],
                         batch_size=params["evaluate"]["batch_size"], region_weight=cfg["region_weight"],

@@ -23,7 +23,7 @@ from pipeline import paths
 from pipeline.cache import FeatureCache
 from pipeline.classes import classnames, prompt_names
 from pipeline.config import read_yaml
-from pipeline.evaluation import fmt, load_head, source_line
+from pipeline.evaluation import fmt, source_line
 from pipeline.files import atomic_write_text
 from pipeline.metrics import mean_offdiagonal_similarity
 from pipeline.plots import similarity_heatmaps
@@ -132,9 +132,8 @@ def control_head(params: dict, device: torch.device, fingerprint: dict | None):
 def evaluate_mfi(params: dict) -> tuple[dict, str]:
     ev = params["evaluate"]
     stats, text_input = ev["text_bn"]["mfi"], ev["text_input"]
-    backbone, head, src = backbone_and_head(params)
+    backbone, head, meta, src = backbone_and_head(params)
     device = next(head.parameters()).device
-    _, meta, _ = load_head(params, device, backbone.embed_dim)
     heads = {"untrained": new_head(params, backbone.embed_dim, device).eval(), "trained": head}
     control = control_head(params, device, meta.get("fingerprint"))
     control_info = {"source": "none"}

@@ -74,7 +74,7 @@ def evaluate_seg(params: dict) -> tuple[dict, str]:
             print(f"seg: skipping {name} (evaluate.missing skip): {err}", flush=True)
     if not roots:
         raise DatasetError("evaluate seg: none of evaluate.seg.datasets is on disk: " + "; ".join(skipped.values()))
-    backbone, head, src = backbone_and_head(params)
+    backbone, head, _, src = backbone_and_head(params)
     results, per_class = {}, {}
     for name, root in roots.items():
         dataset = load_segmentation(name, root, SEG_SPLIT)

@@ -65,7 +65,7 @@ def run(params: dict) -> dict:
     name = seg["datasets"][0]
     dataset = load_segmentation(name, dataset_root(params, name), SEG_SPLIT)
     ev = params["evaluate"]
-    backbone, head, src = backbone_and_head(params)
+    backbone, head, _, src = backbone_and_head(params)
     names = object_classes(dataset)
     classes = query_classes(list(cfg["classes"]), names)
     words = prompt_names(names, name, ev["voc_names"])

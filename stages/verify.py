@@ -12,27 +12,16 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
-
 from pipeline import paths
 from pipeline.cache import RAW_TEXT_NAMES, TEXT_NAMES, CacheError, FeatureCache
+from pipeline.integrity import unsound_shards
 from pipeline.lock import StoreLock, check_not_written
-from pipeline.shards import ShardReader
 
 
 def check_store(cache: FeatureCache) -> dict[str, Any]:
     """{"complete": [...], "damaged": {shard: why}, "metadata": {array: why}} of one store."""
-    damaged: dict[int, str] = {}
+    complete, damaged = unsound_shards(cache, thorough=True)
     metadata: dict[str, str] = {}
-    try:
-        complete = cache.complete
-    except CacheError:
-        complete = np.zeros(cache.num_shards, dtype=bool)
-        for s in range(cache.num_shards):
-            try:
-                complete[s] = bool(cache._complete[s])
-            except (OSError, ValueError) as err:
-                damaged[s] = f"{cache.path}: array complete, shard {s} is damaged ({err})"
     for name, read in (("labels", lambda: cache.labels), ("ids", lambda: cache.ids),
                        *((f"text/{n}", lambda n=n: cache.text_features(n))
                          for n in TEXT_NAMES + RAW_TEXT_NAMES)):
@@ -40,22 +29,6 @@ def check_store(cache: FeatureCache) -> dict[str, Any]:
             read()
         except CacheError as err:
             metadata[name] = str(err)
-    reader = ShardReader(cache)
-    try:
-        for s in np.flatnonzero(complete).tolist():
-            start, stop = cache.shard_range(s)
-            try:
-                status = cache._status[start:stop]
-                problem = (None if np.isin(status, (0, 1)).all() else
-                           f"{cache.path}: array status, shard {s}: a lost chunk (reads "
-                           f"{int(status.min())})")
-            except (OSError, ValueError) as err:
-                problem = f"{cache.path}: array status, shard {s} is damaged ({err})"
-            problem = problem or reader.verify_shard(s)
-            if problem:
-                damaged[s] = problem
-    finally:
-        reader.close()
     return {"complete": complete, "damaged": damaged, "metadata": metadata}
 
 

@@ -13,9 +13,10 @@ import yaml
 from PIL import Image
 
 from pipeline.augment import eval_view
-from pipeline.backbone import POSITIVE_TEMPLATE, load_backbone, recalibrate_batchnorm
+from pipeline.backbone import POSITIVE_TEMPLATE, load_backbone
 from pipeline.classes import COCO_CLASSES
 from pipeline.config import load_params
+from pipeline.recalibrate import recalibrate_batchnorm
 from pipeline.synthetic import planted_sample
 from pipeline.training import build_optimizer, new_head, save_projectors, train_step
 from pipeline.weights import sha256_file

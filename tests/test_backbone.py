@@ -9,9 +9,9 @@ from pipeline.backbone import (
     POSITIVE_TEMPLATE,
     TINY_MODEL,
     load_backbone,
-    recalibrate_batchnorm,
     resize_positional_embedding,
 )
+from pipeline.recalibrate import recalibrate_batchnorm
 
 POOL = "visual.attnpool."
 
@@ -249,14 +249,6 @@ def test_batchnorm_recalibration_makes_tokens_depend_on_the_image():
     assert backbone.weights_digest.startswith(digest + "+bn:")
 
 
-@pytest.mark.parametrize("pos_interpolation", ["bilinear", "bicubic"])
-def test_one_trunk_pass_gives_exactly_the_spatial_and_vv_tokens(tiny, pos_interpolation):
-    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(1))
-    spatial, vv = tiny.spatial_and_vv_tokens(images, pos_interpolation)
-    assert torch.equal(spatial, tiny.spatial_tokens(images))
-    assert torch.equal(vv, tiny.vv_tokens(images, pos_interpolation))
-
-
 @pytest.mark.parametrize("size", [(224, 224), (96, 160)])
 def test_qk_tokens_equal_torch_multihead_attention_on_the_pool_weights(tiny, size):
     """The CLIP row: every token queries with q_proj, keys k_proj, values v_proj, then c_proj.
@@ -281,17 +273,18 @@ def test_qk_tokens_equal_torch_multihead_attention_on_the_pool_weights(tiny, siz
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_token_paths_give_every_path_from_one_trunk_pass(tiny):
+@pytest.mark.parametrize("pos_interpolation", ["bilinear", "bicubic"])
+def test_token_paths_give_every_path_from_one_trunk_pass(tiny, pos_interpolation):
     images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(4))
     calls = []
     handle = tiny.model.visual.layer4.register_forward_hook(lambda m, i, o: calls.append(1))
     try:
-        out = tiny.token_paths(images, ("vproj", "vv", "qk"), "bicubic")
+        out = tiny.token_paths(images, ("vproj", "vv", "qk"), pos_interpolation)
     finally:
         handle.remove()
     assert len(calls) == 1
     assert torch.equal(out["vproj"], tiny.spatial_tokens(images))
-    assert torch.equal(out["vv"], tiny.vv_tokens(images, "bicubic"))
-    assert torch.equal(out["qk"], tiny.qk_tokens(images, "bicubic"))
+    assert torch.equal(out["vv"], tiny.vv_tokens(images, pos_interpolation))
+    assert torch.equal(out["qk"], tiny.qk_tokens(images, pos_interpolation))
     with pytest.raises(ValueError, match="token paths"):
         tiny.token_paths(images, ("kq",))

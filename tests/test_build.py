@@ -7,10 +7,13 @@ from pathlib import Path
 import torch
 
 from pipeline.augment import eval_view
-from pipeline.backbone import TINY_MODEL
+from pipeline.backbone import TINY_MODEL, load_backbone
 from pipeline.build import backbone_from_params
 from pipeline.datasets import load_multilabel
+from pipeline.images import load_image
+from pipeline.recalibrate import recalibrate_batchnorm
 from pipeline.synthetic import make_planted_coco
+from stages.download import write_random_backbone
 
 
 def _params(tmp_path: Path, recalibrate: bool) -> dict:
@@ -50,3 +53,17 @@ def test_recalibrated_random_backbone_separates_images_and_changes_the_digest(tm
     regenerated = backbone_from_params(_params(tmp_path, True))
     assert regenerated.weights_digest != recal.weights_digest
     assert stats[0].stat().st_mtime_ns != stamp
+
+
+def test_data_stage_backbone_has_the_statistics_of_recalibrate_bn(tmp_path):
+    """The smoke checkpoint of `pipeline download` and `backbone.recalibrate_bn` share one recalibration:
+    the same BatchNorm statistics as batches of 32 cut from one stack of the images' plain views."""
+    root = make_planted_coco(tmp_path / "data" / "synthetic", 40, 2, num_classes=4, image_size=64)
+    files = [r.path for r in load_multilabel("synthetic", root, "train").records]  # 40: batches 32 + 8
+    reference = load_backbone(TINY_MODEL, pretrained=None)
+    recalibrate_batchnorm(reference, torch.stack([eval_view(load_image(p), 64) for p in files]).split(32))
+    saved = torch.load(write_random_backbone(tmp_path / "b.pt", TINY_MODEL, 0, 64, files), weights_only=True)
+    via_params = backbone_from_params(_params(tmp_path, True)).model.state_dict()
+    stats = [k for k in saved if "running_" in k]
+    assert stats and all(torch.equal(saved[k], v) and torch.equal(via_params[k], v)
+                         for k, v in reference.model.state_dict().items() if k in stats)

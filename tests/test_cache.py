@@ -59,7 +59,6 @@ def test_round_trip_shapes_dtypes_and_few_files(tmp_path: Path) -> None:
     assert c.tokens.shape == (N, K, T, D) and c.tokens.dtype == np.float16
     assert np.array_equal(c.tokens[:], expected)
     assert np.array_equal(c.read_shard(2), expected[8:10])
-    assert np.array_equal(c.read_view_block(1, 2), expected[4:8, 2])
     assert c.labels.dtype == np.int8 and np.array_equal(c.labels, kw["labels"])
     assert list(c.ids) == kw["ids"] and c.classnames == kw["classnames"]
     assert c.fingerprint == FP
@@ -146,6 +145,7 @@ def test_same_fingerprint_resumes_and_shows_progress(tmp_path: Path) -> None:
     ({"fingerprint": {**FP, "backbone": "RN101"}}, "fingerprint.backbone", "'tiny-RN'", "'RN101'"),
     ({"fingerprint": {**FP, "aug": {"cutout": False}}}, "fingerprint.aug.cutout", "True", "False"),
     ({"views": 2, "fingerprint": {**FP, "views": 2}}, "layout.views", "3", "2"),
+    ({"fingerprint": {**FP, "extra": {}}}, "fingerprint.extra", "'<absent>'", "{}"),  # {} is a setting
 ])
 def test_different_fingerprint_is_refused_naming_the_key(tmp_path: Path, change: dict, key: str,
                                                          old: str, new: str) -> None:

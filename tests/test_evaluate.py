@@ -15,14 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import paths, provenance
+from pipeline import evaluation, paths, provenance
 from pipeline.augment import eval_view
-from pipeline.backbone import load_backbone, recalibrate_batchnorm
+from pipeline.backbone import load_backbone
 from pipeline.cache import FeatureCache
 from pipeline.config import load_params
 from pipeline.datasets import DatasetError, load_multilabel
 from pipeline.heads import positive_scores
 from pipeline.metrics import mean_average_precision
+from pipeline.recalibrate import recalibrate_batchnorm
 from pipeline.segmentation import PROMPTS
 from pipeline.synthetic import make_planted_coco
 from pipeline.training import TrainingError, build_optimizer, new_head, save_projectors, train_step
@@ -163,6 +164,15 @@ def test_mfi_without_control_says_so(world):
     params["paths"]["results"] = str(Path(params["paths"]["results"]) / "elsewhere")  # no ablation points
     with pytest.raises(TrainingError, match="evaluate.mfi.control"):
         evaluate.run(params, what="mfi")
+
+
+def test_mfi_loads_the_evaluated_projectors_once(world, monkeypatch):
+    params = copy.deepcopy(world["params"])
+    params["evaluate"]["mfi"] = {"class_sets": ["synthetic"], "control": "none"}
+    loaded, load = [], evaluation.load_projectors
+    monkeypatch.setattr(evaluation, "load_projectors", lambda path, device: loaded.append(path) or load(path, device))
+    evaluate.run(params, what="mfi")
+    assert loaded == [paths.projectors(params, params["evaluate"]["projectors"])]
 
 
 def test_best_and_last_projectors_both_evaluate_and_results_name_which(world):

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.augment import eval_view
-from pipeline.backbone import load_backbone, recalibrate_batchnorm
+from pipeline.backbone import load_backbone
 from pipeline.classes import CONTEXT_UNSEEN_IN_COCO
 from pipeline.datasets import load_segmentation
 from pipeline.heads import UnmixHead
 from pipeline.metrics import PER_IMAGE_PROTOCOLS, miou_per_image
+from pipeline.recalibrate import recalibrate_batchnorm
 from pipeline.seg_eval import evaluate_segmentation
 from pipeline.segmentation import (
     METHODS,

@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 
 from pipeline.cache import CacheError, FeatureCache
 from pipeline.cli import main
+from pipeline.integrity import unsound_shards
 from pipeline.loader import TokenLoader
 from pipeline.synthetic import make_planted_coco
 
@@ -150,6 +151,33 @@ def test_extract_features_alone_redoes_a_lost_shard(reference, tmp_path: Path, k
     assert redone.exit_code == 0 and "extracted 4 images" in redone.output, redone.output
     assert "un-marking shard 1" in redone.output
     assert files(ref) == files(store)
+
+
+def test_a_lost_status_chunk_is_named_alike_by_every_check(reference, tmp_path: Path) -> None:
+    """verify (thorough), the resume recheck (cheap) and FeatureCache.status share one check."""
+    _, ref = reference
+    store = tmp_path / "val.zarr"
+    shutil.copytree(ref, store)
+    chunk_file(FeatureCache.open(store), "status", 1).unlink()
+    cache = FeatureCache.open(store)
+    (_, cheap), (_, thorough) = unsound_shards(cache), unsound_shards(cache, thorough=True)
+    with pytest.raises(CacheError) as err:
+        _ = cache.status
+    assert list(cheap) == list(thorough) == [1] and cheap[1] == thorough[1]
+    assert f"{store}: array status, shard 1: image 4 " in cheap[1] and str(err.value).startswith(cheap[1])
+
+
+def test_the_cheap_check_reads_no_tokens_and_a_damaged_mark_counts_as_incomplete(reference, tmp_path) -> None:
+    _, ref = reference
+    store = tmp_path / "val.zarr"
+    shutil.copytree(ref, store)
+    flip_chunk(FeatureCache.open(store))  # a token chunk's crc32c fails, the shard index is intact
+    _flip(chunk_file(FeatureCache.open(store), "complete", 2), 0)
+    complete, cheap = unsound_shards(FeatureCache.open(store))
+    _, thorough = unsound_shards(FeatureCache.open(store), thorough=True)
+    assert complete.tolist() == [True, True, False] and list(cheap) == [2]
+    assert "array complete, shard 2" in cheap[2] and str(store) in cheap[2]
+    assert sorted(thorough) == [1, 2] and "array tokens, shard 1" in thorough[1]
 
 
 def test_version_1_store_is_refused_with_how_to_re_extract(reference, tmp_path: Path) -> None:

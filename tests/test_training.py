@@ -20,7 +20,7 @@ import zarr
 
 from pipeline import paths
 from pipeline.augment import eval_view
-from pipeline.backbone import load_backbone, recalibrate_batchnorm
+from pipeline.backbone import load_backbone
 from pipeline.build import backbone_from_params
 from pipeline.cache import FeatureCache
 from pipeline.config import get as config_get
@@ -28,6 +28,7 @@ from pipeline.config import load_params, load_recipe
 from pipeline.datasets import load_multilabel
 from pipeline.extract import extract
 from pipeline.loader import TokenLoader
+from pipeline.recalibrate import recalibrate_batchnorm
 from pipeline.synthetic import make_planted_coco
 from pipeline.training import (
     TrainingError,
