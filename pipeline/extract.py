@@ -28,8 +28,8 @@ from pipeline.build import backbone_from_params
 from pipeline.cache import CacheError, FeatureCache, FingerprintMismatch
 from pipeline.datasets import MultiLabelDataset
 from pipeline.images import BadImageError
+from pipeline.integrity import unsound_shards
 from pipeline.lock import StoreLock
-from pipeline.shards import ShardReader
 from pipeline.view_loader import DEFAULT_AUGMENT, TRANSFORMS, ViewSpec, view_batches
 
 log = logging.getLogger(__name__)
@@ -115,35 +115,14 @@ def resolve_num_workers(value: int | str) -> int:
 
 
 def recheck_complete(cache: FeatureCache) -> list[int]:
-    """Un-mark (and return) the shards marked complete whose files fail a cheap check: shard file
-    present, index crc32c and chunk sizes right, status chunk readable with 0/1. Reads no tokens:
-    `pipeline verify` reads everything."""
-    reader, damaged = ShardReader(cache), []
-    try:
-        complete = cache.complete
-    except CacheError:  # a damaged completion mark: check them one by one
-        complete = np.zeros(cache.num_shards, dtype=bool)
-        for s in range(cache.num_shards):
-            try:
-                complete[s] = bool(cache._complete[s])
-            except (OSError, ValueError):
-                cache.unmark(s)
-                damaged.append(s)
-    for s in np.flatnonzero(complete).tolist():
-        problem = reader.check_shard(s)
-        if problem is None:
-            try:
-                status = cache._status[slice(*cache.shard_range(s))]
-            except (OSError, ValueError) as err:
-                status, problem = None, f"{cache.path}: array status, shard {s} is damaged ({err})"
-            if status is not None and not np.isin(status, (0, 1)).all():
-                problem = f"{cache.path}: array status, shard {s} is lost (reads {status.min()})"
-        if problem is not None:
-            print(f"{problem}: un-marking shard {s}, it is extracted again")
-            cache.unmark(s)
-            damaged.append(s)
-    reader.close()
-    return damaged
+    """Un-mark (and return) the shards whose completion mark is damaged or that fail the cheap
+    soundness check (pipeline/integrity.py: status chunk 0/1, shard file, index crc32c and chunk
+    sizes). Reads no tokens: `pipeline verify` reads everything."""
+    _, damaged = unsound_shards(cache)
+    for s, why in damaged.items():
+        print(f"{why}: un-marking shard {s}, it is extracted again")
+        cache.unmark(s)
+    return list(damaged)
 
 
 def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,

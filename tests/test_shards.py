@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache import CacheError, FeatureCache
 from pipeline import shards
+from pipeline.cache import CacheError, FeatureCache
 from pipeline.shards import ShardReader
 
 N, K, T, D, S, C = 11, 3, 5, 8, 4, 3  # 3 shards, the last partial
@@ -143,7 +143,7 @@ def test_threaded_gather_equals_one_thread_and_names_a_damaged_chunk(
     one = ShardReader(cache).gather(index, view)
     threaded = ShardReader(cache, threads=3)
     assert threaded.gather(index, view).tobytes() == one.tobytes() == tokens[index, view].tobytes()
-    offset, nbytes = _chunk(cache, 9, 1)  # shard 2
+    offset = _chunk(cache, 9, 1)[0]  # shard 2
     f = cache.shard_file(2)
     raw = bytearray(f.read_bytes())
     raw[offset + 3] ^= 0x04
