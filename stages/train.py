@@ -175,9 +175,10 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     loader, val_loader, text = open_data(params, device)
     cache = loader.cache
     if not online:
-        print(f"train: {cache.tokens_nbytes / 2**30:.2f} GiB of tokens, " + (
-            "held in memory" if loader.in_memory else
-            f"streamed from the shard files ({loader.read_threads} read threads)"))
+        mib = cache.tokens_nbytes / 2**20
+        how = ("held in memory" if loader.in_memory else
+               f"streamed from the shard files ({loader.read_threads} read threads)")
+        print(f"train: {f'{mib / 1024:.1f} GiB' if mib >= 1024 else f'{mib:.1f} MiB'} of tokens, {how}")
     figure_text = {k: t.to(device) for k, t in merit_text(cache, params).items()}
     mask = label_mask_identity(cache.labels, cfg["label_fraction"], cfg["seed"])
     get_tokens = online_tokens(params, cache, device) if online else None
