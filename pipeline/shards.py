@@ -41,7 +41,11 @@ def _crc(data: object) -> bytes:
 
 
 class ShardReader:
-    """Reads token chunks of a FeatureCache's shard files, checking every crc32c."""
+    """Reads token chunks of a FeatureCache's shard files, checking their crc32c (`verify`).
+
+    Every read first compares its shard file (fstat of the open descriptor) with the file it indexed
+    and checked chunks of: a file written since, or replaced and reopened, is indexed and checked
+    again, and the store's settings are re-read (a store re-extracted with others is refused)."""
 
     def __init__(self, cache: FeatureCache, verify: str = "first", threads: int = 1) -> None:
         if verify not in VERIFY:
@@ -139,6 +143,7 @@ class ShardReader:
     def refresh(self) -> None:
         """Forget the index, open file and proved chunks of every shard file that changed (or
         vanished) since it was indexed: its chunks are checked again on their next read."""
+        changed = False
         for s in list(self._index):
             try:
                 same = _identity(os.stat(self.shard_file(s))) == self._identity[s]
@@ -146,6 +151,32 @@ class ShardReader:
                 same = False
             if not same:
                 self._forget(s)
+                changed = True
+        if changed:
+            self._check_settings()
+
+    def _check_settings(self) -> None:
+        """A shard file changed under this reader: refuse a store re-extracted with other settings
+        (its chunks would pass their crc32c, and training would mix two stores)."""
+        try:
+            now = type(self.cache).open(self.path)
+        except CacheError as err:
+            raise CacheError(f"{self.path} changed while this process read it ({err}); "
+                             "run again once extract-features has finished") from err
+        c = self.cache
+        if (now.fingerprint, now.layout, now.classnames) != (c.fingerprint, c.layout, c.classnames):
+            raise CacheError(f"{self.path} was re-extracted with other settings while this process "
+                             "read it; run again on the new store")
+
+    def _open(self, s: int) -> tuple[np.ndarray, int]:
+        """Shard s's index and an open descriptor of the file that index (and the chunks proved
+        so far) belong to: one fstat per call."""
+        fd = self._fd(s)
+        if s in self._index and _identity(os.fstat(fd)) != self._identity[s]:
+            self._forget(s)  # written in place, or replaced and reopened: check it all again
+            self._check_settings()
+            fd = self._fd(s)
+        return self.index(s), fd
 
     def _forget(self, s: int) -> None:
         self._index.pop(s, None)
@@ -159,10 +190,7 @@ class ShardReader:
     def read_into(self, i: int, v: int, out: np.ndarray, verify: bool | None = None) -> None:
         """Tokens of image i, view v into `out` ((T, D) C-contiguous, the store dtype); `verify`
         True/False overrides the reader's policy for this read."""
-        s = i // self._shard_size
-        idx = self._index.get(s)
-        idx = self.index(s) if idx is None else idx
-        self._read(i, v, idx, self._files.get(s) or self._fd(s), out, verify)
+        self._read(i, v, *self._open(i // self._shard_size), out, verify)
 
     def _read(self, i: int, v: int, idx: np.ndarray, fd: int, out: np.ndarray,
               verify: bool | None = None) -> None:
@@ -176,8 +204,11 @@ class ShardReader:
             payload = os.pread(fd, nbytes, offset)
             ok = len(payload) == nbytes and (not verify or _crc(
                 np.frombuffer(payload, np.uint8)[:-4]) == payload[-4:])
-            if ok:
-                self._zstd.decode(memoryview(payload)[:-4], out=out)
+            try:
+                if ok:
+                    self._zstd.decode(memoryview(payload)[:-4], out=out)
+            except (RuntimeError, ValueError):  # unchecked bytes that do not decompress
+                ok = False
         else:
             dest = memoryview(out).cast("B")
             crc = bytearray(4)
@@ -186,6 +217,8 @@ class ShardReader:
         if ok and verify:
             proved[k] = True
         elif not ok:
+            if not verify:  # unchecked bytes that did not read back: check them, to say why
+                return self._read(i, v, idx, fd, out, verify=True)
             raise CacheError(f"{self._where(s)}: image {i} view {v} fails its crc32c (damaged "
                              "chunk); run `pipeline verify --repair`, then extract-features")
 
@@ -200,10 +233,10 @@ class ShardReader:
         rows = list(zip(range(len(index)), index.tolist(), view.tolist()))
         shards = np.unique(index // self._shard_size).tolist()
         if self.threads == 1 or len(rows) < 2 * self.threads or len(shards) > _OPEN_FILES // 2:
-            for b, i, v in rows:
+            for b, i, v in rows:  # (more shards than half the open files: one at a time)
                 self.read_into(i, v, out[b])
             return out
-        files = {s: (self.index(s), self._fd(s)) for s in shards}
+        files = {s: self._open(s) for s in shards}  # no shard of the batch evicts another
 
         def part(rows: list[tuple[int, int, int]]) -> None:
             for b, i, v in rows:

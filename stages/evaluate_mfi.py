@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import paths
+from pipeline import paths, provenance
 from pipeline.cache import FeatureCache
 from pipeline.classes import classnames, prompt_names
 from pipeline.config import read_yaml
@@ -37,7 +37,7 @@ ROWS = {"clip": "CLIP (no projector)", "untrained": "untrained projector",
         "alpha0": "projector trained with alpha = 0 (no MFI loss)", "trained": "trained projector (ours)"}
 CONTROL_DIR = "control-alpha0"
 # train params that do not change what an alpha = 0 run learns, or only how it runs.
-_IGNORED_TRAIN_KEYS = ("alpha", "mfi", "epochs", "warmup_epochs", "device", "cpu_threads", "eval_every")
+_IGNORED_TRAIN_KEYS = ("alpha", "mfi", "epochs", "warmup_epochs", *provenance.IGNORED_TRAIN_KEYS)
 
 
 def class_set(name: str) -> list[str]:

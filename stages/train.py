@@ -113,6 +113,10 @@ def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Ca
     size, augment = fp["image_size"], dict(fp["augment"])
     enabled = augment.pop("enabled")
     on_device = fp.get("transforms") == "device"
+    if on_device and fp["backbone"]["device"] != backbone.device.type:
+        raise TrainingError(f"--online: {cache.path} holds views made on {fp['backbone']['device']}, "
+                            f"whose decode and resize kernels {backbone.device.type} does not repeat: "
+                            f"run with train.device: {fp['backbone']['device']}")
 
     def view(i: int, k: int) -> torch.Tensor:  # (3, S, S)
         if on_device:

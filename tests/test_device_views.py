@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from pipeline.augment import view_draws, view_seed
-from pipeline.cache import FingerprintMismatch
+from pipeline.cache import FeatureCache, FingerprintMismatch
 from pipeline.config import ParamError, load_params
 from pipeline.datasets import load_multilabel
 from pipeline.device_views import file_view, train_device_views
@@ -26,6 +27,7 @@ from pipeline.synthetic import (
     make_planted_coco,
     planted_sample,
 )
+from pipeline.training import TrainingError
 from pipeline.view_loader import DEFAULT_AUGMENT, ViewSpec, view_batches
 from stages.download import write_random_backbone
 
@@ -173,6 +175,11 @@ def test_device_store_is_complete_close_to_the_workers_store_and_fingerprinted(c
     batch = Batch(torch.empty(0), torch.empty(0), np.array([4, 4, 5, 5]), np.array([0, 1, 0, 1]))
     tokens = online_tokens(params, device, CPU)(batch).numpy().astype(np.float16)  # (4, T, D)
     assert tokens.reshape(2, 2, *tokens.shape[1:]).tobytes() == device.tokens[4:6].tobytes()
+    group = zarr.open_group(str(device.path), mode="r+")  # as if its views had been made on a GPU
+    group.attrs["fingerprint"] = {**device.fingerprint,
+                                  "backbone": {**device.fingerprint["backbone"], "device": "cuda"}}
+    with pytest.raises(TrainingError, match=r"views made on cuda.*train\.device: cuda"):
+        online_tokens(params, FeatureCache.open(device.path), CPU)
 
     for store, other in (("w.zarr", "device"), ("d.zarr", "workers")):  # stale either way
         with pytest.raises(FingerprintMismatch, match="fingerprint.transforms"):

@@ -234,6 +234,22 @@ def test_missing_dataset_root_names_the_path_and_how_to_get_it(world, name, hint
     assert str(paths.dataset_root(params, name)) in str(err.value) and hint in str(err.value)
 
 
+def test_mfi_control_match_ignores_only_how_a_run_ran_and_its_mfi_settings(world):
+    """A saved alpha = 0 control serves params that differ in speed settings (threads, device,
+    validation cadence) or in alpha / MFI / epochs, and no others."""
+    from stages.evaluate_mfi import _comparable
+    base = copy.deepcopy(world["params"])
+    for key, value in (("read_threads", 7), ("cpu_threads", 3), ("device", "cuda"), ("eval_every", 5),
+                       ("alpha", 0.5), ("epochs", 99)):
+        other = copy.deepcopy(base)
+        other["train"][key] = value
+        assert _comparable(other) == _comparable(base), key
+    for key, value in (("lr", 0.123), ("seed", 11), ("batch_size", 3)):
+        other = copy.deepcopy(base)
+        other["train"][key] = value
+        assert _comparable(other) != _comparable(base), key
+
+
 @pytest.mark.slow
 def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     """No matching ablation point: the alpha = 0 control is trained with stages.train.run into

@@ -2,6 +2,7 @@
 and refuse a damaged chunk or index naming the store, the array, the shard and the image view."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,59 @@ def test_threaded_gather_equals_one_thread_and_names_a_damaged_chunk(
         ShardReader(cache, threads=3).gather(np.array([0, 9, 4, 1, 5, 8, 10]), np.array([0, 1, 2, 0, 1, 2, 0]))
     with pytest.raises(ValueError, match="threads must be >= 1"):
         ShardReader(cache, threads=0)
+
+
+def _flip(path: Path, at: int, replace: bool) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x08
+    if replace:  # a new file renamed over the old one, as zarr's own writes do
+        tmp = path.with_name(path.name + ".new")
+        tmp.write_bytes(bytes(raw))
+        os.replace(tmp, path)
+    else:
+        path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_proved_chunk_is_checked_again_once_its_file_changed_within_an_epoch(
+        tmp_path: Path, replace: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No refresh between the reads: in place, the open file's fstat shows the write; replaced, the
+    file is reopened (one descriptor kept open here, so reading shard 1 closes shard 0's)."""
+    monkeypatch.setattr(shards, "_OPEN_FILES", 1)
+    cache, _ = make(tmp_path / "c.zarr")
+    reader = ShardReader(cache)
+    out = np.empty((T, D), np.float16)
+    reader.read_into(1, 2, out)  # shard 0: proved
+    reader.read_into(5, 0, out)  # shard 1: shard 0's file is closed
+    offset, nbytes = _chunk(cache, 1, 2)
+    _flip(cache.shard_file(0), offset + nbytes // 3, replace)
+    with pytest.raises(CacheError, match="shard 0 .*image 1 view 2 fails its crc32c"):
+        reader.read_into(1, 2, out)
+
+
+def test_unchecked_bytes_that_do_not_decompress_are_named(tmp_path: Path) -> None:
+    cache, _ = make(tmp_path / "c.zarr", compressor="zstd")
+    offset = _chunk(cache, 6, 0)[0]
+    f = cache.shard_file(1)
+    raw = bytearray(f.read_bytes())
+    raw[offset: offset + 8] = b"\x00" * 8  # the zstd frame header
+    f.write_bytes(bytes(raw))
+    with pytest.raises(CacheError, match="shard 1 .*image 6 view 0 fails its crc32c"):
+        ShardReader(cache, verify="none").read_into(6, 0, np.empty((T, D), np.float16))
+
+
+def test_a_store_re_extracted_with_other_settings_under_a_reader_is_refused(tmp_path: Path) -> None:
+    cache, tokens = make(tmp_path / "c.zarr")
+    reader = ShardReader(cache)
+    out = np.empty((T, D), np.float16)
+    reader.read_into(0, 0, out)
+    rng = np.random.default_rng(1)
+    other = FeatureCache.create_or_open(  # same layout, other settings: chunks pass their crc32c
+        cache.path, ids=[f"i{i}" for i in range(N)], labels=rng.integers(-1, 2, (N, C)),
+        classnames=list("abc"), views=K, num_tokens=T, dim=D, fingerprint={"t": 2}, shard_size=S,
+        overwrite=True)
+    for s in range(other.num_shards):
+        a, b = other.shard_range(s)
+        other.write_shard(s, tokens[a:b] + 1, np.zeros(b - a, np.int8))
+    with pytest.raises(CacheError, match="re-extracted with other settings"):
+        reader.read_into(0, 0, out)
