@@ -54,7 +54,7 @@ def default_memory_budget() -> int:
 
 def resolve_read_threads(value: int | str) -> int:
     """train.read_threads: an int, or "auto": one thread per 4 cores this process may run on, 1 to
-    8 (on a 2-core VM two threads read slower than one; a GPU host's many cores read in parallel)."""
+    8 (a 2-core VM's other core runs the head step; a GPU host's many cores read in parallel)."""
     if value != "auto":
         return int(value)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -12,8 +12,9 @@ the same function: tests/test_shards.py proves the bytes equal zarr's reads for 
 dtype/compressor. Shard indexes are cached: 16 bytes per view.
 
 Verification (`verify`): "first" (training's default) checks each chunk's crc32c the first time
-this reader reads it, and again after its shard file changes (`refresh`, once per epoch, compares
-each file's inode, size, mtime and ctime); "every" checks every read (verify_shard, `pipeline
+this reader reads it, and again after its shard file changes (every read compares the open file's
+inode, size, mtime and ctime with those it was indexed with; `refresh`, once per epoch, the path's,
+which sees a file replaced while open); "every" checks every read (verify_shard, `pipeline
 verify`); "none" only measures the check's cost (bench/). The check costs about as much as the
 read itself (13 of 37 us per RN-101 view here), and an epoch re-reads chunks a previous one proved.
 """
