@@ -233,16 +233,19 @@ class ShardReader:
             out = np.empty((len(index), c.num_tokens, c.dim), dtype=c.dtype)
         rows = list(zip(range(len(index)), index.tolist(), view.tolist()))
         shards = np.unique(index // self._shard_size).tolist()
-        if self.threads == 1 or len(rows) < 2 * self.threads or len(shards) > _OPEN_FILES // 2:
-            for b, i, v in rows:  # (more shards than half the open files: one at a time)
+        if len(shards) > _OPEN_FILES // 2:  # opening one could close another's: one at a time
+            for b, i, v in rows:
                 self.read_into(i, v, out[b])
             return out
-        files = {s: self._open(s) for s in shards}  # no shard of the batch evicts another
+        files = {s: self._open(s) for s in shards}  # one fstat per shard; none evicts another
 
         def part(rows: list[tuple[int, int, int]]) -> None:
             for b, i, v in rows:
                 self._read(i, v, *files[i // self._shard_size], out[b])
 
+        if self.threads == 1 or len(rows) < 2 * self.threads:
+            part(rows)
+            return out
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ShardReader")
         step = -(-len(rows) // self.threads)

@@ -120,9 +120,9 @@ def test_streaming_reads_only_the_sampled_views(store, monkeypatch: pytest.Monke
     from pipeline.shards import ShardReader
     cache, _ = store
     calls: list[tuple[int, int]] = []
-    real = ShardReader.read_into
-    monkeypatch.setattr(ShardReader, "read_into",
-                        lambda self, i, v, out, verify=None: calls.append((i, v)) or real(self, i, v, out, verify))
+    real = ShardReader._read  # every chunk read goes through it
+    monkeypatch.setattr(ShardReader, "_read", lambda self, i, v, *rest, **kw: calls.append((i, v))
+                        or real(self, i, v, *rest, **kw))
     monkeypatch.setattr(FeatureCache, "read_shard", lambda *a: pytest.fail("streaming loaded a shard"))
     loader = TokenLoader(cache, batch_size=4, view_policy="random", seed=2, in_memory=False)
     index, view, _ = run_epoch(loader, 1)
@@ -165,16 +165,16 @@ def test_drop_last_and_memory_budget(store) -> None:
 def test_prefetch_thread_error_reaches_consumer(store, monkeypatch: pytest.MonkeyPatch) -> None:
     cache, _ = store
     from pipeline.shards import ShardReader
-    real = ShardReader.read_into
+    real = ShardReader._read  # every chunk read goes through it
     seen: list[int] = []
 
-    def failing(self, i, v, out):
+    def failing(self, i, v, *rest, **kw):
         seen.append(i)
         if len(seen) == 9:
             raise OSError("unreadable chunk (injected)")
-        return real(self, i, v, out)
+        return real(self, i, v, *rest, **kw)
 
-    monkeypatch.setattr(ShardReader, "read_into", failing)
+    monkeypatch.setattr(ShardReader, "_read", failing)
     loader = TokenLoader(cache, batch_size=4, view_policy="cycle", in_memory=False, prefetch=1)
     got = []
     with pytest.raises(OSError, match="injected"):
