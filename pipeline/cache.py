@@ -79,6 +79,7 @@ class FeatureCache:
         self.fingerprint: dict[str, Any] = attrs["fingerprint"]
         self.classnames: list[str] = list(attrs["classnames"])
         self.layout: dict[str, Any] = attrs["layout"]
+        self.digests: dict[str, str] = attrs.get("digests", {})  # sha256 of ids and labels at creation
         self._tokens, self._labels, self._ids, self._status, self._complete = (
             arrays[n] for n in _ARRAYS)
         self.num_images, self.views, self.num_tokens, self.dim = self._tokens.shape

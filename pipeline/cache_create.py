@@ -94,7 +94,7 @@ def create_or_open(path: str | Path, *, ids: Sequence[str], labels: np.ndarray, 
 def _repair_metadata(cache: FeatureCache, ids: list[str], labels: np.ndarray) -> None:
     """Rewrite a damaged or lost labels / ids chunk from the dataset, only when the dataset's gives
     the digest recorded at creation (the same bytes): tokens never end up under other images."""
-    recorded = cache._group.attrs.get("digests", {})
+    recorded = cache.digests
     for name, value, data in (("labels", labels, lambda: cache.labels),
                               ("ids", np.array(ids), lambda: cache.ids)):
         try:

@@ -165,7 +165,8 @@ class ShardReader:
             raise CacheError(f"{self.path} changed while this process read it ({err}); "
                              "run again once extract-features has finished") from err
         c = self.cache
-        if (now.fingerprint, now.layout, now.classnames) != (c.fingerprint, c.layout, c.classnames):
+        if ((now.fingerprint, now.layout, now.classnames, now.digests)
+                != (c.fingerprint, c.layout, c.classnames, c.digests)):  # digests: ids and labels
             raise CacheError(f"{self.path} was re-extracted with other settings while this process "
                              "read it; run again on the new store")
 

@@ -194,7 +194,9 @@ def test_unchecked_bytes_that_do_not_decompress_are_named(tmp_path: Path) -> Non
         ShardReader(cache, verify="none").read_into(6, 0, np.empty((T, D), np.float16))
 
 
-def test_a_store_re_extracted_with_other_settings_under_a_reader_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fingerprint", [{"t": 2}, {"t": 1}])  # other settings; same settings, other labels
+def test_a_store_re_extracted_with_other_settings_under_a_reader_is_refused(
+        tmp_path: Path, fingerprint: dict) -> None:
     cache, tokens = make(tmp_path / "c.zarr")
     reader = ShardReader(cache)
     out = np.empty((T, D), np.float16)
@@ -202,7 +204,7 @@ def test_a_store_re_extracted_with_other_settings_under_a_reader_is_refused(tmp_
     rng = np.random.default_rng(1)
     other = FeatureCache.create_or_open(  # same layout, other settings: chunks pass their crc32c
         cache.path, ids=[f"i{i}" for i in range(N)], labels=rng.integers(-1, 2, (N, C)),
-        classnames=list("abc"), views=K, num_tokens=T, dim=D, fingerprint={"t": 2}, shard_size=S,
+        classnames=list("abc"), views=K, num_tokens=T, dim=D, fingerprint=fingerprint, shard_size=S,
         overwrite=True)
     for s in range(other.num_shards):
         a, b = other.shard_range(s)
