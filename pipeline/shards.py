@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from crc32c import crc32c
 
-from pipeline.cache import CacheError, FeatureCache
+from pipeline.cache import REPAIR, CacheError, FeatureCache
 
 MISSING = np.uint64(2**64 - 1)
 _OPEN_FILES = 64  # shard file descriptors kept open per reader
@@ -102,7 +102,7 @@ class ShardReader:
                 fd = os.open(self.shard_file(s), os.O_RDONLY)
             except FileNotFoundError:
                 raise CacheError(f"{self._where(s)} is missing although the shard is marked "
-                                 "complete; run `pipeline verify --repair`, then extract-features"
+                                 f"complete; {REPAIR}"
                                  ) from None
             self._files[s] = fd
             if len(self._files) > _OPEN_FILES:
@@ -119,11 +119,10 @@ class ShardReader:
         size = st.st_size
         if size < self.index_nbytes:
             raise CacheError(f"{self._where(s)} is truncated ({size} bytes, its index alone is "
-                             f"{self.index_nbytes}); run `pipeline verify --repair`")
+                             f"{self.index_nbytes}); {REPAIR}")
         raw = os.pread(fd, self.index_nbytes, size - self.index_nbytes)
         if _crc(raw[:-4]) != raw[-4:]:
-            raise CacheError(f"{self._where(s)}: the shard index fails its crc32c (damaged); "
-                             "run `pipeline verify --repair`, then extract-features")
+            raise CacheError(f"{self._where(s)}: the shard index fails its crc32c (damaged); {REPAIR}")
         idx = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.chunks, 2)
         start, stop = self.cache.shard_range(s)
         live = idx[: (stop - start) * self.cache.views]
@@ -131,11 +130,11 @@ class ShardReader:
         if (live[:, 0] == MISSING).any():
             j = int(np.flatnonzero(live[:, 0] == MISSING)[0])
             raise CacheError(f"{self._where(s)}: image {start + j // self.cache.views} view "
-                             f"{j % self.cache.views} has no chunk; run `pipeline verify --repair`")
+                             f"{j % self.cache.views} has no chunk; {REPAIR}")
         if (live[:, 0] + live[:, 1] > data_end).any() or (
                 not self.compressed and (live[:, 1] != self.chunk_raw + 4).any()):
             raise CacheError(f"{self._where(s)}: the shard index points outside the file or to "
-                             "chunks of the wrong size; run `pipeline verify --repair`")
+                             f"chunks of the wrong size; {REPAIR}")
         self._identity[s] = _identity(st)
         self._proved[s] = np.zeros(self.chunks, dtype=bool)
         self._index[s] = idx
@@ -222,31 +221,35 @@ class ShardReader:
             if not verify:  # unchecked bytes that did not read back: check them, to say why
                 return self._read(i, v, idx, fd, out, verify=True)
             raise CacheError(f"{self._where(s)}: image {i} view {v} fails its crc32c (damaged "
-                             "chunk); run `pipeline verify --repair`, then extract-features")
+                             f"chunk); {REPAIR}")
 
     def gather(self, index: np.ndarray, view: np.ndarray, out: np.ndarray | None = None
                ) -> np.ndarray:
         """(B, T, D) tokens of images `index`, views `view`, in the store dtype. With `threads` > 1
-        the batch is split between threads (pread and crc32c release the GIL); the batch's shard
-        files are opened and indexed first, in this thread, so no thread closes another's file."""
+        the reads are split between threads (pread and crc32c release the GIL); the shard files
+        are opened and indexed first, in this thread, in groups of at most half the open-file
+        cache, so no open closes a file a read still needs."""
         c = self.cache
         if out is None:
             out = np.empty((len(index), c.num_tokens, c.dim), dtype=c.dtype)
-        rows = list(zip(range(len(index)), index.tolist(), view.tolist()))
-        shards = np.unique(index // self._shard_size).tolist()
-        if len(shards) > _OPEN_FILES // 2:  # opening one could close another's: one at a time
-            for b, i, v in rows:
-                self.read_into(i, v, out[b])
-            return out
-        files = {s: self._open(s) for s in shards}  # one fstat per shard; none evicts another
+        by_shard: dict[int, list[tuple[int, int, int]]] = {}  # shard -> (row, image, view)
+        for b, i, v in zip(range(len(index)), index.tolist(), view.tolist()):
+            by_shard.setdefault(i // self._shard_size, []).append((b, i, v))
+        shards, group = list(by_shard), _OPEN_FILES // 2
+        for g in range(0, len(shards), group):  # opening a group's files closes none of them
+            files = {s: self._open(s) for s in shards[g:g + group]}  # one fstat per shard
+            self._read_rows([r for s in files for r in by_shard[s]], files, out)
+        return out
 
+    def _read_rows(self, rows: list[tuple[int, int, int]], files: dict[int, tuple[np.ndarray, int]],
+                   out: np.ndarray) -> None:
         def part(rows: list[tuple[int, int, int]]) -> None:
             for b, i, v in rows:
                 self._read(i, v, *files[i // self._shard_size], out[b])
 
         if self.threads == 1 or len(rows) < 2 * self.threads:
             part(rows)
-            return out
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ShardReader")
         step = -(-len(rows) // self.threads)
@@ -254,7 +257,6 @@ class ShardReader:
         wait(futures)  # every thread done with `out` before an error is raised
         for f in futures:
             f.result()
-        return out
 
     def check_shard(self, s: int) -> str | None:
         """Cheap check of a complete shard (file, index, chunk sizes): None, or what is wrong."""

@@ -211,3 +211,14 @@ def test_a_store_re_extracted_with_other_settings_under_a_reader_is_refused(
         other.write_shard(s, tokens[a:b] + 1, np.zeros(b - a, np.int8))
     with pytest.raises(CacheError, match="re-extracted with other settings"):
         reader.read_into(0, 0, out)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_batch_over_more_shards_than_files_kept_open_reads_in_groups(
+        tmp_path: Path, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shards, "_OPEN_FILES", 2)  # one shard's file per group, three shards
+    cache, tokens = make(tmp_path / "c.zarr")
+    index, view = np.array([10, 0, 5, 9, 1, 4, 8, 2]), np.array([2, 1, 0, 0, 2, 1, 1, 0])
+    reader = ShardReader(cache, threads=threads)
+    assert reader.gather(index, view).tobytes() == tokens[index, view].tobytes()
+    assert len(reader._files) <= 2
