@@ -264,7 +264,7 @@ class FeatureCache:
             problem = reader.check_shard(s)  # file, index and every chunk present
             reader.close()
             if problem is not None:
-                raise CacheError(problem if "verify --repair" in problem else f"{problem}; {REPAIR}")
+                raise CacheError(problem)  # ShardReader's problems end with REPAIR
         return out  # stored non-finite values are data (training names them; verify reports them)
 
     def text_features(self, name: str) -> np.ndarray:

@@ -102,19 +102,18 @@ class TokenLoader:
     """Epochs of batches over the valid images of a complete FeatureCache.
 
     view_policy "cycle" uses view epoch % K for every image; "random" draws a view per image
-    from (seed, epoch). The epoch's batch count is `len(self)`. `buffer_shards` is accepted for
-    older callers and unused: the global shuffle needs no shuffle buffer.
+    from (seed, epoch). The epoch's batch count is `len(self)`.
     """
 
     def __init__(self, cache: FeatureCache, batch_size: int, view_policy: str = "random",
                  seed: int = 0, shuffle: bool = True, in_memory: bool | None = None, *,
-                 drop_last: bool = False, buffer_shards: int = 4, prefetch: int = 2,
+                 drop_last: bool = False, prefetch: int = 2,
                  max_memory_bytes: int | None = None, pin_memory: bool | None = None,
                  labels: np.ndarray | None = None, read_threads: int = 1) -> None:
         if view_policy not in ("random", "cycle"):
             raise ValueError(f"view_policy must be 'random' or 'cycle', got {view_policy!r}")
-        if batch_size < 1 or buffer_shards < 1 or prefetch < 0:
-            raise ValueError("batch_size and buffer_shards must be >= 1, prefetch >= 0")
+        if batch_size < 1 or prefetch < 0:
+            raise ValueError("batch_size must be >= 1, prefetch >= 0")
         cache.require_complete()
         self.cache = cache
         self.batch_size = batch_size

@@ -48,7 +48,7 @@ def check_tokens(batches: list, tokens: np.ndarray, labels: np.ndarray) -> None:
 @pytest.mark.parametrize("policy", ["cycle", "random"])
 def test_each_valid_image_once_per_epoch_with_stored_tokens(store, in_memory: bool, policy: str) -> None:
     cache, tokens = store
-    loader = TokenLoader(cache, batch_size=7, view_policy=policy, seed=3, in_memory=in_memory, buffer_shards=2)
+    loader = TokenLoader(cache, batch_size=7, view_policy=policy, seed=3, in_memory=in_memory)
     valid = np.array(sorted(set(range(N)) - BAD))
     for e in range(3):
         index, view, batches = run_epoch(loader, e)

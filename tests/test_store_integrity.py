@@ -51,14 +51,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tmp / "data", tmp / "ref" / "cache" / "features" / "val.zarr"
 
 
-def shard_file(c: FeatureCache, s: int) -> Path:
-    return c.path / "tokens" / "c" / str(s) / "0" / "0" / "0"  # zarr's default chunk keys
-
-
-def chunk_file(c: FeatureCache, name: str, chunk: int = 0) -> Path:
-    return c.path / name / "c" / str(chunk) / ("0" if name == "labels" or "/" in name else "")
-
-
 def _flip(path: Path, offset: int) -> None:
     raw = bytearray(path.read_bytes())
     raw[offset] ^= 0x40
@@ -67,7 +59,7 @@ def _flip(path: Path, offset: int) -> None:
 
 def zero_tokens(c: FeatureCache) -> None:
     """Zero a token shard's data, its index kept."""
-    f = shard_file(c, 1)
+    f = c.shard_file(1)
     raw = f.read_bytes()
     index = 16 * c.shard_size * c.views + 4
     f.write_bytes(bytes(len(raw) - index) + raw[-index:])
@@ -77,23 +69,23 @@ def flip_chunk(c: FeatureCache) -> None:
     from pipeline.shards import ShardReader
 
     offset, nbytes = ShardReader(c).index(1)[3]  # image 7
-    _flip(shard_file(c, 1), int(offset + nbytes // 3))
+    _flip(c.shard_file(1), int(offset + nbytes // 3))
 
 
 DAMAGE: dict[str, tuple[Callable[[FeatureCache], None], str]] = {  # how, what the error names
     "zeroed token shard": (zero_tokens, "array tokens, shard 1"),
     "flipped token byte": (flip_chunk, "array tokens, shard 1"),
-    "flipped index byte": (lambda c: _flip(shard_file(c, 1), shard_file(c, 1).stat().st_size - 9),
+    "flipped index byte": (lambda c: _flip(c.shard_file(1), c.shard_file(1).stat().st_size - 9),
                            "array tokens, shard 1"),
-    "deleted token shard": (lambda c: shard_file(c, 1).unlink(), "array tokens, shard 1"),
-    "truncated token shard": (lambda c: shard_file(c, 1).write_bytes(shard_file(c, 1).read_bytes()[:999]),
+    "deleted token shard": (lambda c: c.shard_file(1).unlink(), "array tokens, shard 1"),
+    "truncated token shard": (lambda c: c.shard_file(1).write_bytes(c.shard_file(1).read_bytes()[:999]),
                               "array tokens, shard 1"),
-    "deleted labels": (lambda c: chunk_file(c, "labels").unlink(), "array labels"),
-    "flipped labels byte": (lambda c: _flip(chunk_file(c, "labels"), 3), "array labels"),
-    "deleted ids": (lambda c: chunk_file(c, "ids").unlink(), "array ids"),
-    "deleted status chunk": (lambda c: chunk_file(c, "status", 1).unlink(), "array status, shard 1"),
-    "deleted text/positive": (lambda c: chunk_file(c, "text/positive").unlink(), "text/positive"),
-    "deleted text/raw_plain": (lambda c: chunk_file(c, "text/raw_plain").unlink(), "text/raw_plain"),
+    "deleted labels": (lambda c: c.chunk_file("labels").unlink(), "array labels"),
+    "flipped labels byte": (lambda c: _flip(c.chunk_file("labels"), 3), "array labels"),
+    "deleted ids": (lambda c: c.chunk_file("ids").unlink(), "array ids"),
+    "deleted status chunk": (lambda c: c.chunk_file("status", 1).unlink(), "array status, shard 1"),
+    "deleted text/positive": (lambda c: c.chunk_file("text/positive").unlink(), "text/positive"),
+    "deleted text/raw_plain": (lambda c: c.chunk_file("text/raw_plain").unlink(), "text/raw_plain"),
 }
 
 
@@ -158,7 +150,7 @@ def test_a_lost_status_chunk_is_named_alike_by_every_check(reference, tmp_path: 
     _, ref = reference
     store = tmp_path / "val.zarr"
     shutil.copytree(ref, store)
-    chunk_file(FeatureCache.open(store), "status", 1).unlink()
+    FeatureCache.open(store).chunk_file("status", 1).unlink()
     cache = FeatureCache.open(store)
     (_, cheap), (_, thorough) = unsound_shards(cache), unsound_shards(cache, thorough=True)
     with pytest.raises(CacheError) as err:
@@ -172,7 +164,7 @@ def test_the_cheap_check_reads_no_tokens_and_a_damaged_mark_counts_as_incomplete
     store = tmp_path / "val.zarr"
     shutil.copytree(ref, store)
     flip_chunk(FeatureCache.open(store))  # a token chunk's crc32c fails, the shard index is intact
-    _flip(chunk_file(FeatureCache.open(store), "complete", 2), 0)
+    _flip(FeatureCache.open(store).chunk_file("complete", 2), 0)
     complete, cheap = unsound_shards(FeatureCache.open(store))
     _, thorough = unsound_shards(FeatureCache.open(store), thorough=True)
     assert complete.tolist() == [True, True, False] and list(cheap) == [2]
@@ -202,9 +194,9 @@ def test_status_and_fill_values_cannot_pass_validation(tmp_path: Path) -> None:
     cache.write_shard(0, np.ones((2, 1, 2, 2)), np.zeros(2))
     cache.write_text_features({"positive": np.ones((2, 2))})
     for name in ("labels", "ids", "text/positive"):
-        chunk_file(cache, name).unlink()
-    chunk_file(cache, "status", 0).unlink()
-    shard_file(cache, 0).unlink()
+        cache.chunk_file(name).unlink()
+    cache.chunk_file("status", 0).unlink()
+    cache.shard_file(0).unlink()
     c = FeatureCache.open(tmp_path / "c.zarr")
     assert c._labels[:].min() == -128 and c._ids[:].tolist() == ["", ""]
     assert np.isnan(c.tokens[:]).all() and np.isnan(c._group["text/positive"][:]).all()
