@@ -205,9 +205,8 @@ class FeatureCache:
             raise CacheError(f"cache incomplete: {missing} of {self.num_shards} shards missing in "
                              f"{self.path}; re-run `pipeline extract-features`")
 
-    @property
-    def status(self) -> np.ndarray:
-        """(N,) int8; -1 (the fill) only in incomplete shards, else a CacheError."""
+    def _status_and_done(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) int8 status, checked, and (N,) bool "its shard is complete" (marks read once)."""
         from pipeline.integrity import status_problem  # it builds on this module
 
         status = np.asarray(self._get("status", self._status), dtype=np.int8)
@@ -215,13 +214,18 @@ class FeatureCache:
         problem = status_problem(self, np.where(done, status, 0))  # incomplete shards: -1 until written
         if problem is not None:
             raise CacheError(f"{problem}; {REPAIR}")
-        return status
+        return status, done
+
+    @property
+    def status(self) -> np.ndarray:
+        """(N,) int8; -1 (the fill) only in incomplete shards, else a CacheError."""
+        return self._status_and_done()[0]
 
     @property
     def valid(self) -> np.ndarray:
         """(N,) bool: extracted (shard complete) and not a bad image."""
-        done = np.repeat(self.complete, self.shard_size)[: self.num_images]
-        return done & (self.status == 0)
+        status, done = self._status_and_done()
+        return done & (status == 0)
 
     @property
     def labels(self) -> np.ndarray:
