@@ -52,8 +52,9 @@ def validation_identity(val_cache: Any, params: Mapping[str, Any]) -> dict[str, 
 def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
                     labels: Mapping[str, Any] | None = None,
                     validation: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read a resume state and refuse it unless it belongs to this train cache and these settings
-    (and, given `labels` = label_mask_identity of this run, was trained on the same label mask)."""
+    """Read a resume state and refuse it unless it belongs to this train cache and these settings,
+    has trained no more than train.epochs (and, given `labels` = label_mask_identity of this run,
+    was trained on the same label mask)."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
@@ -75,6 +76,11 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
     if differ:
         raise TrainingError(f"checkpoint {path} was written with other settings ({', '.join(differ)}); "
                             f"resuming would mix two experiments: delete {path} or restore the params")
+    epochs, done = params["train"]["epochs"], state["epoch"]
+    if done > epochs:  # nothing would run, and the projectors would record the smaller epochs
+        raise TrainingError(f"checkpoint {path} has trained {done} epochs, more than train.epochs = "
+                            f"{epochs}: set train.epochs to {done} or more, or delete {path} and train "
+                            "without --resume")
     if validation is not None:
         differ = [k for k, _, _ in differences(dict(state.get("validation") or {}), dict(validation))]
         if differ:
