@@ -15,13 +15,21 @@ from pipeline.build import head_from_params
 from pipeline.files import atomic_write
 from pipeline.heads import UnmixHead
 
+# train keys that decide where and how fast a run goes, not what is learnt. Here rather than in
+# provenance (which builds IGNORED_TRAIN_KEYS on it): provenance imports this module via training.
+SPEED_KEYS = ("device", "cpu_threads", "read_threads")
 # train-section keys a resumed run may change without making its result a different experiment.
 # Extending `epochs` on resume is a warm restart of the cosine schedule: not the same as a longer run.
-_RESUMABLE_CHANGES = ("epochs", "device", "cpu_threads", "read_threads")  # how fast, not what is learnt
+_RESUMABLE_CHANGES = ("epochs", *SPEED_KEYS)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a checkpoint that does not belong to this cache)."""
+
+
+def without(section: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A params section less `keys` (what two runs are compared on)."""
+    return {k: v for k, v in section.items() if k not in keys}
 
 
 def _atomic_save(obj: Any, path: str | Path) -> None:
@@ -69,8 +77,8 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
         raise TrainingError(
             f"checkpoint {path} was written for a different train cache than {cache.path} "
             f"(fingerprint differs in: {', '.join(differ)}); delete {path} or train without --resume")
-    old_train = {k: v for k, v in state["params"]["train"].items() if k not in _RESUMABLE_CHANGES}
-    new_train = {k: v for k, v in params["train"].items() if k not in _RESUMABLE_CHANGES}
+    old_train = without(state["params"]["train"], _RESUMABLE_CHANGES)
+    new_train = without(params["train"], _RESUMABLE_CHANGES)
     differ = [k for k, _, _ in differences({"model": state["params"]["model"], "train": old_train},
                                            {"model": params["model"], "train": new_train})]
     if differ:
