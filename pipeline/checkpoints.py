@@ -15,13 +15,21 @@ from pipeline.build import head_from_params
 from pipeline.files import atomic_write
 from pipeline.heads import UnmixHead
 
+# train keys that decide where and how fast a run goes, not what is learnt. Here rather than in
+# provenance (which builds IGNORED_TRAIN_KEYS on it): provenance imports this module via training.
+SPEED_KEYS = ("device", "cpu_threads", "read_threads")
 # train-section keys a resumed run may change without making its result a different experiment.
 # Extending `epochs` on resume is a warm restart of the cosine schedule: not the same as a longer run.
-_RESUMABLE_CHANGES = ("epochs", "device", "cpu_threads", "read_threads")  # how fast, not what is learnt
+_RESUMABLE_CHANGES = ("epochs", *SPEED_KEYS)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a checkpoint that does not belong to this cache)."""
+
+
+def without(section: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A params section less `keys` (what two runs are compared on)."""
+    return {k: v for k, v in section.items() if k not in keys}
 
 
 def _atomic_save(obj: Any, path: str | Path) -> None:
@@ -52,8 +60,9 @@ def validation_identity(val_cache: Any, params: Mapping[str, Any]) -> dict[str, 
 def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
                     labels: Mapping[str, Any] | None = None,
                     validation: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read a resume state and refuse it unless it belongs to this train cache and these settings
-    (and, given `labels` = label_mask_identity of this run, was trained on the same label mask)."""
+    """Read a resume state and refuse it unless it belongs to this train cache and these settings,
+    has trained no more than train.epochs (and, given `labels` = label_mask_identity of this run,
+    was trained on the same label mask)."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
@@ -68,13 +77,18 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
         raise TrainingError(
             f"checkpoint {path} was written for a different train cache than {cache.path} "
             f"(fingerprint differs in: {', '.join(differ)}); delete {path} or train without --resume")
-    old_train = {k: v for k, v in state["params"]["train"].items() if k not in _RESUMABLE_CHANGES}
-    new_train = {k: v for k, v in params["train"].items() if k not in _RESUMABLE_CHANGES}
+    old_train = without(state["params"]["train"], _RESUMABLE_CHANGES)
+    new_train = without(params["train"], _RESUMABLE_CHANGES)
     differ = [k for k, _, _ in differences({"model": state["params"]["model"], "train": old_train},
                                            {"model": params["model"], "train": new_train})]
     if differ:
         raise TrainingError(f"checkpoint {path} was written with other settings ({', '.join(differ)}); "
                             f"resuming would mix two experiments: delete {path} or restore the params")
+    epochs, done = params["train"]["epochs"], state["epoch"]
+    if done > epochs:  # nothing would run, and the projectors would record the smaller epochs
+        raise TrainingError(f"checkpoint {path} has trained {done} epochs, more than train.epochs = "
+                            f"{epochs}: set train.epochs to {done} or more, or delete {path} and train "
+                            "without --resume")
     if validation is not None:
         differ = [k for k, _, _ in differences(dict(state.get("validation") or {}), dict(validation))]
         if differ:

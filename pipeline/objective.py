@@ -132,7 +132,7 @@ def clip_alignment_mi(head: UnmixHead, batches: Iterable[Any], text: Mapping[str
     for i, batch in enumerate(batches):
         if i == max_batches:
             break
-        tokens = batch.tokens.to(device).float()  # (B, T, D)
+        tokens = batch.tokens_on(device)  # (B, T, D) float32
         teacher = sample_tokens(tokens, infoclip["num_tokens"], generator)  # (1, n, D)
         out = loss(teacher, text["positive"], head.project_tokens(teacher), student_text)
         values.append(float(out["mi_student_teacher"]))

@@ -24,10 +24,11 @@ import torch
 
 from pipeline import paths
 from pipeline.cache import CacheError, FeatureCache
+from pipeline.checkpoints import SPEED_KEYS, without
 from pipeline.training import TrainingError
 
-# train keys that change where or how fast a run goes, not its weights
-IGNORED_TRAIN_KEYS = ("device", "cpu_threads", "read_threads", "eval_every")
+# train keys that change where or how fast a run goes, or which epochs are validated, not its weights
+IGNORED_TRAIN_KEYS = (*SPEED_KEYS, "eval_every")
 PROJECTORS_GLOB = "projectors*.pt"  # projectors.pt and projectors-best.pt
 EVAL_RESULTS = ("mlr", "mfi", "seg", "zs-mlr")  # results/{metrics,tables}/<name>.* of `evaluate`
 _SHOWN = 60  # characters of a value shown in a message
@@ -72,7 +73,7 @@ def _plain(obj: Any) -> Any:
 
 def trained_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """The params a projectors file depends on: recipe, model, train (less IGNORED_TRAIN_KEYS)."""
-    train = {k: v for k, v in params["train"].items() if k not in IGNORED_TRAIN_KEYS}
+    train = without(params["train"], IGNORED_TRAIN_KEYS)
     return _plain({"recipe": params.get("recipe"), "model": params["model"], "train": train})
 
 

@@ -57,9 +57,15 @@ def lr_at(epoch: float, train_params: Mapping[str, Any]) -> float:
 
 
 def label_mask_identity(labels: np.ndarray, fraction: float, seed: int) -> dict[str, Any]:
+    """mask_identity of the partial labels drawn from the full `labels`."""
+    return mask_identity(partial_labels(labels, fraction, seed), fraction, seed)
+
+
+def mask_identity(masked: np.ndarray, fraction: float, seed: int) -> dict[str, Any]:
     """What a resumed run must agree on about its partial labels: fraction, seed and a digest of
-    the labels actually trained on (a different mask, or other labels, is another experiment)."""
-    masked = np.ascontiguousarray(partial_labels(labels, fraction, seed))
+    the labels actually trained on, `masked` = partial_labels(labels, fraction, seed) (N, C) int8
+    (a different mask, or other labels, is another experiment)."""
+    masked = np.ascontiguousarray(masked, dtype=np.int8)
     return {"fraction": float(fraction), "seed": int(seed), "shape": list(masked.shape),
             "kept": int((masked != -1).sum()), "sha256": hashlib.sha256(masked.tobytes()).hexdigest()}
 

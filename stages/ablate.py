@@ -42,7 +42,7 @@ from pipeline.training import (
     save_projectors,
     torch_threads,
 )
-from stages.train import open_data
+from stages.train import evaluated, open_data
 from stages.train import validate as solo_validate
 
 
@@ -60,8 +60,8 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
         stacked: bool | None = None) -> dict:
     """stacked: None = stacked unless InfoCLIP is on; False = head by head (benchmarks compare)."""
     a = params["ablate"]
-    sweeps = {"lambda1s": a.get("lambda1s", []) if lambda1s is None else lambda1s,
-              "lambda2s": a.get("lambda2s", []) if lambda2s is None else lambda2s}
+    sweeps = {"lambda1s": a["lambda1s"] if lambda1s is None else lambda1s,
+              "lambda2s": a["lambda2s"] if lambda2s is None else lambda2s}
     objective = params["train"]["objective"]
     for key, values in sweeps.items():
         if values and not uses_infoclip(objective):
@@ -73,7 +73,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
     reps, owner = distinct(runs)  # reps[k]: the point trained for head k; owner[i]: point i's head
     labels = [point_label(*pt) for pt in points]
     cfg = runs[0]["train"]
-    epochs, every = cfg["epochs"], cfg.get("eval_every", 1)
+    epochs = cfg["epochs"]
     device = resolve_device(cfg["device"])
     amp = amp_dtype(device, cfg["precision"])
     if stacked and uses_infoclip(objective):
@@ -110,7 +110,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
                                      step=step + 1).to(device)
             means = (sums / steps).cpu()  # (H, parts): the epoch's one read-back
             seconds += time.perf_counter() - t0
-            if (epoch + 1) % every and epoch + 1 != epochs:
+            if not evaluated(epoch + 1, cfg):
                 continue
             for k, head in enumerate(trainer.unstacked()):
                 row = {"epoch": epoch + 1, **dict(zip(trainer.parts, means[k].tolist()))}

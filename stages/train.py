@@ -26,10 +26,10 @@ from pipeline.training import (
     amp_dtype,
     build_optimizer,
     cache_identity,
-    label_mask_identity,
     load_checkpoint,
     lr_at,
     make_scaler,
+    mask_identity,
     merit_text,
     new_head,
     partial_labels,
@@ -184,7 +184,7 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
                f"streamed from the shard files ({loader.read_threads} read threads)")
         print(f"train: {f'{mib / 1024:.1f} GiB' if mib >= 1024 else f'{mib:.1f} MiB'} of tokens, {how}")
     figure_text = {k: t.to(device) for k, t in merit_text(cache, params).items()}
-    mask = label_mask_identity(cache.labels, cfg["label_fraction"], cfg["seed"])
+    mask = mask_identity(loader.labels.numpy(), cfg["label_fraction"], cfg["seed"])  # the mask open_data drew
     get_tokens = online_tokens(params, cache, device) if online else None
     steps = len(loader)
 

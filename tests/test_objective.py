@@ -10,8 +10,8 @@ import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from pipeline.config import ParamError, load_params
 from pipeline.heads import UnmixHead
 from pipeline.infoclip import InfoCLIPLoss, alignment_map, sample_token_indices
 from pipeline.information import gram_matrix, mutual_information
+from pipeline.loader import Batch
 from pipeline.losses import asl_loss, mfi_loss
 from pipeline.objective import build_objective, clip_alignment_mi, trainable_parameters
 from pipeline.training import build_optimizer, load_projectors, new_head, train_step
@@ -137,7 +138,9 @@ def test_val_alignment_mi_is_the_estimator_with_clips_own_map() -> None:
     ic = params["train"]["infoclip"]
     head = new_head(params, 32, torch.device("cpu")).eval()
     g = torch.Generator().manual_seed(2)
-    batches = [SimpleNamespace(tokens=torch.randn(5, 7, 32, generator=g)) for _ in range(3)]  # (B, T, D)
+    classes = text["positive"].shape[0]
+    batches = [Batch(torch.randn(5, 7, 32, generator=g), torch.zeros(5, classes, dtype=torch.int8),  # (B, T, D), (B, C)
+                     np.arange(5), np.zeros(5, dtype=np.int64)) for _ in range(3)]
     got = clip_alignment_mi(head, batches, text, ic, max_batches=2, seed=9)
 
     draw, values = torch.Generator().manual_seed(9), []

@@ -250,7 +250,7 @@ def test_resume_is_refused_when_the_epochs_would_be_validated_differently(tmp_pa
     store = SimpleNamespace(fingerprint={"a": 1}, layout={"n": 4}, classnames=["x", "y"], path=tmp_path / "s")
     val = SimpleNamespace(fingerprint={"v": 1}, layout={"n": 2}, classnames=["x", "y"], path=tmp_path / "v")
     ckpt = tmp_path / "last.pt"
-    save_checkpoint(ckpt, {"params": params, "cache": cache_identity(store),
+    save_checkpoint(ckpt, {"params": params, "cache": cache_identity(store), "epoch": 1,
                            "validation": validation_identity(val, params)})
     assert load_checkpoint(ckpt, store, params, validation=validation_identity(val, params))
     later = copy.deepcopy(params)
@@ -262,3 +262,25 @@ def test_resume_is_refused_when_the_epochs_would_be_validated_differently(tmp_pa
         val = SimpleNamespace(**{**vars(val), "fingerprint": {"v": 2}})
     with pytest.raises(CheckpointError, match="validated its epochs differently"):
         load_checkpoint(ckpt, store, later, validation=validation_identity(val, later))
+
+
+def test_resume_is_refused_when_train_epochs_is_below_the_checkpoints_epoch(tmp_path: Path) -> None:
+    """Resuming a 3-epoch checkpoint with train.epochs 2 would train nothing and save projectors whose
+    provenance says 2 epochs; the same or more epochs resume."""
+    from types import SimpleNamespace
+
+    from pipeline.checkpoints import TrainingError as CheckpointError
+    from pipeline.checkpoints import cache_identity, load_checkpoint, save_checkpoint
+
+    params = load_params(profile="smoke")
+    params["train"]["epochs"] = 3
+    store = SimpleNamespace(fingerprint={"a": 1}, layout={"n": 4}, classnames=["x", "y"], path=tmp_path / "s")
+    ckpt = tmp_path / "last.pt"
+    save_checkpoint(ckpt, {"params": params, "cache": cache_identity(store), "epoch": 3})
+    for epochs in (3, 4):
+        assert load_checkpoint(ckpt, store, {**params, "train": {**params["train"], "epochs": epochs}})["epoch"] == 3
+    shorter = {**params, "train": {**params["train"], "epochs": 2}}
+    with pytest.raises(CheckpointError, match=r"trained 3 epochs, more than train.epochs = 2: set "
+                                              r"train.epochs to 3 or more") as err:
+        load_checkpoint(ckpt, store, shorter)
+    assert str(ckpt) in str(err.value) and "\n" not in str(err.value)
