@@ -123,3 +123,15 @@ def test_report_names_the_last_and_best_projectors_and_which_one_evaluations_use
     assert "| last | `cache/models/projectors.pt` | 50 | 84.52 | no |" in text
     assert "| best | `cache/models/projectors-best.pt` | 37 | 85.09 | yes |" in text  # authors: best
     assert "| Table 1: MLR mAP, COCO-2014 (DualCoOp 83.6, DualCoOp++ 85.1) | 85.3 | - |" in text
+
+
+def test_paper_table_names_the_seg_protocol_the_numbers_were_made_with(tmp_path):
+    from pipeline.report import paper_table
+
+    made = _params(tmp_path, "evaluate.seg.protocol=dataset", "evaluate.seg.background=softmax")
+    full = {"protocol": "dataset", "background": "softmax",
+            "datasets": _seg_full(["voc2012"], ["clip", "clip-vv", "clip-surgery", "ours"])}
+    write_results(made, "seg", full)
+    now = _params(tmp_path, "evaluate.seg.protocol=per-image-positive-pred", "evaluate.seg.background=none")
+    text = paper_table(tmp_path / "results", now)[0]
+    assert "(`dataset`, background `softmax`)" in text
