@@ -250,6 +250,26 @@ def test_mfi_control_match_ignores_only_how_a_run_ran_and_its_mfi_settings(world
         assert _comparable(other) != _comparable(base), key
 
 
+def test_mfi_control_refuses_points_when_the_train_store_is_unrecorded_and_names_a_damaged_one(world, tmp_path):
+    """None == None is no evidence of one train store: an unrecorded run takes no ablation point."""
+    from stages.evaluate_mfi import ablation_control
+    params = copy.deepcopy(world["params"])
+    params["paths"]["results"] = str(tmp_path / "results")
+    point = copy.deepcopy(params)
+    point["train"]["alpha"] = 0.0
+    meta = {"model": params["model"], "embed_dim": world["backbone"].embed_dim, "epoch": 1, "params": point}
+    path = paths.results_dir(params, "ablation", "points", "alpha0", "projectors.pt")
+    save_projectors(path, world["control"], meta)  # no fingerprint recorded
+    assert ablation_control(params, None) is None
+    save_projectors(path, world["control"], {**meta, "fingerprint": {"test": "evaluate"}})
+    found, blob = ablation_control(params, {"test": "evaluate"})
+    assert found == path and blob["meta"]["epoch"] == 1
+    assert torch.equal(blob["head"]["text_projector.net.0.weight"], world["control"].text_projector.net[0].weight)
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(TrainingError, match=str(path)):
+        ablation_control(params, {"test": "evaluate"})
+
+
 @pytest.mark.slow
 def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     """No matching ablation point: the alpha = 0 control is trained with stages.train.run into
