@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline.api_weights import recorded_image_size, recorded_train_text_input, resolve_backbone
-from pipeline.augment import eval_view
+from pipeline.augment import INTERPOLATIONS, eval_view
 from pipeline.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
 from pipeline.build import resolve_device
 from pipeline.config import ParamError
@@ -154,17 +154,21 @@ class UnmixCLIP:
     def __init__(self, backbone: FrozenCLIP, head: UnmixHead, meta: dict | None = None, *,
                  image_size: int | None = None, text_bn: str = "running",
                  score_text_bn: str = "running", text_input: str = "normalised",
-                 pos_interpolation: str = "bilinear", batch_size: int = 8, source: str = "") -> None:
+                 pos_interpolation: str = "bilinear", interpolation: str = "bicubic", batch_size: int = 8,
+                 source: str = "") -> None:
         for name, value in (("text_bn", text_bn), ("score_text_bn", score_text_bn)):
             if value not in BN_STATS:
                 raise ParamError(f"{name} must be one of {BN_STATS}, got {value!r}")
         if text_input not in ("raw", "normalised"):
             raise ParamError(f"text_input must be raw or normalised, got {text_input!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ParamError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
         self.backbone, self.head = backbone, head.eval()
         self.meta = dict(meta or {})
         self.image_size = image_size or recorded_image_size(self.meta) or backbone.image_size
         self.text_bn, self.score_text_bn, self.text_input = text_bn, score_text_bn, text_input
         self.pos_interpolation, self.batch_size, self.source = pos_interpolation, batch_size, source
+        self.interpolation = interpolation  # the image resize (evaluate.seg.interpolation)
 
     @classmethod
     def from_files(cls, projectors: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
@@ -211,7 +215,8 @@ class UnmixCLIP:
 
     # -- images ----------------------------------------------------------------------------------
     def _inputs(self, pictures: list[Image.Image]) -> Tensor:
-        return torch.stack([eval_view(p, self.image_size) for p in pictures])  # (B, 3, S, S)
+        """(B, 3, S, S): the evaluation's view (segmentation.seg_view is the same eval_view)."""
+        return torch.stack([eval_view(p, self.image_size, self.interpolation) for p in pictures])
 
     @torch.no_grad()
     def image_tokens(self, images: ImageLike | Sequence[ImageLike]) -> ImageTokens:
@@ -265,6 +270,7 @@ class UnmixCLIP:
         """Which model this is, for output files."""
         return {"projectors": self.source, "backbone": self.backbone.name,
                 "weights_digest": self.backbone.weights_digest, "image_size": self.image_size,
+                "interpolation": self.interpolation,
                 "text_bn": self.text_bn, "score_text_bn": self.score_text_bn,
                 "text_input": self.text_input, "trained_classes": list(self.meta.get("classnames", []))}
 
