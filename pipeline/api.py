@@ -44,6 +44,7 @@ from pipeline.training import load_projectors
 
 ImageLike = str | os.PathLike | Image.Image
 MAX_CLASSES = 255  # labels 1..C and background 0 in one uint8 palette PNG
+TEXT_MEMO = 16  # prompt sets whose CLIP features a model keeps (each a few (C, D) tensors)
 
 
 @dataclass
@@ -169,6 +170,9 @@ class UnmixCLIP:
         self.text_bn, self.score_text_bn, self.text_input = text_bn, score_text_bn, text_input
         self.pos_interpolation, self.batch_size, self.source = pos_interpolation, batch_size, source
         self.interpolation = interpolation  # the image resize (evaluate.seg.interpolation)
+        # (classes, templates, normalise) -> (C, D): the frozen text tower gives the same features
+        # every time, so `segment` called per chunk (and `query`) encodes each prompt set once
+        self._text_memo: dict[tuple, Tensor] = {}
 
     @classmethod
     def from_files(cls, projectors: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
@@ -193,11 +197,16 @@ class UnmixCLIP:
         """(C, D) CLIP text features of every class, averaged over the templates (CLIP's prompt
         ensembling: mean of the L2-normalised features, normalised again; raw input: plain mean).
         text_input None: the maps' (`self.text_input`)."""
-        prompts = [t.replace("{}", c) for t in templates for c in classes]
         normalise = (text_input or self.text_input) == "normalised"
-        feats = self.backbone.text_features(prompts, normalise=normalise)  # (T*C, D)
-        mean = feats.view(len(templates), len(classes), -1).mean(dim=0)  # (C, D)
-        return torch.nn.functional.normalize(mean, dim=-1) if normalise else mean
+        key = (tuple(classes), tuple(templates), normalise)
+        if key not in self._text_memo:
+            prompts = [t.replace("{}", c) for t in templates for c in classes]
+            feats = self.backbone.text_features(prompts, normalise=normalise)  # (T*C, D)
+            mean = feats.view(len(templates), len(classes), -1).mean(dim=0)  # (C, D)
+            if len(self._text_memo) >= TEXT_MEMO:
+                del self._text_memo[next(iter(self._text_memo))]  # the oldest
+            self._text_memo[key] = torch.nn.functional.normalize(mean, dim=-1) if normalise else mean
+        return self._text_memo[key].clone()  # the caller's to change
 
     @torch.no_grad()
     def text_features(self, classes: str | Iterable[str], template: str | Iterable[str] = PLAIN_TEMPLATE,

@@ -212,3 +212,23 @@ def test_maps_with_bilinear_resize_are_the_evaluations_on_the_same_image(world):
     assert bicubic.describe()["interpolation"] == "bicubic"
     other = bicubic.segment(path, CLASSES[:3], template=TEMPLATE).score_maps[0]
     assert np.abs(other - expected).max() > 1e-3
+
+
+def test_segment_in_chunks_encodes_each_prompt_set_once(world, model, monkeypatch):  # noqa: F811
+    """`pipeline segment` calls segment per chunk: the class, positive and negative prompts go
+    through the text tower once, and the maps are those of one call on all images."""
+    fresh = UnmixCLIP(model.backbone, model.head, model.meta, image_size=model.image_size, batch_size=2)
+    whole = fresh.segment(world["files"][:4], CLASSES[:3], methods=("clip-vv",))
+    encoded, encode = [], fresh.backbone.text_features
+    monkeypatch.setattr(fresh.backbone, "text_features",
+                        lambda prompts, **kw: encoded.append(len(prompts)) or encode(prompts, **kw))
+    fresh._text_memo.clear()
+    chunks = [fresh.segment(world["files"][i:i + 2], CLASSES[:3], methods=("clip-vv",))
+              for i in (0, 2)]
+    assert encoded == [3, 3, 3]  # the plain template, then the positive and negative prompts
+    for m in ("ours", "clip-vv"):
+        for j in range(4):
+            np.testing.assert_array_equal(chunks[j // 2].method_score_maps[m][j % 2], whole.method_score_maps[m][j])
+    np.testing.assert_array_equal(np.concatenate([c.image_scores for c in chunks]), whole.image_scores)
+    fresh.text_features(CLASSES[:3]).raw.zero_()  # a caller's change stays its own
+    assert fresh.text_features(CLASSES[:3]).raw.abs().sum() > 0
