@@ -224,6 +224,20 @@ def test_zs_mlr_reports_clip_regions_and_combination(world):
     assert metrics["num_images"] == N_VAL and "CLIP (global)" in table
 
 
+def test_zs_mlr_raw_text_input_encodes_the_prompts_once_and_clip_keeps_normalised_features(world, monkeypatch):
+    """text_input raw: one text encoding; CLIP's own (global) scores are those of normalised input."""
+    from pipeline.zsmlr import zero_shot_mlr
+    backbone, dataset = world["backbone"], world["val"]
+    kw = {"image_size": world["params"]["evaluate"]["seg"]["image_size"], "limit": 4, "progress": False}
+    normalised = zero_shot_mlr(backbone, world["head"], dataset, **kw)
+    encoded, encode = [], backbone.text_features
+    monkeypatch.setattr(backbone, "text_features",
+                        lambda prompts, **k: encoded.append(k.get("normalise", True)) or encode(prompts, **k))
+    raw = zero_shot_mlr(backbone, world["head"], dataset, text_input="raw", **kw)
+    assert encoded == [False]
+    np.testing.assert_array_equal(raw["scores"]["clip"], normalised["scores"]["clip"])
+
+
 @pytest.mark.parametrize("name, hint", [("voc2012", "pipeline download --dataset voc2012"),
                                         ("context59", "cannot be downloaded automatically")])
 def test_missing_dataset_root_names_the_path_and_how_to_get_it(world, name, hint):
