@@ -135,3 +135,17 @@ def test_paper_table_names_the_seg_protocol_the_numbers_were_made_with(tmp_path)
     now = _params(tmp_path, "evaluate.seg.protocol=per-image-positive-pred", "evaluate.seg.background=none")
     text = paper_table(tmp_path / "results", now)[0]
     assert "(`dataset`, background `softmax`)" in text
+
+
+def test_run_digest_ignores_only_where_and_how_fast_training_ran(tmp_path):
+    """The speed keys the projectors' record skips (provenance.IGNORED_TRAIN_KEYS) do not make
+    another run; a key that changes the weights does."""
+    from pipeline.provenance import IGNORED_TRAIN_KEYS
+
+    base = run_identity(_params(tmp_path))["digest"]
+    faster = _params(tmp_path, "train.device=cpu", "train.cpu_threads=3", "train.read_threads=5",
+                     "train.eval_every=7")
+    assert set(IGNORED_TRAIN_KEYS) == {"device", "cpu_threads", "read_threads", "eval_every"}
+    assert all(faster["train"][k] != _params(tmp_path)["train"][k] for k in IGNORED_TRAIN_KEYS)
+    assert run_identity(faster)["digest"] == base
+    assert run_identity(_params(tmp_path, "train.lr=0.5"))["digest"] != base
