@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline.api_weights import recorded_image_size, recorded_train_text_input, resolve_backbone
-from pipeline.augment import eval_view
+from pipeline.augment import INTERPOLATIONS, eval_view
 from pipeline.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
 from pipeline.build import resolve_device
 from pipeline.config import ParamError
@@ -44,6 +44,7 @@ from pipeline.training import load_projectors
 
 ImageLike = str | os.PathLike | Image.Image
 MAX_CLASSES = 255  # labels 1..C and background 0 in one uint8 palette PNG
+TEXT_MEMO = 16  # prompt sets whose CLIP features a model keeps (each a few (C, D) tensors)
 
 
 @dataclass
@@ -154,17 +155,24 @@ class UnmixCLIP:
     def __init__(self, backbone: FrozenCLIP, head: UnmixHead, meta: dict | None = None, *,
                  image_size: int | None = None, text_bn: str = "running",
                  score_text_bn: str = "running", text_input: str = "normalised",
-                 pos_interpolation: str = "bilinear", batch_size: int = 8, source: str = "") -> None:
+                 pos_interpolation: str = "bilinear", interpolation: str = "bicubic", batch_size: int = 8,
+                 source: str = "") -> None:
         for name, value in (("text_bn", text_bn), ("score_text_bn", score_text_bn)):
             if value not in BN_STATS:
                 raise ParamError(f"{name} must be one of {BN_STATS}, got {value!r}")
         if text_input not in ("raw", "normalised"):
             raise ParamError(f"text_input must be raw or normalised, got {text_input!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ParamError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
         self.backbone, self.head = backbone, head.eval()
         self.meta = dict(meta or {})
         self.image_size = image_size or recorded_image_size(self.meta) or backbone.image_size
         self.text_bn, self.score_text_bn, self.text_input = text_bn, score_text_bn, text_input
         self.pos_interpolation, self.batch_size, self.source = pos_interpolation, batch_size, source
+        self.interpolation = interpolation  # the image resize (evaluate.seg.interpolation)
+        # (classes, templates, normalise) -> (C, D): the frozen text tower gives the same features
+        # every time, so `segment` called per chunk (and `query`) encodes each prompt set once
+        self._text_memo: dict[tuple, Tensor] = {}
 
     @classmethod
     def from_files(cls, projectors: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
@@ -189,11 +197,16 @@ class UnmixCLIP:
         """(C, D) CLIP text features of every class, averaged over the templates (CLIP's prompt
         ensembling: mean of the L2-normalised features, normalised again; raw input: plain mean).
         text_input None: the maps' (`self.text_input`)."""
-        prompts = [t.replace("{}", c) for t in templates for c in classes]
         normalise = (text_input or self.text_input) == "normalised"
-        feats = self.backbone.text_features(prompts, normalise=normalise)  # (T*C, D)
-        mean = feats.view(len(templates), len(classes), -1).mean(dim=0)  # (C, D)
-        return torch.nn.functional.normalize(mean, dim=-1) if normalise else mean
+        key = (tuple(classes), tuple(templates), normalise)
+        if key not in self._text_memo:
+            prompts = [t.replace("{}", c) for t in templates for c in classes]
+            feats = self.backbone.text_features(prompts, normalise=normalise)  # (T*C, D)
+            mean = feats.view(len(templates), len(classes), -1).mean(dim=0)  # (C, D)
+            if len(self._text_memo) >= TEXT_MEMO:
+                del self._text_memo[next(iter(self._text_memo))]  # the oldest
+            self._text_memo[key] = torch.nn.functional.normalize(mean, dim=-1) if normalise else mean
+        return self._text_memo[key].clone()  # the caller's to change
 
     @torch.no_grad()
     def text_features(self, classes: str | Iterable[str], template: str | Iterable[str] = PLAIN_TEMPLATE,
@@ -211,7 +224,8 @@ class UnmixCLIP:
 
     # -- images ----------------------------------------------------------------------------------
     def _inputs(self, pictures: list[Image.Image]) -> Tensor:
-        return torch.stack([eval_view(p, self.image_size) for p in pictures])  # (B, 3, S, S)
+        """(B, 3, S, S): the evaluation's view (segmentation.seg_view is the same eval_view)."""
+        return torch.stack([eval_view(p, self.image_size, self.interpolation) for p in pictures])
 
     @torch.no_grad()
     def image_tokens(self, images: ImageLike | Sequence[ImageLike]) -> ImageTokens:
@@ -265,6 +279,7 @@ class UnmixCLIP:
         """Which model this is, for output files."""
         return {"projectors": self.source, "backbone": self.backbone.name,
                 "weights_digest": self.backbone.weights_digest, "image_size": self.image_size,
+                "interpolation": self.interpolation,
                 "text_bn": self.text_bn, "score_text_bn": self.score_text_bn,
                 "text_input": self.text_input, "trained_classes": list(self.meta.get("classnames", []))}
 

@@ -9,13 +9,13 @@ time: such a backbone can only be reproduced from a checkpoint saved after the r
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline import provenance
 from pipeline.backbone import FrozenCLIP, load_backbone
-from pipeline.weights import WeightsError, sha256_file
+from pipeline.weights import WeightsError
 
 FIX = "set backbone.checkpoint (a local file) or backbone.pretrained (a tag) to those weights"
 
@@ -50,16 +50,13 @@ def _base(digest: str) -> str:
 
 def declared_digest(name: str, checkpoint: str | os.PathLike | None, pretrained: str | None,
                     sha256: str | None, init_seed: int) -> str:
-    """The digest load_backbone gives these weights, without loading them."""
-    if checkpoint is not None:
-        if sha256:
-            return sha256.strip().lower()
-        if not Path(checkpoint).is_file():
-            raise WeightsError(f"weights file not found: {checkpoint}")
-        return sha256_file(checkpoint)
-    if pretrained in (None, "random"):
-        return f"random:{init_seed}"
-    return f"{name}:{pretrained}"
+    """The digest load_backbone gives these weights, without loading them (provenance's, which
+    says None for a missing file: here that is an error naming it)."""
+    digest = provenance.declared_digest({"name": name, "checkpoint": checkpoint, "pretrained": pretrained,
+                                         "sha256": sha256, "init_seed": init_seed})
+    if digest is None:
+        raise WeightsError(f"weights file not found: {checkpoint}")
+    return digest
 
 
 def _from_record(digest: str, name: str, path: str | os.PathLike) -> tuple[str, int]:

@@ -117,14 +117,15 @@ def torchvision_randaugment(view: Image.Image | torch.Tensor, op_seed: int, num_
         return rand_augment(view)
 
 
-def eval_pil_view(image: Image.Image, size: int) -> Image.Image:
-    """The test-time view before normalisation: Resize(S, S), bicubic."""
-    return _resize(image.convert("RGB"), size)
+def eval_pil_view(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """The test-time view before normalisation: Resize(S, S), bicubic unless told."""
+    return _resize(image.convert("RGB"), size, interpolation)
 
 
-def eval_view(image: Image.Image, size: int) -> torch.Tensor:
-    """Test-time view: Resize(S, S) and CLIP normalisation -> (3, S, S) float32. Deterministic."""
-    return _to_normalised_tensor(eval_pil_view(image, size))
+def eval_view(image: Image.Image, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """Test-time view: Resize(S, S) and CLIP normalisation -> (3, S, S) float32. Deterministic.
+    `interpolation` (bicubic | bilinear): the ZS3 evaluation's evaluate.seg.interpolation."""
+    return _to_normalised_tensor(eval_pil_view(image, size, interpolation))
 
 
 @contextlib.contextmanager

@@ -21,12 +21,11 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def load_head(params: dict, device: torch.device, embed_dim: int | None = None,
-              path: Path | None = None) -> tuple[UnmixHead, dict, dict]:
-    """(head in eval mode, its meta, its source) for evaluate.projectors (best | last), or `path`.
+def load_head(params: dict, device: torch.device, embed_dim: int | None = None
+              ) -> tuple[UnmixHead, dict, dict]:
+    """(head in eval mode, its meta, its source) for evaluate.projectors (best | last).
     Refuses a head trained for another backbone width."""
-    which = params["evaluate"]["projectors"]
-    path = paths.projectors(params, which) if path is None else Path(path)
+    path = paths.projectors(params, params["evaluate"]["projectors"])
     head, meta = load_projectors(path, device)
     if embed_dim is not None and meta["embed_dim"] != embed_dim:
         raise TrainingError(f"projectors at {path} were trained on {meta['embed_dim']}-d tokens but "

@@ -150,8 +150,9 @@ def paper_table(results: Path, params: dict) -> list[str]:
     """The paper's Tables 1-5 beside this run: every row, "not run" where this run's configuration
     does not produce it (another dataset, evaluation or class set)."""
     metrics = {p.stem: read_json(p) for p in (results / "metrics").glob("*.json")}
+    seg = read_json(results / "details" / "seg.json")
     present = {"data.dataset": {params["data"]["dataset"]},
-               "seg": set(read_json(results / "details" / "seg.json").get("datasets", {})),
+               "seg": set(seg.get("datasets", {})),
                "zs": {params["evaluate"]["zs_mlr"]["dataset"]} if metrics.get("zs-mlr") else set(),
                "mfi": set(metrics.get("mfi", {}))}
     rows = []
@@ -160,9 +161,12 @@ def paper_table(results: Path, params: dict) -> list[str]:
         rows.append(f"| {label} | {paper} | {mine} |")
     b = params["backbone"]
     note = "" if b["name"] == "RN101" else f" The paper's numbers are for RN101; this run used {b['name']}."
+    # the rule the numbers were made with (details/seg.json), not params.yaml's now
+    rule = {k: seg.get(k, "not recorded") if seg else params["evaluate"]["seg"][k]
+            for k in ("protocol", "background")}
     return [(f"Paper: RN101 with OpenAI weights, the authors' run (the method reference, section 1)."
              f"{note} ZS3 figures here are this run's headline protocol "
-             f"(`{params['evaluate']['seg']['protocol']}`, background `{params['evaluate']['seg']['background']}`)."),
+             f"(`{rule['protocol']}`, background `{rule['background']}`)."),
             "", "| result | paper | this run |", "|---|---:|---:|", *rows]
 
 

@@ -47,11 +47,17 @@ def jsonable(obj: Any) -> Any:
 
 
 def run_identity(params: dict) -> dict:
-    """{"recipe", "digest", "backbone", "weights"}: who made these numbers, comparable across files."""
+    """{"recipe", "digest", "backbone", "weights"}: who made these numbers, comparable across files.
+    The train keys that only say where or how fast a run went (provenance.IGNORED_TRAIN_KEYS, which
+    the projectors' own record skips) are left out, so a rerun with more threads is the same run."""
+    from pipeline.provenance import IGNORED_TRAIN_KEYS  # torch and zarr: only when a digest is made
+
     b = params["backbone"]
     run = {s: params[s] for s in RUN_SECTIONS if s in params}
     if "data" in run:
         run["data"] = {k: v for k, v in run["data"].items() if k in _DATA_KEYS}
+    if "train" in run:
+        run["train"] = {k: v for k, v in run["train"].items() if k not in IGNORED_TRAIN_KEYS}
     blob = json.dumps(run, sort_keys=True, default=str).encode()
     return {"recipe": params.get("recipe"), "digest": hashlib.sha256(blob).hexdigest()[:16],
             "backbone": b["name"], "weights": weights_label(b)}

@@ -211,7 +211,8 @@ class Seg(Section):
                                                 "softmax (GEM rule) or max-score")
     threshold: Fraction
     protocol: Literal[MIOU_PROTOCOLS] = Field(description="the headline mIoU; all are computed")
-    interpolation: Literal["bilinear", "bicubic"] = Field(description="image resize for ZS3")
+    interpolation: Literal["bilinear", "bicubic"] = Field(
+        description="image resize for ZS3 and `pipeline segment` / `query`")
     pos_interpolation: Literal["bilinear", "bicubic"]
     image_size: ImageSize
 

@@ -96,12 +96,13 @@ def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset:
         maps = score_maps(backbone, head, images, texts, pos_interpolation)  # (B, C, h, w) each
         for j, i in enumerate(indices):
             mask = dataset.mask(i)  # (H, W), its own size: the maps are upsampled to it
+            targets = {v: variant_target(mask, v) for v in variants(dataset.has_background)}
             for m in methods:
                 normalised = normalised_maps(maps[m][j], mask.shape)  # (C, H, W)
                 for v, a in acc[m].items():
                     pred = (label_with_background(normalised, background, threshold) if v == "bkgd"
                             else normalised.argmax(dim=0)).cpu().numpy()
-                    a.update(pred, variant_target(mask, v))
+                    a.update(pred, targets[v])
                     if keep_predictions:
                         kept[m][v].append(pred)
         bar.update(len(indices))

@@ -15,12 +15,12 @@ from torch import Tensor
 from pipeline.heads import UnmixHead, positive_scores, region_logits
 from pipeline.segmentation import (
     BACKGROUND_RULES,
-    METHOD_LABELS,
     PROJECTED,
     TOKEN_PATH,
     maps_from_tokens,
     normalised_maps,
 )
+from pipeline.segmentation import METHOD_LABELS as LABELS  # the evaluation's method names
 from pipeline.segmentation import label_with_background as label_map
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
 ]
 
 METHODS = ("clip", "clip-vv", "ours")  # the overlay's columns: the paper's Figure 1 / 7 comparison
-LABELS = dict(METHOD_LABELS)
 
 
 def token_paths_for(methods: Sequence[str]) -> list[str]:

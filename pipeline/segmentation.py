@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torchvision.transforms import InterpolationMode, v2
 
-from pipeline.backbone import CLIP_MEAN, CLIP_STD, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
+from pipeline.augment import eval_view
+from pipeline.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
 from pipeline.config import ParamError
 from pipeline.heads import UnmixHead
 
@@ -49,11 +49,9 @@ IGNORE_INDEX = 255
 
 
 def seg_view(image: Image.Image, size: int, interpolation: str = "bicubic") -> Tensor:
-    """ZS3 network input: Resize((S, S), interpolation) and CLIP normalisation -> (3, S, S)."""
-    mode = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[interpolation]
-    resized = v2.functional.resize(image.convert("RGB"), [size, size], interpolation=mode)
-    x = v2.functional.to_dtype(v2.functional.pil_to_tensor(resized), torch.float32, scale=True)
-    return v2.functional.normalize(x, mean=list(CLIP_MEAN), std=list(CLIP_STD))
+    """ZS3 network input: Resize((S, S), interpolation) and CLIP normalisation -> (3, S, S);
+    the test-time view (augment.eval_view), so the API and the evaluation see the same pixels."""
+    return eval_view(image, size, interpolation)
 
 
 def token_grid(tokens: Tensor, grid: tuple[int, int] | None = None) -> Tensor:

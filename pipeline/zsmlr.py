@@ -100,8 +100,9 @@ def zero_shot_mlr(backbone: FrozenCLIP, head: UnmixHead, dataset: Any, *, image_
     names = list(dataset.classnames)
     num = len(dataset.records) if limit is None else min(limit, len(dataset.records))
     words = prompt_names(names, dataset.name, voc_names)
-    raw = plain_text(backbone, words, prompt)  # (C, D) L2-normalised, for CLIP itself
-    into_head = raw if text_input == "normalised" else plain_text(backbone, words, prompt, normalise=False)
+    into_head = plain_text(backbone, words, prompt, normalise=text_input == "normalised")  # (C, D)
+    # L2-normalised, for CLIP itself: the same features, normalised (text_features' own last step)
+    raw = into_head if text_input == "normalised" else F.normalize(into_head, dim=-1)
     texts = method_text(into_head, head, ["ours"], text_bn)
     glob, regions = [], []
     start = time.perf_counter()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline import paths, provenance
+from pipeline.build import head_from_params
 from pipeline.cache import FeatureCache
 from pipeline.classes import classnames, prompt_names
 from pipeline.config import read_yaml
@@ -61,17 +62,21 @@ def _point_params(folder: Path, meta: dict) -> dict | None:
     return None
 
 
-def ablation_control(params: dict, fingerprint: dict | None) -> Path | None:
-    """The first ablation point trained like this run but with alpha = 0, on the same cache."""
+def ablation_control(params: dict, fingerprint: dict | None) -> tuple[Path, dict] | None:
+    """(path, loaded projectors blob) of the first ablation point trained like this run but with
+    alpha = 0, on the same cache; None when there is none (or this run records no train store)."""
+    if fingerprint is None:  # unrecorded: no point can be shown to share this run's store
+        return None
     want = _comparable(params)
     for path in sorted(paths.results_dir(params, "ablation", "points").glob("*/projectors.pt")):
-        meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+        blob = provenance.read_state(path)  # a damaged point is one line naming it
+        meta = blob["meta"]
         point = _point_params(path.parent, meta)
         if point is None or float(point["train"]["alpha"]) != 0.0 or _comparable(point) != want:
             continue
         if meta.get("fingerprint") != fingerprint:  # another (or an unrecorded) train store
             continue
-        return path
+        return path, blob
     return None
 
 
@@ -115,17 +120,21 @@ def control_head(params: dict, device: torch.device, fingerprint: dict | None):
     mode = params["evaluate"]["mfi"]["control"]
     if mode == "none":
         return None
-    path = ablation_control(params, fingerprint) if mode in ("auto", "ablation") else None
-    kind = "ablation"
-    if path is None:
+    found = ablation_control(params, fingerprint) if mode in ("auto", "ablation") else None
+    if found is None:
         if mode == "ablation":
             raise TrainingError(
                 f"evaluate.mfi.control is 'ablation' but no point under "
                 f"{paths.results_dir(params, 'ablation', 'points')} was trained with alpha = 0 and this "
                 "run's other params: run `pipeline ablate` with alpha 0, or set it to auto / train / none")
-        path, kind = train_control(params), "train"
-    head, meta = load_projectors(path, device)
-    return head, meta, kind, path
+        path = train_control(params)
+        head, meta = load_projectors(path, device)
+        return head, meta, "train", path
+    path, blob = found  # already read: build the head from it rather than reading the file again
+    meta = blob["meta"]
+    head = head_from_params(meta["model"], meta["embed_dim"])
+    head.load_state_dict(blob["head"])
+    return head.to(device).eval(), meta, "ablation", path
 
 
 @torch.no_grad()

@@ -77,7 +77,8 @@ def model_from_params(params: dict, projectors: str | Path | None = None) -> Unm
         device=b["device"], sha256=b["sha256"], init_seed=b["init_seed"], precision=b["precision"],
         channels_last=b["channels_last"], image_size=ev["seg"]["image_size"], text_bn=ev["text_bn"]["seg"],
         score_text_bn=ev["text_bn"]["mlr"], text_input=ev["text_input"],
-        pos_interpolation=ev["seg"]["pos_interpolation"], batch_size=ev["batch_size"])
+        pos_interpolation=ev["seg"]["pos_interpolation"], interpolation=ev["seg"]["interpolation"],
+        batch_size=ev["batch_size"])
 
 
 def templates_or_default(templates: Sequence[str], params: dict) -> list[str]:

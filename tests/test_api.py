@@ -183,3 +183,52 @@ def test_recorded_weights_that_can_be_named_are_loaded_without_arguments(tmp_pat
     assert model.image_size == (64 if record == "fingerprint" else reference.image_size)
     with pytest.raises(WeightsError, match="random:5 differ from random:2"):
         UnmixCLIP.from_files(path, pretrained="random", init_seed=5, device="cpu")
+
+
+def test_maps_with_bilinear_resize_are_the_evaluations_on_the_same_image(world):  # noqa: F811
+    """evaluate.seg.interpolation reaches the API: its maps are the evaluation's seg_view ->
+    score_maps (maps_from_tokens) -> normalised_maps path, and bicubic gives other maps."""
+    import copy
+
+    from pipeline.segmentation import normalised_maps, score_maps, seg_view
+    from stages.segment import model_from_params
+
+    params = copy.deepcopy(world["params"])
+    params["evaluate"]["seg"]["interpolation"] = "bilinear"
+    model = model_from_params(params, world["projectors"])
+    assert model.interpolation == "bilinear" and model.describe()["interpolation"] == "bilinear"
+    path = world["files"][0]
+    with Image.open(path) as img:
+        picture = img.convert("RGB")
+    result = model.segment(path, CLASSES[:3], template=TEMPLATE)
+    text = model.text_features(CLASSES[:3], TEMPLATE)
+    images = seg_view(picture, SIZE, "bilinear")[None]  # (1, 3, S, S)
+    maps = score_maps(model.backbone, model.head, images, {"ours": text.projected},
+                      model.pos_interpolation)
+    expected = normalised_maps(maps["ours"][0], (picture.height, picture.width)).numpy()  # (C, H, W)
+    np.testing.assert_allclose(result.score_maps[0], expected, rtol=0, atol=1e-6)
+    bicubic = UnmixCLIP(model.backbone, model.head, model.meta, image_size=SIZE, text_bn=model.text_bn,
+                        pos_interpolation=model.pos_interpolation)
+    assert bicubic.describe()["interpolation"] == "bicubic"
+    other = bicubic.segment(path, CLASSES[:3], template=TEMPLATE).score_maps[0]
+    assert np.abs(other - expected).max() > 1e-3
+
+
+def test_segment_in_chunks_encodes_each_prompt_set_once(world, model, monkeypatch):  # noqa: F811
+    """`pipeline segment` calls segment per chunk: the class, positive and negative prompts go
+    through the text tower once, and the maps are those of one call on all images."""
+    fresh = UnmixCLIP(model.backbone, model.head, model.meta, image_size=model.image_size, batch_size=2)
+    whole = fresh.segment(world["files"][:4], CLASSES[:3], methods=("clip-vv",))
+    encoded, encode = [], fresh.backbone.text_features
+    monkeypatch.setattr(fresh.backbone, "text_features",
+                        lambda prompts, **kw: encoded.append(len(prompts)) or encode(prompts, **kw))
+    fresh._text_memo.clear()
+    chunks = [fresh.segment(world["files"][i:i + 2], CLASSES[:3], methods=("clip-vv",))
+              for i in (0, 2)]
+    assert encoded == [3, 3, 3]  # the plain template, then the positive and negative prompts
+    for m in ("ours", "clip-vv"):
+        for j in range(4):
+            np.testing.assert_array_equal(chunks[j // 2].method_score_maps[m][j % 2], whole.method_score_maps[m][j])
+    np.testing.assert_array_equal(np.concatenate([c.image_scores for c in chunks]), whole.image_scores)
+    fresh.text_features(CLASSES[:3]).raw.zero_()  # a caller's change stays its own
+    assert fresh.text_features(CLASSES[:3]).raw.abs().sum() > 0

@@ -224,6 +224,20 @@ def test_zs_mlr_reports_clip_regions_and_combination(world):
     assert metrics["num_images"] == N_VAL and "CLIP (global)" in table
 
 
+def test_zs_mlr_raw_text_input_encodes_the_prompts_once_and_clip_keeps_normalised_features(world, monkeypatch):
+    """text_input raw: one text encoding; CLIP's own (global) scores are those of normalised input."""
+    from pipeline.zsmlr import zero_shot_mlr
+    backbone, dataset = world["backbone"], world["val"]
+    kw = {"image_size": world["params"]["evaluate"]["seg"]["image_size"], "limit": 4, "progress": False}
+    normalised = zero_shot_mlr(backbone, world["head"], dataset, **kw)
+    encoded, encode = [], backbone.text_features
+    monkeypatch.setattr(backbone, "text_features",
+                        lambda prompts, **k: encoded.append(k.get("normalise", True)) or encode(prompts, **k))
+    raw = zero_shot_mlr(backbone, world["head"], dataset, text_input="raw", **kw)
+    assert encoded == [False]
+    np.testing.assert_array_equal(raw["scores"]["clip"], normalised["scores"]["clip"])
+
+
 @pytest.mark.parametrize("name, hint", [("voc2012", "pipeline download --dataset voc2012"),
                                         ("context59", "cannot be downloaded automatically")])
 def test_missing_dataset_root_names_the_path_and_how_to_get_it(world, name, hint):
@@ -248,6 +262,26 @@ def test_mfi_control_match_ignores_only_how_a_run_ran_and_its_mfi_settings(world
         other = copy.deepcopy(base)
         other["train"][key] = value
         assert _comparable(other) != _comparable(base), key
+
+
+def test_mfi_control_refuses_points_when_the_train_store_is_unrecorded_and_names_a_damaged_one(world, tmp_path):
+    """None == None is no evidence of one train store: an unrecorded run takes no ablation point."""
+    from stages.evaluate_mfi import ablation_control
+    params = copy.deepcopy(world["params"])
+    params["paths"]["results"] = str(tmp_path / "results")
+    point = copy.deepcopy(params)
+    point["train"]["alpha"] = 0.0
+    meta = {"model": params["model"], "embed_dim": world["backbone"].embed_dim, "epoch": 1, "params": point}
+    path = paths.results_dir(params, "ablation", "points", "alpha0", "projectors.pt")
+    save_projectors(path, world["control"], meta)  # no fingerprint recorded
+    assert ablation_control(params, None) is None
+    save_projectors(path, world["control"], {**meta, "fingerprint": {"test": "evaluate"}})
+    found, blob = ablation_control(params, {"test": "evaluate"})
+    assert found == path and blob["meta"]["epoch"] == 1
+    assert torch.equal(blob["head"]["text_projector.net.0.weight"], world["control"].text_projector.net[0].weight)
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(TrainingError, match=str(path)):
+        ablation_control(params, {"test": "evaluate"})
 
 
 @pytest.mark.slow

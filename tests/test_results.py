@@ -123,3 +123,29 @@ def test_report_names_the_last_and_best_projectors_and_which_one_evaluations_use
     assert "| last | `cache/models/projectors.pt` | 50 | 84.52 | no |" in text
     assert "| best | `cache/models/projectors-best.pt` | 37 | 85.09 | yes |" in text  # authors: best
     assert "| Table 1: MLR mAP, COCO-2014 (DualCoOp 83.6, DualCoOp++ 85.1) | 85.3 | - |" in text
+
+
+def test_paper_table_names_the_seg_protocol_the_numbers_were_made_with(tmp_path):
+    from pipeline.report import paper_table
+
+    made = _params(tmp_path, "evaluate.seg.protocol=dataset", "evaluate.seg.background=softmax")
+    full = {"protocol": "dataset", "background": "softmax",
+            "datasets": _seg_full(["voc2012"], ["clip", "clip-vv", "clip-surgery", "ours"])}
+    write_results(made, "seg", full)
+    now = _params(tmp_path, "evaluate.seg.protocol=per-image-positive-pred", "evaluate.seg.background=none")
+    text = paper_table(tmp_path / "results", now)[0]
+    assert "(`dataset`, background `softmax`)" in text
+
+
+def test_run_digest_ignores_only_where_and_how_fast_training_ran(tmp_path):
+    """The speed keys the projectors' record skips (provenance.IGNORED_TRAIN_KEYS) do not make
+    another run; a key that changes the weights does."""
+    from pipeline.provenance import IGNORED_TRAIN_KEYS
+
+    base = run_identity(_params(tmp_path))["digest"]
+    faster = _params(tmp_path, "train.device=cpu", "train.cpu_threads=3", "train.read_threads=5",
+                     "train.eval_every=7")
+    assert set(IGNORED_TRAIN_KEYS) == {"device", "cpu_threads", "read_threads", "eval_every"}
+    assert all(faster["train"][k] != _params(tmp_path)["train"][k] for k in IGNORED_TRAIN_KEYS)
+    assert run_identity(faster)["digest"] == base
+    assert run_identity(_params(tmp_path, "train.lr=0.5"))["digest"] != base
