@@ -118,7 +118,11 @@ def load_projectors(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise TrainingError(f"no trained projectors at {path}: run `pipeline train` first")
     from pipeline.provenance import read_state
 
-    blob = read_state(path)
+    return head_from_blob(read_state(path), device)
+
+
+def head_from_blob(blob: dict, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
+    """(head in eval mode on `device`, meta) from a save_projectors file's contents."""
     meta = blob["meta"]
     head = head_from_params(meta["model"], meta["embed_dim"])
     head.load_state_dict(blob["head"])

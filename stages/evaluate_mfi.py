@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from pipeline import paths, provenance
-from pipeline.build import head_from_params
 from pipeline.cache import FeatureCache
+from pipeline.checkpoints import head_from_blob
 from pipeline.classes import classnames, prompt_names
 from pipeline.config import read_yaml
 from pipeline.evaluation import fmt, source_line
@@ -131,10 +131,7 @@ def control_head(params: dict, device: torch.device, fingerprint: dict | None):
         head, meta = load_projectors(path, device)
         return head, meta, "train", path
     path, blob = found  # already read: build the head from it rather than reading the file again
-    meta = blob["meta"]
-    head = head_from_params(meta["model"], meta["embed_dim"])
-    head.load_state_dict(blob["head"])
-    return head.to(device).eval(), meta, "ablation", path
+    return *head_from_blob(blob, device), "ablation", path
 
 
 @torch.no_grad()
