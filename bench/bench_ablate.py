@@ -24,10 +24,10 @@ from collections.abc import Callable
 import common
 import torch
 
-from pipeline import paths
-from pipeline.ablation import distinct, grid, point_params
-from pipeline.cache import FeatureCache
-from pipeline.loader import TokenLoader
+from pipeline.config import paths
+from pipeline.training.ablation import distinct, grid, point_params
+from pipeline.store.cache import FeatureCache
+from pipeline.store.loader import TokenLoader
 from stages import ablate, extract_features, train
 
 GOAL = 1.05  # x the number of distinct trainings

@@ -19,10 +19,10 @@ import statistics
 import common
 import torch
 
-from pipeline import paths
-from pipeline.augment import normalise_pixels
-from pipeline.build import backbone_from_params
-from pipeline.view_loader import DEFAULT_AUGMENT, ViewSpec, view_batches
+from pipeline.config import paths
+from pipeline.data.augment import normalise_pixels
+from pipeline.model.build import backbone_from_params
+from pipeline.extraction.views import DEFAULT_AUGMENT, ViewSpec, view_batches
 from stages import extract_features
 
 GOAL = 0.9

@@ -39,9 +39,9 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from pipeline.cache import FeatureCache
-from pipeline.loader import TokenLoader
-from pipeline.shards import ShardReader
+from pipeline.store.cache import FeatureCache
+from pipeline.store.loader import TokenLoader
+from pipeline.store.shards import ShardReader
 
 T, D = common.token_shape("RN101", 448)
 RAM, MEMMAP = "RAM gather (NumPy array)", "memmap gather (page-cache limit)"

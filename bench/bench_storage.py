@@ -5,7 +5,7 @@ none and one with zstd. Read rates (views/s) on the same arrays:
 - TokenLoader streaming (in_memory=False): epochs of shuffled float16 mini-batches, what training
   does on a store larger than its memory budget; and in memory (a store that fits), for reference;
 - raw per-sample reads of random (image, view) pairs, `batch` at a time: the Zarr store's tokens
-  array, a NumPy memmap (.npy) and HDF5 (pipeline.export.export_hdf5, chunked per view).
+  array, a NumPy memmap (.npy) and HDF5 (pipeline.store.export.export_hdf5, chunked per view).
 Everything was just written, so the files sit in the page cache: this measures decoding and
 indexing cost, not the disk. No goal is set for storage in issue 7; the ratios are for comparison.
 Tokens come from the extraction engine on a BatchNorm-recalibrated random backbone (its tokens
@@ -23,10 +23,10 @@ import common
 import h5py
 import numpy as np
 
-from pipeline import paths
-from pipeline.cache import FeatureCache
-from pipeline.export import export_hdf5
-from pipeline.loader import TokenLoader
+from pipeline.config import paths
+from pipeline.store.cache import FeatureCache
+from pipeline.store.export import export_hdf5
+from pipeline.store.loader import TokenLoader
 from stages import extract_features
 
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))  # run as `python bench/x.py` from anywhere
 import numpy as np
 import torch
 
-from pipeline import paths
-from pipeline.config import load_params
+from pipeline.config import paths
+from pipeline.config.params import load_params
 
 REAL_COCO = REPO.parent / "shared" / "data" / "coco2017-tiny"
 GENERATED_IMAGE_SIZE = 480  # about COCO's 640x480, so decoding costs what it would on real data
@@ -108,7 +108,7 @@ def prepare_images(args: argparse.Namespace, root: Path, n_val: int) -> tuple[st
     if real:
         _coco_subset(args.data, root / "data" / "coco2017", args.images, n_val)
         return "coco2017", f"real COCO JPEGs from {args.data} ({args.images} train, {n_val} val)"
-    from pipeline.synthetic import make_planted_coco
+    from pipeline.data.synthetic import make_planted_coco
 
     make_planted_coco(root / "data" / "synthetic", args.images, n_val, num_classes=8,
                       image_size=GENERATED_IMAGE_SIZE)
@@ -140,10 +140,10 @@ def make_params(args: argparse.Namespace, root: Path, dataset: str, recipe: str 
 def recalibrate(params: dict, images: int = 16) -> None:
     """Give the random backbone data-fitted BatchNorm statistics (TESTING-WITHOUT-WEIGHTS trap 1),
     so its tokens vary between images as real features do; saved and set as backbone.checkpoint."""
-    from pipeline.augment import eval_view
-    from pipeline.build import backbone_from_params
-    from pipeline.datasets import load_multilabel
-    from pipeline.recalibrate import recalibrate_batchnorm
+    from pipeline.data.augment import eval_view
+    from pipeline.model.build import backbone_from_params
+    from pipeline.data.datasets import load_multilabel
+    from pipeline.model.recalibrate import recalibrate_batchnorm
 
     data = load_multilabel(params["data"]["dataset"], paths.dataset_root(params), "train")
     backbone = backbone_from_params(params)
@@ -160,7 +160,7 @@ def random_token_stores(params: dict, n_train: int, n_val: int, views: int, num_
                         dim: int, num_classes: int = 80, seed: int = 0) -> None:
     """Train/val stores of random float16 tokens in the layout a backbone would write, for timing
     code that reads tokens (training, ablation) at full RN-101 size without running RN-101."""
-    from pipeline.cache import FeatureCache
+    from pipeline.store.cache import FeatureCache
 
     rng = np.random.default_rng(seed)
     classnames = [f"class{c}" for c in range(num_classes)]

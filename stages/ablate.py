@@ -3,7 +3,7 @@
 Every grid point is the solo `pipeline train` run with that point's params (ablation.point_params):
 same seeded initial head, same batches, same partial labels, same arithmetic. Points whose loss is
 the same (alpha = 0 leaves lambda out of it) are trained once and reported for each. The distinct
-heads are stacked into one batched forward / backward / update (pipeline/stacked.py), with one host
+heads are stacked into one batched forward / backward / update (pipeline/training/stacked.py), with one host
 sync per step for the whole grid; InfoCLIP objectives (an LPAM and a token sampler per point) run
 head by head through training.train_step instead. Each point is validated as a solo run is (every
 train.eval_every epochs and after the last), and its projectors are saved with its params under
@@ -17,8 +17,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from pipeline import paths, provenance
-from pipeline.ablation import (
+from pipeline.config import paths
+from pipeline.training import provenance
+from pipeline.training.ablation import (
     distinct,
     grid,
     plot_ablation,
@@ -28,13 +29,13 @@ from pipeline.ablation import (
     write_csv,
     write_markdown,
 )
-from pipeline.build import resolve_device
-from pipeline.config import ParamError
+from pipeline.model.build import resolve_device
+from pipeline.config.params import ParamError
 from pipeline.files import atomic_write_text
-from pipeline.objective import build_objective, uses_infoclip
-from pipeline.results import stamp
-from pipeline.stacked import LoopTrainer, StackedTrainer
-from pipeline.training import (
+from pipeline.model.objective import build_objective, uses_infoclip
+from pipeline.results.outputs import stamp
+from pipeline.training.stacked import LoopTrainer, StackedTrainer
+from pipeline.training.loop import (
     amp_dtype,
     lr_at,
     merit_text,

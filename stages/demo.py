@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 import pipeline
-from pipeline.config import DEFAULT_PARAMS, load_params
+from pipeline.config.params import DEFAULT_PARAMS, load_params
 from pipeline.files import atomic_write_text
 
 

@@ -1,7 +1,7 @@
 """Stage `data` (`pipeline download`): check every dataset the params configure, fetch only what is
 missing, or generate the planted-signal one.
 
-Without --dataset (the DVC stage): every evaluation dataset is checked first (pipeline.datacheck;
+Without --dataset (the DVC stage): every evaluation dataset is checked first (pipeline.data.datacheck;
 a missing one fails before any work, or is skipped under `evaluate.missing: skip`), then the
 training dataset is used as placed, downloaded only when absent. With --dataset: that one only.
 
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline import paths
-from pipeline.backbone import load_backbone
-from pipeline.datacheck import check_datasets, require_datasets
-from pipeline.datasets import load_multilabel
-from pipeline.download import download_dataset
+from pipeline.config import paths
+from pipeline.model.backbone import load_backbone
+from pipeline.data.datacheck import check_datasets, require_datasets
+from pipeline.data.datasets import load_multilabel
+from pipeline.data.download import download_dataset
 from pipeline.files import atomic_write
-from pipeline.recalibrate import RECALIBRATION_IMAGES, recalibrate_on_images
-from pipeline.synthetic import make_planted_coco
+from pipeline.model.recalibrate import RECALIBRATION_IMAGES, recalibrate_on_images
+from pipeline.data.synthetic import make_planted_coco
 
 
 def write_random_backbone(out: Path, name: str, init_seed: int, image_size: int, images: list[Path]) -> Path:

@@ -19,19 +19,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import paths, provenance
-from pipeline.backbone import FrozenCLIP
-from pipeline.build import backbone_from_params, resolve_device
-from pipeline.cache import FeatureCache
-from pipeline.datacheck import for_evaluation
-from pipeline.datasets import DatasetError, load_multilabel
-from pipeline.evaluation import fmt, load_head, source_line
-from pipeline.heads import UnmixHead, positive_scores, region_logits
-from pipeline.loader import TokenLoader
-from pipeline.metrics import average_precision
-from pipeline.results import write_results
-from pipeline.training import TrainingError, evaluate_head, projector_text
-from pipeline.zsmlr import zero_shot_mlr
+from pipeline.config import paths
+from pipeline.training import provenance
+from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.build import backbone_from_params, resolve_device
+from pipeline.store.cache import FeatureCache
+from pipeline.data.datacheck import for_evaluation
+from pipeline.data.datasets import DatasetError, load_multilabel
+from pipeline.evaluation.sources import fmt, load_head, source_line
+from pipeline.model.heads import UnmixHead, positive_scores, region_logits
+from pipeline.store.loader import TokenLoader
+from pipeline.evaluation.metrics import average_precision
+from pipeline.results.outputs import write_results
+from pipeline.training.loop import TrainingError, evaluate_head, projector_text
+from pipeline.evaluation.zsmlr import zero_shot_mlr
 
 WHATS = ("mlr", "mfi", "seg", "zs-mlr")
 SEG_SPLIT = "val"
@@ -47,7 +48,7 @@ CONTEXT59_HELP = (
 # -- shared ------------------------------------------------------------------------------------
 def backbone_and_head(params: dict) -> tuple[FrozenCLIP, UnmixHead, dict, dict]:
     """The frozen backbone, the evaluated projectors, their meta and their source
-    (pipeline.evaluation.source)."""
+    (pipeline.evaluation.sources.source)."""
     device = resolve_device(params["backbone"]["device"])
     backbone = backbone_from_params(params, device)
     head, meta, src = load_head(params, device, backbone.embed_dim)

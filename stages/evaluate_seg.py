@@ -2,12 +2,12 @@
 protocol, each number named by its protocol; evaluate.seg.protocol picks the headline table."""
 from __future__ import annotations
 
-from pipeline.classes import CONTEXT_UNSEEN_IN_COCO
-from pipeline.datasets import DatasetError, load_segmentation
-from pipeline.evaluation import fmt, source_line
-from pipeline.metrics import MIOU_PROTOCOLS
-from pipeline.seg_eval import evaluate_segmentation
-from pipeline.segmentation import METHOD_LABELS
+from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO
+from pipeline.data.datasets import DatasetError, load_segmentation
+from pipeline.evaluation.sources import fmt, source_line
+from pipeline.evaluation.metrics import MIOU_PROTOCOLS
+from pipeline.evaluation.seg_eval import evaluate_segmentation
+from pipeline.evaluation.segmentation import METHOD_LABELS
 from stages.evaluate import SEG_SPLIT, backbone_and_head, dataset_root
 
 PROTOCOL_TEXT = {

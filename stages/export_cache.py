@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
-from pipeline.cache import FeatureCache
-from pipeline.export import export_hdf5
+from pipeline.config import paths
+from pipeline.store.cache import FeatureCache
+from pipeline.store.export import export_hdf5
 
 
 def run(params: dict, split: str = "train", fmt: str = "hdf5",

@@ -8,10 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
-from pipeline.build import backbone_from_params
-from pipeline.datasets import DatasetError, MultiLabelDataset, load_multilabel
-from pipeline.extract import extract
+from pipeline.config import paths
+from pipeline.model.build import backbone_from_params
+from pipeline.data.datasets import DatasetError, MultiLabelDataset, load_multilabel
+from pipeline.extraction.engine import extract
 
 
 def load_split(params: dict, role: str) -> MultiLabelDataset:

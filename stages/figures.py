@@ -14,14 +14,15 @@ import re
 import numpy as np
 import torch
 
-from pipeline import paths, provenance
-from pipeline.classes import prompt_names
-from pipeline.datacheck import for_evaluation
-from pipeline.datasets import load_segmentation
-from pipeline.plots import activation_grid
-from pipeline.results import stamp as stamp_run
-from pipeline.seg_eval import object_classes
-from pipeline.segmentation import (
+from pipeline.config import paths
+from pipeline.training import provenance
+from pipeline.data.classes import prompt_names
+from pipeline.data.datacheck import for_evaluation
+from pipeline.data.datasets import load_segmentation
+from pipeline.results.plots import activation_grid
+from pipeline.results.outputs import stamp as stamp_run
+from pipeline.evaluation.seg_eval import object_classes
+from pipeline.evaluation.segmentation import (
     METHOD_LABELS,
     method_text,
     normalise_minmax,

@@ -1,4 +1,4 @@
-"""Stage `report`: one Markdown file a person reads in a minute (pipeline/report.py has the parts).
+"""Stage `report`: one Markdown file a person reads in a minute (pipeline/results/report.py has the parts).
 
 Order: what ran (and a loud line when the numbers mean nothing), inputs from another run, the
 paper beside this run, training, the stages' tables, figures, the ablation; per-class values last,
@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from datetime import datetime, timezone
 
-from pipeline import paths, provenance
+from pipeline.config import paths
+from pipeline.training import provenance
 from pipeline.files import atomic_write_text
-from pipeline.report import (
+from pipeline.results.report import (
     paper_table,
     per_class_sections,
     provenance_warnings,

@@ -3,7 +3,7 @@
 Per image, in --out: <name>_overlay.png (image | CLIP | CLIP-VV | ours, one row per class),
 <name>_labels.png (palette PNG: 0 background, 1..C the classes in the given order) and
 <name>.json (image-level scores, pixel fractions, the model used). Everything is computed by
-pipeline.api.UnmixCLIP, configured from params: backbone.* (weights), evaluate.seg.* (image
+pipeline.api.unmix.UnmixCLIP, configured from params: backbone.* (weights), evaluate.seg.* (image
 size, background rule and threshold), evaluate.text_bn.{seg,mlr}, evaluate.text_input.
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline import paths
-from pipeline.api import SegmentationResult, UnmixCLIP, class_list, template_list
-from pipeline.config import ParamError
+from pipeline.config import paths
+from pipeline.api.unmix import SegmentationResult, UnmixCLIP, class_list, template_list
+from pipeline.config.params import ParamError
 from pipeline.files import atomic_write, atomic_write_text
-from pipeline.images import BadImageError, load_image
-from pipeline.plots import activation_grid
-from pipeline.segment_maps import LABELS, METHODS
-from pipeline.segmentation import PROMPTS
-from pipeline.synthetic import voc_palette
+from pipeline.data.images import BadImageError, load_image
+from pipeline.results.plots import activation_grid
+from pipeline.evaluation.segment_maps import LABELS, METHODS
+from pipeline.evaluation.segmentation import PROMPTS
+from pipeline.data.synthetic import voc_palette
 
 MAP_BUDGET_BYTES = 1 << 30  # score maps held per chunk: C x methods x pixels x 4 bytes per image
 TYPICAL_PIXELS = 640 * 480  # a COCO image

@@ -13,15 +13,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import paths, provenance
-from pipeline.build import resolve_device
-from pipeline.cache import CacheError, FeatureCache
+from pipeline.config import paths
+from pipeline.training import provenance
+from pipeline.model.build import resolve_device
+from pipeline.store.cache import CacheError, FeatureCache
 from pipeline.files import atomic_write_text
-from pipeline.loader import Batch, TokenLoader, resolve_read_threads
-from pipeline.metrics import mean_average_precision
-from pipeline.objective import build_objective, clip_alignment_mi, trainable_parameters
-from pipeline.results import write_results
-from pipeline.training import (
+from pipeline.store.loader import Batch, TokenLoader, resolve_read_threads
+from pipeline.evaluation.metrics import mean_average_precision
+from pipeline.model.objective import build_objective, clip_alignment_mi, trainable_parameters
+from pipeline.results.outputs import write_results
+from pipeline.training.loop import (
     TrainingError,
     amp_dtype,
     build_optimizer,
@@ -94,10 +95,10 @@ def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Ca
     train_view(seed = view_seed(seed, i, k)) when augmented, else eval_view; made on the
     backbone's device when the store's views were (fingerprint "transforms": "device").
     """
-    from pipeline.augment import eval_view, normalise_pixels, train_view, view_seed
-    from pipeline.build import backbone_from_params
-    from pipeline.datasets import load_multilabel
-    from pipeline.device_views import file_view
+    from pipeline.data.augment import eval_view, normalise_pixels, train_view, view_seed
+    from pipeline.model.build import backbone_from_params
+    from pipeline.data.datasets import load_multilabel
+    from pipeline.extraction.device_views import file_view
 
     fp = cache.fingerprint
     backbone = backbone_from_params(params, device)

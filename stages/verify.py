@@ -12,10 +12,10 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import Any
 
-from pipeline import paths
-from pipeline.cache import RAW_TEXT_NAMES, TEXT_NAMES, CacheError, FeatureCache
-from pipeline.integrity import unsound_shards
-from pipeline.lock import StoreLock, check_not_written
+from pipeline.config import paths
+from pipeline.store.cache import RAW_TEXT_NAMES, TEXT_NAMES, CacheError, FeatureCache
+from pipeline.store.integrity import unsound_shards
+from pipeline.store.lock import StoreLock, check_not_written
 
 
 def check_store(cache: FeatureCache) -> dict[str, Any]:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from test_training import fresh, shared_world, single_threaded, weights
 
-from pipeline import paths
-from pipeline.ablation import point_params
-from pipeline.cache import FeatureCache
-from pipeline.heads import UnmixHead
-from pipeline.stacked import PARTS, StackedTrainer
-from pipeline.training import TrainingError, build_optimizer, load_projectors, train_step
+from pipeline.config import paths
+from pipeline.training.ablation import point_params
+from pipeline.store.cache import FeatureCache
+from pipeline.model.heads import UnmixHead
+from pipeline.training.stacked import PARTS, StackedTrainer
+from pipeline.training.loop import TrainingError, build_optimizer, load_projectors, train_step
 from stages import ablate, train
 
 EPOCHS = 2

@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from PIL import Image
 from segment_world import CLASSES, SIZE, TEMPLATE, world  # noqa: F401  (session fixture)
 
-from pipeline.api import UnmixCLIP, class_list
-from pipeline.augment import eval_view
-from pipeline.backbone import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE, load_backbone
-from pipeline.config import ParamError
-from pipeline.heads import positive_scores
-from pipeline.images import BadImageError
-from pipeline.segment_maps import label_map
-from pipeline.synthetic import make_bad_images
-from pipeline.weights import WeightsError, sha256_file
+from pipeline.api.unmix import UnmixCLIP, class_list
+from pipeline.data.augment import eval_view
+from pipeline.model.backbone import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE, load_backbone
+from pipeline.config.params import ParamError
+from pipeline.model.heads import positive_scores
+from pipeline.data.images import BadImageError
+from pipeline.evaluation.segment_maps import label_map
+from pipeline.data.synthetic import make_bad_images
+from pipeline.model.weights import WeightsError, sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def segmented(world, model):  # noqa: F811
 
 def object_scores(preds: list[np.ndarray], masks: list[np.ndarray], num: int) -> tuple[float, float]:
     """(mIoU over classes, pixel accuracy) on object pixels only (ground-truth background ignored);
-    labels 1..num. Written independently of pipeline.metrics."""
+    labels 1..num. Written independently of pipeline.evaluation.metrics."""
     pred = np.concatenate([p.ravel() for p in preds]).astype(np.int64)
     gt = np.concatenate([m.ravel() for m in masks]).astype(np.int64)
     keep = gt > 0
@@ -166,8 +166,8 @@ def test_class_list_and_templates_are_validated():
 def test_recorded_weights_that_can_be_named_are_loaded_without_arguments(tmp_path, record):
     """Both meta layouts (provenance, the train store fingerprint) name the backbone; a seeded
     random init is rebuilt from its record, and another seed is refused."""
-    from pipeline.heads import UnmixHead
-    from pipeline.training import save_projectors
+    from pipeline.model.heads import UnmixHead
+    from pipeline.training.loop import save_projectors
 
     backbone = {"name": "tiny-RN", "weights_digest": "random:2"}
     meta = {"provenance": {"backbone": "tiny-RN", "weights_digest": "random:2"}} \
@@ -190,7 +190,7 @@ def test_maps_with_bilinear_resize_are_the_evaluations_on_the_same_image(world):
     score_maps (maps_from_tokens) -> normalised_maps path, and bicubic gives other maps."""
     import copy
 
-    from pipeline.segmentation import normalised_maps, score_maps, seg_view
+    from pipeline.evaluation.segmentation import normalised_maps, score_maps, seg_view
     from stages.segment import model_from_params
 
     params = copy.deepcopy(world["params"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment import (
+from pipeline.data.augment import (
     CLIP_MEAN,
     CLIP_STD,
     apply_cutout,
@@ -56,7 +56,7 @@ def test_train_view_is_bit_identical_in_a_fresh_process(image, tmp_path):
     path = tmp_path / "img.png"
     image.save(path)
     code = ("import hashlib, sys; from PIL import Image;"
-            "from pipeline.augment import train_view, view_seed;"
+            "from pipeline.data.augment import train_view, view_seed;"
             f"t = train_view(Image.open(r'{path}'), {SIZE}, view_seed(7, 3, 1));"
             "print(view_seed(7, 3, 1), hashlib.sha256(t.numpy().tobytes()).hexdigest())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -135,7 +135,7 @@ def test_package_randaugment_views_are_reproducible_in_a_fresh_process_and_diffe
     path = tmp_path / "img.png"
     image.save(path)
     kw = "randaugment='package', interpolation='bilinear', cutout_inclusive=True"
-    code = ("import hashlib; from PIL import Image; from pipeline.augment import train_view, view_seed;"
+    code = ("import hashlib; from PIL import Image; from pipeline.data.augment import train_view, view_seed;"
             f"print(*[hashlib.sha256(train_view(Image.open(r'{path}'), {SIZE}, view_seed(7, 3, v), {kw})"
             ".numpy().tobytes()).hexdigest() for v in range(4)])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -169,8 +169,8 @@ def test_training_view_interpolation_is_the_named_resize(image):
 def test_every_augment_param_reaches_the_view_and_the_store_fingerprint():
     import inspect
 
-    from pipeline.extract import DEFAULT_AUGMENT
-    from pipeline.schema import Augment
+    from pipeline.extraction.engine import DEFAULT_AUGMENT
+    from pipeline.config.schema import Augment
 
     assert set(DEFAULT_AUGMENT) == set(Augment.model_fields)  # each param key has a default ...
     assert set(DEFAULT_AUGMENT) <= set(inspect.signature(train_view).parameters)  # ... and is used

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import (
+from pipeline.model.backbone import (
     NEGATIVE_TEMPLATE,
     PLAIN_TEMPLATE,
     POSITIVE_TEMPLATE,
@@ -11,7 +11,7 @@ from pipeline.backbone import (
     load_backbone,
     resize_positional_embedding,
 )
-from pipeline.recalibrate import recalibrate_batchnorm
+from pipeline.model.recalibrate import recalibrate_batchnorm
 
 POOL = "visual.attnpool."
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache import CacheError, FeatureCache, FingerprintMismatch
-from pipeline.export import export_hdf5
+from pipeline.store.cache import CacheError, FeatureCache, FingerprintMismatch
+from pipeline.store.export import export_hdf5
 
 N, K, T, D, S, C = 10, 3, 5, 8, 4, 6  # 10 images in shards of 4 -> 3 shards, the last partial
 FP = {"backbone": "tiny-RN", "weights": "abc123", "image_size": 96, "views": K, "aug": {"cutout": True}}

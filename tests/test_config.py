@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (
+from pipeline.config.params import (
     ParamError,
     configure,
     load_params,
@@ -13,7 +13,7 @@ from pipeline.config import (
     recipe_keys,
     recipe_summary,
 )
-from pipeline.schema import RECIPES
+from pipeline.config.schema import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "configs" / "params.yaml"

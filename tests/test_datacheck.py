@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import datacheck
-from pipeline.config import DEFAULT_PARAMS, load_params
-from pipeline.datasets import DatasetError, load_multilabel
-from pipeline.synthetic import make_planted_coco
+from pipeline.data import datacheck
+from pipeline.config.params import DEFAULT_PARAMS, load_params
+from pipeline.data.datasets import DatasetError, load_multilabel
+from pipeline.data.synthetic import make_planted_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy.ndimage import binary_erosion
 
-from pipeline.classes import (
+from pipeline.data.classes import (
     COCO_CATEGORY_IDS,
     COCO_CLASSES,
     CONTEXT59_CLASSES,
@@ -19,8 +19,8 @@ from pipeline.classes import (
     VOC_CLASSES,
     classnames,
 )
-from pipeline.datasets import DatasetError, load_multilabel, load_segmentation
-from pipeline.synthetic import (
+from pipeline.data.datasets import DatasetError, load_multilabel, load_segmentation
+from pipeline.data.synthetic import (
     class_colours,
     make_context_layout,
     make_planted_coco,

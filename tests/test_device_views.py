@@ -13,22 +13,22 @@ import zarr
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from pipeline.augment import view_draws, view_seed
-from pipeline.cache import FeatureCache, FingerprintMismatch
-from pipeline.config import ParamError, load_params
-from pipeline.datasets import load_multilabel
-from pipeline.device_views import file_view, train_device_views
-from pipeline.extract import extract
-from pipeline.images import BadImageError, load_image, read_for_device
-from pipeline.synthetic import (
+from pipeline.data.augment import view_draws, view_seed
+from pipeline.store.cache import FeatureCache, FingerprintMismatch
+from pipeline.config.params import ParamError, load_params
+from pipeline.data.datasets import load_multilabel
+from pipeline.extraction.device_views import file_view, train_device_views
+from pipeline.extraction.engine import extract
+from pipeline.data.images import BadImageError, load_image, read_for_device
+from pipeline.data.synthetic import (
     CONVERTIBLE_IMAGE_KINDS,
     CORRUPT_IMAGE_KINDS,
     make_bad_images,
     make_planted_coco,
     planted_sample,
 )
-from pipeline.training import TrainingError
-from pipeline.view_loader import DEFAULT_AUGMENT, ViewSpec, view_batches
+from pipeline.training.loop import TrainingError
+from pipeline.extraction.views import DEFAULT_AUGMENT, ViewSpec, view_batches
 from stages.download import write_random_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_device_store_is_complete_close_to_the_workers_store_and_fingerprinted(c
 
     # train --online recomputes the stored views on the device too: image 4 and 5, both views,
     # in the extraction's batch (4 views per forward), give the stored bytes.
-    from pipeline.loader import Batch
+    from pipeline.store.loader import Batch
     from stages.train import online_tokens
     params = load_params(ROOT / "params.yaml", [
         f"paths.data={dataset.records[0].path.parents[1].parent}", "data.dataset=synthetic",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.download import (
+from pipeline.data.download import (
     REGISTRY,
     RETRIES,
     Archive,

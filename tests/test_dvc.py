@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synthetic import make_planted_coco
+from pipeline.data.synthetic import make_planted_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's dvc and pipeline entry points

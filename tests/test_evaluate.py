@@ -15,18 +15,20 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import evaluation, paths, provenance
-from pipeline.augment import eval_view
-from pipeline.backbone import load_backbone
-from pipeline.cache import FeatureCache
-from pipeline.config import load_params
-from pipeline.datasets import DatasetError, load_multilabel
-from pipeline.heads import positive_scores
-from pipeline.metrics import mean_average_precision
-from pipeline.recalibrate import recalibrate_batchnorm
-from pipeline.segmentation import PROMPTS
-from pipeline.synthetic import make_planted_coco
-from pipeline.training import TrainingError, build_optimizer, new_head, save_projectors, train_step
+from pipeline.evaluation import sources as evaluation
+from pipeline.config import paths
+from pipeline.training import provenance
+from pipeline.data.augment import eval_view
+from pipeline.model.backbone import load_backbone
+from pipeline.store.cache import FeatureCache
+from pipeline.config.params import load_params
+from pipeline.data.datasets import DatasetError, load_multilabel
+from pipeline.model.heads import positive_scores
+from pipeline.evaluation.metrics import mean_average_precision
+from pipeline.model.recalibrate import recalibrate_batchnorm
+from pipeline.evaluation.segmentation import PROMPTS
+from pipeline.data.synthetic import make_planted_coco
+from pipeline.training.loop import TrainingError, build_optimizer, new_head, save_projectors, train_step
 from stages import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,7 +228,7 @@ def test_zs_mlr_reports_clip_regions_and_combination(world):
 
 def test_zs_mlr_raw_text_input_encodes_the_prompts_once_and_clip_keeps_normalised_features(world, monkeypatch):
     """text_input raw: one text encoding; CLIP's own (global) scores are those of normalised input."""
-    from pipeline.zsmlr import zero_shot_mlr
+    from pipeline.evaluation.zsmlr import zero_shot_mlr
     backbone, dataset = world["backbone"], world["val"]
     kw = {"image_size": world["params"]["evaluate"]["seg"]["image_size"], "limit": 4, "progress": False}
     normalised = zero_shot_mlr(backbone, world["head"], dataset, **kw)

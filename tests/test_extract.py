@@ -10,14 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.augment import eval_view, train_view, view_seed
-from pipeline.cache import FeatureCache, FingerprintMismatch
-from pipeline.classes import VOC_CLASSES
-from pipeline.cli import main
-from pipeline.datasets import load_multilabel
-from pipeline.extract import extract
-from pipeline.images import load_image
-from pipeline.synthetic import make_planted_coco, make_voc_layout, planted_sample
+from pipeline.data.augment import eval_view, train_view, view_seed
+from pipeline.store.cache import FeatureCache, FingerprintMismatch
+from pipeline.data.classes import VOC_CLASSES
+from pipeline.cli.app import main
+from pipeline.data.datasets import load_multilabel
+from pipeline.extraction.engine import extract
+from pipeline.data.images import load_image
+from pipeline.data.synthetic import make_planted_coco, make_voc_layout, planted_sample
 from stages.download import write_random_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_coco_store_matches_annotations_and_few_files(train_store) -> None:
 def test_recomputed_view_equals_stored_tokens(coco, train_store) -> None:
     dataset, cache = train_store
     ckpt = coco[1]
-    from pipeline.backbone import load_backbone
+    from pipeline.model.backbone import load_backbone
     backbone = load_backbone("tiny-RN", pretrained=None, checkpoint=ckpt)
     # Shard 1 = images 4..7, recomputed independently from the seeds, in the same batch layout.
     views = torch.stack([train_view(load_image(dataset.records[i].path), SIZE, view_seed(0, i, k))
@@ -107,7 +107,7 @@ def test_voc_store_matches_annotations_with_plain_eval_view(tmp_path: Path) -> N
     assert list(cache.ids) == [f"2007_{i:06d}" for i in range(4, 8)]
     assert cache.classnames == list(VOC_CLASSES)
     assert cache.fingerprint["augment"] == {"enabled": False}
-    from pipeline.backbone import load_backbone
+    from pipeline.model.backbone import load_backbone
     plain = torch.stack([eval_view(load_image(r.path), SIZE) for r in dataset.records[3:4]])
     expected_tokens = load_backbone("tiny-RN", pretrained=None).spatial_tokens(plain)  # (1, T, D)
     assert np.allclose(cache.tokens[3, 0], expected_tokens[0].numpy(), atol=1e-6)
@@ -200,7 +200,7 @@ def test_two_dask_workers_write_the_same_bytes_as_one_process(coco, tmp_path: Pa
 def test_num_workers_auto_is_the_cores_this_process_may_use() -> None:
     import os
 
-    from pipeline.extract import resolve_num_workers
+    from pipeline.extraction.engine import resolve_num_workers
 
     assert resolve_num_workers("auto") == len(os.sched_getaffinity(0)) >= 1
     assert resolve_num_workers(3) == 3 and resolve_num_workers(0) == 0

@@ -15,13 +15,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache import FeatureCache
-from pipeline.cli import main
-from pipeline.datasets import load_multilabel
-from pipeline.distributed import _BACKBONES, extract_shard_task
-from pipeline.extract import InjectedFailure, ViewSpec, extract
-from pipeline.images import BadImageError, load_image
-from pipeline.synthetic import make_bad_images, make_planted_coco
+from pipeline.store.cache import FeatureCache
+from pipeline.cli.app import main
+from pipeline.data.datasets import load_multilabel
+from pipeline.extraction.distributed import _BACKBONES, extract_shard_task
+from pipeline.extraction.engine import InjectedFailure, ViewSpec, extract
+from pipeline.data.images import BadImageError, load_image
+from pipeline.data.synthetic import make_bad_images, make_planted_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -71,7 +71,7 @@ def test_injected_failure_then_rerun_is_bit_identical(data: Path, tmp_path: Path
 
 SLOW_WRITER = """
 import sys, time
-from pipeline.cache import FeatureCache
+from pipeline.store.cache import FeatureCache
 original = FeatureCache.write_shard
 def slow_write(self, s, tokens, status):
     start, stop = self.shard_range(s)
@@ -79,7 +79,7 @@ def slow_write(self, s, tokens, status):
     time.sleep(0.5)                  # so the kill most likely falls between the two
     original(self, s, tokens, status)
 FeatureCache.write_shard = slow_write
-from pipeline.cli import main
+from pipeline.cli.app import main
 main(sys.argv[1:])
 """
 

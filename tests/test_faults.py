@@ -26,13 +26,13 @@ import torch
 import zarr
 from click.testing import CliRunner, Result
 
-from pipeline.backbone import load_backbone
-from pipeline.cache import FeatureCache
-from pipeline.cli import main
-from pipeline.datasets import load_multilabel
-from pipeline.extract import extract
-from pipeline.synthetic import make_bad_images, make_planted_coco, make_voc_layout
-from pipeline.training import load_projectors
+from pipeline.model.backbone import load_backbone
+from pipeline.store.cache import FeatureCache
+from pipeline.cli.app import main
+from pipeline.data.datasets import load_multilabel
+from pipeline.extraction.engine import extract
+from pipeline.data.synthetic import make_bad_images, make_planted_coco, make_voc_layout
+from pipeline.training.loop import load_projectors
 from stages import train as train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def killing_save(obj, f, *args, **kwargs):
         os.truncate(f, os.path.getsize(f) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 stage.train_step, torch.save = killing_step, killing_save
-from pipeline.cli import main
+from pipeline.cli.app import main
 main(sys.argv[2:])
 """
 
@@ -218,8 +218,8 @@ async def killing_set(self, key, value):
         os.kill(os.getpid(), signal.SIGKILL)
     return await original(self, key, value)
 zarr.storage.LocalStore.set = killing_set
-from pipeline.datasets import load_multilabel
-from pipeline.extract import extract
+from pipeline.data.datasets import load_multilabel
+from pipeline.extraction.engine import extract
 from test_faults import BACKBONE, EXTRACT
 extract(load_multilabel("synthetic", sys.argv[2], "train"), sys.argv[3], BACKBONE, **EXTRACT)
 """

@@ -8,13 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import paths, provenance
-from pipeline.config import load_params
-from pipeline.datasets import load_segmentation
-from pipeline.heads import UnmixHead
-from pipeline.plots import activation_grid, similarity_heatmaps
-from pipeline.synthetic import make_planted_coco
-from pipeline.training import save_projectors
+from pipeline.config import paths
+from pipeline.training import provenance
+from pipeline.config.params import load_params
+from pipeline.data.datasets import load_segmentation
+from pipeline.model.heads import UnmixHead
+from pipeline.results.plots import activation_grid, similarity_heatmaps
+from pipeline.data.synthetic import make_planted_coco
+from pipeline.training.loop import save_projectors
 from stages import figures
 
 REPO = Path(__file__).resolve().parents[1]

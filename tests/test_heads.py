@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.heads import (
+from pipeline.model.heads import (
     HeadOutput,
     ImageProjector,
     TextProjector,
@@ -14,7 +14,7 @@ from pipeline.heads import (
     positive_scores,
     region_logits,
 )
-from pipeline.losses import asl_loss, mfi_loss
+from pipeline.model.losses import asl_loss, mfi_loss
 
 
 def _loop_region_logits(image, text, mode):

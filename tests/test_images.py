@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import BadImageError, load_image
-from pipeline.synthetic import CONVERTIBLE_IMAGE_KINDS, CORRUPT_IMAGE_KINDS, make_bad_images
+from pipeline.data.images import BadImageError, load_image
+from pipeline.data.synthetic import CONVERTIBLE_IMAGE_KINDS, CORRUPT_IMAGE_KINDS, make_bad_images
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.infoclip import (
+from pipeline.model.infoclip import (
     LPAM,
     InfoCLIPLoss,
     alignment_map,
     alignment_scores,
     sample_token_indices,
 )
-from pipeline.information import gram_matrix, mutual_information
+from pipeline.model.information import gram_matrix, mutual_information
 
 B, T, D, DS, K = 2, 10, 16, 8, 5
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.information import (
+from pipeline.model.information import (
     gram_matrix,
     joint_entropy,
     median_sigma,

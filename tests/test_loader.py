@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import CacheError, FeatureCache
-from pipeline.loader import TokenLoader
+from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.store.loader import TokenLoader
 
 N, K, T, D, S, C = 45, 3, 4, 6, 8, 5  # 6 shards, the last with 5 images
 BAD = {3, 17, 40}
@@ -102,7 +102,7 @@ def test_reader_threads_serve_the_same_batches(store) -> None:
 
 
 def test_read_threads_auto_is_one_per_four_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.loader import resolve_read_threads
+    from pipeline.store.loader import resolve_read_threads
     for cores, threads in ((2, 1), (4, 1), (16, 4), (64, 8)):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert resolve_read_threads("auto") == threads
@@ -117,7 +117,7 @@ def test_shuffle_is_global_across_shards(store) -> None:
 
 
 def test_streaming_reads_only_the_sampled_views(store, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.shards import ShardReader
+    from pipeline.store.shards import ShardReader
     cache, _ = store
     calls: list[tuple[int, int]] = []
     real = ShardReader._read  # every chunk read goes through it
@@ -132,7 +132,7 @@ def test_streaming_reads_only_the_sampled_views(store, monkeypatch: pytest.Monke
 def test_a_chunk_damaged_between_epochs_stops_the_next_epoch(tmp_path: Path) -> None:
     """Streaming checks a chunk's crc32c at its first read only; a shard file written since is
     checked again, so a chunk the first epoch proved cannot be served damaged by the second."""
-    from pipeline.shards import ShardReader
+    from pipeline.store.shards import ShardReader
     rng = np.random.default_rng(1)
     cache = FeatureCache.create_or_open(
         tmp_path / "c.zarr", ids=[str(i) for i in range(16)], labels=np.zeros((16, C), np.int8),
@@ -164,7 +164,7 @@ def test_drop_last_and_memory_budget(store) -> None:
 
 def test_prefetch_thread_error_reaches_consumer(store, monkeypatch: pytest.MonkeyPatch) -> None:
     cache, _ = store
-    from pipeline.shards import ShardReader
+    from pipeline.store.shards import ShardReader
     real = ShardReader._read  # every chunk read goes through it
     seen: list[int] = []
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache import FeatureCache
-from pipeline.lock import StoreLock, StoreLocked, lock_path
+from pipeline.store.cache import FeatureCache
+from pipeline.store.lock import StoreLock, StoreLocked, lock_path
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = """
 import sys, time
-from pipeline.lock import StoreLock
+from pipeline.store.lock import StoreLock
 StoreLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(60)

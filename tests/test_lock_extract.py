@@ -15,15 +15,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.synthetic import make_planted_coco
+from pipeline.cli.app import main
+from pipeline.data.synthetic import make_planted_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 SLOW_WRITER = """
 import os, sys, time
-from pipeline.cache import FeatureCache
+from pipeline.store.cache import FeatureCache
 original = FeatureCache.write_shard
 def slow_write(self, s, tokens, status):  # the first shard waits for the test's go (up to 120 s)
     deadline = time.monotonic() + 120
@@ -31,7 +31,7 @@ def slow_write(self, s, tokens, status):  # the first shard waits for the test's
         time.sleep(0.05)
     original(self, s, tokens, status)
 FeatureCache.write_shard = slow_write
-from pipeline.cli import main
+from pipeline.cli.app import main
 main(sys.argv[1:])
 """
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses import asl_loss, mfi_loss
+from pipeline.model.losses import asl_loss, mfi_loss
 
 
 def _asl_by_hand(logits, labels, gamma_neg=2.0, gamma_pos=1.0, clip=0.05, eps=1e-6):
@@ -227,9 +227,9 @@ def test_mfi_rejects_unknown_form():
 
 def test_train_step_total_is_weighted_asl_plus_alpha_mfi():
     """The paper's L = ASL + alpha*MFI and the authors' 0.999*0.05*ASL + 0.001*MFI are one formula."""
-    from pipeline.config import load_params
-    from pipeline.heads import UnmixHead
-    from pipeline.training import train_step
+    from pipeline.config.params import load_params
+    from pipeline.model.heads import UnmixHead
+    from pipeline.training.loop import train_step
 
     cfg = load_params(Path(__file__).resolve().parents[1] / "configs" / "params.yaml")["train"]
     g = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from pipeline.metrics import (
+from pipeline.evaluation.metrics import (
     average_precision,
     confusion_matrix,
     mean_average_precision,

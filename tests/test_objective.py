@@ -24,17 +24,17 @@ from test_training import (
     with_recipe,
 )
 
-from pipeline import paths
-from pipeline.ablation import point_params
-from pipeline.backbone import FrozenCLIP, load_backbone
-from pipeline.config import ParamError, load_params
-from pipeline.heads import UnmixHead
-from pipeline.infoclip import InfoCLIPLoss, alignment_map, sample_token_indices
-from pipeline.information import gram_matrix, mutual_information
-from pipeline.loader import Batch
-from pipeline.losses import asl_loss, mfi_loss
-from pipeline.objective import build_objective, clip_alignment_mi, trainable_parameters
-from pipeline.training import build_optimizer, load_projectors, new_head, train_step
+from pipeline.config import paths
+from pipeline.training.ablation import point_params
+from pipeline.model.backbone import FrozenCLIP, load_backbone
+from pipeline.config.params import ParamError, load_params
+from pipeline.model.heads import UnmixHead
+from pipeline.model.infoclip import InfoCLIPLoss, alignment_map, sample_token_indices
+from pipeline.model.information import gram_matrix, mutual_information
+from pipeline.store.loader import Batch
+from pipeline.model.losses import asl_loss, mfi_loss
+from pipeline.model.objective import build_objective, clip_alignment_mi, trainable_parameters
+from pipeline.training.loop import build_optimizer, load_projectors, new_head, train_step
 from stages import ablate, train
 
 # Distillation weight for the world's runs: the ASL is summed over B x C = 32 x 8 terms (hundreds at

@@ -12,13 +12,13 @@ import pytest
 import torch
 from test_faults import BACKBONE, CLASSES, SIZE, assert_clear_error, cli, sets
 
-from pipeline import provenance
-from pipeline.backbone import load_backbone
-from pipeline.config import load_params
-from pipeline.datasets import load_multilabel
-from pipeline.extract import extract
-from pipeline.synthetic import make_planted_coco
-from pipeline.training import TrainingError, load_projectors
+from pipeline.training import provenance
+from pipeline.model.backbone import load_backbone
+from pipeline.config.params import load_params
+from pipeline.data.datasets import load_multilabel
+from pipeline.extraction.engine import extract
+from pipeline.data.synthetic import make_planted_coco
+from pipeline.training.loop import TrainingError, load_projectors
 from stages import train as train_stage
 
 TRAIN = {"train__epochs": 2, "train__batch_size": 8, "train__optimizer": "adam", "train__lr": 0.01,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DEFAULT_PARAMS, load_params
-from pipeline.results import count_values, headline, run_identity, stamp, write_results
+from pipeline.config.params import DEFAULT_PARAMS, load_params
+from pipeline.results.outputs import count_values, headline, run_identity, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class{i}" for i in range(80)]
@@ -95,8 +95,8 @@ def test_demo_summary_quotes_the_headline_numbers(tmp_path):
 
 @pytest.mark.parametrize("recipe, other", [("authors", "paper"), ("paper", "authors")])
 def test_every_result_names_its_recipe_and_what_differs_from_the_other(tmp_path, recipe, other):
-    from pipeline.config import load_recipe
-    from pipeline.report import recipe_lines
+    from pipeline.config.params import load_recipe
+    from pipeline.results.report import recipe_lines
 
     params = _params(tmp_path, f"recipe={recipe}", "train.alpha=0.5")
     write_results(params, "mlr", {"ours": {"map": 50.0}}, {"ours": 50.0}, "## mlr")
@@ -126,7 +126,7 @@ def test_report_names_the_last_and_best_projectors_and_which_one_evaluations_use
 
 
 def test_paper_table_names_the_seg_protocol_the_numbers_were_made_with(tmp_path):
-    from pipeline.report import paper_table
+    from pipeline.results.report import paper_table
 
     made = _params(tmp_path, "evaluate.seg.protocol=dataset", "evaluate.seg.background=softmax")
     full = {"protocol": "dataset", "background": "softmax",
@@ -140,7 +140,7 @@ def test_paper_table_names_the_seg_protocol_the_numbers_were_made_with(tmp_path)
 def test_run_digest_ignores_only_where_and_how_fast_training_ran(tmp_path):
     """The speed keys the projectors' record skips (provenance.IGNORED_TRAIN_KEYS) do not make
     another run; a key that changes the weights does."""
-    from pipeline.provenance import IGNORED_TRAIN_KEYS
+    from pipeline.training.provenance import IGNORED_TRAIN_KEYS
 
     base = run_identity(_params(tmp_path))["digest"]
     faster = _params(tmp_path, "train.device=cpu", "train.cpu_threads=3", "train.read_threads=5",

@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from PIL import Image
 from segment_world import CLASSES, TEMPLATE, world  # noqa: F401  (session fixture)
 
-from pipeline.api import UnmixCLIP
-from pipeline.backbone import load_backbone
-from pipeline.cli import main
-from pipeline.config import ParamError
-from pipeline.images import BadImageError
-from pipeline.synthetic import make_bad_images
+from pipeline.api.unmix import UnmixCLIP
+from pipeline.model.backbone import load_backbone
+from pipeline.cli.app import main
+from pipeline.config.params import ParamError
+from pipeline.data.images import BadImageError
+from pipeline.data.synthetic import make_bad_images
 from stages.segment import expand_images, read_label_png
 
 QUERIED = ["person", "car", "bus"]

@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import eval_view
-from pipeline.backbone import load_backbone
-from pipeline.classes import CONTEXT_UNSEEN_IN_COCO
-from pipeline.datasets import load_segmentation
-from pipeline.heads import UnmixHead
-from pipeline.metrics import PER_IMAGE_PROTOCOLS, miou_per_image
-from pipeline.recalibrate import recalibrate_batchnorm
-from pipeline.seg_eval import evaluate_segmentation
-from pipeline.segmentation import (
+from pipeline.data.augment import eval_view
+from pipeline.model.backbone import load_backbone
+from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO
+from pipeline.data.datasets import load_segmentation
+from pipeline.model.heads import UnmixHead
+from pipeline.evaluation.metrics import PER_IMAGE_PROTOCOLS, miou_per_image
+from pipeline.model.recalibrate import recalibrate_batchnorm
+from pipeline.evaluation.seg_eval import evaluate_segmentation
+from pipeline.evaluation.segmentation import (
     METHODS,
     label_with_background,
     method_text,
@@ -30,8 +30,8 @@ from pipeline.segmentation import (
     score_maps,
     token_grid,
 )
-from pipeline.synthetic import make_context_layout, make_planted_coco, make_voc_layout
-from pipeline.zsmlr import region_probabilities, region_views
+from pipeline.data.synthetic import make_context_layout, make_planted_coco, make_voc_layout
+from pipeline.evaluation.zsmlr import region_probabilities, region_views
 
 SIZE = 96  # network input: a 3 x 3 token grid
 

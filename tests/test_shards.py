@@ -1,4 +1,4 @@
-"""Direct shard reads (pipeline/shards.py) equal zarr's reads byte for byte, for every layout option,
+"""Direct shard reads (pipeline/store/shards.py) equal zarr's reads byte for byte, for every layout option,
 and refuse a damaged chunk or index naming the store, the array, the shard and the image view."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import shards
-from pipeline.cache import CacheError, FeatureCache
-from pipeline.shards import ShardReader
+from pipeline.store import shards
+from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.store.shards import ShardReader
 
 N, K, T, D, S, C = 11, 3, 5, 8, 4, 3  # 3 shards, the last partial
 

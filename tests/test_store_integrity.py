@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from pipeline.cache import CacheError, FeatureCache
-from pipeline.cli import main
-from pipeline.integrity import unsound_shards
-from pipeline.loader import TokenLoader
-from pipeline.synthetic import make_planted_coco
+from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.cli.app import main
+from pipeline.store.integrity import unsound_shards
+from pipeline.store.loader import TokenLoader
+from pipeline.data.synthetic import make_planted_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -66,7 +66,7 @@ def zero_tokens(c: FeatureCache) -> None:
 
 
 def flip_chunk(c: FeatureCache) -> None:
-    from pipeline.shards import ShardReader
+    from pipeline.store.shards import ShardReader
 
     offset, nbytes = ShardReader(c).index(1)[3]  # image 7
     _flip(c.shard_file(1), int(offset + nbytes // 3))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.classes import COCO_CATEGORY_IDS, COCO_CLASSES, VOC_CLASSES
-from pipeline.synthetic import (
+from pipeline.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, VOC_CLASSES
+from pipeline.data.synthetic import (
     CONVERTIBLE_IMAGE_KINDS,
     CORRUPT_IMAGE_KINDS,
     class_colours,

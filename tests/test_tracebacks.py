@@ -24,14 +24,14 @@ from test_faults import BACKBONE, CLASSES, SIZE, assert_clear_error, cli, sets
 from test_provenance import args, trained_world
 
 import pipeline
-from pipeline import cli as cli_module
-from pipeline.backbone import load_backbone
-from pipeline.cache import CacheError, FeatureCache
-from pipeline.datasets import load_multilabel
-from pipeline.download import Archive, DownloadError, download_dataset
-from pipeline.extract import extract
-from pipeline.synthetic import make_planted_coco
-from pipeline.training import TrainingError, load_projectors
+from pipeline.cli import app as cli_module
+from pipeline.model.backbone import load_backbone
+from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.data.datasets import load_multilabel
+from pipeline.data.download import Archive, DownloadError, download_dataset
+from pipeline.extraction.engine import extract
+from pipeline.data.synthetic import make_planted_coco
+from pipeline.training.loop import TrainingError, load_projectors
 
 POISONED = 5  # val image whose tokens the backbone returns as NaN
 
@@ -186,7 +186,7 @@ def test_run_stage_leaves_bugs_and_other_os_errors_as_tracebacks(
 
 
 def test_nan_check_is_exact() -> None:
-    from pipeline.provenance import require_finite
+    from pipeline.training.provenance import require_finite
     scores = np.zeros((4, 3))
     require_finite(scores, np.arange(4))
     scores[2, 1] = np.inf

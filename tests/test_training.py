@@ -2,7 +2,7 @@
 
 One module-scoped world: a planted-signal COCO-layout dataset, a random tiny-RN whose BatchNorm is
 recalibrated on training images (TESTING-WITHOUT-WEIGHTS trap 1), and float32 caches of one
-un-augmented view, built once with pipeline.extract. Optimiser settings are the smoke profile's.
+un-augmented view, built once with pipeline.extraction.engine. Optimiser settings are the smoke profile's.
 """
 from __future__ import annotations
 
@@ -18,19 +18,19 @@ import pytest
 import torch
 import zarr
 
-from pipeline import paths
-from pipeline.augment import eval_view
-from pipeline.backbone import load_backbone
-from pipeline.build import backbone_from_params
-from pipeline.cache import FeatureCache
-from pipeline.config import get as config_get
-from pipeline.config import load_params, load_recipe
-from pipeline.datasets import load_multilabel
-from pipeline.extract import extract
-from pipeline.loader import TokenLoader
-from pipeline.recalibrate import recalibrate_batchnorm
-from pipeline.synthetic import make_planted_coco
-from pipeline.training import (
+from pipeline.config import paths
+from pipeline.data.augment import eval_view
+from pipeline.model.backbone import load_backbone
+from pipeline.model.build import backbone_from_params
+from pipeline.store.cache import FeatureCache
+from pipeline.config.params import get as config_get
+from pipeline.config.params import load_params, load_recipe
+from pipeline.data.datasets import load_multilabel
+from pipeline.extraction.engine import extract
+from pipeline.store.loader import TokenLoader
+from pipeline.model.recalibrate import recalibrate_batchnorm
+from pipeline.data.synthetic import make_planted_coco
+from pipeline.training.loop import (
     TrainingError,
     build_optimizer,
     load_projectors,

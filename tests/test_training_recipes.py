@@ -17,11 +17,11 @@ import pytest
 import torch
 from test_training import fresh, shared_world, single_threaded
 
-from pipeline import paths
-from pipeline.cache import FeatureCache
-from pipeline.config import load_params
-from pipeline.heads import TextProjector
-from pipeline.training import (
+from pipeline.config import paths
+from pipeline.store.cache import FeatureCache
+from pipeline.config.params import load_params
+from pipeline.model.heads import TextProjector
+from pipeline.training.loop import (
     TrainingError,
     build_optimizer,
     label_mask_identity,
@@ -238,8 +238,8 @@ def test_resume_is_refused_when_the_epochs_would_be_validated_differently(tmp_pa
     (another val store, other BatchNorm statistics or text input) must not mix the two."""
     from types import SimpleNamespace
 
-    from pipeline.checkpoints import TrainingError as CheckpointError
-    from pipeline.checkpoints import (
+    from pipeline.training.checkpoints import TrainingError as CheckpointError
+    from pipeline.training.checkpoints import (
         cache_identity,
         load_checkpoint,
         save_checkpoint,
@@ -269,8 +269,8 @@ def test_resume_is_refused_when_train_epochs_is_below_the_checkpoints_epoch(tmp_
     provenance says 2 epochs; the same or more epochs resume."""
     from types import SimpleNamespace
 
-    from pipeline.checkpoints import TrainingError as CheckpointError
-    from pipeline.checkpoints import cache_identity, load_checkpoint, save_checkpoint
+    from pipeline.training.checkpoints import TrainingError as CheckpointError
+    from pipeline.training.checkpoints import cache_identity, load_checkpoint, save_checkpoint
 
     params = load_params(profile="smoke")
     params["train"]["epochs"] = 3

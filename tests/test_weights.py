@@ -4,8 +4,8 @@ import hashlib
 import pytest
 import torch
 
-from pipeline.backbone import TINY_MODEL, load_backbone
-from pipeline.weights import WeightsError, load_checkpoint, sha256_file
+from pipeline.model.backbone import TINY_MODEL, load_backbone
+from pipeline.model.weights import WeightsError, load_checkpoint, sha256_file
 
 # torch.jit.script/save are deprecated, but they are how OpenAI's archives were made.
 jit_writer = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
@@ -119,7 +119,7 @@ def test_sha256_without_checkpoint_is_refused():
 def test_uncached_pretrained_tag_offline_fails_in_seconds_naming_both_ways_out(tmp_path, monkeypatch):
     import time
 
-    from pipeline import weights
+    from pipeline.model import weights
 
     monkeypatch.setattr(weights, "_cached_pretrained", lambda cfg: False)
     start = time.monotonic()
@@ -132,7 +132,7 @@ def test_uncached_pretrained_tag_offline_fails_in_seconds_naming_both_ways_out(t
 def test_random_backbone_is_announced_and_open_clip_noise_is_dropped(capfd, caplog):
     import logging
 
-    from pipeline.build import backbone_from_params
+    from pipeline.model.build import backbone_from_params
 
     b = {"name": TINY_MODEL, "pretrained": None, "checkpoint": None, "sha256": None, "device": "cpu",
          "precision": "fp32", "channels_last": False, "compile": False, "init_seed": 0,
@@ -145,8 +145,8 @@ def test_random_backbone_is_announced_and_open_clip_noise_is_dropped(capfd, capl
 
 
 def test_recalibrate_bn_is_refused_with_pretrained_weights():
-    from pipeline.build import backbone_from_params
-    from pipeline.config import ParamError
+    from pipeline.model.build import backbone_from_params
+    from pipeline.config.params import ParamError
 
     b = {"name": "RN101", "pretrained": "openai", "checkpoint": None, "recalibrate_bn": True}
     with pytest.raises(ParamError, match="backbone.recalibrate_bn"):

@@ -1,0 +1,4 @@
+"""api"""
+from pipeline.api.unmix import UnmixCLIP
+
+__all__ = ["UnmixCLIP"]

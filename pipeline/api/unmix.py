@@ -1,0 +1,285 @@
+"""Python API: trained Unmix-CLIP projectors on any image and any words.
+
+    model = UnmixCLIP.from_files("cache/models/projectors.pt", checkpoint="RN101.pt")
+    result = model.segment(["a.jpg", "b.jpg"], ["person", "dog", "horse"], background="max-score")
+    result.label_maps[0]        # (H, W) uint8: 0 background, 1..C the classes in the given order
+    result.score_maps[0]        # (C, H, W) float32 normalised scores in [0, 1]
+    result.image_scores         # (N, C) image-level scores in [0, 1]
+
+Class names are free text: the text projector applies to any CLIP text feature, so words unseen
+in training work too. The backbone is the one the projectors record (meta), with weights from
+`checkpoint` / `pretrained` (or inferred from the record); other weights are refused. The
+`segment` and `query` commands call this API.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pipeline.api.weights import recorded_image_size, recorded_train_text_input, resolve_backbone
+from pipeline.data.augment import INTERPOLATIONS, eval_view
+from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
+from pipeline.model.build import resolve_device
+from pipeline.config.params import ParamError
+from pipeline.model.heads import BN_STATS, UnmixHead
+from pipeline.data.images import load_image
+from pipeline.evaluation.segment_maps import (
+    BACKGROUND_RULES,
+    image_scores,
+    label_map,
+    method_maps,
+    normalised_maps,
+    token_paths_for,
+)
+from pipeline.training.loop import load_projectors
+
+ImageLike = str | os.PathLike | Image.Image
+MAX_CLASSES = 255  # labels 1..C and background 0 in one uint8 palette PNG
+TEXT_MEMO = 16  # prompt sets whose CLIP features a model keeps (each a few (C, D) tensors)
+
+
+@dataclass
+class TextFeatures:
+    classes: list[str]
+    templates: list[str]
+    raw: Tensor  # (C, D) CLIP text features, averaged over the templates
+    projected: Tensor  # (C, D') through the text projector, L2-normalised
+    stats: str  # text projector BatchNorm statistics: running | batch (over these C classes)
+
+
+@dataclass
+class ImageTokens:
+    spatial: Tensor  # (B, 1+hw, D) DualCoOp tokens (what the projectors were trained on)
+    vv: Tensor  # (B, 1+hw, D) CLIP Surgery v-v tokens (segmentation)
+    projected: Tensor  # (B, 1+hw, D') v-v tokens through the image projector, L2-normalised
+
+
+@dataclass
+class SegmentationResult:
+    """Per image: a label map and score maps per method, and image-level class scores."""
+    classes: list[str]
+    sources: list[str]  # file path, or "<image i>" for an in-memory image
+    background: str
+    threshold: float
+    templates: list[str]
+    text_bn: str
+    image_scores: np.ndarray  # (N, C) the head's region scores with the pos/neg prompts
+    method_label_maps: dict[str, list[np.ndarray]]  # method -> per image (H, W) uint8
+    method_score_maps: dict[str, list[np.ndarray]]  # method -> per image (C, H, W) float32 in [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    @property
+    def label_maps(self) -> list[np.ndarray]:
+        """Unmix-CLIP's label maps (H, W) uint8: 0 background, k + 1 class k."""
+        return self.method_label_maps["ours"]
+
+    @property
+    def score_maps(self) -> list[np.ndarray]:
+        """Unmix-CLIP's normalised score maps (C, H, W) float32."""
+        return self.method_score_maps["ours"]
+
+    def legend(self) -> dict[int, str]:
+        return {0: "background", **{k + 1: c for k, c in enumerate(self.classes)}}
+
+    def pixel_fractions(self, index: int, method: str = "ours") -> dict[str, float]:
+        """Share of the image's pixels per label name (background only under a background rule)."""
+        labels = self.method_label_maps[method][index]
+        counts = np.bincount(labels.ravel(), minlength=len(self.classes) + 1) / labels.size
+        names = self.legend()
+        return {names[v]: float(counts[v]) for v in names if v > 0 or self.background != "none"}
+
+    def summary(self, index: int) -> dict[str, Any]:
+        """What the `segment` command writes as the image's JSON."""
+        height, width = self.label_maps[index].shape
+        return {"image": self.sources[index], "height": height, "width": width,
+                "classes": list(self.classes), "labels": {str(k): v for k, v in self.legend().items()},
+                "background": self.background, "threshold": self.threshold,
+                "templates": list(self.templates), "text_bn": self.text_bn,
+                "image_scores": {c: float(s) for c, s in zip(self.classes, self.image_scores[index])},
+                "pixel_fractions": self.pixel_fractions(index)}
+
+
+def class_list(classes: str | Iterable[str]) -> list[str]:
+    """Validated class names: stripped, non-empty, unique, at most MAX_CLASSES."""
+    names = [classes] if isinstance(classes, str) else list(classes)
+    names = [str(c).strip() for c in names]
+    if not names or not any(names):
+        raise ParamError("no classes given: name at least one, e.g. --classes \"person,dog\"")
+    if not all(names):
+        raise ParamError(f"empty class name in {names}: remove the extra comma")
+    if len(set(names)) != len(names):
+        raise ParamError(f"class names repeat in {names}: each label needs one name")
+    if len(names) > MAX_CLASSES - 1:
+        raise ParamError(f"{len(names)} classes: at most {MAX_CLASSES - 1} fit a label PNG")
+    return names
+
+
+def template_list(template: str | Iterable[str]) -> list[str]:
+    """Prompt templates, each with one "{}" where the class name goes."""
+    templates = [template] if isinstance(template, str) else list(template)
+    if not templates:
+        raise ParamError("no prompt template given, e.g. --template \"A photo of a {}.\"")
+    for t in templates:
+        if t.count("{}") != 1:
+            raise ParamError(f"prompt template {t!r} must contain '{{}}' once, where the class name goes")
+    return templates
+
+
+def _image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    return list(images)
+
+
+def _load(item: ImageLike, index: int) -> tuple[Image.Image, str]:
+    """(RGB image, its source name); files go through load_image (BadImageError names the file)."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB"), getattr(item, "filename", "") or f"<image {index}>"
+    return load_image(item), str(item)
+
+
+class UnmixCLIP:
+    """A frozen CLIP and trained projectors, ready for free-text queries on images."""
+
+    def __init__(self, backbone: FrozenCLIP, head: UnmixHead, meta: dict | None = None, *,
+                 image_size: int | None = None, text_bn: str = "running",
+                 score_text_bn: str = "running", text_input: str = "normalised",
+                 pos_interpolation: str = "bilinear", interpolation: str = "bicubic", batch_size: int = 8,
+                 source: str = "") -> None:
+        for name, value in (("text_bn", text_bn), ("score_text_bn", score_text_bn)):
+            if value not in BN_STATS:
+                raise ParamError(f"{name} must be one of {BN_STATS}, got {value!r}")
+        if text_input not in ("raw", "normalised"):
+            raise ParamError(f"text_input must be raw or normalised, got {text_input!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ParamError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+        self.backbone, self.head = backbone, head.eval()
+        self.meta = dict(meta or {})
+        self.image_size = image_size or recorded_image_size(self.meta) or backbone.image_size
+        self.text_bn, self.score_text_bn, self.text_input = text_bn, score_text_bn, text_input
+        self.pos_interpolation, self.batch_size, self.source = pos_interpolation, batch_size, source
+        self.interpolation = interpolation  # the image resize (evaluate.seg.interpolation)
+        # (classes, templates, normalise) -> (C, D): the frozen text tower gives the same features
+        # every time, so `segment` called per chunk (and `query`) encodes each prompt set once
+        self._text_memo: dict[tuple, Tensor] = {}
+
+    @classmethod
+    def from_files(cls, projectors: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                   pretrained: str | None = None, device: str = "auto", *, sha256: str | None = None,
+                   init_seed: int = 0, name: str | None = None, precision: str = "fp32",
+                   channels_last: bool = False, **options: Any) -> UnmixCLIP:
+        """Projectors file + the backbone it records. Weights: `checkpoint` (a local file) or
+        `pretrained` (an open_clip tag, "random" for a seeded random init); both None: the
+        recorded ones when they can be named (a tag or a random seed). Refuses weights whose
+        digest differs from the recorded one (WeightsError). `name` is only for projectors
+        that record no backbone. `options` go to the constructor (image_size, text_bn, ...)."""
+        dev = resolve_device(device)
+        head, meta = load_projectors(projectors, dev)
+        backbone = resolve_backbone(meta, projectors, checkpoint=checkpoint, pretrained=pretrained,
+                                    sha256=sha256, init_seed=init_seed, name=name, device=dev,
+                                    precision=precision, channels_last=channels_last)
+        return cls(backbone, head, meta, source=str(Path(projectors).resolve()), **options)
+
+    # -- text ------------------------------------------------------------------------------------
+    def _prompt_features(self, classes: list[str], templates: list[str], text_input: str | None = None
+                         ) -> Tensor:
+        """(C, D) CLIP text features of every class, averaged over the templates (CLIP's prompt
+        ensembling: mean of the L2-normalised features, normalised again; raw input: plain mean).
+        text_input None: the maps' (`self.text_input`)."""
+        normalise = (text_input or self.text_input) == "normalised"
+        key = (tuple(classes), tuple(templates), normalise)
+        if key not in self._text_memo:
+            prompts = [t.replace("{}", c) for t in templates for c in classes]
+            feats = self.backbone.text_features(prompts, normalise=normalise)  # (T*C, D)
+            mean = feats.view(len(templates), len(classes), -1).mean(dim=0)  # (C, D)
+            if len(self._text_memo) >= TEXT_MEMO:
+                del self._text_memo[next(iter(self._text_memo))]  # the oldest
+            self._text_memo[key] = torch.nn.functional.normalize(mean, dim=-1) if normalise else mean
+        return self._text_memo[key].clone()  # the caller's to change
+
+    @torch.no_grad()
+    def text_features(self, classes: str | Iterable[str], template: str | Iterable[str] = PLAIN_TEMPLATE,
+                      stats: str | None = None) -> TextFeatures:
+        """Raw (ensembled) CLIP features of the class prompts and their projection (C, D')."""
+        classes, templates = class_list(classes), template_list(template)
+        stats = stats or self.text_bn
+        if stats == "batch" and len(classes) < 2:
+            raise ParamError(f"text BatchNorm statistics 'batch' (params evaluate.text_bn.seg) are taken "
+                             f"over the queried classes and need at least 2, got {classes}: query more "
+                             "classes or use 'running'")
+        raw = self._prompt_features(classes, templates)
+        projected = self.head.project_text(raw.to(next(self.head.parameters()).device), stats=stats)
+        return TextFeatures(classes, templates, raw, projected, stats)
+
+    # -- images ----------------------------------------------------------------------------------
+    def _inputs(self, pictures: list[Image.Image]) -> Tensor:
+        """(B, 3, S, S): the evaluation's view (segmentation.seg_view is the same eval_view)."""
+        return torch.stack([eval_view(p, self.image_size, self.interpolation) for p in pictures])
+
+    @torch.no_grad()
+    def image_tokens(self, images: ImageLike | Sequence[ImageLike]) -> ImageTokens:
+        """Spatial, v-v and projected v-v tokens of the images (one trunk pass), at image_size."""
+        pictures = [_load(item, i)[0] for i, item in enumerate(_image_list(images))]
+        tokens = self.backbone.token_paths(self._inputs(pictures), ("vproj", "vv"), self.pos_interpolation)
+        projected = self.head.project_tokens(tokens["vv"].to(next(self.head.parameters()).device))
+        return ImageTokens(tokens["vproj"], tokens["vv"], projected)
+
+    @torch.no_grad()
+    def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Iterable[str],
+                background: str = "none", threshold: float = 0.85,
+                template: str | Iterable[str] = PLAIN_TEMPLATE, methods: Sequence[str] = ("ours",),
+                progress: bool = False) -> SegmentationResult:
+        """Label and score maps at each image's own size, and image-level scores, for free-text
+        classes. `methods` adds baselines (any of segmentation.METHODS) beside "ours" (always computed).
+        `background`: none | softmax | max-score with `threshold` (see pipeline/evaluation/segment_maps.py)."""
+        if background not in BACKGROUND_RULES:
+            raise ParamError(f"background must be one of {', '.join(BACKGROUND_RULES)}, got {background!r}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ParamError(f"background threshold must be in [0, 1], got {threshold}")
+        text = self.text_features(classes, template)
+        methods = list(dict.fromkeys([*methods, "ours"]))
+        trained_on = recorded_train_text_input(self.meta)  # the region scores see the training text
+        pos = self._prompt_features(text.classes, [POSITIVE_TEMPLATE], trained_on)  # (C, D)
+        neg = self._prompt_features(text.classes, [NEGATIVE_TEMPLATE], trained_on)  # (C, D)
+        items = _image_list(images)
+        sources, scores = [], []
+        labels: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+        normalised: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+        bar = tqdm(total=len(items), unit="img", desc="segment", disable=not progress)
+        for first in range(0, len(items), self.batch_size):
+            loaded = [_load(item, first + j) for j, item in enumerate(items[first:first + self.batch_size])]
+            sources += [s for _, s in loaded]
+            tokens = self.backbone.token_paths(self._inputs([p for p, _ in loaded]), token_paths_for(methods),
+                                               self.pos_interpolation)  # each (B, 1+hw, D), one trunk pass
+            maps = method_maps(tokens, self.head, text.raw, text.projected, methods)  # (B, C, h, w)
+            scores.append(image_scores(self.head, tokens["vproj"], neg, pos, self.score_text_bn).cpu().numpy())
+            for j, (picture, _) in enumerate(loaded):
+                for m in methods:
+                    n = normalised_maps(maps[m][j], (picture.height, picture.width))  # (C, H, W)
+                    labels[m].append(label_map(n, background, threshold).to(torch.uint8).cpu().numpy())
+                    normalised[m].append(n.cpu().numpy())
+            bar.update(len(loaded))
+        bar.close()
+        image_level = np.concatenate(scores) if scores else np.zeros((0, len(text.classes)), np.float32)
+        return SegmentationResult(text.classes, sources, background, float(threshold), text.templates,
+                                  text.stats, image_level, labels, normalised)
+
+    def describe(self) -> dict[str, Any]:
+        """Which model this is, for output files."""
+        return {"projectors": self.source, "backbone": self.backbone.name,
+                "weights_digest": self.backbone.weights_digest, "image_size": self.image_size,
+                "interpolation": self.interpolation,
+                "text_bn": self.text_bn, "score_text_bn": self.score_text_bn,
+                "text_input": self.text_input, "trained_classes": list(self.meta.get("classnames", []))}
+

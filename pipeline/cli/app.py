@@ -1,0 +1,105 @@
+"""The `pipeline` command: one subcommand per DVC stage, each calling `stages.<name>.run`.
+
+Every subcommand reads configs/params.yaml (or --params), an optional --profile overlay and
+--set key=value overrides, so the CLI and `dvc repro` see the same parameters.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pipeline.config.params import DEFAULT_PARAMS, ParamError, load_params
+
+_USER_ERRORS = [  # (module, class): errors whose message is the whole story for a user
+    ("pipeline.config.params", "ParamError"),
+    ("pipeline.model.weights", "WeightsError"),
+    ("pipeline.data.images", "BadImageError"),
+    ("pipeline.data.datasets", "DatasetError"),
+    ("pipeline.store.cache", "CacheError"),
+    ("pipeline.data.download", "DownloadError"),
+    ("pipeline.training.loop", "TrainingError"),
+]
+# Exceptions of the project that are not a user's to act on (tests check this list is complete).
+_INTERNAL_ERRORS = [("pipeline.extraction.engine", "InjectedFailure")]
+# OSErrors a user fixes on the machine (free space, permissions): one line naming the file.
+_DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
+                errno.EROFS: "choose a writable folder in params 'paths'",
+                errno.EACCES: "fix the permissions or choose another folder in params 'paths'"}
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = []
+    for module, name in _USER_ERRORS:
+        mod = sys.modules.get(module)  # only modules already imported can have raised
+        if mod is not None and hasattr(mod, name):
+            types.append(getattr(mod, name))
+    return tuple(types)
+
+
+def params_options(func: Callable) -> Callable:
+    """--params/--profile/--set on a subcommand; passes the loaded params dict as `params`."""
+
+    @click.option("--params", "params_path", default=str(DEFAULT_PARAMS), show_default=True,
+                  type=click.Path(dir_okay=False), help="Parameter file.")
+    @click.option("--profile", default=None, help="Overlay a dataset profile: smoke, coco or voc.")
+    @click.option("--recipe", default=None, help="authors (default, the released run) or paper: "
+                  "shortcut for --set recipe=...")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a parameter, e.g. --set train.lr=0.01 (repeatable).")
+    @functools.wraps(func)
+    def wrapper(params_path: str, profile: str | None, recipe: str | None, overrides: tuple[str, ...],
+                **kwargs: Any):
+        extra = kwargs.pop("_extra_overrides", ())
+        chosen = [f"recipe={recipe}"] if recipe else []
+        try:
+            params = load_params(params_path, [*chosen, *overrides, *extra], profile)
+        except ParamError as err:
+            raise click.ClickException(str(err)) from err
+        return func(params=params, **kwargs)
+
+    return wrapper
+
+
+def run_stage(module: str, function: str = "run", **kwargs: Any) -> Any:
+    """Import `stages.<module>` lazily (torch imports are slow) and map user errors to one line."""
+    try:
+        stage = importlib.import_module(f"stages.{module}")
+        return getattr(stage, function)(**kwargs)
+    except _user_error_types() as err:  # type: ignore[misc]
+        raise click.ClickException(str(err)) from err
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        where = err.filename or "a file"
+        raise click.ClickException(f"{where}: {err.strerror}: {_DISK_ERRNOS[err.errno]} and run the "
+                                   "command again (completed work is kept)") from err
+
+
+def _with_overrides(mapping: dict[str, str]) -> Callable:
+    """Turn convenience flags (e.g. --views 4) into `--set` overrides of their params key."""
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def wrapper(**kwargs: Any):
+            extra = [f"{key}={kwargs.pop(flag)}" for flag, key in mapping.items()
+                     if kwargs.get(flag) is not None]
+            for flag in mapping:
+                kwargs.pop(flag, None)
+            return func(_extra_overrides=extra, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="unmix-pipeline")
+def main() -> None:
+    """Unmix-CLIP pipeline: extract CLIP tokens once, train projectors on the cache, evaluate."""
+

@@ -1,0 +1,297 @@
+"""Parameters: recipe < params file < profile < `--set`, validated against one schema.
+
+`configs/params.yaml` is the single source DVC and the CLI both read. Two axes compose into it:
+- the **recipe** (`recipe: authors | paper`, REFERENCE.md sections 4 and 1): every key whose value
+  in the file is the word `recipe` takes the recipe's value (`pipeline/config/recipes/<name>.yaml`), so
+  `dvc exp run -S recipe=paper` switches every recipe-controlled key at once, and a number written
+  in the file (or set with `-S`) wins over the recipe;
+- the **profile** (`--profile smoke | coco | voc`, `pipeline/config/profiles/`): the dataset and its scale.
+  DVC never sees CLI profiles, so `pipeline configure --profile coco` writes one into the file.
+DVC's Hydra composition was considered and not used: it rewrites params.yaml only on `dvc exp run`,
+so the CLI and `dvc repro` would read a file that no longer says which recipe it came from.
+Validation (`pipeline.config.schema`) happens here, at the boundary; the core code assumes valid inputs.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import importlib.util
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from pipeline.files import atomic_write
+from pipeline.config.schema import RECIPES, Params
+
+DEFAULT_PARAMS = Path("configs/params.yaml")
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROFILES_DIR = PACKAGE_DIR / "profiles"
+RECIPES_DIR = PACKAGE_DIR / "recipes"
+MODEL_CONFIGS_DIR = PACKAGE_DIR.parent / "model" / "model_configs"  # read as files: no torch import
+FROM_RECIPE = "recipe"  # a value in the params file meaning "as the recipe says"
+
+
+class ParamError(ValueError):
+    """A bad parameter; the message names the dotted key."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a number (YAML 1.2), not the string YAML 1.1 makes of it."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """YAML with 1.2 number rules (`1e-3` is a float), safe tags only."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamError(f"{path}: must hold a mapping of parameters, got {type(data).__name__}")
+    return data
+
+
+# -- key names ------------------------------------------------------------------------------------
+def _schema_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Every dotted key the schema declares (sections included)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        keys.append(key)
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            keys += _schema_keys(sub, key + ".")
+    return keys
+
+
+SCHEMA_KEYS = _schema_keys()
+
+
+def unknown_key(dotted: str) -> ParamError:
+    """'unknown parameter' with the nearest known keys suggested."""
+    near = difflib.get_close_matches(dotted, SCHEMA_KEYS, n=2, cutoff=0.75)
+    hint = f" (did you mean {' or '.join(repr(k) for k in near)}?)" if near else ""
+    return ParamError(f"unknown parameter '{dotted}'{hint}")
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def get(params: Mapping[str, Any], dotted: str) -> Any:
+    cursor: Any = params
+    for part in dotted.split("."):
+        if not isinstance(cursor, Mapping) or part not in cursor:
+            raise ParamError(f"missing parameter '{dotted}'")
+        cursor = cursor[part]
+    return cursor
+
+
+def _set(params: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cursor = params
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+
+
+# -- layers ---------------------------------------------------------------------------------------
+def _deep_merge(base: dict, overlay: Mapping, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        dotted = f"{prefix}{key}"
+        if key not in out:
+            raise unknown_key(dotted)
+        if isinstance(out[key], dict) and isinstance(value, Mapping):
+            out[key] = _deep_merge(out[key], value, dotted + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """'train.mfi.lambda=0.5' -> {'train': {'mfi': {'lambda': 0.5}}} (value parsed as YAML 1.2)."""
+    if "=" not in item:
+        raise ParamError(f"override '{item}' must look like key.path=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise ParamError(f"override '{item}': the value of '{key}' is not valid YAML ({first})") from None
+    nested: dict = {}
+    _set(nested, key, value)
+    return nested
+
+
+def _named_yaml(directory: Path, name: str, what: str) -> dict:
+    path = directory / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise ParamError(f"unknown {what} '{name}' (known: {', '.join(known)})")
+    return read_yaml(path)
+
+
+def load_profile(name: str) -> dict:
+    return _named_yaml(PROFILES_DIR, name, "profile")
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """{dotted key: value} of a recipe."""
+    return flatten(_named_yaml(RECIPES_DIR, name, "recipe"))
+
+
+def recipe_keys() -> list[str]:
+    """Keys the recipes control (the same in every recipe; tests check it)."""
+    return sorted(load_recipe(RECIPES[0]))
+
+
+def resolve_recipe(raw: dict) -> dict:
+    """Fill every `recipe` value from the recipe the params name."""
+    name = raw.get("recipe")
+    if name not in RECIPES:
+        raise ParamError(f"parameter 'recipe' must be one of {', '.join(RECIPES)}, got {name!r}")
+    recipe = load_recipe(name)
+    out = copy.deepcopy(raw)
+    for key, value in flatten(raw).items():
+        if value == FROM_RECIPE:
+            if key not in recipe:
+                raise ParamError(f"parameter '{key}' is '{FROM_RECIPE}', but no recipe sets it "
+                                 f"(recipe keys: {', '.join(sorted(recipe))})")
+            _set(out, key, recipe[key])
+    return out
+
+
+def load_params(
+    path: str | Path = DEFAULT_PARAMS,
+    overrides: Iterable[str] = (),
+    profile: str | None = None,
+) -> dict[str, Any]:
+    """Read params, overlay a profile and `key=value` overrides, resolve the recipe, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamError(f"parameter file not found: {path} (run from the project root or pass --params)")
+    raw = read_yaml(path)
+    if profile:
+        raw = _deep_merge(raw, load_profile(profile))
+    for item in overrides:
+        raw = _deep_merge(raw, parse_override(item))
+    return validate(resolve_recipe(raw))
+
+
+# -- validation -----------------------------------------------------------------------------------
+def known_backbones() -> set[str]:
+    """ModifiedResNet CLIP configs of open_clip plus ours, found without importing torch."""
+    dirs = [MODEL_CONFIGS_DIR]
+    spec = importlib.util.find_spec("open_clip")
+    if spec and spec.origin:
+        dirs.append(Path(spec.origin).parent / "model_configs")
+    return {p.stem for d in dirs for p in d.glob("RN*.json")} | {p.stem for p in dirs[0].glob("*.json")}
+
+
+def _first_error(err: ValidationError) -> ParamError:
+    errors = err.errors()
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo explains a "missing"
+    dotted = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return unknown_key(dotted)
+    if e["type"] == "missing":
+        return ParamError(f"missing parameter '{dotted}' (see configs/params.yaml for every key)")
+    msg = e["msg"].removeprefix("Value error, ")
+    if not dotted or msg.startswith("parameter '"):  # a check across keys names them itself
+        return ParamError(msg)
+    return ParamError(f"parameter '{dotted}': {msg}, got {e.get('input')!r}")
+
+
+def validate(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The params as a plain dict after schema validation; ParamError names the first bad key."""
+    try:
+        checked = Params.model_validate(params).model_dump(by_alias=True)
+    except ValidationError as err:
+        raise _first_error(err) from None
+    name = checked["backbone"]["name"]
+    known = known_backbones()
+    if name not in known:
+        raise ParamError(f"parameter 'backbone.name' must be a ModifiedResNet CLIP "
+                         f"({', '.join(sorted(known))}), got {name!r}")
+    return checked
+
+
+# -- what a result says about itself ---------------------------------------------------------------
+def recipe_summary(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe, every recipe-controlled value that differs from the other recipe, and every
+    recipe-controlled key that this run sets to something else than its own recipe."""
+    name = params["recipe"]
+    own = load_recipe(name)
+    values = {key: get(params, key) for key in sorted(own)}
+    summary: dict[str, Any] = {"recipe": name}
+    for other in RECIPES:
+        if other != name:
+            theirs = load_recipe(other)
+            summary[f"differs_from_{other}"] = {k: {name: v, other: theirs[k]}
+                                                for k, v in values.items() if v != theirs[k]}
+    summary["overridden"] = {k: {"value": v, "recipe": own[k]} for k, v in values.items() if v != own[k]}
+    return summary
+
+
+def configure(path: str | Path, profile: str | None = None, recipe: str | None = None,
+              overrides: Iterable[str] = ()) -> list[str]:
+    """Write a profile's values (and a recipe name, and overrides) into a params file, keeping its
+    comments, so `dvc repro` runs what `--profile` would. Returns the changed dotted keys."""
+    from ruamel.yaml import YAML
+
+    path = Path(path).resolve()  # configs/params.yaml is a symlink to params.yaml: write the target
+    changes: dict[str, Any] = {}
+    if profile:
+        changes.update(flatten(load_profile(profile)))
+    if recipe:
+        changes["recipe"] = recipe
+    for item in overrides:
+        changes.update(flatten(parse_override(item)))
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a line
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(path.read_text())
+    candidate = copy.deepcopy(read_yaml(path))
+    for key, value in changes.items():
+        try:
+            get(candidate, key)
+        except ParamError:
+            raise unknown_key(key) from None
+        _set(candidate, key, value)
+    validate(resolve_recipe(candidate))  # refuse before writing anything
+    changed = []
+    for key, value in changes.items():
+        parent = doc
+        for part in key.split(".")[:-1]:
+            parent = parent[part]
+        leaf = key.split(".")[-1]
+        if parent[leaf] != value:
+            parent[leaf] = value
+            changed.append(key)
+    atomic_write(path, lambda tmp: rt.dump(doc, Path(tmp)))
+    return changed

@@ -1,0 +1,68 @@
+"""Score maps and labels for free-text segmentation: the API's view of pipeline/evaluation/segmentation.py.
+
+The `segment` / `query` commands and `UnmixCLIP.segment` use exactly the evaluation's method
+definitions (segmentation.METHODS: q-k CLIP, DualCoOp v-proj, CLIP Surgery, CLIP-VV, ours,
+CLIP Surgery + ours), its min-max normalisation and upsampling, and its background rules
+(none | softmax | max-score); this module only selects and names them for free text.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from pipeline.model.heads import UnmixHead, positive_scores, region_logits
+from pipeline.evaluation.segmentation import (
+    BACKGROUND_RULES,
+    PROJECTED,
+    TOKEN_PATH,
+    maps_from_tokens,
+    normalised_maps,
+)
+from pipeline.evaluation.segmentation import METHOD_LABELS as LABELS  # the evaluation's method names
+from pipeline.evaluation.segmentation import label_with_background as label_map
+
+__all__ = [
+    "BACKGROUND_RULES",
+    "LABELS",
+    "METHODS",
+    "image_scores",
+    "label_map",
+    "method_maps",
+    "normalised_maps",
+    "token_paths_for",
+]
+
+METHODS = ("clip", "clip-vv", "ours")  # the overlay's columns: the paper's Figure 1 / 7 comparison
+
+
+def token_paths_for(methods: Sequence[str]) -> list[str]:
+    """Backbone token paths the methods need, plus "vproj" (the head's image-level scores)."""
+    unknown = [m for m in methods if m not in TOKEN_PATH]
+    if unknown:
+        raise ValueError(f"methods must be among {tuple(TOKEN_PATH)}, got {unknown}")
+    return sorted({"vproj", *(TOKEN_PATH[m] for m in methods)})
+
+
+def method_maps(tokens: dict[str, Tensor], head: UnmixHead, raw_text: Tensor, projected_text: Tensor,
+                methods: Sequence[str]) -> dict[str, Tensor]:
+    """Score maps (B, C, h, w) float32 per method from one trunk pass's token paths (B, 1+hw, D):
+    the evaluation's own maps_from_tokens, with the projected text for the projected methods."""
+    texts = {m: projected_text if m in PROJECTED else raw_text for m in methods}
+    return maps_from_tokens(tokens, head, texts)
+
+
+@torch.no_grad()
+def image_scores(head: UnmixHead, spatial: Tensor, text_neg: Tensor, text_pos: Tensor,
+                 stats: str) -> Tensor:
+    """Image-level class scores (B, C) in [0, 1]: the head's region logits on the spatial (v-proj)
+    tokens it was trained on, with the negative / positive prompts, positive channel.
+
+    The same arithmetic as UnmixHead.forward, with the text BatchNorm statistics chosen per call:
+    [neg; pos] (2C, D) go through the projector together.
+    """
+    device = next(head.parameters()).device
+    text = head.project_text(torch.cat([text_neg, text_pos]).to(device), stats=stats)  # (2C, D')
+    image = head.project_tokens(spatial.to(device))  # (B, 1+hw, D')
+    return positive_scores(region_logits(image, text, head.softmax_mode)).float()  # (B, C)

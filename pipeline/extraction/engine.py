@@ -1,0 +1,254 @@
+"""Feature extraction: the frozen CLIP runs once over a dataset; its spatial tokens go to the cache.
+
+Work is organised by cache shard: every incomplete shard is recomputed from scratch and written
+with ``FeatureCache.write_shard`` (data first, then the completion mark), so an interrupted run
+resumes where it stopped and ends with exactly the bytes of an uninterrupted one. Batches never
+cross a shard boundary, so each shard's forward passes are the same however the work is split
+(resume, Dask tasks). Decoding and augmentation run in DataLoader worker processes, overlapped
+with the model, or on the backbone's device (``transforms``, pipeline/extraction/views.py); with
+``workers``/``scheduler`` shards become Dask tasks (pipeline/extraction/distributed.py).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.data.augment import normalise_pixels
+from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.build import backbone_from_params
+from pipeline.store.cache import CacheError, FeatureCache, FingerprintMismatch
+from pipeline.data.datasets import MultiLabelDataset
+from pipeline.data.images import BadImageError
+from pipeline.store.integrity import unsound_shards
+from pipeline.store.lock import StoreLock
+from pipeline.extraction.views import DEFAULT_AUGMENT, TRANSFORMS, ViewSpec, view_batches
+
+log = logging.getLogger(__name__)
+
+BACKBONE_STRIDE = 32  # ModifiedResNet: layer4 is 1/32 of the input side
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the ``fail_after_shards`` test hook to simulate a crash part-way."""
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("unmix-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def shard_batches(cache: FeatureCache, shards: Sequence[int], batch_images: int) -> list[list[int]]:
+    """Image-index batches in shard order; no batch crosses a shard boundary."""
+    batches = []
+    for s in shards:
+        start, stop = cache.shard_range(s)
+        batches += [list(range(i, min(i + batch_images, stop)))
+                    for i in range(start, stop, batch_images)]
+    return batches
+
+
+def encode_views(backbone: FrozenCLIP, pixels: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    """(b, K, 3, S, S) uint8 views -> (b, K, T, D) tokens in the cache dtype; the views are copied
+    to the backbone's device as uint8 (unless made there) and normalised there."""
+    b, k = pixels.shape[:2]
+    views = normalise_pixels(pixels.flatten(0, 1).to(backbone.device, non_blocking=True))  # (bK, 3, S, S)
+    tokens = backbone.spatial_tokens(views)  # (bK, T, D) float32
+    return tokens.reshape(b, k, *tokens.shape[1:]).cpu().numpy().astype(dtype)  # (b, K, T, D)
+
+
+def encode_shards(backbone: FrozenCLIP, cache: FeatureCache, shards: Sequence[int], spec: ViewSpec,
+                  *, batch_images: int, num_workers: int = 0, on_bad_image: str = "error",
+                  on_images: Callable[[int], None] = lambda n: None,
+                  fail_after_shards: int | None = None) -> list[tuple[str, str]]:
+    """Compute and write every shard in ``shards``; returns the skipped (path, reason) pairs.
+
+    on_bad_image "error" raises BadImageError before the shard is written (it stays incomplete);
+    "skip" stores zero tokens with status 1. ``fail_after_shards`` (tests) writes the first batch
+    of the next shard straight into the tokens array, as a crash mid-write would, then raises.
+    """
+    batches = view_batches(spec, shard_batches(cache, shards, batch_images), backbone.device,
+                           num_workers)
+    bad: list[tuple[str, str]] = []
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    written = 0
+    for index, pixels, reasons in batches:
+        status = np.array([bool(r) for r in reasons], dtype=np.int8)  # (b,) 1 = bad image
+        for i, reason in zip(index, reasons):
+            if reason:
+                if on_bad_image == "error":
+                    raise BadImageError(spec.path(i), f"{reason} (pass --on-bad-image skip to "
+                                        "record it and go on)")
+                log.warning("skipping bad image %s: %s", spec.path(i), reason)
+                bad.append((spec.path(i), reason))
+        tokens = encode_views(backbone, pixels, cache.dtype)  # (b, K, T, D)
+        tokens[status == 1] = 0
+        parts.append((tokens, status))
+        s = index[0] // cache.shard_size
+        start, stop = cache.shard_range(s)
+        if fail_after_shards is not None and written >= fail_after_shards:
+            cache.tokens[start:start + len(index)] = tokens  # partial data, never marked complete
+            raise InjectedFailure(f"injected failure in shard {s} after {written} shards")
+        if index[-1] + 1 == stop:
+            cache.write_shard(s, np.concatenate([p[0] for p in parts]),
+                              np.concatenate([p[1] for p in parts]))
+            parts, written = [], written + 1
+        on_images(len(index))
+    return bad
+
+
+def resolve_num_workers(value: int | str) -> int:
+    """extract.num_workers: an int, or "auto" = the cores this process may run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    return int(value)
+
+
+def recheck_complete(cache: FeatureCache) -> list[int]:
+    """Un-mark (and return) the shards whose completion mark is damaged or that fail the cheap
+    soundness check (pipeline/store/integrity.py: status chunk 0/1, shard file, index crc32c and chunk
+    sizes). Reads no tokens: `pipeline verify` reads everything."""
+    _, damaged = unsound_shards(cache)
+    for s, why in damaged.items():
+        print(f"{why}: un-marking shard {s}, it is extracted again")
+        cache.unmark(s)
+    return list(damaged)
+
+
+def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
+                train_augment: bool, seed: int, image_size: int, dtype: str,
+                augment: dict[str, Any], precision: str, batch_images: int,
+                transforms: str = "workers") -> dict[str, Any]:
+    """Everything that changes the stored numbers; a store built otherwise is refused, not mixed.
+
+    Besides the weights and the views this includes what changes the last bits of the forward:
+    precision, memory layout, compilation, images per forward and the device type (TF32 on CUDA).
+    Views made on the device (other decoder and resize kernels) add ``transforms: device``; the
+    key is absent for worker views, so stores extracted before it existed stay valid.
+    """
+    made_on_device = {"transforms": "device"} if transforms == "device" else {}
+    return {
+        "backbone": {"name": backbone.name, "weights_digest": backbone.weights_digest,
+                     "precision": precision, "channels_last": backbone.channels_last,
+                     "compile": backbone.compiled, "device": backbone.device.type,
+                     "batch_images": batch_images},
+        "image_size": image_size,
+        "views": views,
+        "augment": {"enabled": True, **augment} if train_augment else {"enabled": False},
+        **made_on_device,
+        "seed": seed if train_augment else None,
+        "dtype": dtype,
+        "dataset": {"name": dataset.name, "split": dataset.split,
+                    "num_images": len(dataset.records)},
+        "package_version": package_version(),
+    }
+
+
+def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params: dict[str, Any], *,
+            views: int = 1, train_augment: bool = False, seed: int = 0, image_size: int = 448,
+            shard_size: int = 64, batch_size: int = 32, dtype: str = "float16",
+            compressor: str | None = None, num_workers: int = 0, on_bad_image: str = "error",
+            augment: dict[str, Any] | None = None, restart_on_change: bool = False,
+            progress: bool = True, workers: int = 0, scheduler: str | None = None,
+            fail_after_shards: int | None = None, stats: dict[str, Any] | None = None,
+            backbone: FrozenCLIP | None = None, break_lock: bool = False,
+            transforms: str = "workers") -> FeatureCache:
+    """Extract (or resume) the spatial tokens of ``dataset`` into the store at ``store_path``.
+
+    ``backbone_params`` is the params["backbone"] section (Dask workers rebuild the model from it;
+    ``backbone`` may pass an already built one for the in-process path). ``batch_size`` counts
+    views per forward pass. Eval splits use ``views=1, train_augment=False``. A store with another
+    fingerprint raises FingerprintMismatch naming the keys, or is deleted with
+    ``restart_on_change``. ``stats``, when given, is filled with images, seconds, images_per_s
+    and the bad (path, reason) pairs. The whole run holds the store's writer lock
+    (pipeline/store/lock.py; ``break_lock`` takes over one recorded on another host); shards marked
+    complete are re-checked cheaply first (recheck_complete), so a lost shard file is redone.
+    ``num_workers`` "auto" means one DataLoader worker per core this process may run on.
+    ``transforms`` "device" decodes and augments on the backbone's device (pipeline/extraction/device_views.py;
+    train views need augment randaugment "torchvision", eval stores take any recipe).
+    """
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+    if not train_augment and views != 1:
+        raise ValueError(f"views={views} without augmentation would store {views} identical copies")
+    if image_size % BACKBONE_STRIDE:
+        raise ValueError(f"image_size must be a multiple of {BACKBONE_STRIDE}, got {image_size}")
+    augment = {**DEFAULT_AUGMENT, **(augment or {})}
+    if transforms not in TRANSFORMS:
+        raise ValueError(f"transforms must be one of {TRANSFORMS}, got {transforms!r}")
+    if transforms == "device" and train_augment and augment["randaugment"] == "package":
+        raise ValueError("extract.transforms: device cannot run extract.augment.randaugment: package "
+                         "(the `randaugment` package works on PIL images only): use transforms "
+                         "workers or randaugment torchvision")
+    backbone = backbone or backbone_from_params({"backbone": backbone_params})
+    grid = image_size // BACKBONE_STRIDE
+    layout = {
+        "ids": [r.image_id for r in dataset.records], "labels": dataset.labels,
+        "classnames": dataset.classnames, "views": views, "num_tokens": 1 + grid * grid,
+        "dim": backbone.embed_dim, "shard_size": shard_size, "dtype": dtype,
+        "compressor": compressor,
+        "fingerprint": fingerprint(dataset, backbone, views=views, train_augment=train_augment,
+                                seed=seed, image_size=image_size, dtype=dtype, augment=augment,
+                                precision=backbone.precision,
+                                batch_images=max(1, batch_size // views), transforms=transforms)}
+    with StoreLock(store_path, break_lock=break_lock):  # one writer per store, for the whole run
+        try:
+            cache = FeatureCache.create_or_open(store_path, **layout)
+        except CacheError as err:  # other settings, or an older cache format
+            if not restart_on_change:
+                if isinstance(err, FingerprintMismatch):
+                    raise FingerprintMismatch(f"{err}\n(from the CLI: `pipeline extract-features "
+                                              "--restart-on-change`)") from None
+                raise
+            log.warning("%s\nrestart_on_change: deleting it and starting fresh", err)
+            cache = FeatureCache.create_or_open(store_path, **layout, overwrite=True)
+        for leftover in cache.path.rglob("*.partial"):  # zarr's temp file of a write a kill cut short
+            log.info("removing %s, left by an interrupted run", leftover)
+            leftover.unlink()
+        recheck_complete(cache)
+        if not cache.has_text_features():
+            raw = backbone.class_text_features(cache.classnames, normalise=False)  # each (C, D)
+            text = {**{k: torch.nn.functional.normalize(v, dim=-1) for k, v in raw.items()},
+                    **{f"raw_{k}": v for k, v in raw.items()}}
+            cache.write_text_features({k: v.cpu().numpy() for k, v in text.items()})
+
+        shards = cache.incomplete_shards()
+        todo = sum(b - a for a, b in map(cache.shard_range, shards))
+        # absolute paths: Dask workers on other hosts may run in another working directory
+        spec = ViewSpec(tuple(str(r.path.resolve()) for r in dataset.records), views, train_augment, seed,
+                        image_size, augment, transforms=transforms)
+        batch_images = max(1, batch_size // views)
+        bar = tqdm(total=todo, unit="img", desc=f"extract {dataset.name}/{dataset.split}",
+                   disable=not progress or not todo, smoothing=0.1)
+        start = time.perf_counter()
+        try:
+            if shards and (workers > 0 or scheduler):
+                from pipeline.extraction.distributed import extract_distributed
+                bad = extract_distributed(cache, shards, spec, backbone_params, backbone.weights_digest,
+                                          batch_images=batch_images, on_bad_image=on_bad_image,
+                                          workers=workers, scheduler=scheduler, on_images=bar.update)
+            elif shards:
+                bad = encode_shards(backbone, cache, shards, spec, batch_images=batch_images,
+                                    num_workers=resolve_num_workers(num_workers), on_bad_image=on_bad_image,
+                                    on_images=bar.update, fail_after_shards=fail_after_shards)
+            else:
+                bad = []
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        if stats is not None:
+            stats.update(images=todo, seconds=seconds, images_per_s=todo / seconds if todo else 0.0,
+                         bad=bad)
+        cache.require_complete()
+        return cache
+

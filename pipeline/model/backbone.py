@@ -1,0 +1,296 @@
+"""Frozen CLIP ResNet backbone: spatial tokens (DualCoOp), v-v tokens (CLIP Surgery), q-k tokens
+(the pool's own attention per token), text features.
+
+The attention pool of open_clip's ModifiedResNet is never used to pool here: its weights are
+applied per token so that every image location gets a vector in CLIP's joint space. All the
+arithmetic on the pool's weights lives in this file, with shapes at every reshape.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.modified_resnet import ModifiedResNet
+from torch import nn
+
+from pipeline.model.weights import WeightsError, load_checkpoint, quiet_open_clip, sha256_file
+
+TINY_MODEL = "tiny-RN"
+open_clip.add_model_config(Path(__file__).resolve().parent / "model_configs")
+
+CLIP_MEAN = OPENAI_DATASET_MEAN
+CLIP_STD = OPENAI_DATASET_STD
+
+# Authors' prompts for training (no full stop) and the paper's prompt for MFI / ZS3 (full stop).
+POSITIVE_TEMPLATE = "A photo of a {}"
+NEGATIVE_TEMPLATE = "Not a photo of a {}"
+PLAIN_TEMPLATE = "A photo of a {}."
+
+_AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+_TEXT_CHUNK = 256  # prompts per encode_text call
+TOKEN_PATHS = ("vproj", "vv", "qk")  # per-token paths of the attention pool (see token_paths)
+
+
+def resize_positional_embedding(pos: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Attention-pool positional embedding (1+g*g, C) for an HxW grid; a new tensor, model untouched.
+
+    Row 0 (the mean token's) is kept; the g x g grid is interpolated (align_corners=False).
+    At the native grid the original tensor itself is returned, so native-size outputs are exact.
+    """
+    grid = round((pos.shape[0] - 1) ** 0.5)
+    if tuple(size) == (grid, grid):
+        return pos
+    spatial = pos[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, C, g, g)
+    spatial = F.interpolate(spatial, size=tuple(size), mode=mode, align_corners=False)  # (1, C, H, W)
+    spatial = spatial.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])  # (HW, C)
+    return torch.cat([pos[:1], spatial], dim=0)  # (1+HW, C)
+
+
+def _multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v per head; q (B,Tq,C), k and v (B,T,C) -> (B,Tq,C)."""
+    batch, _, width = q.shape
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, t.shape[1], heads, width // heads).transpose(1, 2)  # (B, h, T, C/h)
+
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (B, h, Tq, C/h)
+    return out.transpose(1, 2).reshape(batch, -1, width)  # (B, Tq, C)
+
+
+class FrozenCLIP(nn.Module):
+    """An open_clip ResNet CLIP that is never trained: eval mode, no gradients, float32 outputs.
+
+    ``precision`` "fp16"/"bf16" runs the towers under autocast (weights stay fp32); outputs are
+    cast back to float32 so caches and heads never see half precision by accident.
+    """
+
+    def __init__(self, model: nn.Module, name: str, weights_digest: str, device: str = "cpu",
+                 precision: str = "fp32", channels_last: bool = False, compile: bool = False):
+        super().__init__()
+        if not isinstance(model.visual, ModifiedResNet):
+            raise TypeError(f"{name}: spatial tokens need a ModifiedResNet image tower (RN50, RN101, ...)")
+        if precision not in _AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.name = name
+        self.weights_digest = weights_digest
+        self.precision = precision
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.visual.to(memory_format=torch.channels_last)
+        self.compiled = compile
+        self._trunk = torch.compile(self._trunk_eager) if compile else self._trunk_eager
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.embed_dim: int = model.visual.output_dim
+        self.num_heads: int = model.visual.attnpool.num_heads
+        self.image_size: int = model.visual.image_size
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenCLIP:
+        """Stay in eval mode: BatchNorm statistics of a frozen backbone must not drift."""
+        return super().train(False)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = _AUTOCAST_DTYPES[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _trunk_eager(self, images: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        x = visual.stem(images)  # (B, w, H/4, W/4)
+        return visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, 32w, H/32, W/32)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, torch.float32, non_blocking=True)  # pinned by the DataLoader
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def _trunk_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[mean token; HW tokens] of the trunk's feature map -> (B, 1+HW, C), and (H, W)."""
+        x = self._trunk(self._prepare(images))  # (B, C, H, W)
+        size = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1), size  # (B, 1+HW, C)
+
+    def _with_pos(self, x: torch.Tensor, size: tuple[int, int], pos_interpolation: str) -> torch.Tensor:
+        """Attention-pool inputs: tokens + the positional embedding resized to `size` -> (B, 1+HW, C)."""
+        pos = resize_positional_embedding(
+            self.model.visual.attnpool.positional_embedding, size, pos_interpolation)  # (1+HW, C)
+        return x + pos.to(x.dtype)
+
+    def _pool_inputs(self, images: torch.Tensor, pos_interpolation: str) -> torch.Tensor:
+        return self._with_pos(*self._trunk_tokens(images), pos_interpolation)  # (B, 1+HW, C)
+
+    def _value_path(self, x: torch.Tensor) -> torch.Tensor:
+        pool = self.model.visual.attnpool
+        return pool.c_proj(pool.v_proj(x))  # (B, 1+HW, D)
+
+    def _vv_attention(self, x: torch.Tensor) -> torch.Tensor:
+        pool = self.model.visual.attnpool
+        v = pool.v_proj(x)  # (B, 1+HW, C)
+        tokens = pool.c_proj(_multi_head_attention(v, v, v, self.num_heads))  # (B, 1+HW, D)
+        tokens[:, 0] = self._qk_first_token(x)  # (B, D)
+        return tokens
+
+    def _qk_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The pool's ordinary q-k attention with every token as a query (the paper's CLIP row):
+        c_proj(softmax(q_proj(x) k_proj(x)^T / sqrt(head_dim)) v_proj(x)) per head -> (B, 1+HW, D)."""
+        pool = self.model.visual.attnpool
+        out = _multi_head_attention(pool.q_proj(x), pool.k_proj(x), pool.v_proj(x), self.num_heads)  # (B, 1+HW, C)
+        return pool.c_proj(out)  # (B, 1+HW, D)
+
+    def _qk_first_token(self, x: torch.Tensor) -> torch.Tensor:
+        """What the attention pool itself outputs: the mean token attending to all tokens -> (B, D)."""
+        pool = self.model.visual.attnpool
+        out = _multi_head_attention(
+            pool.q_proj(x[:, :1]), pool.k_proj(x), pool.v_proj(x), self.num_heads)  # (B, 1, C)
+        return pool.c_proj(out)[:, 0]  # (B, D)
+
+    @torch.no_grad()
+    def spatial_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """DualCoOp's spatial tokens: c_proj(v_proj(x)) per token, positional grid resized bicubically.
+
+        images (B, 3, H, W) normalised with CLIP_MEAN/CLIP_STD -> (B, 1+HW', D) float32, the
+        mean token first, then the H/32 x W/32 grid in row-major order.
+        """
+        with self._autocast():
+            tokens = self._value_path(self._pool_inputs(images, "bicubic"))  # (B, 1+HW, D)
+        return tokens.float()
+
+    @torch.no_grad()
+    def vv_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear") -> torch.Tensor:
+        """CLIP Surgery's v-v attention tokens for zero-shot segmentation -> (B, 1+HW, D) float32.
+
+        Every token attends with query = key = value = v_proj(x) (per head, scale head_dim^-0.5,
+        softmax over all 1+HW tokens), then c_proj; no residual. Token 0 keeps the ordinary q-k
+        attention output of the pool (q_proj/k_proj/v_proj), as REFERENCE.md states. Note that
+        CLIP Surgery's code fills its qkv with v_proj three times, so its "original" token 0 is
+        v-v attention too; we follow the paper's description instead. CLIP Surgery resizes the
+        positional grid bilinearly (the default here), DualCoOp bicubically.
+        """
+        with self._autocast():
+            tokens = self._vv_attention(self._pool_inputs(images, pos_interpolation))  # (B, 1+HW, D)
+        return tokens.float()
+
+    @torch.no_grad()
+    def qk_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear") -> torch.Tensor:
+        """The attention pool's own q-k output for every token (paper Table 2's "CLIP" row):
+        images (B, 3, H, W) -> (B, 1+HW', D) float32; token 0 equals `global_embedding` at the
+        native size (there both grids are the same)."""
+        return self.token_paths(images, ("qk",), pos_interpolation)["qk"]
+
+    @torch.no_grad()
+    def token_paths(self, images: torch.Tensor, paths: Iterable[str] = TOKEN_PATHS,
+                    pos_interpolation: str = "bilinear") -> dict[str, torch.Tensor]:
+        """Several per-token paths of the attention pool from ONE trunk pass (the trunk is ~all of
+        the cost): "vproj" = `spatial_tokens` (bicubic positional grid, DualCoOp), "vv" =
+        `vv_tokens`, "qk" = `qk_tokens` (both with `pos_interpolation`). Each (B, 1+HW', D) float32."""
+        paths = tuple(paths)
+        unknown = set(paths) - set(TOKEN_PATHS)
+        if unknown:
+            raise ValueError(f"token paths must be among {TOKEN_PATHS}, got {sorted(unknown)}")
+        out = {}
+        with self._autocast():
+            x, size = self._trunk_tokens(images)  # (B, 1+HW, C)
+            if "vproj" in paths:
+                out["vproj"] = self._value_path(self._with_pos(x, size, "bicubic"))  # (B, 1+HW, D)
+            if "vv" in paths or "qk" in paths:
+                pooled = self._with_pos(x, size, pos_interpolation)  # (B, 1+HW, C)
+                if "vv" in paths:
+                    out["vv"] = self._vv_attention(pooled)  # (B, 1+HW, D)
+                if "qk" in paths:
+                    out["qk"] = self._qk_attention(pooled)  # (B, 1+HW, D)
+        return {k: v.float() for k, v in out.items()}
+
+    @torch.no_grad()
+    def global_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's image embedding (B, D): model.encode_image at the native size.
+
+        At other sizes the positional grid is resized bicubically (encode_image itself would fail).
+        """
+        with self._autocast():
+            embedding = self._qk_first_token(self._pool_inputs(images, "bicubic"))  # (B, D)
+        return embedding.float()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.spatial_tokens(images)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str], normalise: bool = True) -> torch.Tensor:
+        """CLIP text embeddings (P, D) float32 of the prompts, in order; L2-normalised unless
+        `normalise` is False (the raw encode_text output the authors' training feeds the projector)."""
+        chunks = []
+        for start in range(0, len(prompts), _TEXT_CHUNK):
+            tokens = self.tokenizer(list(prompts[start:start + _TEXT_CHUNK])).to(self.device)  # (p, 77)
+            with self._autocast():
+                chunks.append(self.model.encode_text(tokens).float())  # (p, D)
+        raw = torch.cat(chunks)  # (P, D)
+        return F.normalize(raw, dim=-1) if normalise else raw
+
+    def class_text_features(self, classnames: list[str], normalise: bool = True) -> dict[str, torch.Tensor]:
+        """Per class: positive / negative training prompts and the plain prompt, each (C, D)."""
+        templates = {"positive": POSITIVE_TEMPLATE, "negative": NEGATIVE_TEMPLATE,
+                     "plain": PLAIN_TEMPLATE}
+        prompts = [t.format(c) for t in templates.values() for c in classnames]
+        features = self.text_features(prompts, normalise).split(len(classnames))  # 3 x (C, D)
+        return dict(zip(templates, features))
+
+
+def _create_random(name: str, init_seed: int, quick_gelu: bool) -> nn.Module:
+    """open_clip's own initialisation, seeded in a forked RNG: identical weights in every process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        with quiet_open_clip():  # its "initialized randomly" line misleads when a checkpoint follows
+            return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+
+
+def load_backbone(name: str = "RN101", pretrained: str | None = "openai",
+                  checkpoint: str | Path | None = None, sha256: str | None = None,
+                  device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
+                  compile: bool = False, init_seed: int = 0,
+                  quick_gelu: bool | None = None) -> FrozenCLIP:
+    """Build the frozen backbone from a local checkpoint, an open_clip pretrained tag, or at random.
+
+    ``checkpoint`` (checked against ``sha256`` when given) wins over ``pretrained``; OpenAI's
+    TorchScript RN101.pt / RN50.pt load directly. ``pretrained`` None or "random" gives
+    open_clip's random init seeded by ``init_seed``. ``quick_gelu`` None means: the tag's own
+    setting for a tag, True otherwise (OpenAI's CLIP was trained with QuickGELU).
+    ``weights_digest`` is "<name>:<tag>", the checkpoint's sha256, or "random:<init_seed>".
+    """
+    if sha256 is not None and checkpoint is None:
+        raise ValueError("sha256 given without a checkpoint: nothing to check it against")
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, sha256)
+        model = _create_random(name, init_seed, quick_gelu is not False)  # architecture only
+        # Buffers the model rebuilds itself (attn_mask) are saved by TorchScript but not loadable.
+        rebuilt = {k for k, _ in model.named_buffers()} - set(model.state_dict())
+        state = {k: v for k, v in state.items() if k not in rebuilt}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise WeightsError(f"{checkpoint}: does not match architecture {name}: {e}") from e
+        digest = sha256.strip().lower() if sha256 is not None else sha256_file(checkpoint)
+    elif pretrained is None or pretrained == "random":
+        model = _create_random(name, init_seed, quick_gelu is not False)
+        digest = f"random:{init_seed}"
+    else:
+        if quick_gelu is None:
+            quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        except RuntimeError as e:
+            raise WeightsError(
+                f"pretrained weights {name}:{pretrained} could not be loaded ({e}); offline, pass "
+                f"checkpoint=<path to the downloaded file> (and sha256) instead") from e
+        digest = f"{name}:{pretrained}"
+    return FrozenCLIP(model, name, digest, device=device, precision=precision,
+                      channels_last=channels_last, compile=compile)

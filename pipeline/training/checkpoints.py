@@ -1,0 +1,129 @@
+"""Files of a training run: the resume checkpoint (refused when it belongs to another cache, other
+settings or another label mask) and the trained projectors read by the evaluation stages.
+Written atomically (temp file + rename), loadable with weights_only=True.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.model.build import head_from_params
+from pipeline.files import atomic_write
+from pipeline.model.heads import UnmixHead
+
+# train keys that decide where and how fast a run goes, not what is learnt. Here rather than in
+# provenance (which builds IGNORED_TRAIN_KEYS on it): provenance imports this module via training.
+SPEED_KEYS = ("device", "cpu_threads", "read_threads")
+# train-section keys a resumed run may change without making its result a different experiment.
+# Extending `epochs` on resume is a warm restart of the cosine schedule: not the same as a longer run.
+_RESUMABLE_CHANGES = ("epochs", *SPEED_KEYS)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, a checkpoint that does not belong to this cache)."""
+
+
+def without(section: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A params section less `keys` (what two runs are compared on)."""
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def _atomic_save(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def cache_identity(cache: Any) -> dict[str, Any]:
+    """What a checkpoint must agree on with the train cache it resumes on."""
+    return {"fingerprint": cache.fingerprint, "layout": cache.layout, "classnames": cache.classnames}
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
+    """Write the resume state atomically (temp file + rename).
+
+    state: head, optimizer, scaler (or None), epoch (completed),
+    params, cache (cache_identity of the train cache), history (per-epoch metric rows).
+    """
+    _atomic_save(dict(state), path)
+
+
+def validation_identity(val_cache: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """What every validated epoch of one run is measured with: the val store and how the text goes
+    in. Best-epoch selection compares val mAPs across epochs, so a resume must not change it."""
+    ev = params["evaluate"]
+    return {"store": cache_identity(val_cache), "text_bn": dict(ev["text_bn"]), "text_input": ev["text_input"]}
+
+
+def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
+                    labels: Mapping[str, Any] | None = None,
+                    validation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a resume state and refuse it unless it belongs to this train cache and these settings,
+    has trained no more than train.epochs (and, given `labels` = label_mask_identity of this run,
+    was trained on the same label mask)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
+    from pipeline.training.provenance import (  # read_state: a damaged file is one line
+        differences,
+        read_state,
+    )
+
+    state = read_state(path)
+    differ = [k for k, _, _ in differences(state["cache"], cache_identity(cache))]
+    if differ:
+        raise TrainingError(
+            f"checkpoint {path} was written for a different train cache than {cache.path} "
+            f"(fingerprint differs in: {', '.join(differ)}); delete {path} or train without --resume")
+    old_train = without(state["params"]["train"], _RESUMABLE_CHANGES)
+    new_train = without(params["train"], _RESUMABLE_CHANGES)
+    differ = [k for k, _, _ in differences({"model": state["params"]["model"], "train": old_train},
+                                           {"model": params["model"], "train": new_train})]
+    if differ:
+        raise TrainingError(f"checkpoint {path} was written with other settings ({', '.join(differ)}); "
+                            f"resuming would mix two experiments: delete {path} or restore the params")
+    epochs, done = params["train"]["epochs"], state["epoch"]
+    if done > epochs:  # nothing would run, and the projectors would record the smaller epochs
+        raise TrainingError(f"checkpoint {path} has trained {done} epochs, more than train.epochs = "
+                            f"{epochs}: set train.epochs to {done} or more, or delete {path} and train "
+                            "without --resume")
+    if validation is not None:
+        differ = [k for k, _, _ in differences(dict(state.get("validation") or {}), dict(validation))]
+        if differ:
+            raise TrainingError(
+                f"checkpoint {path} validated its epochs differently ({', '.join(differ)}): the best "
+                f"epoch would compare two measures; delete {path} or restore the val store / params")
+    if labels is not None and dict(state.get("labels") or {}) != dict(labels):
+        raise TrainingError(f"checkpoint {path} was trained on another partial-label mask "
+                            f"({state.get('labels')} vs {dict(labels)}): delete {path} or train "
+                            "without --resume")
+    return state
+
+
+def save_projectors(path: str | Path, head: UnmixHead | Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+    """Trained head for evaluation (a module or its state_dict). meta: model (params section),
+    embed_dim, classnames, fingerprint, which ("last" | "best"), epoch and its val_map (plain
+    Python values, so the file loads with weights_only=True)."""
+    state = head.state_dict() if isinstance(head, torch.nn.Module) else head
+    state = {k: v.detach().cpu().clone() for k, v in state.items()}
+    _atomic_save({"head": state, "meta": dict(meta)}, path)
+
+
+def load_projectors(path: str | Path, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
+    """(head in eval mode on `device`, meta) from a save_projectors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"no trained projectors at {path}: run `pipeline train` first")
+    from pipeline.training.provenance import read_state
+
+    return head_from_blob(read_state(path), device)
+
+
+def head_from_blob(blob: dict, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
+    """(head in eval mode on `device`, meta) from a save_projectors file's contents."""
+    meta = blob["meta"]
+    head = head_from_params(meta["model"], meta["embed_dim"])
+    head.load_state_dict(blob["head"])
+    return head.to(device).eval(), meta

@@ -1,0 +1,259 @@
+"""Whether a result can be trusted: which run a projectors file comes from, and whether the current
+inputs are that run's.
+
+A projectors file records (`record`) the train store's fingerprint and layout, the val store's
+fingerprint, the backbone weights digest and the model/train params (and recipe) it was trained
+with. `pipeline train` deletes old projectors files before its first epoch (`invalidate`), so an
+interrupted retrain leaves nothing stale to evaluate. `evaluate` and `figures` refuse projectors
+whose inputs or params differ from the current ones (`require_current`, one line naming the key);
+`report` lists the differences instead (`check`). Also here: reading a torch file that may be
+damaged (`read_state`) and refusing non-finite scores before sklearn sees them (`require_finite`).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import pickle
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import paths
+from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.training.checkpoints import SPEED_KEYS, without
+from pipeline.training.loop import TrainingError
+
+# train keys that change where or how fast a run goes, or which epochs are validated, not its weights
+IGNORED_TRAIN_KEYS = (*SPEED_KEYS, "eval_every")
+PROJECTORS_GLOB = "projectors*.pt"  # projectors.pt and projectors-best.pt
+EVAL_RESULTS = ("mlr", "mfi", "seg", "zs-mlr")  # results/{metrics,tables}/<name>.* of `evaluate`
+_SHOWN = 60  # characters of a value shown in a message
+
+
+# -- damaged files -------------------------------------------------------------------------------
+def read_state(path: str | Path) -> Any:
+    """torch.load(path) on CPU with weights_only; a truncated or garbled file is a TrainingError.
+
+    torch raises EOFError (empty), RuntimeError (zip directory missing), OSError 22 (truncated
+    inside a record) or UnpicklingError (not a torch file) for the same cause: a damaged file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):
+            raise  # missing, unreadable: not damage (the CLI names disk errors itself)
+        raise TrainingError(f"{path} is damaged (truncated?): delete it and re-run "
+                            "`pipeline train`") from err
+
+
+def require_finite(scores: np.ndarray, index: np.ndarray, cache: Any = None) -> None:
+    """Refuse (N, C) scores with a non-finite entry, naming the store and the images (index (N,)
+    into the cache): a NaN token would otherwise surface as a ValueError deep inside sklearn."""
+    bad = ~np.isfinite(scores).all(axis=1)  # (N,)
+    if not bad.any():
+        return
+    rows = np.asarray(index)[bad]
+    where = f"{cache.path}" if cache is not None else "the evaluated tokens"
+    ids = [str(cache.ids[i]) for i in rows[:5]] if cache is not None else [str(i) for i in rows[:5]]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    raise CacheError(f"{where}: non-finite tokens for {len(rows)} images (ids {', '.join(ids)}{more}); "
+                     "delete the store and re-run `pipeline extract-features`; if they come back, "
+                     "extract with backbone.precision=fp32")
+
+
+# -- recording -----------------------------------------------------------------------------------
+def _plain(obj: Any) -> Any:
+    """JSON-shaped copy (tuples -> lists), as a zarr attribute reads back and weights_only loads."""
+    return json.loads(json.dumps(obj))
+
+
+def trained_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The params a projectors file depends on: recipe, model, train (less IGNORED_TRAIN_KEYS)."""
+    train = without(params["train"], IGNORED_TRAIN_KEYS)
+    return _plain({"recipe": params.get("recipe"), "model": params["model"], "train": train})
+
+
+def record(params: Mapping[str, Any], train_cache: Any, val_cache: Any,
+           weights_digest: str | None = None) -> dict[str, Any]:
+    """What a projectors file stores under meta["provenance"]. `weights_digest` defaults to the
+    train store's; a store given as None (hand-made projectors in tests) is recorded as unknown."""
+    if weights_digest is None and train_cache is not None:
+        weights_digest = train_cache.fingerprint.get("backbone", {}).get("weights_digest")
+    return _plain({
+        "train_store": None if train_cache is None else {"fingerprint": train_cache.fingerprint,
+                                                         "layout": train_cache.layout},
+        "val_store": None if val_cache is None else {"fingerprint": val_cache.fingerprint},
+        "weights_digest": weights_digest, "backbone": params["backbone"]["name"],
+        "params": trained_params(params)})
+
+
+def projectors_files(params: Mapping[str, Any]) -> list[Path]:
+    """The projectors files (last and best) of this run's models folder that exist."""
+    return sorted(paths.models_dir(params).glob(PROJECTORS_GLOB))
+
+
+def used_projectors(params: Mapping[str, Any]) -> list[Path]:
+    """The projectors file every evaluation of this run reads (evaluate.projectors), if it exists."""
+    path = paths.projectors(params, params["evaluate"]["projectors"])
+    return [path] if path.is_file() else []
+
+
+def invalidate(params: Mapping[str, Any]) -> list[Path]:
+    """Delete the projectors files before a training run's first epoch; returns what it deleted."""
+    gone = projectors_files(params)
+    for path in gone:
+        path.unlink(missing_ok=True)
+    return gone
+
+
+# -- comparing -----------------------------------------------------------------------------------
+def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf that differs; a key absent on one side reads as None."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN - 3] + "..."
+
+
+def _first(differ: list[tuple[str, Any, Any]]) -> str:
+    key, old, new = differ[0]
+    more = f" (and {len(differ) - 1} more keys)" if len(differ) > 1 else ""
+    return f"{key}: {_show(old)} then, {_show(new)} now{more}"
+
+
+def declared_digest(backbone: Mapping[str, Any]) -> str | None:
+    """The weights digest `load_backbone` would give for params["backbone"], without loading it
+    (BatchNorm recalibration's "+bn:" suffix left out); None if the checkpoint is missing."""
+    if backbone.get("checkpoint"):
+        if backbone.get("sha256"):
+            return str(backbone["sha256"]).strip().lower()
+        if not Path(backbone["checkpoint"]).is_file():
+            return None
+        from pipeline.model.weights import sha256_file
+        return sha256_file(backbone["checkpoint"])
+    if backbone.get("pretrained") in (None, "random"):
+        return f"random:{backbone['init_seed']}"
+    return f"{backbone['name']}:{backbone['pretrained']}"
+
+
+def mismatches(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str | Path = "projectors",
+               val_cache: Any = None, train_cache: Any = None,
+               backbone_digest: str | None = None) -> list[str]:
+    """One line per input of `meta`'s run that differs now (empty: all the same run).
+
+    Params are always compared; the stores and the backbone digest when given.
+    """
+    rec = meta.get("provenance")
+    if rec is None:
+        return [f"{path} records no provenance (written by an older pipeline): run `pipeline train`"]
+    out = []
+    differ = differences(rec["params"], trained_params(params))
+    if differ:
+        out.append(f"{path} was trained with other params ({_first(differ)}): run `pipeline train`, "
+                   f"or restore {differ[0][0]}")
+    if backbone_digest is not None:
+        old = rec["weights_digest"].split("+bn:")[0]
+        differ = differences({"backbone.name": rec["backbone"], "backbone weights": old},
+                       {"backbone.name": params["backbone"]["name"],
+                        "backbone weights": backbone_digest.split("+bn:")[0]})
+        if differ:
+            out.append(f"the backbone differs from the one {path} was trained on ({_first(differ)}): "
+                       "run `pipeline extract-features` and `pipeline train`, or restore params "
+                       "'backbone'")
+    for role, cache in (("val", val_cache), ("train", train_cache)):
+        if cache is None:
+            continue
+        old = rec[f"{role}_store"] or {"fingerprint": None, "layout": None}  # None: not recorded
+        differ = differences(old["fingerprint"], _plain(cache.fingerprint), "fingerprint.")
+        if role == "train":
+            differ += differences(old["layout"], _plain(cache.layout), "layout.")
+        if differ:
+            out.append(f"{cache.path} was rebuilt after {path} was trained ({_first(differ)}): run "
+                       f"`pipeline train`, or rebuild the {role} store as it was")
+    return out
+
+
+def require_match(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str | Path = "projectors",
+                  val_cache: Any = None, train_cache: Any = None,
+                  backbone_digest: str | None = None) -> None:
+    """Raise on the first mismatch: CacheError for a rebuilt store, TrainingError otherwise."""
+    lines = mismatches(meta, params, path=path, backbone_digest=backbone_digest)
+    if lines:
+        raise TrainingError(lines[0])
+    lines = mismatches(meta, params, path=path, val_cache=val_cache, train_cache=train_cache)
+    if lines:  # params and backbone agree: a store was rebuilt
+        raise CacheError(lines[0])
+
+
+def _open_if_there(params: Mapping[str, Any], role: str, strict: bool) -> FeatureCache | None:
+    store = paths.feature_store(params, role)
+    if not store.exists():
+        return None
+    try:
+        return FeatureCache.open(store)
+    except CacheError:
+        if strict:
+            raise
+        return None
+
+
+def require_current(params: Mapping[str, Any], *, val: bool = True, backbone: bool = True) -> None:
+    """For `evaluate` / `figures`: refuse projectors files whose params differ from `params`, whose
+    train store (if present) or val store (`val`) was rebuilt since, or whose backbone differs from
+    params["backbone"] (`backbone`). A missing projectors file is left to the loader's message."""
+    digest = declared_digest(params["backbone"]) if backbone else None
+    caches = {"val_cache": _open_if_there(params, "val", strict=True) if val else None,
+              "train_cache": _open_if_there(params, "train", strict=False)}
+    for path in used_projectors(params):
+        meta = read_state(path).get("meta", {})
+        require_match(meta, params, path=path, backbone_digest=digest, **caches)
+
+
+def check(params: Mapping[str, Any]) -> list[str]:
+    """For `report`: one line per input that comes from another run than the current projectors
+    (params, stores, backbone, evaluation results older than the projectors); never raises for it."""
+    files = used_projectors(params)
+    results = _eval_results(params)
+    if not files:
+        if results:
+            chosen = paths.projectors(params, params["evaluate"]["projectors"])
+            return [(f"no projectors at {chosen} (a training run started and did "
+                     f"not finish?): {', '.join(str(r) for r in results)} come from an earlier run")]
+        return []
+    caches = {"val_cache": _open_if_there(params, "val", strict=False),
+              "train_cache": _open_if_there(params, "train", strict=False)}
+    digest = declared_digest(params["backbone"])
+    out: list[str] = []
+    for path in files:
+        try:
+            meta = read_state(path).get("meta", {})
+        except TrainingError as err:
+            out.append(str(err))
+            continue
+        out += mismatches(meta, params, path=path, backbone_digest=digest, **caches)
+        stale = [r for r in results if r.stat().st_mtime < path.stat().st_mtime]
+        if stale:
+            out.append(f"{', '.join(str(r) for r in stale)} predate {path} (an earlier training run): "
+                       "run `pipeline evaluate` and `pipeline figures` again")
+    return out
+
+
+def _eval_results(params: Mapping[str, Any]) -> list[Path]:
+    """Files written by `evaluate` and `figures` from the projectors."""
+    found: Sequence[Path] = [
+        *(paths.results_dir(params, "metrics", f"{n}.json") for n in EVAL_RESULTS),
+        *(paths.results_dir(params, "tables", f"{n}.md") for n in EVAL_RESULTS),
+        *sorted(paths.results_dir(params, "figures").glob("*.png")),
+        *sorted(paths.results_dir(params, "heatmaps").glob("*.png"))]
+    return [p for p in found if p.is_file()]
