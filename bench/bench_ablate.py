@@ -25,9 +25,9 @@ import common
 import torch
 
 from pipeline.config import paths
-from pipeline.training.ablation import distinct, grid, point_params
 from pipeline.store.cache import FeatureCache
 from pipeline.store.loader import TokenLoader
+from pipeline.training.ablation import distinct, grid, point_params
 from stages import ablate, extract_features, train
 
 GOAL = 1.05  # x the number of distinct trainings

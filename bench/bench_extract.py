@@ -21,8 +21,8 @@ import torch
 
 from pipeline.config import paths
 from pipeline.data.augment import normalise_pixels
-from pipeline.model.build import backbone_from_params
 from pipeline.extraction.views import DEFAULT_AUGMENT, ViewSpec, view_batches
+from pipeline.model.build import backbone_from_params
 from stages import extract_features
 
 GOAL = 0.9

@@ -40,6 +40,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from pipeline.store.cache import FeatureCache
+from pipeline.store.create import create_or_open
 from pipeline.store.loader import TokenLoader
 from pipeline.store.shards import ShardReader
 
@@ -52,7 +53,7 @@ def make_store(path: Path, n: int, k: int, shard: int, seed: int = 0) -> np.ndar
     """A complete float16 store of n images x k views; returns its tokens (n, k, T, D)."""
     rng = np.random.default_rng(seed)
     tokens = rng.standard_normal((n, k, T, D), dtype=np.float32).astype(np.float16)
-    cache = FeatureCache.create_or_open(
+    cache = create_or_open(
         path, ids=[str(i) for i in range(n)], labels=np.zeros((n, 80), np.int8),
         classnames=[f"c{c}" for c in range(80)], views=k, num_tokens=T, dim=D,
         fingerprint={"bench": seed}, shard_size=shard, overwrite=True)

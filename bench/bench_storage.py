@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.config import paths
 from pipeline.store.cache import FeatureCache
+from pipeline.store.create import create_or_open
 from pipeline.store.export import export_hdf5
 from pipeline.store.loader import TokenLoader
 from stages import extract_features
@@ -47,7 +48,7 @@ def build_stores(args, root) -> tuple[dict[str, FeatureCache], str]:
     t, d = common.token_shape(args.backbone, args.image_size)
     common.random_token_stores(params, args.images, 1, args.views, t, d)
     none = FeatureCache.open(paths.feature_store(params, "train"))
-    zstd = FeatureCache.create_or_open(
+    zstd = create_or_open(
         root / "zstd.zarr", ids=list(none.ids), labels=none.labels, classnames=none.classnames,
         views=none.views, num_tokens=none.num_tokens, dim=none.dim, fingerprint=none.fingerprint,
         shard_size=none.shard_size, compressor="zstd")

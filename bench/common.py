@@ -141,8 +141,8 @@ def recalibrate(params: dict, images: int = 16) -> None:
     """Give the random backbone data-fitted BatchNorm statistics (TESTING-WITHOUT-WEIGHTS trap 1),
     so its tokens vary between images as real features do; saved and set as backbone.checkpoint."""
     from pipeline.data.augment import eval_view
-    from pipeline.model.build import backbone_from_params
     from pipeline.data.datasets import load_multilabel
+    from pipeline.model.build import backbone_from_params
     from pipeline.model.recalibrate import recalibrate_batchnorm
 
     data = load_multilabel(params["data"]["dataset"], paths.dataset_root(params), "train")
@@ -160,13 +160,13 @@ def random_token_stores(params: dict, n_train: int, n_val: int, views: int, num_
                         dim: int, num_classes: int = 80, seed: int = 0) -> None:
     """Train/val stores of random float16 tokens in the layout a backbone would write, for timing
     code that reads tokens (training, ablation) at full RN-101 size without running RN-101."""
-    from pipeline.store.cache import FeatureCache
+    from pipeline.store.create import create_or_open
 
     rng = np.random.default_rng(seed)
     classnames = [f"class{c}" for c in range(num_classes)]
     for role, n, k in (("train", n_train, views), ("val", n_val, 1)):
         labels = (rng.random((n, num_classes)) < 0.05).astype(np.int8)  # (N, C), ~4 labels each
-        cache = FeatureCache.create_or_open(
+        cache = create_or_open(
             paths.feature_store(params, role), ids=[f"{role}{i}" for i in range(n)], labels=labels,
             classnames=classnames, views=k, num_tokens=num_tokens, dim=dim,
             fingerprint={"source": "random tokens (bench)", "seed": seed, "role": role},

@@ -18,6 +18,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import paths
+from pipeline.config.params import ParamError
+from pipeline.files import atomic_write_text
+from pipeline.model.build import resolve_device
+from pipeline.model.objective import build_objective, uses_infoclip
+from pipeline.results.outputs import stamp
 from pipeline.training import provenance
 from pipeline.training.ablation import (
     distinct,
@@ -29,12 +34,6 @@ from pipeline.training.ablation import (
     write_csv,
     write_markdown,
 )
-from pipeline.model.build import resolve_device
-from pipeline.config.params import ParamError
-from pipeline.files import atomic_write_text
-from pipeline.model.objective import build_objective, uses_infoclip
-from pipeline.results.outputs import stamp
-from pipeline.training.stacked import LoopTrainer, StackedTrainer
 from pipeline.training.loop import (
     amp_dtype,
     lr_at,
@@ -43,6 +42,7 @@ from pipeline.training.loop import (
     save_projectors,
     torch_threads,
 )
+from pipeline.training.stacked import LoopTrainer, StackedTrainer
 from stages.train import evaluated, open_data
 from stages.train import validate as solo_validate
 

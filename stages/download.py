@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 from pipeline.config import paths
-from pipeline.model.backbone import load_backbone
 from pipeline.data.datacheck import check_datasets, require_datasets
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.download import download_dataset
-from pipeline.files import atomic_write
-from pipeline.model.recalibrate import RECALIBRATION_IMAGES, recalibrate_on_images
 from pipeline.data.synthetic import make_planted_coco
+from pipeline.files import atomic_write
+from pipeline.model.backbone import load_backbone
+from pipeline.model.recalibrate import RECALIBRATION_IMAGES, recalibrate_on_images
 
 
 def write_random_backbone(out: Path, name: str, init_seed: int, image_size: int, images: list[Path]) -> Path:

@@ -13,56 +13,31 @@ under one "per_class" key per JSON.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import paths
-from pipeline.training import provenance
-from pipeline.model.backbone import FrozenCLIP
-from pipeline.model.build import backbone_from_params, resolve_device
-from pipeline.store.cache import FeatureCache
-from pipeline.data.datacheck import for_evaluation
-from pipeline.data.datasets import DatasetError, load_multilabel
-from pipeline.evaluation.sources import fmt, load_head, source_line
-from pipeline.model.heads import UnmixHead, positive_scores, region_logits
-from pipeline.store.loader import TokenLoader
+from pipeline.data.datasets import load_multilabel
 from pipeline.evaluation.metrics import average_precision
-from pipeline.results.outputs import write_results
-from pipeline.training.loop import TrainingError, evaluate_head, projector_text
+from pipeline.evaluation.sources import (
+    backbone_and_head,
+    dataset_root,
+    fmt,
+    load_head,
+    source_line,
+)
 from pipeline.evaluation.zsmlr import zero_shot_mlr
+from pipeline.model.build import resolve_device
+from pipeline.model.heads import positive_scores, region_logits
+from pipeline.results.outputs import write_results
+from pipeline.results.skips import for_evaluation
+from pipeline.store.cache import FeatureCache
+from pipeline.store.loader import TokenLoader
+from pipeline.training import provenance
+from pipeline.training.loop import TrainingError, evaluate_head, projector_text
 
 WHATS = ("mlr", "mfi", "seg", "zs-mlr")
-SEG_SPLIT = "val"
-CONTEXT59_HELP = (
-    "PASCAL Context 59 cannot be downloaded automatically: fetch VOC2010 trainval "
-    "(http://host.robots.ox.ac.uk/pascal/VOC/voc2010/) and the Detail annotations "
-    "trainval_merged.json (https://cs.stanford.edu/~roozbeh/pascal-context/), convert them with "
-    "mmsegmentation's tools/dataset_converters/pascal_context.py into "
-    "{root}/VOCdevkit/VOC2010/{{SegmentationClassContext,ImageSets/SegmentationContext}}, or drop it "
-    "with --set 'evaluate.seg.datasets=[voc2012,coco2017]'")
-
-
-# -- shared ------------------------------------------------------------------------------------
-def backbone_and_head(params: dict) -> tuple[FrozenCLIP, UnmixHead, dict, dict]:
-    """The frozen backbone, the evaluated projectors, their meta and their source
-    (pipeline.evaluation.sources.source)."""
-    device = resolve_device(params["backbone"]["device"])
-    backbone = backbone_from_params(params, device)
-    head, meta, src = load_head(params, device, backbone.embed_dim)
-    return backbone, head, meta, src
-
-
-def dataset_root(params: dict, name: str) -> Path:
-    """The dataset's root, or a DatasetError naming it and how to get the data."""
-    root = paths.dataset_root(params, name)
-    if not root.exists():
-        how = CONTEXT59_HELP.format(root=root) if name == "context59" else \
-            f"run `pipeline download --dataset {name}`"
-        raise DatasetError(f"dataset {name}: {root} not found; {how}")
-    return root
 
 
 # -- mlr ---------------------------------------------------------------------------------------

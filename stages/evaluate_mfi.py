@@ -20,18 +20,17 @@ from pathlib import Path
 import torch
 
 from pipeline.config import paths
-from pipeline.training import provenance
-from pipeline.store.cache import FeatureCache
-from pipeline.training.checkpoints import head_from_blob
-from pipeline.data.classes import classnames, prompt_names
 from pipeline.config.params import read_yaml
-from pipeline.evaluation.sources import fmt, source_line
-from pipeline.files import atomic_write_text
+from pipeline.data.classes import classnames, prompt_names
 from pipeline.evaluation.metrics import mean_offdiagonal_similarity
-from pipeline.results.plots import similarity_heatmaps
 from pipeline.evaluation.segmentation import PROMPTS, plain_text, project_classes
+from pipeline.evaluation.sources import backbone_and_head, fmt, source_line
+from pipeline.files import atomic_write_text
+from pipeline.results.plots import similarity_heatmaps
+from pipeline.store.cache import FeatureCache
+from pipeline.training import provenance
+from pipeline.training.checkpoints import head_from_blob
 from pipeline.training.loop import TrainingError, load_projectors, new_head
-from stages.evaluate import backbone_and_head
 
 MFI_CLASS_SETS = {"voc": "voc2007", "coco": "coco2014", "context59": "context59",
                   "context_unseen": "context59-unseen"}  # other names: classes.classnames(name)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO
 from pipeline.data.datasets import DatasetError, load_segmentation
-from pipeline.evaluation.sources import fmt, source_line
 from pipeline.evaluation.metrics import MIOU_PROTOCOLS
 from pipeline.evaluation.seg_eval import evaluate_segmentation
 from pipeline.evaluation.segmentation import METHOD_LABELS
-from stages.evaluate import SEG_SPLIT, backbone_and_head, dataset_root
+from pipeline.evaluation.sources import SEG_SPLIT, backbone_and_head, dataset_root, fmt, source_line
 
 PROTOCOL_TEXT = {
     "dataset": "dataset-level mIoU (%): intersections and unions summed over the dataset (mmseg IoUMetric)",

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import paths
-from pipeline.model.build import backbone_from_params
 from pipeline.data.datasets import DatasetError, MultiLabelDataset, load_multilabel
 from pipeline.extraction.engine import extract
+from pipeline.model.build import backbone_from_params
 
 
 def load_split(params: dict, role: str) -> MultiLabelDataset:

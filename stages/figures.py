@@ -15,12 +15,8 @@ import numpy as np
 import torch
 
 from pipeline.config import paths
-from pipeline.training import provenance
 from pipeline.data.classes import prompt_names
-from pipeline.data.datacheck import for_evaluation
 from pipeline.data.datasets import load_segmentation
-from pipeline.results.plots import activation_grid
-from pipeline.results.outputs import stamp as stamp_run
 from pipeline.evaluation.seg_eval import object_classes
 from pipeline.evaluation.segmentation import (
     METHOD_LABELS,
@@ -31,7 +27,11 @@ from pipeline.evaluation.segmentation import (
     seg_view,
     upsample,
 )
-from stages.evaluate import SEG_SPLIT, backbone_and_head, dataset_root
+from pipeline.evaluation.sources import SEG_SPLIT, backbone_and_head, dataset_root
+from pipeline.results.outputs import stamp as stamp_run
+from pipeline.results.plots import activation_grid
+from pipeline.results.skips import for_evaluation
+from pipeline.training import provenance
 
 
 def query_classes(wanted: list[str], available: list[str]) -> list[str]:

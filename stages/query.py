@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import paths
 from pipeline.api.unmix import class_list
-from pipeline.files import atomic_write_text
+from pipeline.config import paths
 from pipeline.data.images import load_image
-from pipeline.results.plots import activation_grid
 from pipeline.evaluation.segment_maps import LABELS
+from pipeline.files import atomic_write_text
+from pipeline.results.plots import activation_grid
 from stages.segment import (
     model_from_params,
     note_batch_stats,

@@ -10,7 +10,6 @@ import os
 from datetime import datetime, timezone
 
 from pipeline.config import paths
-from pipeline.training import provenance
 from pipeline.files import atomic_write_text
 from pipeline.results.report import (
     paper_table,
@@ -20,6 +19,7 @@ from pipeline.results.report import (
     recipe_lines,
     what_ran,
 )
+from pipeline.training import provenance
 
 TABLE_ORDER = ("mlr", "mfi", "seg", "zs-mlr")
 

@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.config import paths
 from pipeline.api.unmix import SegmentationResult, UnmixCLIP, class_list, template_list
+from pipeline.config import paths
 from pipeline.config.params import ParamError
-from pipeline.files import atomic_write, atomic_write_text
 from pipeline.data.images import BadImageError, load_image
-from pipeline.results.plots import activation_grid
+from pipeline.data.synthetic import voc_palette
 from pipeline.evaluation.segment_maps import LABELS, METHODS
 from pipeline.evaluation.segmentation import PROMPTS
-from pipeline.data.synthetic import voc_palette
+from pipeline.files import atomic_write, atomic_write_text
+from pipeline.results.plots import activation_grid
 
 MAP_BUDGET_BYTES = 1 << 30  # score maps held per chunk: C x methods x pixels x 4 bytes per image
 TYPICAL_PIXELS = 640 * 480  # a COCO image

@@ -14,14 +14,14 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import paths
-from pipeline.training import provenance
-from pipeline.model.build import resolve_device
-from pipeline.store.cache import CacheError, FeatureCache
-from pipeline.files import atomic_write_text
-from pipeline.store.loader import Batch, TokenLoader, resolve_read_threads
 from pipeline.evaluation.metrics import mean_average_precision
+from pipeline.files import atomic_write_text
+from pipeline.model.build import resolve_device
 from pipeline.model.objective import build_objective, clip_alignment_mi, trainable_parameters
 from pipeline.results.outputs import write_results
+from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.store.loader import Batch, TokenLoader, resolve_read_threads
+from pipeline.training import provenance
 from pipeline.training.loop import (
     TrainingError,
     amp_dtype,
@@ -96,9 +96,9 @@ def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Ca
     backbone's device when the store's views were (fingerprint "transforms": "device").
     """
     from pipeline.data.augment import eval_view, normalise_pixels, train_view, view_seed
-    from pipeline.model.build import backbone_from_params
     from pipeline.data.datasets import load_multilabel
     from pipeline.extraction.device_views import file_view
+    from pipeline.model.build import backbone_from_params
 
     fp = cache.fingerprint
     backbone = backbone_from_params(params, device)

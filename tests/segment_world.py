@@ -12,14 +12,14 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.data.augment import eval_view
-from pipeline.model.backbone import POSITIVE_TEMPLATE, load_backbone
-from pipeline.data.classes import COCO_CLASSES
 from pipeline.config.params import load_params
-from pipeline.model.recalibrate import recalibrate_batchnorm
+from pipeline.data.augment import eval_view
+from pipeline.data.classes import COCO_CLASSES
 from pipeline.data.synthetic import planted_sample
-from pipeline.training.loop import build_optimizer, new_head, save_projectors, train_step
+from pipeline.model.backbone import POSITIVE_TEMPLATE, load_backbone
+from pipeline.model.recalibrate import recalibrate_batchnorm
 from pipeline.model.weights import sha256_file
+from pipeline.training.loop import build_optimizer, new_head, save_projectors, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES, N_TRAIN, N_TEST, PIXELS, SIZE, STEPS, LR = 8, 48, 12, 96, 128, 300, 3e-3

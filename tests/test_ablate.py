@@ -12,11 +12,11 @@ import torch
 from test_training import fresh, shared_world, single_threaded, weights
 
 from pipeline.config import paths
-from pipeline.training.ablation import point_params
-from pipeline.store.cache import FeatureCache
 from pipeline.model.heads import UnmixHead
-from pipeline.training.stacked import PARTS, StackedTrainer
+from pipeline.store.cache import FeatureCache
+from pipeline.training.ablation import point_params
 from pipeline.training.loop import TrainingError, build_optimizer, load_projectors, train_step
+from pipeline.training.stacked import PARTS, StackedTrainer
 from stages import ablate, train
 
 EPOCHS = 2

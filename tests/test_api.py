@@ -10,24 +10,24 @@ from PIL import Image
 from segment_world import CLASSES, SIZE, TEMPLATE, world  # noqa: F401  (session fixture)
 
 from pipeline.api.unmix import UnmixCLIP, class_list
-from pipeline.data.augment import eval_view
-from pipeline.model.backbone import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE, load_backbone
 from pipeline.config.params import ParamError
-from pipeline.model.heads import positive_scores
+from pipeline.data.augment import eval_view
 from pipeline.data.images import BadImageError
-from pipeline.evaluation.segment_maps import label_map
 from pipeline.data.synthetic import make_bad_images
+from pipeline.evaluation.segment_maps import label_map
+from pipeline.model.backbone import NEGATIVE_TEMPLATE, POSITIVE_TEMPLATE, load_backbone
+from pipeline.model.heads import positive_scores
 from pipeline.model.weights import WeightsError, sha256_file
 
 
 @pytest.fixture(scope="module")
-def model(world):  # noqa: F811
+def model(world):
     return UnmixCLIP.from_files(world["projectors"], checkpoint=world["checkpoint"], device="cpu",
                                 batch_size=5)
 
 
 @pytest.fixture(scope="module")
-def segmented(world, model):  # noqa: F811
+def segmented(world, model):
     return model.segment(world["files"], CLASSES, template=TEMPLATE, methods=("clip-vv",))
 
 
@@ -46,7 +46,7 @@ def object_scores(preds: list[np.ndarray], masks: list[np.ndarray], num: int) ->
     return float(np.mean(ious)), float(np.mean(pred == gt))
 
 
-def test_segment_beats_clip_vv_on_planted_objects_and_is_above_chance(world, segmented):  # noqa: F811
+def test_segment_beats_clip_vv_on_planted_objects_and_is_above_chance(world, segmented):
     ours = object_scores(segmented.label_maps, world["masks"], len(CLASSES))
     vv = object_scores(segmented.method_label_maps["clip-vv"], world["masks"], len(CLASSES))
     print(f"object-pixel mIoU / accuracy: ours {ours}, CLIP-VV {vv}")
@@ -56,7 +56,7 @@ def test_segment_beats_clip_vv_on_planted_objects_and_is_above_chance(world, seg
     assert segmented.score_maps[0].shape == (len(CLASSES), *world["masks"][0].shape)
 
 
-def test_image_scores_are_the_heads_region_scores_with_pos_neg_prompts(world, segmented):  # noqa: F811
+def test_image_scores_are_the_heads_region_scores_with_pos_neg_prompts(world, segmented):
     backbone, head = world["backbone"], world["head"]
     x = torch.stack([eval_view(Image.open(f).convert("RGB"), SIZE) for f in world["files"]])
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_image_scores_are_the_heads_region_scores_with_pos_neg_prompts(world, se
     np.testing.assert_allclose(segmented.image_scores, direct.numpy(), atol=1e-5)
 
 
-def test_label_maps_follow_the_background_rule_on_the_score_maps(world, model):  # noqa: F811
+def test_label_maps_follow_the_background_rule_on_the_score_maps(world, model):
     files = world["files"][:3]
     for rule, threshold in (("max-score", 0.6), ("softmax", 0.9), ("none", 0.85)):
         result = model.segment(files, CLASSES, background=rule, threshold=threshold, template=TEMPLATE)
@@ -96,7 +96,7 @@ def test_label_map_rules_on_a_hand_made_example():
     assert label_map(n, "softmax", 0.9).tolist() == [[1, 0, 2]]
 
 
-def test_prompt_ensemble_averages_normalised_text_features(world, model):  # noqa: F811
+def test_prompt_ensemble_averages_normalised_text_features(world, model):
     templates = ["a photo of a {}.", "a drawing of the {}"]
     feats = model.text_features(["zebra crossing", "teapot"], template=templates)  # unseen words
     each = [F.normalize(world["backbone"].text_features([t.format(c) for c in ("zebra crossing", "teapot")]),
@@ -110,7 +110,7 @@ def test_prompt_ensemble_averages_normalised_text_features(world, model):  # noq
     assert np.all((result.image_scores >= 0) & (result.image_scores <= 1))
 
 
-def test_batch_statistics_need_two_classes_and_depend_on_the_list(world):  # noqa: F811
+def test_batch_statistics_need_two_classes_and_depend_on_the_list(world):
     model = UnmixCLIP.from_files(world["projectors"], checkpoint=world["checkpoint"], device="cpu",
                                  text_bn="batch")
     with pytest.raises(ParamError, match="at least 2"):
@@ -120,7 +120,7 @@ def test_batch_statistics_need_two_classes_and_depend_on_the_list(world):  # noq
     assert not torch.allclose(two[0], three[0], atol=1e-4)  # the scores depend on the class list
 
 
-def test_path_and_in_memory_images_give_the_same_result(world, model):  # noqa: F811
+def test_path_and_in_memory_images_give_the_same_result(world, model):
     path = world["files"][0]
     from_path = model.segment(path, CLASSES[:3], template=TEMPLATE)
     with Image.open(path) as img:
@@ -131,7 +131,7 @@ def test_path_and_in_memory_images_give_the_same_result(world, model):  # noqa: 
     assert tokens.spatial.shape == tokens.vv.shape and tokens.projected.shape[-1] == world["head"].proj_dim
 
 
-def test_a_backbone_with_other_weights_is_refused(world, tmp_path):  # noqa: F811
+def test_a_backbone_with_other_weights_is_refused(world, tmp_path):
     other = tmp_path / "other.pt"
     torch.save(load_backbone("tiny-RN", pretrained=None, init_seed=1).model.state_dict(), other)
     with pytest.raises(WeightsError) as err:
@@ -144,14 +144,14 @@ def test_a_backbone_with_other_weights_is_refused(world, tmp_path):  # noqa: F81
         UnmixCLIP.from_files(world["projectors"], device="cpu")
 
 
-def test_a_corrupt_image_names_the_file(world, model, tmp_path):  # noqa: F811
+def test_a_corrupt_image_names_the_file(world, model, tmp_path):
     bad = make_bad_images(tmp_path)["truncated_jpeg"]
     with pytest.raises(BadImageError, match=str(bad)):
         model.segment([world["files"][0], bad], CLASSES, template=TEMPLATE)
 
 
 @pytest.mark.parametrize("classes", [[], "", ["person", " "], ["dog", "dog"]])
-def test_bad_class_lists_are_clear_errors(world, model, classes):  # noqa: F811
+def test_bad_class_lists_are_clear_errors(world, model, classes):
     with pytest.raises(ParamError, match="class"):
         model.segment(world["files"][:1], classes, template=TEMPLATE)
 
@@ -185,7 +185,7 @@ def test_recorded_weights_that_can_be_named_are_loaded_without_arguments(tmp_pat
         UnmixCLIP.from_files(path, pretrained="random", init_seed=5, device="cpu")
 
 
-def test_maps_with_bilinear_resize_are_the_evaluations_on_the_same_image(world):  # noqa: F811
+def test_maps_with_bilinear_resize_are_the_evaluations_on_the_same_image(world):
     """evaluate.seg.interpolation reaches the API: its maps are the evaluation's seg_view ->
     score_maps (maps_from_tokens) -> normalised_maps path, and bicubic gives other maps."""
     import copy
@@ -214,7 +214,7 @@ def test_maps_with_bilinear_resize_are_the_evaluations_on_the_same_image(world):
     assert np.abs(other - expected).max() > 1e-3
 
 
-def test_segment_in_chunks_encodes_each_prompt_set_once(world, model, monkeypatch):  # noqa: F811
+def test_segment_in_chunks_encodes_each_prompt_set_once(world, model, monkeypatch):
     """`pipeline segment` calls segment per chunk: the class, positive and negative prompts go
     through the text tower once, and the maps are those of one call on all images."""
     fresh = UnmixCLIP(model.backbone, model.head, model.meta, image_size=model.image_size, batch_size=2)

@@ -169,8 +169,8 @@ def test_training_view_interpolation_is_the_named_resize(image):
 def test_every_augment_param_reaches_the_view_and_the_store_fingerprint():
     import inspect
 
-    from pipeline.extraction.engine import DEFAULT_AUGMENT
     from pipeline.config.schema import Augment
+    from pipeline.extraction.engine import DEFAULT_AUGMENT
 
     assert set(DEFAULT_AUGMENT) == set(Augment.model_fields)  # each param key has a default ...
     assert set(DEFAULT_AUGMENT) <= set(inspect.signature(train_view).parameters)  # ... and is used

@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 from pipeline.data.augment import eval_view
-from pipeline.model.backbone import TINY_MODEL, load_backbone
-from pipeline.model.build import backbone_from_params
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.images import load_image
-from pipeline.model.recalibrate import recalibrate_batchnorm
 from pipeline.data.synthetic import make_planted_coco
+from pipeline.model.backbone import TINY_MODEL, load_backbone
+from pipeline.model.build import backbone_from_params
+from pipeline.model.recalibrate import recalibrate_batchnorm
 from stages.download import write_random_backbone
 
 

@@ -12,6 +12,7 @@ import pytest
 import zarr
 
 from pipeline.store.cache import CacheError, FeatureCache, FingerprintMismatch
+from pipeline.store.create import create_or_open
 from pipeline.store.export import export_hdf5
 
 N, K, T, D, S, C = 10, 3, 5, 8, 4, 6  # 10 images in shards of 4 -> 3 shards, the last partial
@@ -48,7 +49,7 @@ def assert_stores_identical(a: FeatureCache, b: FeatureCache) -> None:
 
 def test_round_trip_shapes_dtypes_and_few_files(tmp_path: Path) -> None:
     kw = spec()
-    cache = FeatureCache.create_or_open(tmp_path / "c.zarr", **kw)
+    cache = create_or_open(tmp_path / "c.zarr", **kw)
     assert cache.incomplete_shards() == [0, 1, 2]
     write_all(cache)
     text = {n: np.random.default_rng(i).standard_normal((C, D)) for i, n in enumerate(("positive", "negative", "plain"))}
@@ -78,7 +79,7 @@ def test_round_trip_shapes_dtypes_and_few_files(tmp_path: Path) -> None:
 
 
 def test_zstd_and_float32_options(tmp_path: Path) -> None:
-    c = FeatureCache.create_or_open(tmp_path / "z.zarr", **spec(compressor="zstd", dtype="float32"))
+    c = create_or_open(tmp_path / "z.zarr", **spec(compressor="zstd", dtype="float32"))
     tokens, status = shard_data(0)
     c.write_shard(0, tokens, status)
     assert c.tokens.dtype == np.float32
@@ -89,9 +90,9 @@ def test_zstd_and_float32_options(tmp_path: Path) -> None:
 @pytest.mark.parametrize("failing", ["tokens", "status"])
 def test_shard_marked_complete_only_after_its_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    failing: str) -> None:
-    clean = FeatureCache.create_or_open(tmp_path / "clean.zarr", **spec())
+    clean = create_or_open(tmp_path / "clean.zarr", **spec())
     write_all(clean)
-    cache = FeatureCache.create_or_open(tmp_path / "crash.zarr", **spec())
+    cache = create_or_open(tmp_path / "crash.zarr", **spec())
     write_all(cache, [0])
 
     original = zarr.storage.LocalStore.set
@@ -111,13 +112,13 @@ def test_shard_marked_complete_only_after_its_data(tmp_path: Path, monkeypatch: 
     assert not reopened.valid[4:8].any()  # nothing of the crashed shard is trusted
     with pytest.raises(CacheError, match="cache incomplete: 2 of 3 shards missing"):
         reopened.require_complete()
-    resumed = FeatureCache.create_or_open(tmp_path / "crash.zarr", **spec())
+    resumed = create_or_open(tmp_path / "crash.zarr", **spec())
     write_all(resumed, resumed.incomplete_shards())
     assert_stores_identical(resumed, clean)
 
 
 def test_rewriting_a_complete_shard_unmarks_it_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = FeatureCache.create_or_open(tmp_path / "c.zarr", **spec())
+    cache = create_or_open(tmp_path / "c.zarr", **spec())
     write_all(cache)
     original = zarr.storage.LocalStore.set
 
@@ -134,8 +135,8 @@ def test_rewriting_a_complete_shard_unmarks_it_first(tmp_path: Path, monkeypatch
 
 def test_same_fingerprint_resumes_and_shows_progress(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
-    write_all(FeatureCache.create_or_open(path, **spec()), [0, 2])
-    again = FeatureCache.create_or_open(path, **spec(fingerprint={**FP, "views": K}))
+    write_all(create_or_open(path, **spec()), [0, 2])
+    again = create_or_open(path, **spec(fingerprint={**FP, "views": K}))
     assert again.incomplete_shards() == [1] and list(again.complete) == [True, False, True]
     assert np.array_equal(again.read_shard(2), shard_data(2)[0])  # resume keeps finished work
 
@@ -150,26 +151,26 @@ def test_same_fingerprint_resumes_and_shows_progress(tmp_path: Path) -> None:
 def test_different_fingerprint_is_refused_naming_the_key(tmp_path: Path, change: dict, key: str,
                                                          old: str, new: str) -> None:
     path = tmp_path / "c.zarr"
-    FeatureCache.create_or_open(path, **spec())
+    create_or_open(path, **spec())
     with pytest.raises(FingerprintMismatch) as err:
-        FeatureCache.create_or_open(path, **spec(**change))
+        create_or_open(path, **spec(**change))
     msg = str(err.value)
     assert str(path) in msg and f"{key}: stored {old}, requested {new}" in msg
     assert f"rm -r {path}" in msg and "--overwrite" in msg
-    fresh = FeatureCache.create_or_open(path, overwrite=True, **spec(**change))
+    fresh = create_or_open(path, overwrite=True, **spec(**change))
     assert fresh.incomplete_shards() == [0, 1, 2] and fresh.fingerprint == change["fingerprint"]
 
 
 def test_changed_labels_or_ids_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
     kw = spec()
-    FeatureCache.create_or_open(path, **kw)
+    create_or_open(path, **kw)
     labels = kw["labels"].copy()
     labels[3] = 1 - np.abs(labels[3])
     with pytest.raises(FingerprintMismatch, match="labels: 1 images differ"):
-        FeatureCache.create_or_open(path, **spec(labels=labels))
+        create_or_open(path, **spec(labels=labels))
     with pytest.raises(FingerprintMismatch, match="ids"):
-        FeatureCache.create_or_open(path, **spec(ids=kw["ids"][::-1]))
+        create_or_open(path, **spec(ids=kw["ids"][::-1]))
 
 
 @pytest.mark.parametrize("name", ["ids", "labels"])
@@ -178,14 +179,14 @@ def test_a_lost_ids_or_labels_chunk_is_repaired_only_from_the_same_dataset(tmp_p
     recorded at creation: another image list of the same length must not inherit the tokens."""
     path = tmp_path / "c.zarr"
     kw = spec()
-    write_all(FeatureCache.create_or_open(path, **kw))
+    write_all(create_or_open(path, **kw))
     other = {"ids": kw["ids"][::-1], "labels": kw["labels"][::-1].copy()}[name]
     for chunk in (path / name / "c").rglob("*"):
         if chunk.is_file():
             chunk.unlink()  # the chunk is lost: it reads as its (refused) fill value
     with pytest.raises(FingerprintMismatch, match=f"dataset's {name} differ"):
-        FeatureCache.create_or_open(path, **{**kw, name: other})
-    repaired = FeatureCache.create_or_open(path, **kw)  # the same dataset: repaired byte for byte
+        create_or_open(path, **{**kw, name: other})
+    repaired = create_or_open(path, **kw)  # the same dataset: repaired byte for byte
     assert list(repaired.ids) == kw["ids"] and np.array_equal(repaired.labels, kw["labels"])
 
 
@@ -194,21 +195,21 @@ def test_non_cache_directory_is_a_clear_error(tmp_path: Path) -> None:
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")
     with pytest.raises(CacheError, match="not a feature cache"):
-        FeatureCache.create_or_open(junk, **spec())
+        create_or_open(junk, **spec())
     with pytest.raises(CacheError, match="refusing to overwrite"):
-        FeatureCache.create_or_open(junk, overwrite=True, **spec())
+        create_or_open(junk, overwrite=True, **spec())
     assert (junk / "notes.txt").read_text() == "mine"
     other = zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
     other.attrs["x"] = 1
     with pytest.raises(CacheError, match="zarr group but not a feature cache"):
         FeatureCache.open(tmp_path / "other.zarr")
     with pytest.raises(CacheError, match="refusing to overwrite"):
-        FeatureCache.create_or_open(tmp_path / "other.zarr", overwrite=True, **spec())
+        create_or_open(tmp_path / "other.zarr", overwrite=True, **spec())
     with pytest.raises(CacheError, match="no feature cache at"):
         FeatureCache.open(tmp_path / "missing.zarr")
     empty = tmp_path / "empty"
     empty.mkdir()  # an empty directory is simply a place to create the cache
-    assert FeatureCache.create_or_open(empty, **spec()).num_shards == 3
+    assert create_or_open(empty, **spec()).num_shards == 3
 
 
 def _write_in_worker(cache: FeatureCache, shards: list[int]) -> list[int]:
@@ -217,9 +218,9 @@ def _write_in_worker(cache: FeatureCache, shards: list[int]) -> list[int]:
 
 
 def test_two_processes_writing_disjoint_shards_equal_one_process(tmp_path: Path) -> None:
-    single = FeatureCache.create_or_open(tmp_path / "single.zarr", **spec())
+    single = create_or_open(tmp_path / "single.zarr", **spec())
     write_all(single)
-    shared = FeatureCache.create_or_open(tmp_path / "shared.zarr", **spec())
+    shared = create_or_open(tmp_path / "shared.zarr", **spec())
     assert pickle.loads(pickle.dumps(shared)).path == shared.path  # travels as its path
     with mp.get_context("spawn").Pool(2) as pool:
         pool.starmap(_write_in_worker, [(shared, [0, 2]), (shared, [1])])
@@ -228,7 +229,7 @@ def test_two_processes_writing_disjoint_shards_equal_one_process(tmp_path: Path)
 
 
 def test_export_hdf5_round_trips(tmp_path: Path) -> None:
-    cache = FeatureCache.create_or_open(tmp_path / "c.zarr", **spec())
+    cache = create_or_open(tmp_path / "c.zarr", **spec())
     with pytest.raises(CacheError, match="incomplete"):
         export_hdf5(cache, tmp_path / "early.h5")
     assert not (tmp_path / "early.h5").exists()
@@ -250,7 +251,7 @@ def test_export_hdf5_round_trips(tmp_path: Path) -> None:
 
 def test_every_array_carries_crc32c_and_tokens_one_chunk_per_view(tmp_path: Path) -> None:
     """Format 2: a crc32c codec on every chunk of every array (and on each shard's index)."""
-    cache = FeatureCache.create_or_open(tmp_path / "c.zarr", **spec())
+    cache = create_or_open(tmp_path / "c.zarr", **spec())
     write_all(cache)
     cache.write_text_features({"positive": np.ones((C, D))})
     g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")

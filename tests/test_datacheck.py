@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import datacheck
 from pipeline.config.params import DEFAULT_PARAMS, load_params
+from pipeline.data import datacheck
 from pipeline.data.datasets import DatasetError, load_multilabel
 from pipeline.data.synthetic import make_planted_coco
+from pipeline.results import skips
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def test_placed_dataset_is_used_as_is(placed, monkeypatch, capsys):
 def test_skip_evaluates_what_is_present_and_records_the_rest(placed, capsys):
     params = _params(placed, "data.dataset=coco2017", "evaluate.missing=skip",
                      "evaluate.seg.datasets=[voc2012,coco2017]", "evaluate.zs_mlr.dataset=voc2007")
-    kept_params, kept = datacheck.for_evaluation(params, ["mlr", "seg", "zs-mlr", "figures"])
+    kept_params, kept = skips.for_evaluation(params, ["mlr", "seg", "zs-mlr", "figures"])
     assert kept == ["mlr", "seg", "figures"]  # seg skips voc2012 itself; zs-mlr has nothing left
     assert kept_params["evaluate"]["seg"]["datasets"] == ["coco2017"]  # figures: first on disk
     assert params["evaluate"]["seg"]["datasets"] == ["voc2012", "coco2017"]  # caller's dict untouched
@@ -94,6 +95,6 @@ def test_skip_evaluates_what_is_present_and_records_the_rest(placed, capsys):
 
 def test_error_mode_leaves_the_evaluation_to_name_what_went_missing(placed):
     params = _params(placed, "data.dataset=coco2017", "evaluate.seg.datasets=[context59]")
-    assert datacheck.for_evaluation(params, ["seg", "mlr"]) == (params, ["seg", "mlr"])
+    assert skips.for_evaluation(params, ["seg", "mlr"]) == (params, ["seg", "mlr"])
     with pytest.raises(DatasetError, match="context59.*evaluate.seg.datasets"):
         datacheck.require_datasets(params, whats=["seg"], training=False)

@@ -13,12 +13,9 @@ import zarr
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from pipeline.data.augment import view_draws, view_seed
-from pipeline.store.cache import FeatureCache, FingerprintMismatch
 from pipeline.config.params import ParamError, load_params
+from pipeline.data.augment import view_draws, view_seed
 from pipeline.data.datasets import load_multilabel
-from pipeline.extraction.device_views import file_view, train_device_views
-from pipeline.extraction.engine import extract
 from pipeline.data.images import BadImageError, load_image, read_for_device
 from pipeline.data.synthetic import (
     CONVERTIBLE_IMAGE_KINDS,
@@ -27,8 +24,11 @@ from pipeline.data.synthetic import (
     make_planted_coco,
     planted_sample,
 )
-from pipeline.training.loop import TrainingError
+from pipeline.extraction.device_views import file_view, train_device_views
+from pipeline.extraction.engine import extract
 from pipeline.extraction.views import DEFAULT_AUGMENT, ViewSpec, view_batches
+from pipeline.store.cache import FeatureCache, FingerprintMismatch
+from pipeline.training.loop import TrainingError
 from stages.download import write_random_backbone
 
 ROOT = Path(__file__).resolve().parents[1]

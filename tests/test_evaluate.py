@@ -15,20 +15,26 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.evaluation import sources as evaluation
 from pipeline.config import paths
-from pipeline.training import provenance
-from pipeline.data.augment import eval_view
-from pipeline.model.backbone import load_backbone
-from pipeline.store.cache import FeatureCache
 from pipeline.config.params import load_params
+from pipeline.data.augment import eval_view
 from pipeline.data.datasets import DatasetError, load_multilabel
-from pipeline.model.heads import positive_scores
-from pipeline.evaluation.metrics import mean_average_precision
-from pipeline.model.recalibrate import recalibrate_batchnorm
-from pipeline.evaluation.segmentation import PROMPTS
 from pipeline.data.synthetic import make_planted_coco
-from pipeline.training.loop import TrainingError, build_optimizer, new_head, save_projectors, train_step
+from pipeline.evaluation import sources as evaluation
+from pipeline.evaluation.metrics import mean_average_precision
+from pipeline.evaluation.segmentation import PROMPTS
+from pipeline.model.backbone import load_backbone
+from pipeline.model.heads import positive_scores
+from pipeline.model.recalibrate import recalibrate_batchnorm
+from pipeline.store.create import create_or_open
+from pipeline.training import provenance
+from pipeline.training.loop import (
+    TrainingError,
+    build_optimizer,
+    new_head,
+    save_projectors,
+    train_step,
+)
 from stages import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +73,7 @@ def world(tmp_path_factory):
     for step in range(STEPS):
         train_step(head, optimizer, tokens, labels, text, cfg, step=step)
     val_tokens = backbone.spatial_tokens(x_val)  # (N, T, D)
-    cache = FeatureCache.create_or_open(
+    cache = create_or_open(
         paths.feature_store(params, "val"), ids=[r.image_id for r in val.records], labels=val.labels,
         classnames=val.classnames, views=1, num_tokens=val_tokens.shape[1], dim=backbone.embed_dim,
         fingerprint={"test": "evaluate"}, shard_size=N_VAL, dtype="float32")
@@ -294,7 +300,7 @@ def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     params["evaluate"]["mfi"] = {"class_sets": ["synthetic"], "control": "train"}
     params["ablate"]["epochs"] = 2
     train, tokens = world["train"], world["train_tokens"]
-    cache = FeatureCache.create_or_open(
+    cache = create_or_open(
         paths.feature_store(params, "train"), ids=[r.image_id for r in train.records], labels=train.labels,
         classnames=train.classnames, views=1, num_tokens=tokens.shape[1], dim=tokens.shape[2],
         fingerprint={"test": "evaluate"}, shard_size=N_TRAIN, dtype="float32")

@@ -10,14 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.data.augment import eval_view, train_view, view_seed
-from pipeline.store.cache import FeatureCache, FingerprintMismatch
-from pipeline.data.classes import VOC_CLASSES
 from pipeline.cli.app import main
+from pipeline.data.augment import eval_view, train_view, view_seed
+from pipeline.data.classes import VOC_CLASSES
 from pipeline.data.datasets import load_multilabel
-from pipeline.extraction.engine import extract
 from pipeline.data.images import load_image
 from pipeline.data.synthetic import make_planted_coco, make_voc_layout, planted_sample
+from pipeline.extraction.engine import extract
+from pipeline.store.cache import FeatureCache, FingerprintMismatch
 from stages.download import write_random_backbone
 
 ROOT = Path(__file__).resolve().parents[1]

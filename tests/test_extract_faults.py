@@ -15,13 +15,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.store.cache import FeatureCache
 from pipeline.cli.app import main
 from pipeline.data.datasets import load_multilabel
-from pipeline.extraction.distributed import _BACKBONES, extract_shard_task
-from pipeline.extraction.engine import InjectedFailure, ViewSpec, extract
 from pipeline.data.images import BadImageError, load_image
 from pipeline.data.synthetic import make_bad_images, make_planted_coco
+from pipeline.extraction.distributed import _BACKBONES, extract_shard_task
+from pipeline.extraction.engine import InjectedFailure, ViewSpec, extract
+from pipeline.store.cache import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -87,7 +87,7 @@ main(sys.argv[1:])
 def _any_shard_complete(store: Path) -> bool:
     try:
         return bool(FeatureCache.open(store).complete.any())
-    except Exception:  # noqa: BLE001 - not created yet, or read while being renamed into place
+    except Exception:
         return False
 
 

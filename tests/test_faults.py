@@ -26,12 +26,12 @@ import torch
 import zarr
 from click.testing import CliRunner, Result
 
-from pipeline.model.backbone import load_backbone
-from pipeline.store.cache import FeatureCache
 from pipeline.cli.app import main
 from pipeline.data.datasets import load_multilabel
-from pipeline.extraction.engine import extract
 from pipeline.data.synthetic import make_bad_images, make_planted_coco, make_voc_layout
+from pipeline.extraction.engine import extract
+from pipeline.model.backbone import load_backbone
+from pipeline.store.cache import FeatureCache
 from pipeline.training.loop import load_projectors
 from stages import train as train_stage
 

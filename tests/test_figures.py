@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from pipeline.config import paths
-from pipeline.training import provenance
 from pipeline.config.params import load_params
 from pipeline.data.datasets import load_segmentation
+from pipeline.data.synthetic import make_planted_coco
 from pipeline.model.heads import UnmixHead
 from pipeline.results.plots import activation_grid, similarity_heatmaps
-from pipeline.data.synthetic import make_planted_coco
+from pipeline.training import provenance
 from pipeline.training.loop import save_projectors
 from stages import figures
 

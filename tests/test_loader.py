@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.store.create import create_or_open
 from pipeline.store.loader import TokenLoader
 
 N, K, T, D, S, C = 45, 3, 4, 6, 8, 5  # 6 shards, the last with 5 images
@@ -18,7 +19,7 @@ BAD = {3, 17, 40}
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[FeatureCache, np.ndarray]:
     rng = np.random.default_rng(0)
-    cache = FeatureCache.create_or_open(
+    cache = create_or_open(
         tmp_path_factory.mktemp("loader") / "c.zarr", ids=[str(i) for i in range(N)],
         labels=rng.integers(-1, 2, (N, C)).astype(np.int8), classnames=[f"c{i}" for i in range(C)],
         views=K, num_tokens=T, dim=D, fingerprint={"test": 1}, shard_size=S)
@@ -134,7 +135,7 @@ def test_a_chunk_damaged_between_epochs_stops_the_next_epoch(tmp_path: Path) -> 
     checked again, so a chunk the first epoch proved cannot be served damaged by the second."""
     from pipeline.store.shards import ShardReader
     rng = np.random.default_rng(1)
-    cache = FeatureCache.create_or_open(
+    cache = create_or_open(
         tmp_path / "c.zarr", ids=[str(i) for i in range(16)], labels=np.zeros((16, C), np.int8),
         classnames=[f"c{i}" for i in range(C)], views=1, num_tokens=T, dim=D,
         fingerprint={"test": 2}, shard_size=S)
@@ -192,7 +193,7 @@ def test_stopping_early_releases_the_prefetch_thread(store) -> None:
 
 
 def test_incomplete_cache_is_refused(tmp_path: Path) -> None:
-    cache = FeatureCache.create_or_open(tmp_path / "c.zarr", ids=["a", "b", "c"], labels=np.zeros((3, 2)),
+    cache = create_or_open(tmp_path / "c.zarr", ids=["a", "b", "c"], labels=np.zeros((3, 2)),
                                         classnames=["x", "y"], views=1, num_tokens=2, dim=2,
                                         fingerprint={}, shard_size=2)
     cache.write_shard(0, np.zeros((2, 1, 2, 2)), np.zeros(2))

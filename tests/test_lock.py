@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.store.cache import FeatureCache
+from pipeline.store.create import create_or_open
 from pipeline.store.lock import StoreLock, StoreLocked, lock_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ time.sleep(60)
 
 
 def small_store(path: Path) -> FeatureCache:
-    cache = FeatureCache.create_or_open(path, ids=["a", "b"], labels=np.zeros((2, 2)), classnames=["x", "y"],
+    cache = create_or_open(path, ids=["a", "b"], labels=np.zeros((2, 2)), classnames=["x", "y"],
                                         views=1, num_tokens=2, dim=2, fingerprint={}, shard_size=2)
     cache.write_shard(0, np.ones((2, 1, 2, 2)), np.zeros(2))
     return cache

@@ -25,15 +25,15 @@ from test_training import (
 )
 
 from pipeline.config import paths
-from pipeline.training.ablation import point_params
-from pipeline.model.backbone import FrozenCLIP, load_backbone
 from pipeline.config.params import ParamError, load_params
+from pipeline.model.backbone import FrozenCLIP, load_backbone
 from pipeline.model.heads import UnmixHead
 from pipeline.model.infoclip import InfoCLIPLoss, alignment_map, sample_token_indices
 from pipeline.model.information import gram_matrix, mutual_information
-from pipeline.store.loader import Batch
 from pipeline.model.losses import asl_loss, mfi_loss
 from pipeline.model.objective import build_objective, clip_alignment_mi, trainable_parameters
+from pipeline.store.loader import Batch
+from pipeline.training.ablation import point_params
 from pipeline.training.loop import build_optimizer, load_projectors, new_head, train_step
 from stages import ablate, train
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from test_faults import BACKBONE, CLASSES, SIZE, assert_clear_error, cli, sets
 
-from pipeline.training import provenance
-from pipeline.model.backbone import load_backbone
 from pipeline.config.params import load_params
 from pipeline.data.datasets import load_multilabel
-from pipeline.extraction.engine import extract
 from pipeline.data.synthetic import make_planted_coco
+from pipeline.extraction.engine import extract
+from pipeline.model.backbone import load_backbone
+from pipeline.training import provenance
 from pipeline.training.loop import TrainingError, load_projectors
 from stages import train as train_stage
 

@@ -13,23 +13,23 @@ from PIL import Image
 from segment_world import CLASSES, TEMPLATE, world  # noqa: F401  (session fixture)
 
 from pipeline.api.unmix import UnmixCLIP
-from pipeline.model.backbone import load_backbone
 from pipeline.cli.app import main
 from pipeline.config.params import ParamError
 from pipeline.data.images import BadImageError
 from pipeline.data.synthetic import make_bad_images
+from pipeline.model.backbone import load_backbone
 from stages.segment import expand_images, read_label_png
 
 QUERIED = ["person", "car", "bus"]
 
 
-def _invoke(world, *args: str) -> object:  # noqa: F811
+def _invoke(world, *args: str) -> object:
     result = CliRunner().invoke(main, [*args, "--params", str(world["params_file"]),
                                        "--projectors", str(world["projectors"])])
     return result
 
 
-def test_cli_writes_exactly_what_the_api_computes(world, tmp_path):  # noqa: F811
+def test_cli_writes_exactly_what_the_api_computes(world, tmp_path):
     out = tmp_path / "out"
     files = world["files"][:6]  # batches of 5 and 1
     run = _invoke(world, "segment", str(world["images_dir"] / "planted_0[0-5].png"), "--classes", ",".join(QUERIED),
@@ -52,7 +52,7 @@ def test_cli_writes_exactly_what_the_api_computes(world, tmp_path):  # noqa: F81
         assert png.mode == "P"
 
 
-def test_batch_statistics_print_that_scores_depend_on_the_class_list(world, tmp_path):  # noqa: F811
+def test_batch_statistics_print_that_scores_depend_on_the_class_list(world, tmp_path):
     args = ("segment", str(world["files"][0]), "--template", TEMPLATE, "--out", str(tmp_path),
             "--set", "evaluate.text_bn.seg=batch")
     one = _invoke(world, *args, "--classes", "person")
@@ -62,7 +62,7 @@ def test_batch_statistics_print_that_scores_depend_on_the_class_list(world, tmp_
     assert "depends on the whole class list" in two.output
 
 
-def test_query_reports_text_cosines_before_and_after_projection(world, tmp_path):  # noqa: F811
+def test_query_reports_text_cosines_before_and_after_projection(world, tmp_path):
     run = _invoke(world, "query", str(world["files"][1]), "--text", "person", "--against", "car,zebra",
                   "--template", TEMPLATE, "--out", str(tmp_path))
     assert run.exit_code == 0, run.output
@@ -79,7 +79,7 @@ def test_query_reports_text_cosines_before_and_after_projection(world, tmp_path)
         assert png.format == "PNG" and png.width > png.height  # image | CLIP | ours
 
 
-def test_a_backbone_with_other_weights_is_one_line_naming_both_digests(world, tmp_path):  # noqa: F811
+def test_a_backbone_with_other_weights_is_one_line_naming_both_digests(world, tmp_path):
     other = tmp_path / "other.pt"
     torch.save(load_backbone("tiny-RN", pretrained=None, init_seed=3).model.state_dict(), other)
     run = _invoke(world, "segment", str(world["files"][0]), "--classes", "person,car",
@@ -90,18 +90,18 @@ def test_a_backbone_with_other_weights_is_one_line_naming_both_digests(world, tm
 
 
 @pytest.mark.parametrize("classes, message", [(",", "no classes"), ("dog,,cat", "empty class name")])
-def test_bad_class_lists_are_one_line_errors(world, tmp_path, classes, message):  # noqa: F811
+def test_bad_class_lists_are_one_line_errors(world, tmp_path, classes, message):
     run = _invoke(world, "segment", str(world["files"][0]), "--classes", classes, "--out", str(tmp_path))
     assert run.exit_code == 1 and message in run.output and "Traceback" not in run.output
 
 
-def test_a_corrupt_image_is_named(world, tmp_path):  # noqa: F811
+def test_a_corrupt_image_is_named(world, tmp_path):
     bad = make_bad_images(tmp_path / "bad")["corrupt_png"]
     run = _invoke(world, "segment", str(bad), "--classes", "person,car", "--out", str(tmp_path))
     assert run.exit_code == 1 and str(bad) in run.output
 
 
-def test_folders_globs_and_files_expand_in_order(world, tmp_path):  # noqa: F811
+def test_folders_globs_and_files_expand_in_order(world, tmp_path):
     folder = world["images_dir"]
     assert expand_images([str(folder)]) == world["files"]
     assert expand_images([str(folder / "planted_0[12].png"), str(world["files"][0])]) == \

@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.augment import eval_view
-from pipeline.model.backbone import load_backbone
 from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO
 from pipeline.data.datasets import load_segmentation
-from pipeline.model.heads import UnmixHead
+from pipeline.data.synthetic import make_context_layout, make_planted_coco, make_voc_layout
 from pipeline.evaluation.metrics import PER_IMAGE_PROTOCOLS, miou_per_image
-from pipeline.model.recalibrate import recalibrate_batchnorm
 from pipeline.evaluation.seg_eval import evaluate_segmentation
 from pipeline.evaluation.segmentation import (
     METHODS,
@@ -30,8 +28,10 @@ from pipeline.evaluation.segmentation import (
     score_maps,
     token_grid,
 )
-from pipeline.data.synthetic import make_context_layout, make_planted_coco, make_voc_layout
 from pipeline.evaluation.zsmlr import region_probabilities, region_views
+from pipeline.model.backbone import load_backbone
+from pipeline.model.heads import UnmixHead
+from pipeline.model.recalibrate import recalibrate_batchnorm
 
 SIZE = 96  # network input: a 3 x 3 token grid
 

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.store import shards
 from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.store.create import create_or_open
 from pipeline.store.shards import ShardReader
 
 N, K, T, D, S, C = 11, 3, 5, 8, 4, 3  # 3 shards, the last partial
@@ -17,7 +18,7 @@ N, K, T, D, S, C = 11, 3, 5, 8, 4, 3  # 3 shards, the last partial
 
 def make(path: Path, dtype: str = "float16", compressor: str | None = None) -> tuple[FeatureCache, np.ndarray]:
     rng = np.random.default_rng(0)
-    cache = FeatureCache.create_or_open(
+    cache = create_or_open(
         path, ids=[f"i{i}" for i in range(N)], labels=rng.integers(-1, 2, (N, C)), classnames=list("abc"),
         views=K, num_tokens=T, dim=D, fingerprint={"t": 1}, shard_size=S, dtype=dtype,
         compressor=compressor)
@@ -202,7 +203,7 @@ def test_a_store_re_extracted_with_other_settings_under_a_reader_is_refused(
     out = np.empty((T, D), np.float16)
     reader.read_into(0, 0, out)
     rng = np.random.default_rng(1)
-    other = FeatureCache.create_or_open(  # same layout, other settings: chunks pass their crc32c
+    other = create_or_open(  # same layout, other settings: chunks pass their crc32c
         cache.path, ids=[f"i{i}" for i in range(N)], labels=rng.integers(-1, 2, (N, C)),
         classnames=list("abc"), views=K, num_tokens=T, dim=D, fingerprint=fingerprint, shard_size=S,
         overwrite=True)

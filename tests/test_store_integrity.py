@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from pipeline.store.cache import CacheError, FeatureCache
 from pipeline.cli.app import main
+from pipeline.data.synthetic import make_planted_coco
+from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.store.create import create_or_open
 from pipeline.store.integrity import unsound_shards
 from pipeline.store.loader import TokenLoader
-from pipeline.data.synthetic import make_planted_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -188,7 +189,7 @@ def test_version_1_store_is_refused_with_how_to_re_extract(reference, tmp_path: 
 
 def test_status_and_fill_values_cannot_pass_validation(tmp_path: Path) -> None:
     """Lost chunks read as values validation refuses, not as plausible data."""
-    cache = FeatureCache.create_or_open(tmp_path / "c.zarr", ids=["a", "b"], labels=np.zeros((2, 2)),
+    cache = create_or_open(tmp_path / "c.zarr", ids=["a", "b"], labels=np.zeros((2, 2)),
                                         classnames=["x", "y"], views=1, num_tokens=2, dim=2,
                                         fingerprint={}, shard_size=2)
     cache.write_shard(0, np.ones((2, 1, 2, 2)), np.zeros(2))

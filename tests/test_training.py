@@ -19,17 +19,17 @@ import torch
 import zarr
 
 from pipeline.config import paths
-from pipeline.data.augment import eval_view
-from pipeline.model.backbone import load_backbone
-from pipeline.model.build import backbone_from_params
-from pipeline.store.cache import FeatureCache
 from pipeline.config.params import get as config_get
 from pipeline.config.params import load_params, load_recipe
+from pipeline.data.augment import eval_view
 from pipeline.data.datasets import load_multilabel
-from pipeline.extraction.engine import extract
-from pipeline.store.loader import TokenLoader
-from pipeline.model.recalibrate import recalibrate_batchnorm
 from pipeline.data.synthetic import make_planted_coco
+from pipeline.extraction.engine import extract
+from pipeline.model.backbone import load_backbone
+from pipeline.model.build import backbone_from_params
+from pipeline.model.recalibrate import recalibrate_batchnorm
+from pipeline.store.cache import FeatureCache
+from pipeline.store.loader import TokenLoader
 from pipeline.training.loop import (
     TrainingError,
     build_optimizer,

@@ -18,9 +18,9 @@ import torch
 from test_training import fresh, shared_world, single_threaded
 
 from pipeline.config import paths
-from pipeline.store.cache import FeatureCache
 from pipeline.config.params import load_params
 from pipeline.model.heads import TextProjector
+from pipeline.store.cache import FeatureCache
 from pipeline.training.loop import (
     TrainingError,
     build_optimizer,

@@ -145,8 +145,8 @@ def test_random_backbone_is_announced_and_open_clip_noise_is_dropped(capfd, capl
 
 
 def test_recalibrate_bn_is_refused_with_pretrained_weights():
-    from pipeline.model.build import backbone_from_params
     from pipeline.config.params import ParamError
+    from pipeline.model.build import backbone_from_params
 
     b = {"name": "RN101", "pretrained": "openai", "checkpoint": None, "recalibrate_bn": True}
     with pytest.raises(ParamError, match="backbone.recalibrate_bn"):

@@ -1,4 +1,8 @@
-"""api"""
+"""The Python API: `UnmixCLIP` (trained projectors on any image and any words) and how it finds its
+backbone weights (`weights`). `from pipeline.api import UnmixCLIP`.
+
+May import every library layer below it; nothing imports it but the CLI.
+"""
 from pipeline.api.unmix import UnmixCLIP
 
 __all__ = ["UnmixCLIP"]

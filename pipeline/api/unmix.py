@@ -26,11 +26,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline.api.weights import recorded_image_size, recorded_train_text_input, resolve_backbone
-from pipeline.data.augment import INTERPOLATIONS, eval_view
-from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
-from pipeline.model.build import resolve_device
 from pipeline.config.params import ParamError
-from pipeline.model.heads import BN_STATS, UnmixHead
+from pipeline.data.augment import INTERPOLATIONS, eval_view
 from pipeline.data.images import load_image
 from pipeline.evaluation.segment_maps import (
     BACKGROUND_RULES,
@@ -40,7 +37,10 @@ from pipeline.evaluation.segment_maps import (
     normalised_maps,
     token_paths_for,
 )
-from pipeline.training.loop import load_projectors
+from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
+from pipeline.model.build import resolve_device
+from pipeline.model.heads import BN_STATS, UnmixHead
+from pipeline.model.projectors import load_projectors
 
 ImageLike = str | os.PathLike | Image.Image
 MAX_CLASSES = 255  # labels 1..C and background 0 in one uint8 palette PNG

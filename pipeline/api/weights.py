@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from pipeline.training import provenance
 from pipeline.model.backbone import FrozenCLIP, load_backbone
 from pipeline.model.weights import WeightsError
+from pipeline.training import provenance
 
 FIX = "set backbone.checkpoint (a local file) or backbone.pretrained (a tag) to those weights"
 

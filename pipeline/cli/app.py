@@ -8,38 +8,20 @@ from __future__ import annotations
 import errno
 import functools
 import importlib
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from pipeline.config.params import DEFAULT_PARAMS, ParamError, load_params
+from pipeline.config.params import DEFAULT_PARAMS, load_params
+from pipeline.errors import ParamError, UserError
 
-_USER_ERRORS = [  # (module, class): errors whose message is the whole story for a user
-    ("pipeline.config.params", "ParamError"),
-    ("pipeline.model.weights", "WeightsError"),
-    ("pipeline.data.images", "BadImageError"),
-    ("pipeline.data.datasets", "DatasetError"),
-    ("pipeline.store.cache", "CacheError"),
-    ("pipeline.data.download", "DownloadError"),
-    ("pipeline.training.loop", "TrainingError"),
-]
-# Exceptions of the project that are not a user's to act on (tests check this list is complete).
-_INTERNAL_ERRORS = [("pipeline.extraction.engine", "InjectedFailure")]
+# Exceptions of the project that are not a user's to act on (a test checks every other is a UserError).
+_INTERNAL_ERRORS = [("pipeline.extraction.encode", "InjectedFailure")]
 # OSErrors a user fixes on the machine (free space, permissions): one line naming the file.
 _DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
                 errno.EROFS: "choose a writable folder in params 'paths'",
                 errno.EACCES: "fix the permissions or choose another folder in params 'paths'"}
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = []
-    for module, name in _USER_ERRORS:
-        mod = sys.modules.get(module)  # only modules already imported can have raised
-        if mod is not None and hasattr(mod, name):
-            types.append(getattr(mod, name))
-    return tuple(types)
 
 
 def params_options(func: Callable) -> Callable:
@@ -71,7 +53,7 @@ def run_stage(module: str, function: str = "run", **kwargs: Any) -> Any:
     try:
         stage = importlib.import_module(f"stages.{module}")
         return getattr(stage, function)(**kwargs)
-    except _user_error_types() as err:  # type: ignore[misc]
+    except UserError as err:
         raise click.ClickException(str(err)) from err
     except OSError as err:
         if err.errno not in _DISK_ERRNOS:

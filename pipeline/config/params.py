@@ -24,8 +24,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline.files import atomic_write
 from pipeline.config.schema import RECIPES, Params
+from pipeline.errors import ParamError
+from pipeline.files import atomic_write
 
 DEFAULT_PARAMS = Path("configs/params.yaml")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -33,10 +34,6 @@ PROFILES_DIR = PACKAGE_DIR / "profiles"
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 MODEL_CONFIGS_DIR = PACKAGE_DIR.parent / "model" / "model_configs"  # read as files: no torch import
 FROM_RECIPE = "recipe"  # a value in the params file meaning "as the recipe says"
-
-
-class ParamError(ValueError):
-    """A bad parameter; the message names the dotted key."""
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -19,10 +19,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from pipeline.model.backbone import CLIP_MEAN, CLIP_STD  # the backbone's own normalisation, one source
+CLIP_MEAN = OPENAI_DATASET_MEAN  # the backbone's own normalisation (open_clip's), one source
+CLIP_STD = OPENAI_DATASET_STD
 
 # The eval view: REFERENCE only says "Resize"; bicubic is what CLIP's own preprocessing uses.
 INTERPOLATION = InterpolationMode.BICUBIC

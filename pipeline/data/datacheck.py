@@ -12,13 +12,11 @@ never optional.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import paths
 from pipeline.data.datasets import DatasetError
-from pipeline.results.outputs import stamp, write_skipped
 
 _COCO_YEARS = {"coco2014": "2014", "coco2017": "2017", "synthetic": "2017"}
 _VOC = {  # name -> (year, split-file folder, extra folder the reader opens)
@@ -138,39 +136,3 @@ def require_datasets(params: dict, *, generated_ok: bool = False,
         print(f"skipping {p.need.dataset} for {p.need.what}: not on disk (evaluate.missing: skip)",
               flush=True)
     return problems
-
-
-def for_evaluation(params: dict, whats: tuple[str, ...] | list[str]) -> tuple[dict, list[str]]:
-    """Call at the start of an evaluation stage: (params, the evaluations that still have data).
-
-    Under `evaluate.missing: error` nothing changes here: the data stage refused before any work,
-    and each evaluation names a dataset that went missing since. Under `skip`: zs-mlr without its
-    dataset gets results that say so (DVC expects its outputs), figures use the first segmentation
-    dataset on disk, and seg skips its missing datasets itself (stages/evaluate_seg.py).
-    """
-    if params["evaluate"]["missing"] != "skip":
-        return params, list(whats)
-    problems = require_datasets(params, whats=whats, training=False)
-    skipped: dict[str, list[str]] = {}
-    for p in problems:
-        skipped.setdefault(p.need.what, []).append(p.need.dataset)
-    out = copy.deepcopy(params)
-    out["_skipped"] = {k: v for k, v in skipped.items() if k != "seg"}  # seg records its own
-    kept = []
-    for what in whats:
-        present = [n for n in out["evaluate"]["seg"]["datasets"] if n not in skipped.get("seg", [])]
-        if what == "figures" and "seg" in skipped:
-            if present:  # drawn on the first segmentation dataset: the first one on disk
-                out["evaluate"]["seg"]["datasets"] = present
-                kept.append(what)
-            else:
-                folder = paths.results_dir(out, "figures")
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / "SKIPPED.txt").write_text(
-                    f"no figures: {', '.join(skipped['seg'])} not on disk (evaluate.missing: skip)\n")
-                stamp(out, folder)
-        elif what == "zs-mlr" and "zs-mlr" in skipped:
-            write_skipped(out, what, skipped[what])
-        else:
-            kept.append(what)
-    return out, kept

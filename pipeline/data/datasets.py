@@ -34,12 +34,9 @@ from pycocotools.coco import COCO
 
 from pipeline.data.classes import COCO_CATEGORY_IDS, COCO_CLASSES, CONTEXT59_CLASSES, VOC_CLASSES
 from pipeline.data.images import load_image
+from pipeline.errors import DatasetError
 
 _COCO_YEARS = {"coco2014": "2014", "coco2017": "2017", "synthetic": "2017"}
-
-
-class DatasetError(FileNotFoundError, ValueError):
-    """The dataset on disk is missing or not in the expected layout; the message names the path."""
 
 
 @dataclass(frozen=True)

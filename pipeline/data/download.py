@@ -26,12 +26,10 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from pipeline.errors import DownloadError
+
 CHUNK = 1 << 20
 RETRIES = 3  # resumed attempts after a connection drops mid-stream
-
-
-class DownloadError(RuntimeError):
-    """A download, verification or unpacking step failed; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -25,19 +25,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import BadImageError
+
 # PIL's own warning threshold (~89.5 MP, 256 MiB of RGB): far above any dataset image (COCO is
 # <= 640 px a side). PIL itself only warns up to twice this; here it is an error.
 MAX_PIXELS = 89_478_485
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"  # SOI + the first marker's 0xff; EOI
-
-
-class BadImageError(ValueError):
-    """An image file that cannot be decoded into RGB pixels; the message names the file."""
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"bad image {self.path}: {reason}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -106,5 +99,5 @@ def _plain_jpeg(data: bytes, max_pixels: int) -> bool:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             return img.mode in ("L", "RGB") and 0 < width * height <= max_pixels
-    except Exception:  # noqa: BLE001 - load_image then names the reason
+    except Exception:
         return False

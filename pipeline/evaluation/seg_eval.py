@@ -19,9 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.model.backbone import FrozenCLIP
 from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO, prompt_names
-from pipeline.model.heads import UnmixHead
 from pipeline.evaluation.metrics import MIOU_PROTOCOLS, MiouAccumulator
 from pipeline.evaluation.segmentation import (
     IGNORE_INDEX,
@@ -33,6 +31,8 @@ from pipeline.evaluation.segmentation import (
     score_maps,
     seg_view,
 )
+from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.heads import UnmixHead
 
 
 def variants(has_background: bool) -> tuple[str, ...]:

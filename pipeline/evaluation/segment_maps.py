@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from pipeline.model.heads import UnmixHead, positive_scores, region_logits
 from pipeline.evaluation.segmentation import (
     BACKGROUND_RULES,
     PROJECTED,
@@ -20,8 +19,11 @@ from pipeline.evaluation.segmentation import (
     maps_from_tokens,
     normalised_maps,
 )
-from pipeline.evaluation.segmentation import METHOD_LABELS as LABELS  # the evaluation's method names
+from pipeline.evaluation.segmentation import (
+    METHOD_LABELS as LABELS,  # the evaluation's method names
+)
 from pipeline.evaluation.segmentation import label_with_background as label_map
+from pipeline.model.heads import UnmixHead, positive_scores, region_logits
 
 __all__ = [
     "BACKGROUND_RULES",

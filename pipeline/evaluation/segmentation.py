@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from pipeline.config.params import ParamError
 from pipeline.data.augment import eval_view
 from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
-from pipeline.config.params import ParamError
 from pipeline.model.heads import UnmixHead
 
 METHODS = ("clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours")

@@ -1,4 +1,4 @@
-"""What every evaluation shares: which projectors it read, strict JSON + Markdown output.
+"""What every evaluation shares: the backbone and the projectors it reads (and which), dataset roots.
 
 Every results JSON carries "source": the projectors file (best or last, its epoch) and the
 recipe, and every table says the same in its first line, so a number never travels without
@@ -13,8 +13,39 @@ import torch
 
 from pipeline.config import paths
 from pipeline.config.params import recipe_summary
+from pipeline.errors import DatasetError, TrainingError
+from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.build import backbone_from_params, resolve_device
 from pipeline.model.heads import UnmixHead
-from pipeline.training.loop import TrainingError, load_projectors
+from pipeline.model.projectors import load_projectors
+
+SEG_SPLIT = "val"
+CONTEXT59_HELP = (
+    "PASCAL Context 59 cannot be downloaded automatically: fetch VOC2010 trainval "
+    "(http://host.robots.ox.ac.uk/pascal/VOC/voc2010/) and the Detail annotations "
+    "trainval_merged.json (https://cs.stanford.edu/~roozbeh/pascal-context/), convert them with "
+    "mmsegmentation's tools/dataset_converters/pascal_context.py into "
+    "{root}/VOCdevkit/VOC2010/{{SegmentationClassContext,ImageSets/SegmentationContext}}, or drop it "
+    "with --set 'evaluate.seg.datasets=[voc2012,coco2017]'")
+
+
+def backbone_and_head(params: dict) -> tuple[FrozenCLIP, UnmixHead, dict, dict]:
+    """The frozen backbone, the evaluated projectors, their meta and their source
+    (pipeline.evaluation.sources.source)."""
+    device = resolve_device(params["backbone"]["device"])
+    backbone = backbone_from_params(params, device)
+    head, meta, src = load_head(params, device, backbone.embed_dim)
+    return backbone, head, meta, src
+
+
+def dataset_root(params: dict, name: str) -> Path:
+    """The dataset's root, or a DatasetError naming it and how to get the data."""
+    root = paths.dataset_root(params, name)
+    if not root.exists():
+        how = CONTEXT59_HELP.format(root=root) if name == "context59" else \
+            f"run `pipeline download --dataset {name}`"
+        raise DatasetError(f"dataset {name}: {root} not found; {how}")
+    return root
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

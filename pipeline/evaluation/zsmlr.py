@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from pipeline.model.backbone import FrozenCLIP
 from pipeline.data.classes import prompt_names
-from pipeline.model.heads import UnmixHead
 from pipeline.evaluation.metrics import average_precision
 from pipeline.evaluation.segmentation import method_text, plain_text, predict, score_maps, seg_view
+from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.heads import UnmixHead
 
 CLIP_LOGIT_SCALE = 100.0  # exp(logit_scale) of the pretrained OpenAI models (clamped at 100)
 REGION_MODES = ("mask", "crop")

@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.images import BadImageError
+from pipeline.extraction.encode import encode_shards
 from pipeline.model.backbone import FrozenCLIP
 from pipeline.model.build import backbone_from_params
 from pipeline.store.cache import FeatureCache
-from pipeline.data.images import BadImageError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ def extract_shard_task(store_path: str, shard: int, spec: Any, backbone_params: 
     A bad image in "error" mode comes back as data (path, reason), not as an exception:
     BadImageError does not survive pickling, and the client raises it naming the file.
     """
-    from pipeline.extraction.engine import encode_shards
-
     backbone = worker_backbone(backbone_params)
     if backbone.weights_digest != weights_digest:
         raise RuntimeError(f"worker backbone weights {backbone.weights_digest} differ from the "

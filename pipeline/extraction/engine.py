@@ -14,31 +14,28 @@ import importlib.metadata
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data.augment import normalise_pixels
+from pipeline.data.datasets import MultiLabelDataset
+from pipeline.extraction.encode import (  # noqa: F401  (InjectedFailure: re-exported for tests)
+    InjectedFailure,
+    encode_shards,
+)
+from pipeline.extraction.views import DEFAULT_AUGMENT, TRANSFORMS, ViewSpec
 from pipeline.model.backbone import FrozenCLIP
 from pipeline.model.build import backbone_from_params
 from pipeline.store.cache import CacheError, FeatureCache, FingerprintMismatch
-from pipeline.data.datasets import MultiLabelDataset
-from pipeline.data.images import BadImageError
+from pipeline.store.create import create_or_open
 from pipeline.store.integrity import unsound_shards
 from pipeline.store.lock import StoreLock
-from pipeline.extraction.views import DEFAULT_AUGMENT, TRANSFORMS, ViewSpec, view_batches
 
 log = logging.getLogger(__name__)
 
 BACKBONE_STRIDE = 32  # ModifiedResNet: layer4 is 1/32 of the input side
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by the ``fail_after_shards`` test hook to simulate a crash part-way."""
 
 
 def package_version() -> str:
@@ -46,65 +43,6 @@ def package_version() -> str:
         return importlib.metadata.version("unmix-pipeline")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def shard_batches(cache: FeatureCache, shards: Sequence[int], batch_images: int) -> list[list[int]]:
-    """Image-index batches in shard order; no batch crosses a shard boundary."""
-    batches = []
-    for s in shards:
-        start, stop = cache.shard_range(s)
-        batches += [list(range(i, min(i + batch_images, stop)))
-                    for i in range(start, stop, batch_images)]
-    return batches
-
-
-def encode_views(backbone: FrozenCLIP, pixels: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    """(b, K, 3, S, S) uint8 views -> (b, K, T, D) tokens in the cache dtype; the views are copied
-    to the backbone's device as uint8 (unless made there) and normalised there."""
-    b, k = pixels.shape[:2]
-    views = normalise_pixels(pixels.flatten(0, 1).to(backbone.device, non_blocking=True))  # (bK, 3, S, S)
-    tokens = backbone.spatial_tokens(views)  # (bK, T, D) float32
-    return tokens.reshape(b, k, *tokens.shape[1:]).cpu().numpy().astype(dtype)  # (b, K, T, D)
-
-
-def encode_shards(backbone: FrozenCLIP, cache: FeatureCache, shards: Sequence[int], spec: ViewSpec,
-                  *, batch_images: int, num_workers: int = 0, on_bad_image: str = "error",
-                  on_images: Callable[[int], None] = lambda n: None,
-                  fail_after_shards: int | None = None) -> list[tuple[str, str]]:
-    """Compute and write every shard in ``shards``; returns the skipped (path, reason) pairs.
-
-    on_bad_image "error" raises BadImageError before the shard is written (it stays incomplete);
-    "skip" stores zero tokens with status 1. ``fail_after_shards`` (tests) writes the first batch
-    of the next shard straight into the tokens array, as a crash mid-write would, then raises.
-    """
-    batches = view_batches(spec, shard_batches(cache, shards, batch_images), backbone.device,
-                           num_workers)
-    bad: list[tuple[str, str]] = []
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    written = 0
-    for index, pixels, reasons in batches:
-        status = np.array([bool(r) for r in reasons], dtype=np.int8)  # (b,) 1 = bad image
-        for i, reason in zip(index, reasons):
-            if reason:
-                if on_bad_image == "error":
-                    raise BadImageError(spec.path(i), f"{reason} (pass --on-bad-image skip to "
-                                        "record it and go on)")
-                log.warning("skipping bad image %s: %s", spec.path(i), reason)
-                bad.append((spec.path(i), reason))
-        tokens = encode_views(backbone, pixels, cache.dtype)  # (b, K, T, D)
-        tokens[status == 1] = 0
-        parts.append((tokens, status))
-        s = index[0] // cache.shard_size
-        start, stop = cache.shard_range(s)
-        if fail_after_shards is not None and written >= fail_after_shards:
-            cache.tokens[start:start + len(index)] = tokens  # partial data, never marked complete
-            raise InjectedFailure(f"injected failure in shard {s} after {written} shards")
-        if index[-1] + 1 == stop:
-            cache.write_shard(s, np.concatenate([p[0] for p in parts]),
-                              np.concatenate([p[1] for p in parts]))
-            parts, written = [], written + 1
-        on_images(len(index))
-    return bad
 
 
 def resolve_num_workers(value: int | str) -> int:
@@ -203,7 +141,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
                                 batch_images=max(1, batch_size // views), transforms=transforms)}
     with StoreLock(store_path, break_lock=break_lock):  # one writer per store, for the whole run
         try:
-            cache = FeatureCache.create_or_open(store_path, **layout)
+            cache = create_or_open(store_path, **layout)
         except CacheError as err:  # other settings, or an older cache format
             if not restart_on_change:
                 if isinstance(err, FingerprintMismatch):
@@ -211,7 +149,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
                                               "--restart-on-change`)") from None
                 raise
             log.warning("%s\nrestart_on_change: deleting it and starting fresh", err)
-            cache = FeatureCache.create_or_open(store_path, **layout, overwrite=True)
+            cache = create_or_open(store_path, **layout, overwrite=True)
         for leftover in cache.path.rglob("*.partial"):  # zarr's temp file of a write a kill cut short
             log.info("removing %s, left by an interrupted run", leftover)
             leftover.unlink()

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from pipeline.data.augment import eval_pil_view, train_pil_view, view_seed
-from pipeline.extraction.device_views import batch_views, read_payload
 from pipeline.data.images import BadImageError, load_image
+from pipeline.extraction.device_views import batch_views, read_payload
 
 # Every key reaches train_view and the store fingerprint (extract.augment.* params override all).
 DEFAULT_AUGMENT = {"cutout": True, "num_ops": 2, "magnitude": 9, "cutout_inclusive": False,

@@ -14,7 +14,6 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
@@ -22,9 +21,6 @@ from pipeline.model.weights import WeightsError, load_checkpoint, quiet_open_cli
 
 TINY_MODEL = "tiny-RN"
 open_clip.add_model_config(Path(__file__).resolve().parent / "model_configs")
-
-CLIP_MEAN = OPENAI_DATASET_MEAN
-CLIP_STD = OPENAI_DATASET_STD
 
 # Authors' prompts for training (no full stop) and the paper's prompt for MFI / ZS3 (full stop).
 POSITIVE_TEMPLATE = "A photo of a {}"
@@ -159,7 +155,7 @@ class FrozenCLIP(nn.Module):
     def spatial_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """DualCoOp's spatial tokens: c_proj(v_proj(x)) per token, positional grid resized bicubically.
 
-        images (B, 3, H, W) normalised with CLIP_MEAN/CLIP_STD -> (B, 1+HW', D) float32, the
+        images (B, 3, H, W) normalised with CLIP_MEAN/CLIP_STD (data.augment) -> (B, 1+HW', D) float32, the
         mean token first, then the H/32 x W/32 grid in row-major order.
         """
         with self._autocast():

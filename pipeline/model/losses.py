@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.config.schema import MFI_FORMS  # the one list of names (schema.py declares the parameter)
+from pipeline.config.schema import (
+    MFI_FORMS,  # the one list of names (schema.py declares the parameter)
+)
 
 BN_EPS = 1e-5  # BatchNorm1d's default
 

@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import WeightsError
+
 # Non-tensor attributes OpenAI's TorchScript models carry in their state dict (open_clip drops them too).
 _OPENAI_JIT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
-
-
-class WeightsError(RuntimeError):
-    """A weights file that is missing, corrupt or not the expected one; the message names the file."""
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

@@ -50,7 +50,9 @@ def run_identity(params: dict) -> dict:
     """{"recipe", "digest", "backbone", "weights"}: who made these numbers, comparable across files.
     The train keys that only say where or how fast a run went (provenance.IGNORED_TRAIN_KEYS, which
     the projectors' own record skips) are left out, so a rerun with more threads is the same run."""
-    from pipeline.training.provenance import IGNORED_TRAIN_KEYS  # torch and zarr: only when a digest is made
+    from pipeline.training.provenance import (
+        IGNORED_TRAIN_KEYS,  # torch and zarr: only when a digest is made
+    )
 
     b = params["backbone"]
     run = {s: params[s] for s in RUN_SECTIONS if s in params}

@@ -12,7 +12,7 @@ Every such failure is a CacheError naming the store, the array and the shard.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +20,30 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-FORMAT = "unmix-clip-feature-cache"
-FORMAT_VERSION = 2
-LABEL_FILL = -128  # a lost labels chunk reads -128, never a plausible 0
-REPAIR = "run `pipeline verify --repair`, then `pipeline extract-features`"
-TEXT_NAMES = ("positive", "negative", "plain")  # L2-normalised class prompt features
-RAW_TEXT_NAMES = tuple(f"raw_{n}" for n in TEXT_NAMES)  # the same, un-normalised (encode_text output)
+from pipeline.errors import CacheError
+from pipeline.store.format import (  # noqa: F401  (the store's names, re-exported)
+    FORMAT,
+    FORMAT_VERSION,
+    LABEL_FILL,
+    RAW_TEXT_NAMES,
+    REPAIR,
+    TEXT_NAMES,
+)
+from pipeline.store.lock import check_not_written
+from pipeline.store.shards import ShardReader
+
 _ARRAYS = ("tokens", "labels", "ids", "status", "complete")
 
 
-class CacheError(RuntimeError):
-    """A feature cache that is missing, malformed, incomplete or read-only where it must not be."""
+def status_problem(cache: FeatureCache, status: np.ndarray, start: int = 0) -> str | None:
+    """None when `status` (images start, start+1, ... of complete shards) holds only 0 and 1, else
+    what is wrong, naming the store, the shard and the image."""
+    wrong = np.flatnonzero(~np.isin(status, (0, 1)))
+    if wrong.size == 0:
+        return None
+    i = start + int(wrong[0])
+    return (f"{cache.path}: array status, shard {i // cache.shard_size}: image {i} of a complete "
+            f"shard has status {status[wrong[0]]} (a lost chunk)")
 
 
 class FingerprintMismatch(CacheError):
@@ -100,22 +113,6 @@ class FeatureCache:
     def open(cls, path: str | Path, mode: str = "r") -> FeatureCache:
         """Open an existing cache, complete or not (`require_complete` is the training gate)."""
         return cls(path, mode)
-
-    @classmethod
-    def create_or_open(cls, path: str | Path, *, ids: Sequence[str], labels: np.ndarray,
-                       classnames: Sequence[str], views: int, num_tokens: int, dim: int,
-                       fingerprint: Mapping[str, Any], shard_size: int = 64, dtype: str = "float16",
-                       compressor: str | None = None, overwrite: bool = False) -> FeatureCache:
-        """Create the store, or reopen it for resume if it was built with identical settings.
-
-        Different settings raise FingerprintMismatch naming each differing key. `overwrite` removes
-        an existing cache (only a directory that is a cache or empty) and starts fresh.
-        """
-        from pipeline.store.create import create_or_open  # it builds on this class
-
-        return create_or_open(path, ids=ids, labels=labels, classnames=classnames, views=views,
-                              num_tokens=num_tokens, dim=dim, fingerprint=fingerprint, shard_size=shard_size,
-                              dtype=dtype, compressor=compressor, overwrite=overwrite)
 
     # -- writing ------------------------------------------------------------------------------
     def shard_range(self, s: int) -> tuple[int, int]:
@@ -197,8 +194,6 @@ class FeatureCache:
 
     def require_complete(self) -> None:
         """The training gate: every shard complete, and no writer holding the store."""
-        from pipeline.store.lock import check_not_written
-
         check_not_written(self.path)
         missing = len(self.incomplete_shards())
         if missing:
@@ -207,8 +202,6 @@ class FeatureCache:
 
     def _status_and_done(self) -> tuple[np.ndarray, np.ndarray]:
         """(N,) int8 status, checked, and (N,) bool "its shard is complete" (marks read once)."""
-        from pipeline.store.integrity import status_problem  # it builds on this module
-
         status = np.asarray(self._get("status", self._status), dtype=np.int8)
         done = np.repeat(self.complete, self.shard_size)[: self.num_images]
         problem = status_problem(self, np.where(done, status, 0))  # incomplete shards: -1 until written
@@ -262,8 +255,6 @@ class FeatureCache:
         except (OSError, ValueError) as err:  # a truncated or corrupted shard file
             raise CacheError(f"{where} is damaged ({err}); {REPAIR}") from err
         if not np.isfinite(out).all():  # NaN is the fill of a lost file or chunk: which is it?
-            from pipeline.store.shards import ShardReader
-
             reader = ShardReader(self)
             problem = reader.check_shard(s)  # file, index and every chunk present
             reader.close()

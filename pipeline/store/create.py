@@ -32,6 +32,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from pipeline.config.params import flatten  # an empty mapping is a value, so {} differs from absent
 from pipeline.store.cache import (
     FORMAT,
     FORMAT_VERSION,
@@ -40,7 +41,6 @@ from pipeline.store.cache import (
     FeatureCache,
     FingerprintMismatch,
 )
-from pipeline.config.params import flatten  # an empty mapping is a value, so {} differs from absent
 
 
 def _digest(name: str, value: Any) -> str:
@@ -65,7 +65,11 @@ def create_or_open(path: str | Path, *, ids: Sequence[str], labels: np.ndarray, 
                    views: int, num_tokens: int, dim: int, fingerprint: Mapping[str, Any],
                    shard_size: int = 64, dtype: str = "float16", compressor: str | None = None,
                    overwrite: bool = False) -> FeatureCache:
-    """FeatureCache.create_or_open: see there."""
+    """Create the store, or reopen it for resume if it was built with identical settings.
+
+    Different settings raise FingerprintMismatch naming each differing key. `overwrite` removes
+    an existing cache (only a directory that is a cache or empty) and starts fresh.
+    """
     path = Path(path)
     labels = np.asarray(labels, dtype=np.int8)
     ids = [str(i) for i in ids]

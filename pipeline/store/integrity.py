@@ -11,19 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.errors import CacheError
+from pipeline.store.cache import FeatureCache, status_problem
 from pipeline.store.shards import ShardReader
-
-
-def status_problem(cache: FeatureCache, status: np.ndarray, start: int = 0) -> str | None:
-    """None when `status` (images start, start+1, ... of complete shards) holds only 0 and 1, else
-    what is wrong, naming the store, the shard and the image."""
-    wrong = np.flatnonzero(~np.isin(status, (0, 1)))
-    if wrong.size == 0:
-        return None
-    i = start + int(wrong[0])
-    return (f"{cache.path}: array status, shard {i // cache.shard_size}: image {i} of a complete "
-            f"shard has status {status[wrong[0]]} (a lost chunk)")
 
 
 def read_marks(cache: FeatureCache) -> tuple[np.ndarray, dict[int, str]]:

@@ -82,7 +82,7 @@ def prefetch_batches(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
                 if not put(item):
                     return
             put(done)
-        except BaseException as e:  # noqa: BLE001 -- re-raised by the consumer, which would else wait forever
+        except BaseException as e:
             put(_Raised(e))
 
     thread = threading.Thread(target=work, name="TokenLoader-prefetch", daemon=True)

@@ -26,11 +26,16 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from crc32c import crc32c
 
-from pipeline.store.cache import REPAIR, CacheError, FeatureCache
+from pipeline.errors import CacheError
+from pipeline.store.format import REPAIR
+
+if TYPE_CHECKING:
+    from pipeline.store.cache import FeatureCache
 
 MISSING = np.uint64(2**64 - 1)
 _OPEN_FILES = 64  # shard file descriptors kept open per reader

@@ -1,6 +1,6 @@
-"""Files of a training run: the resume checkpoint (refused when it belongs to another cache, other
-settings or another label mask) and the trained projectors read by the evaluation stages.
-Written atomically (temp file + rename), loadable with weights_only=True.
+"""The resume checkpoint of a training run, refused when it belongs to another cache, other settings
+or another label mask. Written atomically (temp file + rename), loadable with weights_only=True.
+The projectors file itself is pipeline/model/projectors.py (re-exported here).
 """
 from __future__ import annotations
 
@@ -9,27 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from pipeline.model.build import head_from_params
+from pipeline.errors import TrainingError
 from pipeline.files import atomic_write
-from pipeline.model.heads import UnmixHead
+from pipeline.model.projectors import (  # noqa: F401  (re-exported: the training API in one import)
+    head_from_blob,
+    load_projectors,
+    read_state,
+    save_projectors,
+)
+from pipeline.training.provenance import SPEED_KEYS, differences, without
 
-# train keys that decide where and how fast a run goes, not what is learnt. Here rather than in
-# provenance (which builds IGNORED_TRAIN_KEYS on it): provenance imports this module via training.
-SPEED_KEYS = ("device", "cpu_threads", "read_threads")
 # train-section keys a resumed run may change without making its result a different experiment.
 # Extending `epochs` on resume is a warm restart of the cosine schedule: not the same as a longer run.
 _RESUMABLE_CHANGES = ("epochs", *SPEED_KEYS)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, a checkpoint that does not belong to this cache)."""
-
-
-def without(section: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """A params section less `keys` (what two runs are compared on)."""
-    return {k: v for k, v in section.items() if k not in keys}
 
 
 def _atomic_save(obj: Any, path: str | Path) -> None:
@@ -66,11 +59,6 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
-    from pipeline.training.provenance import (  # read_state: a damaged file is one line
-        differences,
-        read_state,
-    )
-
     state = read_state(path)
     differ = [k for k, _, _ in differences(state["cache"], cache_identity(cache))]
     if differ:
@@ -100,30 +88,3 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
                             f"({state.get('labels')} vs {dict(labels)}): delete {path} or train "
                             "without --resume")
     return state
-
-
-def save_projectors(path: str | Path, head: UnmixHead | Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
-    """Trained head for evaluation (a module or its state_dict). meta: model (params section),
-    embed_dim, classnames, fingerprint, which ("last" | "best"), epoch and its val_map (plain
-    Python values, so the file loads with weights_only=True)."""
-    state = head.state_dict() if isinstance(head, torch.nn.Module) else head
-    state = {k: v.detach().cpu().clone() for k, v in state.items()}
-    _atomic_save({"head": state, "meta": dict(meta)}, path)
-
-
-def load_projectors(path: str | Path, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
-    """(head in eval mode on `device`, meta) from a save_projectors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainingError(f"no trained projectors at {path}: run `pipeline train` first")
-    from pipeline.training.provenance import read_state
-
-    return head_from_blob(read_state(path), device)
-
-
-def head_from_blob(blob: dict, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
-    """(head in eval mode on `device`, meta) from a save_projectors file's contents."""
-    meta = blob["meta"]
-    head = head_from_params(meta["model"], meta["embed_dim"])
-    head.load_state_dict(blob["head"])
-    return head.to(device).eval(), meta

@@ -17,7 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.evaluation.metrics import mean_average_precision, mfi_figure_of_merit
 from pipeline.model.build import head_from_params
+from pipeline.model.heads import HeadOutput, UnmixHead, positive_scores
+from pipeline.model.losses import asl_loss, mfi_loss
+from pipeline.model.objective import uses_mfi
 from pipeline.training.checkpoints import (  # noqa: F401  (re-exported: the training API in one import)
     TrainingError,
     cache_identity,
@@ -27,10 +31,6 @@ from pipeline.training.checkpoints import (  # noqa: F401  (re-exported: the tra
     save_projectors,
     validation_identity,
 )
-from pipeline.model.heads import HeadOutput, UnmixHead, positive_scores
-from pipeline.model.losses import asl_loss, mfi_loss
-from pipeline.evaluation.metrics import mean_average_precision, mfi_figure_of_merit
-from pipeline.model.objective import uses_mfi
 
 # aux(head=, out=, tokens=, labels=, text=) -> {name: scalar loss term, already weighted}: each term
 # is added to the total and reported under its name (InfoCLIP: "compress", "distill").
@@ -231,7 +231,9 @@ def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
         scores.append(positive_scores(out.logits.float()).cpu().numpy())  # (B, C)
         labels.append(batch.labels.numpy())  # (B, C)
     scores_ = np.concatenate(scores)  # (N, C)
-    from pipeline.training.provenance import require_finite  # NaN tokens: named here, not inside sklearn
+    from pipeline.training.provenance import (
+        require_finite,  # NaN tokens: named here, not inside sklearn
+    )
     require_finite(scores_, np.concatenate(index), getattr(loader, "cache", None))
     return scores_, np.concatenate(labels)
 

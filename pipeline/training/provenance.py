@@ -6,27 +6,24 @@ fingerprint, the backbone weights digest and the model/train params (and recipe)
 with. `pipeline train` deletes old projectors files before its first epoch (`invalidate`), so an
 interrupted retrain leaves nothing stale to evaluate. `evaluate` and `figures` refuse projectors
 whose inputs or params differ from the current ones (`require_current`, one line naming the key);
-`report` lists the differences instead (`check`). Also here: reading a torch file that may be
-damaged (`read_state`) and refusing non-finite scores before sklearn sees them (`require_finite`).
+`report` lists the differences instead (`check`). Also here: refusing non-finite scores before sklearn sees them (`require_finite`).
 """
 from __future__ import annotations
 
-import errno
 import json
-import pickle
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.config import paths
+from pipeline.errors import TrainingError
+from pipeline.model.projectors import read_state
 from pipeline.store.cache import CacheError, FeatureCache
-from pipeline.training.checkpoints import SPEED_KEYS, without
-from pipeline.training.loop import TrainingError
 
+# train keys that decide where and how fast a run goes, not what is learnt
+SPEED_KEYS = ("device", "cpu_threads", "read_threads")
 # train keys that change where or how fast a run goes, or which epochs are validated, not its weights
 IGNORED_TRAIN_KEYS = (*SPEED_KEYS, "eval_every")
 PROJECTORS_GLOB = "projectors*.pt"  # projectors.pt and projectors-best.pt
@@ -34,20 +31,9 @@ EVAL_RESULTS = ("mlr", "mfi", "seg", "zs-mlr")  # results/{metrics,tables}/<name
 _SHOWN = 60  # characters of a value shown in a message
 
 
-# -- damaged files -------------------------------------------------------------------------------
-def read_state(path: str | Path) -> Any:
-    """torch.load(path) on CPU with weights_only; a truncated or garbled file is a TrainingError.
-
-    torch raises EOFError (empty), RuntimeError (zip directory missing), OSError 22 (truncated
-    inside a record) or UnpicklingError (not a torch file) for the same cause: a damaged file.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):
-            raise  # missing, unreadable: not damage (the CLI names disk errors itself)
-        raise TrainingError(f"{path} is damaged (truncated?): delete it and re-run "
-                            "`pipeline train`") from err
+def without(section: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A params section less `keys` (what two runs are compared on)."""
+    return {k: v for k, v in section.items() if k not in keys}
 
 
 def require_finite(scores: np.ndarray, index: np.ndarray, cache: Any = None) -> None:
