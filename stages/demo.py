@@ -15,14 +15,14 @@ from pathlib import Path
 
 import yaml
 
-import pipeline
-from pipeline.config.params import DEFAULT_PARAMS, load_params
+from pipeline.config.params import PACKAGED_PARAMS, load_params
 from pipeline.files import atomic_write_text
 
 
 def _base_params() -> Path:
-    repo = Path(pipeline.__file__).resolve().parents[1] / DEFAULT_PARAMS
-    return repo if repo.exists() else DEFAULT_PARAMS.resolve()
+    """The repository's params.yaml: pipeline/config/params.yaml links to it, and a wheel carries
+    a copy of it, so `pipeline demo` works from any folder and from a non-editable install."""
+    return PACKAGED_PARAMS
 
 
 def summary_table(results: Path, timings: dict[str, float], params: dict) -> str:

@@ -32,6 +32,7 @@ DEFAULT_PARAMS = Path("configs/params.yaml")
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROFILES_DIR = PACKAGE_DIR / "profiles"
 RECIPES_DIR = PACKAGE_DIR / "recipes"
+PACKAGED_PARAMS = PACKAGE_DIR / "params.yaml"  # a link to the repository's params.yaml (a copy in a wheel)
 MODEL_CONFIGS_DIR = PACKAGE_DIR.parent / "model" / "model_configs"  # read as files: no torch import
 FROM_RECIPE = "recipe"  # a value in the params file meaning "as the recipe says"
 
