@@ -138,7 +138,7 @@ def make_params(args: argparse.Namespace, root: Path, dataset: str, recipe: str 
 
 
 def recalibrate(params: dict, images: int = 16) -> None:
-    """Give the random backbone data-fitted BatchNorm statistics (TESTING-WITHOUT-WEIGHTS trap 1),
+    """Give the random backbone data-fitted BatchNorm statistics (docs/TESTING.md, trap 1),
     so its tokens vary between images as real features do; saved and set as backbone.checkpoint."""
     from pipeline.data.augment import eval_view
     from pipeline.data.datasets import load_multilabel

@@ -7,7 +7,7 @@ training dataset is used as placed, downloaded only when absent. With --dataset:
 
 For `synthetic` this also writes the smoke profile's backbone: a random-init tiny CLIP whose
 BatchNorm statistics are recalibrated on the generated images. A random ModifiedResNet in eval
-mode otherwise yields near-constant tokens (TESTING-WITHOUT-WEIGHTS trap 1). This is done only
+mode otherwise yields near-constant tokens (docs/TESTING.md, trap 1). This is done only
 here, for the random test backbone, never for pretrained weights.
 """
 from __future__ import annotations

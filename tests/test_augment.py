@@ -101,7 +101,7 @@ def test_train_view_cutout_region_survives_to_the_output(image):
         assert len(rows) >= SIZE // 4 and len(cols) >= SIZE // 4
 
 
-# -- augmentation as run (REFERENCE 4.1) ----------------------------------------------------------
+# -- augmentation as run (docs/METHOD.md "Training as released") ----------------------------------------------------------
 @pytest.mark.parametrize("seed", range(12))
 def test_inclusive_cutout_is_pils_rectangle_one_row_and_column_larger(image, seed):
     """The authors' Cutout is ImageDraw.rectangle([x0, y0, x1, y1]), which paints its far edge."""

@@ -237,7 +237,7 @@ def test_reduced_precision_and_channels_last_agree_with_fp32():
 
 
 def test_batchnorm_recalibration_makes_tokens_depend_on_the_image():
-    """TESTING-WITHOUT-WEIGHTS trap 1: at initial BN statistics tokens barely vary across images."""
+    """docs/TESTING.md trap 1: at initial BN statistics tokens barely vary across images."""
     backbone = load_backbone(TINY_MODEL, pretrained=None)
     images = torch.rand(8, 3, 64, 64) * 4 - 2  # roughly CLIP-normalised pixel range
     std_before = backbone.spatial_tokens(images).std(dim=0).mean()

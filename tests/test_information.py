@@ -1,4 +1,4 @@
-"""Matrix-based Renyi entropy and mutual information: the properties of REFERENCE.md section 2."""
+"""Matrix-based Renyi entropy and mutual information: the properties of docs/METHOD.md "Matrix-based Rényi entropy"."""
 import math
 
 import numpy as np

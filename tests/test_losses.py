@@ -113,7 +113,7 @@ def _mfi_authors_by_hand(t, lam, eps=1e-5):
     return total
 
 
-# -- REFERENCE.md formulas, written with NumPy only (no project helper) ----------------------------
+# -- docs/METHOD.md formulas, written with NumPy only (no project helper) ----------------------------
 EPS = 1e-5  # BatchNorm1d's eps
 
 

@@ -1,7 +1,7 @@
 """`pipeline train` on cached tokens: it learns, it is faithful to the backbone, it resumes exactly.
 
 One module-scoped world: a planted-signal COCO-layout dataset, a random tiny-RN whose BatchNorm is
-recalibrated on training images (TESTING-WITHOUT-WEIGHTS trap 1), and float32 caches of one
+recalibrated on training images (docs/TESTING.md, trap 1), and float32 caches of one
 un-augmented view, built once with pipeline.extraction.engine. Optimiser settings are the smoke profile's.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Training semantics the recipes name (REFERENCE.md section 4.1): the text BatchNorm's mode, raw
-text into the projector, partial labels, Dassl's per-epoch schedule, best/last projectors,
+"""Training semantics the recipes name (docs/METHOD.md "Training as released"): the text
+BatchNorm's mode, raw text into the projector, partial labels, Dassl's per-epoch schedule, best/last projectors,
 validation every N epochs and the CPU thread count. The planted-signal world of
 tests/test_training.py is shared (its caches are built once per session).
 """

@@ -1,15 +1,16 @@
 """Parameters: recipe < params file < profile < `--set`, validated against one schema.
 
 `configs/params.yaml` is the single source DVC and the CLI both read. Two axes compose into it:
-- the **recipe** (`recipe: authors | paper`, REFERENCE.md sections 4 and 1): every key whose value
-  in the file is the word `recipe` takes the recipe's value (`pipeline/config/recipes/<name>.yaml`), so
+- the **recipe** (`recipe: authors | paper`, docs/RECIPES.md): every key whose value in the file
+  is the word `recipe` takes the recipe's value (`pipeline/config/recipes/<name>.yaml`), so
   `dvc exp run -S recipe=paper` switches every recipe-controlled key at once, and a number written
   in the file (or set with `-S`) wins over the recipe;
-- the **profile** (`--profile smoke | coco | voc`, `pipeline/config/profiles/`): the dataset and its scale.
-  DVC never sees CLI profiles, so `pipeline configure --profile coco` writes one into the file.
+- the **profile** (`--profile smoke | coco | voc`, `pipeline/config/profiles/`): the dataset and its
+  scale.  DVC never sees CLI profiles, so `pipeline configure --profile coco` writes one into the file.
 DVC's Hydra composition was considered and not used: it rewrites params.yaml only on `dvc exp run`,
 so the CLI and `dvc repro` would read a file that no longer says which recipe it came from.
-Validation (`pipeline.config.schema`) happens here, at the boundary; the core code assumes valid inputs.
+Validation (`pipeline.config.schema`) happens here, at the boundary; the core code assumes valid
+inputs.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Image views fed to the frozen backbone: the eval view and seeded, reproducible train views.
 
-Train view (REFERENCE "Training"): Resize(S, S) -> Cutout (always) -> RandAugment -> tensor ->
-CLIP normalisation. Every random draw comes from the view's seed, so a cached view can be
+Train view (docs/METHOD.md "Augmentation and cached views"): Resize(S, S) -> Cutout (always) ->
+RandAugment -> tensor -> CLIP normalisation. Every random draw comes from the view's seed, so a cached view can be
 recomputed bit-identically in any process from ``view_seed(seed, index, view)`` alone.
 
-As run by the authors (REFERENCE 4.1, params extract.augment.*): bilinear resize (torchvision's
-default), a Cutout rectangle inclusive of its far edge (PIL's ImageDraw.rectangle), and the
+As run by the authors (docs/METHOD.md "Training as released", params extract.augment.*): bilinear
+resize (torchvision's default), a Cutout rectangle inclusive of its far edge (PIL's ImageDraw.rectangle), and the
 `randaugment` PyPI package's RandAugment with its defaults (two ops, each applied with p 0.5 at a
 random magnitude 1-9: num_ops/magnitude do not apply to it). The paper recipe: bicubic, half-open
 box, torchvision's RandAugment(num_ops, magnitude).
@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode, v2
 CLIP_MEAN = OPENAI_DATASET_MEAN  # the backbone's own normalisation (open_clip's), one source
 CLIP_STD = OPENAI_DATASET_STD
 
-# The eval view: REFERENCE only says "Resize"; bicubic is what CLIP's own preprocessing uses.
+# The eval view: the paper only says "Resize"; bicubic is what CLIP's own preprocessing uses.
 INTERPOLATION = InterpolationMode.BICUBIC
 INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 RANDAUGMENTS = ("package", "torchvision")

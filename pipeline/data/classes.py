@@ -86,7 +86,8 @@ def classnames(dataset: str) -> list[str]:
         raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(_DATASETS)}") from None
 
 
-# The authors' ZS3 / MFI scripts prompt three VOC classes with spaced names (REFERENCE.md 4.2);
+# The authors' ZS3 / MFI scripts prompt three VOC classes with spaced names
+# (docs/METHOD.md "Evaluation as released");
 # class ids and order are unchanged, only the words in the prompt differ.
 VOC_AUTHORS_NAMES: dict[str, str] = {
     "diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv/monitor"}

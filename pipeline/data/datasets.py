@@ -12,7 +12,7 @@ Choices:
   with ``val_images="annotated"`` (param data.coco_val_images) only the annotated ones, as the
   authors' run did (val2014: 40,137). Images are sorted by id.
 - VOC2007 difficult objects are skipped: a class present only as difficult is 0 (negative), as
-  REFERENCE section 3 says; a class with any non-difficult instance is 1. No -1 labels are produced.
+  docs/METHOD.md "Datasets and labels" says; a class with any non-difficult instance is 1. No -1 labels are produced.
 - COCO masks: crowd regions 255 (ignore) first, then objects painted in order of decreasing area
   so small objects stay visible; class value 1 + contiguous index; 0 where no object (background).
 - Context-59 masks follow mmseg ``reduce_zero_label``: 0 (background/unlabelled) -> 255, k -> k-1.

@@ -1,4 +1,4 @@
-"""Fetch the official dataset archives, verify them and unpack them into the layouts of REFERENCE.md §3.
+"""Fetch the official dataset archives, verify them and unpack them into the layouts of docs/METHOD.md "Datasets and labels".
 
 Datasets are resolved by name in one place (``REGISTRY``), like open_clip's pretrained registry:
 each archive has its official URL, size and checksum (when known) and the paths it provides.

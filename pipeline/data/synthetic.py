@@ -2,7 +2,7 @@
 
 Planted signal: class k is a solid square of a class-specific saturated colour (hue k/C) on a
 neutral grey noisy background, 1-3 squares per image, side 20-45 % of the image, so a model
-that learns anything localised can separate the classes (TESTING-WITHOUT-WEIGHTS.md).
+that learns anything localised can separate the classes (docs/TESTING.md).
 Each image is a pure function of (seed, split, index): growing a split never changes old images.
 Squares are painted largest first, the order in which the COCO mask reader paints annotations,
 so image pixels and masks agree where squares overlap.

@@ -105,7 +105,7 @@ def image_figures(conf: np.ndarray, present: np.ndarray, background: int | None 
     conf (K, K): the image's confusion matrix (rows = target) over its non-ignored pixels;
     present (K,) bool: the classes its prediction contains anywhere, ignored pixels included.
     - "per-image-positive-pred" / "per-image-positive-only" (authors' released scripts,
-      REFERENCE.md 4.2): ground-truth `background` pixels are ignored too; per-class IoU over the
+      docs/METHOD.md "Evaluation as released"): ground-truth `background` pixels are ignored too; per-class IoU over the
       remaining pixels, a class with an empty union scoring 0 (torchmetrics
       MulticlassJaccardIndex(average=None)); positive-pred = mean over `present` classes (a class
       predicted only on ignored pixels, or the ignored background itself, scores 0 there);

@@ -1,6 +1,6 @@
 """Zero-shot semantic segmentation: per-method token score maps and the pixel labels they give.
 
-Methods (paper Table 2 and the authors' released scripts, REFERENCE.md 4.2), each a pair (image
+Methods (paper Table 2 and the authors' released scripts, docs/METHOD.md "Evaluation as released"), each a pair (image
 tokens, class text features) compared per token:
   "clip"              the attention pool's own q-k output for every token vs raw CLIP text (cosine);
   "clip-vproj"        DualCoOp's spatial tokens c_proj(v_proj(x)) vs raw CLIP text (cosine);

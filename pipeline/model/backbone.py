@@ -168,7 +168,7 @@ class FrozenCLIP(nn.Module):
 
         Every token attends with query = key = value = v_proj(x) (per head, scale head_dim^-0.5,
         softmax over all 1+HW tokens), then c_proj; no residual. Token 0 keeps the ordinary q-k
-        attention output of the pool (q_proj/k_proj/v_proj), as REFERENCE.md states. Note that
+        attention output of the pool (q_proj/k_proj/v_proj), as docs/METHOD.md "Backbone and spatial tokens" states. Note that
         CLIP Surgery's code fills its qkv with v_proj three times, so its "original" token 0 is
         v-v attention too; we follow the paper's description instead. CLIP Surgery resizes the
         positional grid bilinearly (the default here), DualCoOp bicubically.

@@ -4,7 +4,7 @@ The backbone is where a run can silently mean nothing: random weights print one 
 pretrained tag that is neither cached nor reachable fails in seconds naming `backbone.checkpoint`
 and `backbone.pretrained: null`, and `backbone.recalibrate_bn` (random init only) re-estimates the
 BatchNorm statistics on the training dataset's own images (else a random ModifiedResNet maps every
-image to nearly the same tokens; TESTING-WITHOUT-WEIGHTS trap 1).
+image to nearly the same tokens; docs/TESTING.md, trap 1).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""InfoCLIP objectives (Yuan et al. 2025, REFERENCE.md section 2) on tokens and text features.
+"""InfoCLIP objectives (Yuan et al. 2025, docs/METHOD.md "InfoCLIP objective") on tokens and text features.
 
 The pretrained model (teacher) is frozen CLIP: its spatial tokens and class text features. The
 fine-tuned model (student) is the projected feature space (UnmixHead's projectors). Both give a

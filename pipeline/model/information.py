@@ -3,7 +3,7 @@
 Entropy is read off the spectrum of a trace-normalised Gram matrix, so no density is estimated:
 for n samples, A = K / trace(K) and S_alpha(A) = 1/(1-alpha) log2 sum_i lambda_i(A)^alpha (bits).
 The joint of two views of the same n samples is the Hadamard product, S(A, B) = S(A o B / tr(A o B)),
-and I(A; B) = S(A) + S(B) - S(A, B). Used by InfoCLIP (REFERENCE.md section 2).
+and I(A; B) = S(A) + S(B) - S(A, B). Used by InfoCLIP (docs/METHOD.md "InfoCLIP objective").
 
 Kernels have ones on the diagonal (Gaussian; cosine of L2-normalised rows). That is what the
 bounds need: with B of unit diagonal the spectrum of A o B is majorised by that of A (Bapat &

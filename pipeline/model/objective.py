@@ -4,7 +4,7 @@
 - "infoclip": L = ASL + lambda1 * compress + lambda2 * distill (no MFI);
 - "unmix+infoclip": L = ASL + alpha * MFI + lambda1 * compress + lambda2 * distill.
 
-InfoCLIP (REFERENCE.md section 2; math in pipeline/model/infoclip.py) enters `training.train_step` as its
+InfoCLIP (docs/METHOD.md "InfoCLIP objective"; math in pipeline/model/infoclip.py) enters `training.train_step` as its
 `aux` callable, an nn.Module that owns the LPAM (whose parameters go into the optimiser and the
 checkpoint, with the token-sampling generator's state). Who is who:
 - teacher = frozen CLIP: the cached tokens of the batch and the cached CLIP features of the

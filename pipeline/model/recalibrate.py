@@ -1,4 +1,4 @@
-"""BatchNorm recalibration of a random-init backbone (TESTING-WITHOUT-WEIGHTS trap 1).
+"""BatchNorm recalibration of a random-init backbone (docs/TESTING.md, trap 1).
 
 A fresh ModifiedResNet at its initial BatchNorm statistics maps all images to nearly the same
 tokens; re-estimating the statistics on real images makes a random backbone separate them. ONLY

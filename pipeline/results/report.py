@@ -12,10 +12,10 @@ from pathlib import Path
 
 from pipeline.results.outputs import RECIPE_FILE, read_run, run_identity
 
-# REFERENCE.md section 1 "Reference numbers" (RN-101, openai weights) and Table 5.
+# docs/METHOD.md "Published numbers" (RN-101, openai weights) and Table 5.
 # (row, paper value, where this run's number is: (metrics file, key path), the dataset it needs)
 PAPER_ROWS: list[tuple[str, str, tuple[str, tuple[str, ...]], tuple[str, str]]] = [
-    # (result, paper, (metrics file, keys), (what must have run, dataset)); REFERENCE.md section 1
+    # (result, paper, (metrics file, keys), (what must have run, dataset)); docs/METHOD.md "Published numbers"
     ("Table 1: MLR mAP, COCO-2014 (DualCoOp 83.6, DualCoOp++ 85.1)", "85.3", ("mlr", ("ours",)),
      ("data.dataset", "coco2014")),
     ("Table 1: MLR mAP, VOC2007", "94.8", ("mlr", ("ours",)), ("data.dataset", "voc2007")),
@@ -164,7 +164,7 @@ def paper_table(results: Path, params: dict) -> list[str]:
     # the rule the numbers were made with (details/seg.json), not params.yaml's now
     rule = {k: seg.get(k, "not recorded") if seg else params["evaluate"]["seg"][k]
             for k in ("protocol", "background")}
-    return [(f"Paper: RN101 with OpenAI weights, the authors' run (the method reference, section 1)."
+    return [(f"Paper: RN101 with OpenAI weights, the authors' run (docs/METHOD.md, "Published numbers")."
              f"{note} ZS3 figures here are this run's headline protocol "
              f"(`{rule['protocol']}`, background `{rule['background']}`)."),
             "", "| result | paper | this run |", "|---|---:|---:|", *rows]

@@ -90,7 +90,7 @@ def projector_text(cache: Any, text_input: str) -> dict[str, Tensor]:
 
 def build_optimizer(params_iter: Iterable[Tensor], train_params: Mapping[str, Any]) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay (paper), or Adam (smoke profile: SGD at the paper's lr
-    does not move a toy problem, TESTING-WITHOUT-WEIGHTS.md trap 2)."""
+    does not move a toy problem, docs/TESTING.md, trap 2)."""
     kind, lr, wd = train_params["optimizer"], train_params["lr"], train_params["weight_decay"]
     if kind == "sgd":
         return torch.optim.SGD(params_iter, lr=lr, momentum=train_params["momentum"], weight_decay=wd)
