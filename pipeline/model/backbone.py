@@ -32,16 +32,21 @@ _TEXT_CHUNK = 256  # prompts per encode_text call
 TOKEN_PATHS = ("vproj", "vv", "qk")  # per-token paths of the attention pool (see token_paths)
 
 
-def resize_positional_embedding(pos: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Attention-pool positional embedding (1+g*g, C) for an HxW grid; a new tensor, model untouched.
+def resize_positional_embedding(pos: torch.Tensor, size: tuple[int, int], mode: str,
+                                native: tuple[int, int] | None = None) -> torch.Tensor:
+    """Positional embedding (1+gh*gw, C) for an HxW grid; a new tensor, model untouched.
 
-    Row 0 (the mean token's) is kept; the g x g grid is interpolated (align_corners=False).
-    At the native grid the original tensor itself is returned, so native-size outputs are exact.
+    Row 0 (the mean or class token's) is kept; the gh x gw grid is interpolated (align_corners=False).
+    ``native`` is the learned grid (gh, gw); None means square. At the native grid the original
+    tensor itself is returned, so native-size outputs are exact.
     """
-    grid = round((pos.shape[0] - 1) ** 0.5)
-    if tuple(size) == (grid, grid):
+    if native is None:
+        side = round((pos.shape[0] - 1) ** 0.5)
+        native = (side, side)
+    native = (int(native[0]), int(native[1]))
+    if tuple(size) == native:
         return pos
-    spatial = pos[1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, C, g, g)
+    spatial = pos[1:].reshape(1, *native, -1).permute(0, 3, 1, 2)  # (1, C, gh, gw)
     spatial = F.interpolate(spatial, size=tuple(size), mode=mode, align_corners=False)  # (1, C, H, W)
     spatial = spatial.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])  # (HW, C)
     return torch.cat([pos[:1], spatial], dim=0)  # (1+HW, C)
@@ -87,6 +92,7 @@ class FrozenCLIP(nn.Module):
         self.embed_dim: int = model.visual.output_dim
         self.num_heads: int = model.visual.attnpool.num_heads
         self.image_size: int = model.visual.image_size
+        self.stride: int = 32  # input pixels per token side: layer4 is 1/32 of the input
         self.eval()
 
     def train(self, mode: bool = True) -> FrozenCLIP:
@@ -249,18 +255,16 @@ def _create_random(name: str, init_seed: int, quick_gelu: bool) -> nn.Module:
             return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
 
 
-def load_backbone(name: str = "RN101", pretrained: str | None = "openai",
-                  checkpoint: str | Path | None = None, sha256: str | None = None,
-                  device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
-                  compile: bool = False, init_seed: int = 0,
-                  quick_gelu: bool | None = None) -> FrozenCLIP:
-    """Build the frozen backbone from a local checkpoint, an open_clip pretrained tag, or at random.
+def create_clip(name: str, pretrained: str | None = "openai", checkpoint: str | Path | None = None,
+                sha256: str | None = None, init_seed: int = 0,
+                quick_gelu: bool | None = None) -> tuple[nn.Module, str]:
+    """The open_clip CLIP model (any image tower) and its weights digest; see `load_backbone`.
 
     ``checkpoint`` (checked against ``sha256`` when given) wins over ``pretrained``; OpenAI's
-    TorchScript RN101.pt / RN50.pt load directly. ``pretrained`` None or "random" gives
-    open_clip's random init seeded by ``init_seed``. ``quick_gelu`` None means: the tag's own
-    setting for a tag, True otherwise (OpenAI's CLIP was trained with QuickGELU).
-    ``weights_digest`` is "<name>:<tag>", the checkpoint's sha256, or "random:<init_seed>".
+    TorchScript archives load directly. ``pretrained`` None or "random" gives open_clip's random
+    init seeded by ``init_seed``. ``quick_gelu`` None means: the tag's own setting for a tag, True
+    otherwise (OpenAI's CLIP was trained with QuickGELU). The digest is "<name>:<tag>", the
+    checkpoint's sha256, or "random:<init_seed>".
     """
     if sha256 is not None and checkpoint is None:
         raise ValueError("sha256 given without a checkpoint: nothing to check it against")
@@ -288,5 +292,22 @@ def load_backbone(name: str = "RN101", pretrained: str | None = "openai",
                 f"pretrained weights {name}:{pretrained} could not be loaded ({e}); offline, pass "
                 f"checkpoint=<path to the downloaded file> (and sha256) instead") from e
         digest = f"{name}:{pretrained}"
+    return model, digest
+
+
+def load_backbone(name: str = "RN101", pretrained: str | None = "openai",
+                  checkpoint: str | Path | None = None, sha256: str | None = None,
+                  device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
+                  compile: bool = False, init_seed: int = 0,
+                  quick_gelu: bool | None = None) -> FrozenCLIP:
+    """Build the frozen backbone from a local checkpoint, an open_clip pretrained tag, or at random.
+
+    ``checkpoint`` (checked against ``sha256`` when given) wins over ``pretrained``; OpenAI's
+    TorchScript RN101.pt / RN50.pt load directly. ``pretrained`` None or "random" gives
+    open_clip's random init seeded by ``init_seed``. ``quick_gelu`` None means: the tag's own
+    setting for a tag, True otherwise (OpenAI's CLIP was trained with QuickGELU).
+    ``weights_digest`` is "<name>:<tag>", the checkpoint's sha256, or "random:<init_seed>".
+    """
+    model, digest = create_clip(name, pretrained, checkpoint, sha256, init_seed, quick_gelu)
     return FrozenCLIP(model, name, digest, device=device, precision=precision,
                       channels_last=channels_last, compile=compile)
