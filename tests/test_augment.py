@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from pipeline.data.augment import (
     CLIP_MEAN,
     CLIP_STD,
     apply_cutout,
+    eval_pil_view,
     eval_view,
     train_pil_view,
     train_view,
@@ -39,6 +41,21 @@ def test_eval_view_is_bicubic_resize_then_clip_normalisation(image):
     expected = (resized - mean) / std  # (S, S, 3)
     np.testing.assert_allclose(view.permute(1, 2, 0).numpy(), expected, atol=1e-6)
     assert torch.equal(view, eval_view(image, SIZE))
+
+
+@pytest.mark.parametrize("size", [SIZE, 37, 448])  # 50 x 70 source: mixed, down, up
+def test_bilinear_eval_view_is_pils_bilinear_resize_bit_for_bit(image, size):
+    """The authors' MLR evaluation view: torchvision Resize((S, S)) with its default (bilinear)
+    interpolation on a PIL image, which is PIL's Image.resize(..., BILINEAR)."""
+    pil = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR))  # (S, S, 3) uint8
+    assert np.array_equal(np.asarray(eval_pil_view(image, size, "bilinear")), pil)
+    authors = transforms.Resize((size, size))(image)  # torchvision's default interpolation
+    assert np.array_equal(np.asarray(authors), pil)
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    expected = (pil.astype(np.float32) / 255 - mean) / std
+    view = eval_view(image, size, "bilinear")
+    np.testing.assert_allclose(view.permute(1, 2, 0).numpy(), expected, atol=1e-6)
+    assert not torch.equal(view, eval_view(image, size))  # the default stays bicubic
 
 
 def test_train_view_recomputed_from_its_seed_is_bit_identical(image):

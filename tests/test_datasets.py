@@ -161,6 +161,66 @@ def test_coco_masks_crowd_ignored_and_small_objects_on_top(coco_root):
     assert (ds.mask(2)[6:8, 6:8] == brush).all() and (ds.mask(2)[9:13, 9:13] == dog).all()
 
 
+@pytest.fixture
+def coco_paint_order_root(tmp_path):
+    """Images in file order 7, 5, 3, 9, 1 (ids sorted: 1, 3, 5, 7, 9); 5 and 9 annotated.
+    Image 5 (10 x 12), annotations in file order: person rows 1:7 cols 1:7 (area 36); a crowd car
+    rows 0:3 cols 5:12 (RLE, area 21), over the person; a dog rows 4:7 cols 4:7 (area 9); a cat
+    rows 5:10 cols 0:5 (area 25), over the dog. Image 9 (10 x 12): a bird rows 2:6 cols 2:6."""
+    crowd = np.zeros((10, 12), np.uint8)
+    crowd[0:3, 5:12] = 1
+    anns = [_ann(1, 5, "person", _square(1, 1, 6), 36),
+            _ann(2, 5, "car", {"size": [10, 12], "counts": _rle_counts(crowd)}, 21, iscrowd=1),
+            _ann(3, 5, "dog", _square(4, 4, 3), 9),
+            _ann(4, 5, "cat", _square(0, 5, 5), 25),
+            _ann(5, 9, "bird", _square(2, 2, 4), 16)]
+    sizes = {7: (6, 8), 5: (10, 12), 3: (8, 8), 9: (10, 12), 1: (6, 6)}
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": h, "width": w} for i, (h, w) in sizes.items()]
+    cats = [{"id": c, "name": n} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return tmp_path
+
+
+def test_coco_masks_released_paint_in_file_order_and_carry_the_previous_mask(coco_paint_order_root):
+    person, car, dog, cat, bird = (1 + COCO_CLASSES.index(n) for n in ("person", "car", "dog", "cat", "bird"))
+    official = load_segmentation("coco2017", coco_paint_order_root, "val")
+    released = load_segmentation("coco2017", coco_paint_order_root, "val", coco_masks="released")
+    assert [r.image_id for r in released.records] == ["1", "3", "5", "7", "9"]  # sorted by id
+
+    # image 5: official = crowd 255 first, then by decreasing area (person, cat, dog)
+    five_official = np.zeros((10, 12), np.uint8)
+    five_official[0:3, 5:12] = 255
+    five_official[1:7, 1:7] = person
+    five_official[5:10, 0:5] = cat
+    five_official[4:7, 4:7] = dog
+    # released = file order (person, crowd car as its class, dog, cat), later ones win
+    five_released = np.zeros((10, 12), np.uint8)
+    five_released[1:7, 1:7] = person
+    five_released[0:3, 5:12] = car
+    five_released[4:7, 4:7] = dog
+    five_released[5:10, 0:5] = cat
+    nine = np.zeros((10, 12), np.uint8)
+    nine[2:6, 2:6] = bird
+    assert np.array_equal(official.mask(2), five_official)
+    assert np.array_equal(released.mask(2), five_released)
+    # they differ on the crowd's 21 pixels (255 or person vs car) and 2 dog-vs-cat pixels
+    assert (five_official != five_released).sum() == 21 + 2
+    assert np.array_equal(official.mask(4), nine) and np.array_equal(released.mask(4), nine)
+
+    # unannotated images: official all background at their own size; released keeps the mask of
+    # the last annotated image before them in the file's images order (7: none before it)
+    for i, size in ((0, (6, 6)), (1, (8, 8)), (3, (6, 8))):
+        assert official.mask(i).shape == size and not official.mask(i).any()
+    assert np.array_equal(released.mask(1), five_released)  # image 3 follows image 5 in the file
+    assert np.array_equal(released.mask(0), nine)  # image 1 follows image 9
+    assert released.mask(3).shape == (6, 8) and not released.mask(3).any()  # image 7 comes first
+    with pytest.raises(ValueError, match="COCO masks"):
+        load_segmentation("coco2017", coco_paint_order_root, "val", coco_masks="crowd")
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     return make_planted_coco(tmp_path_factory.mktemp("planted"), n_train=12, n_val=6, seed=3)

@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from pipeline.config.params import ParamError, load_params
-from pipeline.data.augment import view_draws, view_seed
+from pipeline.data.augment import eval_pil_view, view_draws, view_seed
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.images import BadImageError, load_image, read_for_device
 from pipeline.data.synthetic import (
@@ -24,7 +24,7 @@ from pipeline.data.synthetic import (
     make_planted_coco,
     planted_sample,
 )
-from pipeline.extraction.device_views import file_view, train_device_views
+from pipeline.extraction.device_views import eval_device_view, file_view, train_device_views
 from pipeline.extraction.engine import extract
 from pipeline.extraction.views import DEFAULT_AUGMENT, ViewSpec, view_batches
 from pipeline.store.cache import FeatureCache, FingerprintMismatch
@@ -68,6 +68,18 @@ def test_device_views_are_the_pil_views_within_a_grey_level(jpegs, train, augmen
     diff = (dev.int() - pil.int()).abs().float().mean(dim=(2, 3, 4))  # (b, K) grey levels
     assert diff.max() < 1.5, diff
     assert not torch.equal(dev, pil)  # two implementations, not one called twice
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_eval_device_view_follows_the_pil_eval_view_interpolation(jpegs, interpolation) -> None:
+    for path in jpegs:
+        image = load_image(path)
+        pil = pil_to_tensor(eval_pil_view(image, SIZE, interpolation)).int()
+        dev = eval_device_view(pil_to_tensor(image), SIZE, interpolation).int()  # same decoded pixels
+        other = eval_device_view(pil_to_tensor(image), SIZE,
+                                 {"bicubic": "bilinear", "bilinear": "bicubic"}[interpolation]).int()
+        assert (dev - pil).abs().float().mean() < 1.0
+        assert (dev - pil).abs().float().mean() < (other - pil).abs().float().mean()
 
 
 @pytest.mark.parametrize("inclusive", [False, True])

@@ -12,6 +12,7 @@ import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -24,20 +25,24 @@ from pipeline.config.params import load_params, load_recipe
 from pipeline.data.augment import eval_view
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.synthetic import make_planted_coco
+from pipeline.evaluation.metrics import mean_average_precision
 from pipeline.extraction.engine import extract
 from pipeline.model.backbone import load_backbone
 from pipeline.model.build import backbone_from_params
+from pipeline.model.heads import HeadOutput, positive_scores
 from pipeline.model.recalibrate import recalibrate_batchnorm
 from pipeline.store.cache import FeatureCache
 from pipeline.store.loader import TokenLoader
 from pipeline.training.loop import (
     TrainingError,
     build_optimizer,
+    evaluate_head,
     load_projectors,
     lr_at,
     new_head,
     save_checkpoint,
     train_step,
+    validation_metrics,
 )
 from stages import train
 
@@ -262,6 +267,68 @@ def test_train_step_under_bf16_autocast_follows_fp32() -> None:
     for k in ("total", "asl", "mfi"):
         assert parts[1][k] == pytest.approx(parts[0][k], rel=0.03), k
     assert torch.nn.functional.cosine_similarity(steps[0], steps[1], dim=0) > 0.95
+
+
+class _TableHead(torch.nn.Module):
+    """A head whose positive-channel logits are a fixed table (image x class): the tokens are one-hot
+    image indicators and a bias-free Linear holds the table, so under bf16 autocast the table is
+    rounded to bf16 exactly as a real head's weights are."""
+
+    def __init__(self, table: list[list[float]]) -> None:
+        super().__init__()
+        weights = torch.tensor(table, dtype=torch.float32).T  # (C, N)
+        self.table = torch.nn.Linear(weights.shape[1], weights.shape[0], bias=False)
+        with torch.no_grad():
+            self.table.weight.copy_(weights)
+
+    def forward(self, tokens, text_neg, text_pos, stats=None) -> HeadOutput:
+        positive = self.table(tokens[:, 0])  # (B, C)
+        logits = torch.stack([torch.zeros_like(positive), positive], dim=1)  # (B, 2, C)
+        return HeadOutput(logits, self.project_text(text_neg), self.project_text(text_pos))
+
+    def project_text(self, text, stats=None):
+        return torch.nn.functional.normalize(text, dim=-1)
+
+
+class _Batch(NamedTuple):
+    index: np.ndarray
+    tokens: torch.Tensor
+    labels: torch.Tensor
+
+    def tokens_on(self, device):
+        return self.tokens.to(device)
+
+
+def test_best_epoch_is_chosen_on_fp32_scores_when_training_in_bf16() -> None:
+    """Epoch 1's class-0 logits 1.001 / 1.0 / 1.002 (positive, negative, positive) all round to 1.0
+    in bf16: a three-way tie, AP 66.7 instead of 100. Epoch 2's logits are exact in bf16 and rank
+    one negative above a positive (AP 83.3). Class 1 is perfect in both. fp32 mAP: 100 vs 91.7
+    (epoch 1 best); bf16 mAP: 83.3 vs 91.7 (epoch 2 best). Validation must pick epoch 1."""
+    labels = torch.tensor([[1, 1], [0, 0], [1, 0], [0, 0]], dtype=torch.int8)  # (N, C)
+    epochs = {1: _TableHead([[1.001, 2.0], [1.0, -2.0], [1.002, -2.0], [0.0, -2.0]]),
+              2: _TableHead([[3.0, 2.0], [2.0, -2.0], [1.0, -2.0], [0.0, -2.0]])}
+    loader = [_Batch(np.arange(4), torch.eye(4)[:, None, :], labels)]  # tokens (N, T=1, N)
+    text = {"negative": torch.randn(2, 8), "positive": torch.randn(2, 8)}
+    merit = {"plain": torch.randn(2, 8), "positive": torch.randn(2, 8)}
+    params = {"evaluate": {"text_bn": {"mlr": "running", "mfi": "running"}}}
+
+    bf16_map = {}
+    for epoch, head in epochs.items():  # what a bf16 validation would score
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = head(loader[0].tokens, text["negative"], text["positive"]).logits
+        bf16_map[epoch] = mean_average_precision(positive_scores(logits.float()), labels)
+    assert bf16_map[1] == pytest.approx(100 * (2 / 3 + 1) / 2) and bf16_map[2] == pytest.approx(275 / 3)
+    assert bf16_map[2] > bf16_map[1]
+
+    history = []
+    for epoch, head in epochs.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside the training's autocast
+            row = validation_metrics(head, loader, text, merit, params, amp=torch.bfloat16)
+        history.append({"epoch": epoch, **row})
+    assert [r["val_map"] for r in history] == pytest.approx([100.0, 275 / 3])
+    assert train.best_row(history)["epoch"] == 1
+    scores, _ = evaluate_head(epochs[1], loader, text)
+    assert scores.dtype == np.float32 and len(set(scores[:3, 0].tolist())) == 3  # no bf16 tie
 
 
 def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path: Path, monkeypatch) -> None:

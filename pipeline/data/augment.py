@@ -120,13 +120,16 @@ def torchvision_randaugment(view: Image.Image | torch.Tensor, op_seed: int, num_
 
 
 def eval_pil_view(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
-    """The test-time view before normalisation: Resize(S, S), bicubic unless told."""
+    """The test-time view before normalisation: Resize(S, S), bicubic unless told. On a PIL image
+    torchvision's resize is PIL's own Image.resize, so "bilinear" is bit-identical to the authors'
+    MLR evaluation view (torchvision Resize((S, S)) with its default interpolation on PIL images)."""
     return _resize(image.convert("RGB"), size, interpolation)
 
 
 def eval_view(image: Image.Image, size: int, interpolation: str = "bicubic") -> torch.Tensor:
     """Test-time view: Resize(S, S) and CLIP normalisation -> (3, S, S) float32. Deterministic.
-    `interpolation` (bicubic | bilinear): the ZS3 evaluation's evaluate.seg.interpolation."""
+    `interpolation` (bicubic | bilinear): the ZS3 evaluation's evaluate.seg.interpolation, and the
+    MLR evaluation view's (bilinear in the authors' COCO loader)."""
     return _to_normalised_tensor(eval_pil_view(image, size, interpolation))
 
 

@@ -101,30 +101,75 @@ def coco_multilabel(name: str, root: Path, split: str, val_images: str = "all") 
     return MultiLabelDataset(name, split, names, records, labels)
 
 
-class _CocoMasks:
-    """Semantic masks rendered from instance annotations (picklable for worker processes)."""
+COCO_MASKS = ("official", "released")
 
-    def __init__(self, coco: COCO, image_ids: list[int], column: dict[int, int]) -> None:
-        self.coco, self.image_ids, self.column = coco, image_ids, column
+
+def _mask_sources(coco: COCO) -> dict[int, int | None]:
+    """For the "released" masks: image id -> the id whose annotations its mask shows. Walking the
+    file's `images` list in order, an annotated image shows its own; an unannotated one keeps the
+    last annotated image's mask before it (None: there is none, the mask is all background)."""
+    sources: dict[int, int | None] = {}
+    last = None
+    for info in coco.dataset["images"]:
+        if coco.imgToAnns.get(info["id"]):
+            last = info["id"]
+        sources[info["id"]] = last
+    return sources
+
+
+class _CocoMasks:
+    """Semantic masks rendered from instance annotations (picklable for worker processes).
+
+    masks "official" (default): crowd regions 255 (ignored) first, then objects painted in order
+    of decreasing area (ties in file order) so small objects stay visible; an image without
+    annotations is all background. "released" (the authors' cocoper.py, REFERENCE 4.3): every
+    annotation painted as its class in annotation-file order, later ones winning, crowd ones
+    included; an image without annotations keeps the mask of the last annotated image before it
+    in the file's `images` order (at that image's size: the score maps are upsampled to it).
+    """
+
+    def __init__(self, coco: COCO, image_ids: list[int], column: dict[int, int],
+                 masks: str = "official") -> None:
+        if masks not in COCO_MASKS:
+            raise ValueError(f"COCO masks must be one of {COCO_MASKS}, got {masks!r}")
+        self.coco, self.image_ids, self.column, self.masks = coco, image_ids, column, masks
+        self.sources = _mask_sources(coco) if masks == "released" else None
 
     def __call__(self, i: int) -> np.ndarray:
-        info = self.coco.imgs[self.image_ids[i]]
-        mask = np.zeros((info["height"], info["width"]), np.uint8)  # (H, W)
-        anns = self.coco.imgToAnns[info["id"]]
+        image_id = self.image_ids[i]
         with warnings.catch_warnings():  # pycocotools' decode trips a numpy-2 copy= deprecation
             warnings.simplefilter("ignore", DeprecationWarning)
-            for a in (a for a in anns if a.get("iscrowd", 0)):
-                mask[self.coco.annToMask(a) > 0] = 255
-            objects = [a for a in anns if not a.get("iscrowd", 0)]
-            area = [a["area"] if "area" in a else float(self.coco.annToMask(a).sum())
-                    for a in objects]
-            for k in np.argsort(-np.asarray(area, float), kind="stable"):  # ties keep file order
-                a = objects[k]
+            if self.sources is None:
+                return self._official(image_id)
+            return self._released(image_id)
+
+    def _official(self, image_id: int) -> np.ndarray:
+        info = self.coco.imgs[image_id]
+        mask = np.zeros((info["height"], info["width"]), np.uint8)  # (H, W)
+        anns = self.coco.imgToAnns.get(image_id, [])
+        for a in (a for a in anns if a.get("iscrowd", 0)):
+            mask[self.coco.annToMask(a) > 0] = 255
+        objects = [a for a in anns if not a.get("iscrowd", 0)]
+        area = [a["area"] if "area" in a else float(self.coco.annToMask(a).sum()) for a in objects]
+        for k in np.argsort(-np.asarray(area, float), kind="stable"):  # ties keep file order
+            a = objects[k]
+            mask[self.coco.annToMask(a) > 0] = 1 + self.column[a["category_id"]]
+        return mask
+
+    def _released(self, image_id: int) -> np.ndarray:
+        source = self.sources.get(image_id)
+        info = self.coco.imgs[image_id if source is None else source]
+        mask = np.zeros((info["height"], info["width"]), np.uint8)  # (H, W) of the source image
+        if source is not None:
+            for a in self.coco.imgToAnns[source]:  # annotation-file order; crowd ones too
                 mask[self.coco.annToMask(a) > 0] = 1 + self.column[a["category_id"]]
         return mask
 
 
-def coco_segmentation(name: str, root: Path, split: str) -> SegmentationDataset:
+def coco_segmentation(name: str, root: Path, split: str, masks: str = "official") -> SegmentationDataset:
+    """COCO-2017 semantic masks; `masks` "official" or "released" (see _CocoMasks)."""
+    if masks not in COCO_MASKS:
+        raise ValueError(f"COCO masks must be one of {COCO_MASKS}, got {masks!r}")
     coco, column, names, ids, records = _open_coco(name, root, split)
     return SegmentationDataset(name, split, ["background", *names], records, True,
-                               _CocoMasks(coco, ids, column))
+                               _CocoMasks(coco, ids, column, masks))

@@ -15,6 +15,7 @@ Choices:
   docs/METHOD.md "Datasets and labels" says; a class with any non-difficult instance is 1. No -1 labels are produced.
 - COCO masks: crowd regions 255 (ignore) first, then objects painted in order of decreasing area
   so small objects stay visible; class value 1 + contiguous index; 0 where no object (background).
+  ``coco_masks="released"`` renders them as the authors' script did instead (pipeline/data/coco.py).
 - Context-59 masks follow mmseg ``reduce_zero_label``: 0 (background/unlabelled) -> 255, k -> k-1.
 """
 from __future__ import annotations
@@ -49,11 +50,15 @@ def load_multilabel(name: str, root: str | Path, split: str, val_images: str = "
                        f"(known: {sorted([*COCO_YEARS, 'voc2007'])})")
 
 
-def load_segmentation(name: str, root: str | Path, split: str) -> SegmentationDataset:
-    """Semantic masks of ``split``: voc2012, coco2017, synthetic (COCO-2017 layout), context59."""
+def load_segmentation(name: str, root: str | Path, split: str, coco_masks: str = "official"
+                      ) -> SegmentationDataset:
+    """Semantic masks of ``split``: voc2012, coco2017, synthetic (COCO-2017 layout), context59.
+
+    coco_masks (COCO layouts only; other datasets ignore it): "official" or "released", see
+    pipeline/data/coco.py _CocoMasks."""
     root = Path(root)
     if name in ("coco2017", "synthetic"):
-        return coco_segmentation(name, root, split)
+        return coco_segmentation(name, root, split, coco_masks)
     if name in ("voc2012", "context59"):
         return voc_segmentation(name, root, split)
     raise DatasetError(f"no segmentation reader for dataset {name!r} "

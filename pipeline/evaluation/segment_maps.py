@@ -48,11 +48,12 @@ def token_paths_for(methods: Sequence[str]) -> list[str]:
 
 
 def method_maps(tokens: dict[str, Tensor], head: UnmixHead, raw_text: Tensor, projected_text: Tensor,
-                methods: Sequence[str]) -> dict[str, Tensor]:
+                methods: Sequence[str], *, ours_norm: str = "after", cs_ours_norm: str = "before"
+                ) -> dict[str, Tensor]:
     """Score maps (B, C, h, w) float32 per method from one trunk pass's token paths (B, 1+hw, D):
     the evaluation's own maps_from_tokens, with the projected text for the projected methods."""
     texts = {m: projected_text if m in PROJECTED else raw_text for m in methods}
-    return maps_from_tokens(tokens, head, texts)
+    return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm)
 
 
 @torch.no_grad()

@@ -1,15 +1,30 @@
 """Zero-shot semantic segmentation: per-method token score maps and the pixel labels they give.
 
-Methods (paper Table 2 and the authors' released scripts, docs/METHOD.md "Evaluation as released"), each a pair (image
-tokens, class text features) compared per token:
+Methods (paper Table 2 and the authors' released scripts, docs/METHOD.md "Evaluation as
+released"), each a pair (image tokens, class text features) compared per token:
   "clip"              the attention pool's own q-k output for every token vs raw CLIP text (cosine);
   "clip-vproj"        DualCoOp's spatial tokens c_proj(v_proj(x)) vs raw CLIP text (cosine);
-  "clip-surgery"      v-v tokens vs raw CLIP text through CLIP Surgery's feature surgery;
-  "clip-vv"           v-v tokens vs raw CLIP text (cosine);
-  "ours"              v-v tokens -> image projector vs text -> text projector (cosine);
-  "clip-surgery+ours" the projected pair of "ours" through feature surgery.
+  "clip-surgery"      CLIP Surgery as released: its ResNet attention pool's tokens
+                      (FrozenCLIP.surgery_tokens) and CLIP text, both L2-normalised, through
+                      feature surgery with class weights from token 0 (`feature_surgery`);
+  "clip-vv"           v-v tokens (the paper's description, FrozenCLIP.vv_tokens) vs raw CLIP text (cosine);
+  "ours"              v-v tokens -> image projector vs text -> text projector -> normalise; the
+                      image side per `ours_norm` (IMAGE_NORMS), the similarity a dot product;
+  "clip-surgery+ours" CLIP Surgery's tokens -> image projector (per `cs_ours_norm`) and the
+                      projected, normalised text through `feature_surgery` (CS_Ours);
+  "clip-surgery-per-token"  this project's own variant: v-v tokens and CLIP text through feature
+                      surgery whose class weights come from every token's own similarities
+                      (`feature_surgery_per_token`; as the first public version of CLIP Surgery's
+                      clip.py did), not the released computation.
 All token sets come from one trunk pass (FrozenCLIP.token_paths). The mean token (position 0)
-is dropped; the H x W grid gives a (C, h, w) map per image.
+is dropped from the maps (feature surgery uses it for its class weights); the H x W grid gives a
+(C, h, w) map per image.
+
+Image-side normalisation of the projected methods (IMAGE_NORMS; f = tokens, h = image projector):
+  "after"   h(f) / ||h(f)||: project the raw tokens, then normalise (the VOC and Context scripts'
+            "ours"; the paper's cosine);
+  "before"  h(f / ||f||), not normalised afterwards (the COCO script's "ours" and CS_Ours).
+The text side is always the text projector's output L2-normalised.
 
 Maps to labels (CLIP Surgery's get_similarity_map order): every class's map is min-max
 normalised over the image's tokens, n_c = (s_c - min s_c) / (max s_c - min s_c) (a constant map
@@ -35,14 +50,17 @@ from pipeline.data.augment import eval_view
 from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
 from pipeline.model.heads import UnmixHead
 
-METHODS = ("clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours")
+METHODS = ("clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours",
+           "clip-surgery-per-token")
 METHOD_LABELS = {"clip": "CLIP (q-k)", "clip-vproj": "CLIP v-proj (DualCoOp tokens)",
                  "clip-surgery": "CLIP Surgery", "clip-vv": "CLIP-VV", "ours": "ours (Unmix-CLIP)",
-                 "clip-surgery+ours": "CLIP Surgery + ours"}
+                 "clip-surgery+ours": "CLIP Surgery + ours",
+                 "clip-surgery-per-token": "CLIP Surgery, per-token weights (this project's)"}
 PROJECTED = ("ours", "clip-surgery+ours")  # methods that need the trained head
-SURGERY = ("clip-surgery", "clip-surgery+ours")
-TOKEN_PATH = {"clip": "qk", "clip-vproj": "vproj", "clip-surgery": "vv", "clip-vv": "vv",
-              "ours": "vv", "clip-surgery+ours": "vv"}
+SURGERY = ("clip-surgery", "clip-surgery+ours")  # feature surgery as released (weights from token 0)
+TOKEN_PATH = {"clip": "qk", "clip-vproj": "vproj", "clip-surgery": "surgery", "clip-vv": "vv",
+              "ours": "vv", "clip-surgery+ours": "surgery", "clip-surgery-per-token": "vv"}
+IMAGE_NORMS = ("after", "before")  # projected methods: L2 after the image projector, or before it
 BACKGROUND_RULES = ("none", "softmax", "max-score")
 SOFTMAX_SCALE = 100.0  # GEM: softmax over classes of 100 x the normalised maps
 IGNORE_INDEX = 255
@@ -70,19 +88,42 @@ def cosine_maps(grid: Tensor, text: Tensor) -> Tensor:
     return maps.contiguous()  # einsum returns channels-last strides: interpolate is ~4x slower on them
 
 
-def feature_surgery(grid: Tensor, text: Tensor) -> Tensor:
-    """CLIP Surgery's feature surgery (its clip_feature_surgery without given redundant features)
-    on L2-normalised tokens f (B, D, H, W) and texts t (C, D) -> (B, C, H, W).
+def feature_surgery(features: Tensor, text: Tensor) -> Tensor:
+    """CLIP Surgery's released feature surgery (its clip.py clip_feature_surgery, no redundant
+    features given) on features F (B, 1+N, D), token 0 first, and class texts T (C, D) ->
+    similarity (B, 1+N, C). The caller normalises (or not) as the method prescribes.
 
-    Definition: s_c = f . t_c; w_c = softmax_c(2 s) / mean_c softmax_c(2 s) (restrains obvious
-    classes); the element-wise features w_c (f * t_c) minus their class mean (the redundant
-    feature), summed over D. Summing first, that is w_c s_c - mean_c' (w_c' s_c'), computed here
-    without the (B, HW, C, D) tensor. With one class every map is 0: it needs the class set.
+    Definition: p = softmax_c(2 F_0 . T_c), once per image from token 0; w_c = p_c / mean_c p;
+    feats[n, c] = F_n * T_c * w_c (element-wise over D); subtract the class mean of feats;
+    sum over D. Summing first, that is w_c s_nc - mean_c' (w_c' s_nc') with s = F T^T, computed
+    here without the (B, 1+N, C, D) tensor. With one class every map is 0: it needs the class set.
+    """
+    s = torch.einsum("bnd,cd->bnc", features, text)  # (B, 1+N, C)
+    prob = (2.0 * s[:, :1]).softmax(dim=-1)  # (B, 1, C): token 0 only
+    weighted = prob / prob.mean(dim=-1, keepdim=True) * s  # (B, 1+N, C)
+    return weighted - weighted.mean(dim=-1, keepdim=True)
+
+
+def feature_surgery_per_token(grid: Tensor, text: Tensor) -> Tensor:
+    """This project's variant of feature surgery ("clip-surgery-per-token"): the class weights
+    of every token come from that token's own similarities, not from token 0. On L2-normalised
+    tokens f (B, D, H, W) and texts t (C, D) -> (B, C, H, W):
+    s_c = f . t_c; w_c = softmax_c(2 s) / mean_c softmax_c(2 s); w_c s_c - mean_c' (w_c' s_c').
     """
     s = cosine_maps(grid, text)  # (B, C, H, W)
     prob = (2.0 * s).softmax(dim=1)
     weighted = prob / prob.mean(dim=1, keepdim=True) * s  # (B, C, H, W)
     return weighted - weighted.mean(dim=1, keepdim=True)
+
+
+def project_image_tokens(head: UnmixHead, tokens: Tensor, norm: str) -> Tensor:
+    """Tokens (B, T, D) through the image projector h -> (B, T, D'): norm "after" h(f) / ||h(f)||,
+    "before" h(f / ||f||) left un-normalised (IMAGE_NORMS)."""
+    if norm == "after":
+        return head.project_tokens(tokens)
+    if norm == "before":
+        return head.image_projector(F.normalize(tokens, dim=-1))
+    raise ParamError(f"image normalisation must be one of {IMAGE_NORMS}, got {norm!r}")
 
 
 # `evaluate.prompt`: the paper evaluates with "A photo of a {class}." (plain); "positive" is the
@@ -123,33 +164,55 @@ def method_text(raw_text: Tensor, head: UnmixHead | None, methods: Sequence[str]
 
 @torch.no_grad()
 def score_maps(backbone: FrozenCLIP, head: UnmixHead | None, images: Tensor, texts: dict[str, Tensor],
-               pos_interpolation: str = "bilinear") -> dict[str, Tensor]:
+               pos_interpolation: str = "bilinear", *, ours_norm: str = "after",
+               cs_ours_norm: str = "before") -> dict[str, Tensor]:
     """Per method in `texts`: score maps (B, C, h, w) on the token grid, float32 on the backbone's
     device (where the post-processing runs too). One trunk pass gives every token path needed;
-    images are square (seg_view), so the grid is square."""
+    images are square (seg_view), so the grid is square. ours_norm / cs_ours_norm: the image-side
+    normalisation of "ours" / "clip-surgery+ours" (IMAGE_NORMS)."""
     tokens = backbone.token_paths(images, sorted({TOKEN_PATH[m] for m in texts}), pos_interpolation)
-    return maps_from_tokens(tokens, head, texts)
+    return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm)
 
 
 @torch.no_grad()
-def maps_from_tokens(tokens: dict[str, Tensor], head: UnmixHead | None, texts: dict[str, Tensor]
-                     ) -> dict[str, Tensor]:
+def maps_from_tokens(tokens: dict[str, Tensor], head: UnmixHead | None, texts: dict[str, Tensor], *,
+                     ours_norm: str = "after", cs_ours_norm: str = "before") -> dict[str, Tensor]:
     """score_maps on token paths already computed (B, 1+hw, D) each: the one place that decides a
-    method's grid (projected once for every PROJECTED method) and its similarity (surgery or cosine)."""
-    projected = None
-    if any(m in PROJECTED for m in texts):
-        head.eval()
-        device = next(head.parameters()).device
-        projected = token_grid(head.project_tokens(tokens["vv"].to(device)))  # (B, D', h, w)
+    method's features (tokens, or their projection, once per token path and normalisation) and its
+    similarity (released feature surgery, the per-token variant, cosine, or the projected dot product).
+
+    Projected methods get their text already projected and normalised (method_text)."""
+    for norm in (ours_norm, cs_ours_norm):
+        if norm not in IMAGE_NORMS:
+            raise ParamError(f"image normalisation must be one of {IMAGE_NORMS}, got {norm!r}")
+    projected: dict[tuple[str, str], Tensor] = {}
     maps: dict[str, Tensor] = {}
     for m, text in texts.items():
-        grid = projected if m in PROJECTED else token_grid(tokens[TOKEN_PATH[m]])  # (B, D, h, w)
-        text = text.to(grid.device)
-        maps[m] = feature_surgery(grid, text) if m in SURGERY else cosine_maps(grid, text)
+        path = TOKEN_PATH[m]
+        if m in PROJECTED:
+            norm = ours_norm if m == "ours" else cs_ours_norm
+            if (path, norm) not in projected:
+                head.eval()
+                device = next(head.parameters()).device
+                projected[path, norm] = project_image_tokens(head, tokens[path].to(device), norm)
+            features = projected[path, norm]  # (B, 1+hw, D')
+        else:
+            features = tokens[path]  # (B, 1+hw, D)
+        text = text.to(features.device)
+        if m == "clip-surgery":  # CLIP's tokens and text, both L2-normalised, as released
+            maps[m] = token_grid(feature_surgery(F.normalize(features, dim=-1), F.normalize(text, dim=-1)))
+        elif m == "clip-surgery+ours":  # the projected pair as it is (CS_Ours)
+            maps[m] = token_grid(feature_surgery(features, text))
+        elif m == "clip-surgery-per-token":
+            maps[m] = feature_surgery_per_token(token_grid(features), text)
+        elif m in PROJECTED:  # "ours": features . text, a cosine when ours_norm is "after"
+            maps[m] = torch.einsum("bdhw,cd->bchw", token_grid(features), text).contiguous()
+        else:
+            maps[m] = cosine_maps(token_grid(features), text)
         if not torch.isfinite(maps[m]).all():  # an argmax of NaN is a label: never score it
             raise ParamError(f"non-finite {m} score maps from the backbone (with backbone.precision fp16 "
                              "this is an overflow: use fp32 or bf16)")
-    return {m: s.float() for m, s in maps.items()}
+    return {m: s.float().contiguous() for m, s in maps.items()}
 
 
 def normalise_minmax(scores: Tensor) -> Tensor:

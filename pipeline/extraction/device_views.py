@@ -24,7 +24,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from pipeline.data.augment import (
-    INTERPOLATION,
     check_randaugment,
     interpolation_mode,
     torchvision_randaugment,
@@ -81,9 +80,10 @@ def decode_images(payloads: Sequence[torch.Tensor], paths: Sequence[str], reason
     return images, reasons
 
 
-def eval_device_view(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) uint8 -> the test-time view (3, S, S) uint8: Resize(S, S), bicubic, antialias."""
-    return resize(image, [size, size], interpolation=INTERPOLATION, antialias=True)
+def eval_device_view(image: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """(3, H, W) uint8 -> the test-time view (3, S, S) uint8: Resize(S, S), antialias, bicubic
+    unless told (eval_pil_view's recipe; within about a grey level of it, not bit-equal)."""
+    return resize(image, [size, size], interpolation=interpolation_mode(interpolation), antialias=True)
 
 
 def train_device_views(image: torch.Tensor, size: int, seeds: Sequence[int], cutout: bool = True,

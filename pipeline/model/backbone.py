@@ -1,5 +1,6 @@
-"""Frozen CLIP ResNet backbone: spatial tokens (DualCoOp), v-v tokens (CLIP Surgery), q-k tokens
-(the pool's own attention per token), text features.
+"""Frozen CLIP ResNet backbone: spatial tokens (DualCoOp), v-v tokens (the paper's description of
+CLIP Surgery's attention), CLIP Surgery's released attention pool, q-k tokens (the pool's own
+attention per token), text features.
 
 The attention pool of open_clip's ModifiedResNet is never used to pool here: its weights are
 applied per token so that every image location gets a vector in CLIP's joint space. All the
@@ -29,7 +30,9 @@ PLAIN_TEMPLATE = "A photo of a {}."
 
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TEXT_CHUNK = 256  # prompts per encode_text call
-TOKEN_PATHS = ("vproj", "vv", "qk")  # per-token paths of the attention pool (see token_paths)
+TOKEN_PATHS = ("vproj", "vv", "qk", "surgery")  # per-token paths of the attention pool (see token_paths)
+SURGERY_NORM_EPS = 1e-6  # CLIP Surgery's ResNet path: v / (||v|| + 1e-6) per head
+SURGERY_SCALE_FACTOR = 8.0  # ... and a temperature 8 x head_dim^-0.5
 
 
 def resize_positional_embedding(pos: torch.Tensor, size: tuple[int, int], mode: str,
@@ -143,6 +146,26 @@ class FrozenCLIP(nn.Module):
         tokens[:, 0] = self._qk_first_token(x)  # (B, D)
         return tokens
 
+    def _surgery_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP Surgery's released ResNet attention pool (its clip_surgery_model.py; REFERENCE 4.3).
+
+        q, k and v are all v_proj(x). Two paths over the 1+HW tokens, per head (scale = head_dim^-0.5):
+          original  softmax(scale v v^T) v                  (v as is)
+          surgery   softmax(8 scale v' v'^T) v, v' = v / (||v|| + 1e-6)  (norm per head)
+        both through c_proj, no residual. Tokens 1..HW come from the surgery path, token 0 from the
+        original path (only its first row is computed: the other rows are discarded) -> (B, 1+HW, D).
+        """
+        pool = self.model.visual.attnpool
+        batch, tokens, width = x.shape
+        head_dim = width // self.num_heads
+        v = pool.v_proj(x).reshape(batch, tokens, self.num_heads, head_dim).transpose(1, 2)  # (B, h, T, C/h)
+        scale = head_dim ** -0.5
+        unit = v / (v.norm(dim=-1, keepdim=True) + SURGERY_NORM_EPS)  # (B, h, T, C/h)
+        surgery = F.scaled_dot_product_attention(unit, unit, v, scale=SURGERY_SCALE_FACTOR * scale)
+        original = F.scaled_dot_product_attention(v[:, :, :1], v, v, scale=scale)  # (B, h, 1, C/h)
+        out = torch.cat([original, surgery[:, :, 1:]], dim=2)  # (B, h, 1+HW, C/h)
+        return pool.c_proj(out.transpose(1, 2).reshape(batch, tokens, width))  # (B, 1+HW, D)
+
     def _qk_attention(self, x: torch.Tensor) -> torch.Tensor:
         """The pool's ordinary q-k attention with every token as a query (the paper's CLIP row):
         c_proj(softmax(q_proj(x) k_proj(x)^T / sqrt(head_dim)) v_proj(x)) per head -> (B, 1+HW, D)."""
@@ -170,18 +193,25 @@ class FrozenCLIP(nn.Module):
 
     @torch.no_grad()
     def vv_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear") -> torch.Tensor:
-        """CLIP Surgery's v-v attention tokens for zero-shot segmentation -> (B, 1+HW, D) float32.
+        """v-v attention tokens as the paper describes CLIP Surgery's attention -> (B, 1+HW, D) float32.
 
         Every token attends with query = key = value = v_proj(x) (per head, scale head_dim^-0.5,
         softmax over all 1+HW tokens), then c_proj; no residual. Token 0 keeps the ordinary q-k
         attention output of the pool (q_proj/k_proj/v_proj), as docs/METHOD.md "Backbone and spatial tokens" states. Note that
         CLIP Surgery's code fills its qkv with v_proj three times, so its "original" token 0 is
-        v-v attention too; we follow the paper's description instead. CLIP Surgery resizes the
-        positional grid bilinearly (the default here), DualCoOp bicubically.
+        v-v attention too; this path follows the paper's description, `surgery_tokens` the released
+        code. CLIP Surgery resizes the positional grid bilinearly (the default here), DualCoOp
+        bicubically.
         """
         with self._autocast():
             tokens = self._vv_attention(self._pool_inputs(images, pos_interpolation))  # (B, 1+HW, D)
         return tokens.float()
+
+    @torch.no_grad()
+    def surgery_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear") -> torch.Tensor:
+        """CLIP Surgery's released ResNet tokens (`_surgery_attention`) -> (B, 1+HW, D) float32:
+        grid tokens from its surgery path, token 0 from its original path (both v-v)."""
+        return self.token_paths(images, ("surgery",), pos_interpolation)["surgery"]
 
     @torch.no_grad()
     def qk_tokens(self, images: torch.Tensor, pos_interpolation: str = "bilinear") -> torch.Tensor:
@@ -195,7 +225,8 @@ class FrozenCLIP(nn.Module):
                     pos_interpolation: str = "bilinear") -> dict[str, torch.Tensor]:
         """Several per-token paths of the attention pool from ONE trunk pass (the trunk is ~all of
         the cost): "vproj" = `spatial_tokens` (bicubic positional grid, DualCoOp), "vv" =
-        `vv_tokens`, "qk" = `qk_tokens` (both with `pos_interpolation`). Each (B, 1+HW', D) float32."""
+        `vv_tokens`, "qk" = `qk_tokens`, "surgery" = `surgery_tokens` (the last three with
+        `pos_interpolation`). Each (B, 1+HW', D) float32."""
         paths = tuple(paths)
         unknown = set(paths) - set(TOKEN_PATHS)
         if unknown:
@@ -205,12 +236,14 @@ class FrozenCLIP(nn.Module):
             x, size = self._trunk_tokens(images)  # (B, 1+HW, C)
             if "vproj" in paths:
                 out["vproj"] = self._value_path(self._with_pos(x, size, "bicubic"))  # (B, 1+HW, D)
-            if "vv" in paths or "qk" in paths:
+            if {"vv", "qk", "surgery"} & set(paths):
                 pooled = self._with_pos(x, size, pos_interpolation)  # (B, 1+HW, C)
                 if "vv" in paths:
                     out["vv"] = self._vv_attention(pooled)  # (B, 1+HW, D)
                 if "qk" in paths:
                     out["qk"] = self._qk_attention(pooled)  # (B, 1+HW, D)
+                if "surgery" in paths:
+                    out["surgery"] = self._surgery_attention(pooled)  # (B, 1+HW, D)
         return {k: v.float() for k, v in out.items()}
 
     @torch.no_grad()

@@ -213,11 +213,14 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
 # -- evaluation ----------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
-                  amp: torch.dtype | None = None, stats: str = "running") -> tuple[np.ndarray, np.ndarray]:
+                  stats: str = "running") -> tuple[np.ndarray, np.ndarray]:
     """Scores (N, C) and labels (N, C) over a loader (`.epoch(0)` is used) or an iterable of batches.
 
-    Eval mode, nothing updated. stats (evaluate.text_bn.mlr): the text projector's BatchNorm uses
-    its "running" statistics or those of the "batch" of 2C class prompts.
+    Eval mode, nothing updated, always float32: autocast is switched off here even inside a caller's
+    autocast region, so a per-epoch validation (and the best epoch picked from it) sees the scores
+    the final evaluation computes; under bf16, scores a few 1e-3 apart round to ties and can rank
+    another epoch first. stats (evaluate.text_bn.mlr): the text projector's BatchNorm uses its
+    "running" statistics or those of the "batch" of 2C class prompts.
     """
     head.eval()
     device = text["positive"].device
@@ -225,8 +228,8 @@ def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
     scores, labels, index = [], [], []
     for batch in batches:
         index.append(batch.index)  # (B,)
-        with _autocast(device, amp):
-            out = head(batch.tokens_on(device), text["negative"], text["positive"],
+        with torch.autocast(device_type=device.type, enabled=False):
+            out = head(batch.tokens_on(device).float(), text["negative"].float(), text["positive"].float(),
                        stats)
         scores.append(positive_scores(out.logits.float()).cpu().numpy())  # (B, C)
         labels.append(batch.labels.numpy())  # (B, C)
@@ -242,9 +245,11 @@ def evaluate_head(head: UnmixHead, loader: Any, text: Mapping[str, Tensor],
 def text_figure_of_merit(head: UnmixHead, plain: Tensor, stats: str = "running") -> dict[str, float]:
     """Paper Table 4 on the plain prompts "A photo of a {class}.": CLIP vs projected (eval mode).
     stats (evaluate.text_bn.mfi): the text BatchNorm's "running" statistics or the "batch" ones of
-    these C prompts (the authors' figure script)."""
+    these C prompts (the authors' figure script). float32, as evaluate_head."""
     head.eval()
-    return mfi_figure_of_merit(plain.float().cpu(), head.project_text(plain.float(), stats).cpu())
+    with torch.autocast(device_type=plain.device.type, enabled=False):
+        projected = head.project_text(plain.float(), stats)
+    return mfi_figure_of_merit(plain.float().cpu(), projected.float().cpu())
 
 
 def merit_text(cache: Any, params: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -259,9 +264,13 @@ def validation_metrics(head: UnmixHead, val_loader: Any, text: Mapping[str, Tens
                        ) -> dict[str, float]:
     """One validation as every trainer reports it (train.json, the ablation grid): val mAP with the
     training text and the text BatchNorm statistics evaluate.text_bn.mlr, and paper Table 4 on the
-    plain and the positive prompts of `merit` (merit_text) with evaluate.text_bn.mfi."""
+    plain and the positive prompts of `merit` (merit_text) with evaluate.text_bn.mfi.
+
+    Everything here runs in float32 whatever the training precision: `amp` (the trainers' autocast
+    dtype) is accepted for their call and not used, so the best epoch by val mAP is the best epoch
+    of the final fp32 evaluation (evaluate_head)."""
     bn = params["evaluate"]["text_bn"]
-    scores, labels = evaluate_head(head, val_loader, text, amp, stats=bn["mlr"])
+    scores, labels = evaluate_head(head, val_loader, text, stats=bn["mlr"])
     plain = text_figure_of_merit(head, merit["plain"], stats=bn["mfi"])
     pos = text_figure_of_merit(head, merit["positive"], stats=bn["mfi"])
     return {"val_map": mean_ap(scores, labels), "mfi_before": plain["before"],
