@@ -164,7 +164,7 @@ def paper_table(results: Path, params: dict) -> list[str]:
     # the rule the numbers were made with (details/seg.json), not params.yaml's now
     rule = {k: seg.get(k, "not recorded") if seg else params["evaluate"]["seg"][k]
             for k in ("protocol", "background")}
-    return [(f"Paper: RN101 with OpenAI weights, the authors' run (docs/METHOD.md, "Published numbers")."
+    return [(f"Paper: RN101 with OpenAI weights, the authors' run (docs/METHOD.md, 'Published numbers')."
              f"{note} ZS3 figures here are this run's headline protocol "
              f"(`{rule['protocol']}`, background `{rule['background']}`)."),
             "", "| result | paper | this run |", "|---|---:|---:|", *rows]
