@@ -101,8 +101,12 @@ def test_token_subsampling_is_seeded_and_pairs_teacher_with_student_rows():
     teacher_tokens, teacher_text = _clustered_teacher()
     loss_fn = InfoCLIPLoss(K, num_tokens=12, student_temperature=0.01)  # student = teacher map
 
-    def mi(student, seed):
-        out = loss_fn(teacher_tokens, teacher_text, student, teacher_text, torch.Generator().manual_seed(seed))
+    wide = InfoCLIPLoss(K, num_tokens=12, student_temperature=0.01).double()  # the same, in float64
+
+    def mi(student, seed, dtype=torch.float32):
+        loss = loss_fn if dtype == torch.float32 else wide
+        text, generator = teacher_text.to(dtype), torch.Generator().manual_seed(seed)
+        out = loss(teacher_tokens.to(dtype), text, student.to(dtype), text, generator)
         return out["mi_student_teacher"].item()
 
     assert mi(teacher_tokens, 1) == mi(teacher_tokens, 1)
@@ -110,15 +114,21 @@ def test_token_subsampling_is_seeded_and_pairs_teacher_with_student_rows():
     # a student identical to the teacher shares its rows, a shifted copy does not: if the sampled
     # rows were not paired, both would look alike
     shifted = teacher_tokens.roll(shifts=3, dims=1)
-    assert mi(teacher_tokens, 1) > mi(shifted, 1) + 0.1
+    paired, unpaired = mi(teacher_tokens, 1), mi(shifted, 1)
+    assert paired > unpaired + 0.1
+    # by 10x its distance from the same numbers in float64 (a fresh LPAM is the identity in both)
+    drift = (abs(paired - mi(teacher_tokens, 1, torch.float64))
+             + abs(unpaired - mi(shifted, 1, torch.float64)))
+    assert paired - unpaired - 0.1 >= 10 * drift, (paired, unpaired, drift)
 
 
-def test_maximising_distillation_with_adam_increases_mutual_information():
-    teacher_tokens, teacher_text = _clustered_teacher()
+def _distil(dtype: torch.dtype) -> tuple[float, float]:
+    """MI student-teacher (bits) before and after 20 Adam steps on free student tokens, in `dtype`."""
+    teacher_tokens, teacher_text = (t.to(dtype) for t in _clustered_teacher())
     g = torch.Generator().manual_seed(1)
-    student = torch.randn(B, T, DS, generator=g).requires_grad_(True)  # free student tokens
-    student_text = torch.randn(K, DS, generator=g)
-    loss_fn = InfoCLIPLoss(K, num_tokens=None)  # all B*T tokens: no sampling noise
+    student = torch.randn(B, T, DS, generator=g).to(dtype).requires_grad_(True)  # free student tokens
+    student_text = torch.randn(K, DS, generator=g).to(dtype)
+    loss_fn = InfoCLIPLoss(K, num_tokens=None).to(dtype)  # all B*T tokens: no sampling noise
     opt = torch.optim.Adam([student], lr=0.05)
     before = loss_fn(teacher_tokens, teacher_text, student, student_text)["mi_student_teacher"].item()
     for _ in range(20):
@@ -126,8 +136,17 @@ def test_maximising_distillation_with_adam_increases_mutual_information():
         loss_fn(teacher_tokens, teacher_text, student, student_text)["distill"].backward()
         opt.step()
     after = loss_fn(teacher_tokens, teacher_text, student, student_text)["mi_student_teacher"].item()
+    return before, after
+
+
+def test_maximising_distillation_with_adam_increases_mutual_information():
+    before, after = _distil(torch.float32)
     # measured on this set-up: 0.05 -> 0.16 bits (Gaussian kernel, median width)
     assert after > before + 0.05, (before, after)
+    # by 10x its distance from the same optimisation run in float64
+    wide = _distil(torch.float64)
+    drift = abs(before - wide[0]) + abs(after - wide[1])
+    assert after - before - 0.05 >= 10 * drift, (before, after, wide)
 
 
 @pytest.mark.parametrize("mode,alpha,kernel", [("cosine", 2.0, "gaussian"), ("softmax", 1.0, "linear")])

@@ -122,16 +122,23 @@ def test_mutual_information_is_invariant_to_permuting_samples_together(alpha):
 @pytest.mark.parametrize("seed", (0, 1, 2))
 def test_dependent_features_carry_more_information_than_shuffled_ones(alpha, seed):
     """y = f(x) + noise against the same y with its rows shuffled: equal marginals, no dependence."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(96, 8, generator=g)
-    w = torch.randn(8, 8, generator=g) / math.sqrt(8)
-    y = torch.tanh(x @ w) + 0.05 * torch.randn(96, 8, generator=g)
-    y_independent = y[torch.randperm(96, generator=g)]
-    i_dep = mutual_information_features(x, y, alpha).item()
-    i_ind = mutual_information_features(x, y_independent, alpha).item()
+    def information(dtype: torch.dtype) -> tuple[float, float]:  # the same draws, computed in dtype
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(96, 8, generator=g).to(dtype)
+        w = torch.randn(8, 8, generator=g).to(dtype) / math.sqrt(8)
+        y = torch.tanh(x @ w) + 0.05 * torch.randn(96, 8, generator=g).to(dtype)
+        y_independent = y[torch.randperm(96, generator=g)]
+        return (mutual_information_features(x, y, alpha).item(),
+                mutual_information_features(x, y_independent, alpha).item())
+
+    i_dep, i_ind = information(torch.float32)
     # measured: alpha 1 about 1.0 vs 0.6, alpha 2 about 0.22 vs 0.05 bits
     assert i_dep > i_ind + 0.1
     assert i_dep > 1.5 * i_ind
+    # both by 10x their distance from the same numbers in float64
+    dep64, ind64 = information(torch.float64)
+    assert i_dep - i_ind - 0.1 >= 10 * (abs(i_dep - dep64) + abs(i_ind - ind64))
+    assert i_dep - 1.5 * i_ind >= 10 * (abs(i_dep - dep64) + 1.5 * abs(i_ind - ind64))
 
 
 def test_median_width_rule_is_scale_equivariant_so_information_is_scale_free():

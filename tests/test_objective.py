@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from test_training import (
     crash_in_epoch_3_then_resume,
     fresh,
+    last_validation,
     shared_world,
     single_threaded,
     weights,
@@ -189,26 +190,73 @@ def test_lpam_is_optimised_checkpointed_and_resumed_exactly(world: dict, tmp_pat
     assert metrics["mi_student_teacher"] == pytest.approx(summary["history"][-1]["mi_student_teacher"])
 
 
+def alignment_mi(head: UnmixHead, val, text: dict, infoclip: dict, dtype: torch.dtype,
+                 draws: int = 8) -> float:
+    """objective.clip_alignment_mi averaged over seeds 0..draws-1, written out so that it runs in
+    `dtype` end to end (the library's casts to float32): CLIP's alignment map (identity LPAM) of
+    num_tokens sampled val tokens against the head's projected map, up to 8 batches a draw."""
+    head = copy.deepcopy(head).to(dtype).eval()
+    text = {k: v.to(dtype) for k, v in text.items()}
+    num = text["positive"].shape[0]
+    loss = InfoCLIPLoss(num, num_tokens=None, alpha=infoclip["alpha"], kernel=infoclip["kernel"],
+                        temperature=infoclip["temperature"],
+                        student_temperature=infoclip["student_temperature"],
+                        mode=infoclip["mode"]).to(dtype)  # a fresh LPAM: the identity
+    batches = [b.tokens_on(torch.device("cpu")).to(dtype) for b in list(val.epoch(0))[:8]]  # (B, T, D)
+    draw_means = []
+    with torch.no_grad():
+        prompts = torch.cat([text["negative"], text["positive"]])  # (2C, D)
+        student_text = head.project_text(prompts)[num:]  # (C, D') positives; eval BN: rows independent
+        for seed in range(draws):
+            generator, values = torch.Generator().manual_seed(seed), []
+            for tokens in batches:
+                b, t, d = tokens.shape
+                rows = sample_token_indices(b * t, infoclip["num_tokens"], generator)
+                teacher = tokens.reshape(b * t, d)[rows][None]  # (1, n, D)
+                out = loss(teacher, text["positive"], head.project_tokens(teacher), student_text)
+                values.append(float(out["mi_student_teacher"]))
+            draw_means.append(sum(values) / len(values))
+    return sum(draw_means) / draws
+
+
 def test_infoclip_keeps_projected_alignment_closer_to_clip(world: dict, tmp_path: Path) -> None:
-    # calibrated (the numbers below) on the paper recipe's training semantics: pinned to them
+    # calibrated (the numbers below) on the paper recipe's training semantics: pinned to them.
+    # InfoCLIP with the linear kernel, measured with it: with the Gaussian kernel (median width) the
+    # trained head was a different head on every floating-point order (initial weights scaled by
+    # 1 + 1e-6 noise, 3 draws: val MI 0.269-0.295 bits, mAP 54.4-60.7, so that ours > unmix + 0.03
+    # and mAP > unmix - 10 each failed on one draw); with the linear kernel the same draws moved
+    # MI by 1e-4 and mAP by 0.01.
     runs = {"unmix": with_recipe(fresh(world, tmp_path / "unmix", objective="unmix"), "paper"),
             "unmix+infoclip": with_recipe(fresh(world, tmp_path / "info", objective="unmix+infoclip"), "paper")}
-    runs["unmix+infoclip"]["train"]["infoclip"]["lambda2"] = LAMBDA2
+    runs["unmix+infoclip"]["train"]["infoclip"].update(lambda2=LAMBDA2, kernel="linear")
     summary = {name: train.run(p) for name, p in runs.items()}
 
     # one yardstick for both: CLIP's own map (identity LPAM), 64 val tokens a draw, 8 draws per batch
     _, val, text = train.open_data(runs["unmix"], torch.device("cpu"))  # normalised text
-    ic = world["train"]["infoclip"]
-    mi = {}
+    ic = {**world["train"]["infoclip"], "kernel": "linear"}
+    mi, mi64 = {}, {}
     for name, p in runs.items():
         head = trained_head(p)
         mi[name] = sum(clip_alignment_mi(head, val.epoch(0), text, ic, seed=s) for s in range(8)) / 8
+        assert alignment_mi(head, val, text, ic, torch.float32) == pytest.approx(mi[name], abs=1e-6)
+        mi64[name] = alignment_mi(head, val, text, ic, torch.float64)
     maps = {name: s["val_map"] for name, s in summary.items()}
+    maps64 = {name: last_validation(p, torch.float64)["val_map"] for name, p in runs.items()}
     baseline = summary["unmix"]["label_frequency_map"]
-    print(f"val MI CLIP-projected {mi}, val mAP {maps}, label-frequency mAP {baseline:.1f}")
-    assert mi["unmix+infoclip"] > mi["unmix"] + 0.03  # measured: 0.239 -> 0.297 bits
-    assert maps["unmix+infoclip"] > baseline + 25  # measured: 60.5 (unmix 67.2, baseline 23.4)
+    print(f"val MI CLIP-projected {mi} (float64 {mi64}), val mAP {maps} (float64 {maps64}), "
+          f"label-frequency mAP {baseline:.1f}")
+    assert mi["unmix+infoclip"] > mi["unmix"] + 0.15  # measured: 0.361 -> 0.687 bits
+    assert maps["unmix+infoclip"] > baseline + 25  # measured: 62.1 (unmix 67.2, baseline 23.4)
     assert maps["unmix+infoclip"] > maps["unmix"] - 10
+    # each by 10x its distance from the same evaluation of the trained weights in float64 (the
+    # training itself is not re-run in float64: its sensitivity is the comment's above)
+    ours, unmix = "unmix+infoclip", "unmix"
+    mi_drift = abs(mi[ours] - mi64[ours]) + abs(mi[unmix] - mi64[unmix])
+    map_drift = {name: abs(maps[name] - maps64[name]) for name in runs}
+    for slack, moved in ((mi[ours] - mi[unmix] - 0.15, mi_drift),
+                         (maps[ours] - baseline - 25, map_drift[ours]),
+                         (maps[ours] - maps[unmix] + 10, map_drift[ours] + map_drift[unmix])):
+        assert slack >= 10 * moved, (slack, moved)
 
 
 def test_ablation_sweeps_lambda2_and_each_point_equals_its_solo_run(world: dict, tmp_path: Path) -> None:
