@@ -4,7 +4,8 @@ attention per token), text features.
 
 The attention pool of open_clip's ModifiedResNet is never used to pool here: its weights are
 applied per token so that every image location gets a vector in CLIP's joint space. All the
-arithmetic on the pool's weights lives in this file, with shapes at every reshape.
+arithmetic on the pool's weights lives in pipeline/model/attention_pool.py, with shapes at every
+reshape.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
+from pipeline.model import attention_pool
+from pipeline.model.attention_pool import (
+    resize_positional_embedding,
+)
 from pipeline.model.weights import WeightsError, load_checkpoint, quiet_open_clip, sha256_file
 
 TINY_MODEL = "tiny-RN"
@@ -31,39 +36,6 @@ PLAIN_TEMPLATE = "A photo of a {}."
 _AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TEXT_CHUNK = 256  # prompts per encode_text call
 TOKEN_PATHS = ("vproj", "vv", "qk", "surgery")  # per-token paths of the attention pool (see token_paths)
-SURGERY_NORM_EPS = 1e-6  # CLIP Surgery's ResNet path: v / (||v|| + 1e-6) per head
-SURGERY_SCALE_FACTOR = 8.0  # ... and a temperature 8 x head_dim^-0.5
-
-
-def resize_positional_embedding(pos: torch.Tensor, size: tuple[int, int], mode: str,
-                                native: tuple[int, int] | None = None) -> torch.Tensor:
-    """Positional embedding (1+gh*gw, C) for an HxW grid; a new tensor, model untouched.
-
-    Row 0 (the mean or class token's) is kept; the gh x gw grid is interpolated (align_corners=False).
-    ``native`` is the learned grid (gh, gw); None means square. At the native grid the original
-    tensor itself is returned, so native-size outputs are exact.
-    """
-    if native is None:
-        side = round((pos.shape[0] - 1) ** 0.5)
-        native = (side, side)
-    native = (int(native[0]), int(native[1]))
-    if tuple(size) == native:
-        return pos
-    spatial = pos[1:].reshape(1, *native, -1).permute(0, 3, 1, 2)  # (1, C, gh, gw)
-    spatial = F.interpolate(spatial, size=tuple(size), mode=mode, align_corners=False)  # (1, C, H, W)
-    spatial = spatial.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])  # (HW, C)
-    return torch.cat([pos[:1], spatial], dim=0)  # (1+HW, C)
-
-
-def _multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim)) v per head; q (B,Tq,C), k and v (B,T,C) -> (B,Tq,C)."""
-    batch, _, width = q.shape
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(batch, t.shape[1], heads, width // heads).transpose(1, 2)  # (B, h, T, C/h)
-
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v))  # (B, h, Tq, C/h)
-    return out.transpose(1, 2).reshape(batch, -1, width)  # (B, Tq, C)
 
 
 class FrozenCLIP(nn.Module):
@@ -136,49 +108,19 @@ class FrozenCLIP(nn.Module):
         return self._with_pos(*self._trunk_tokens(images), pos_interpolation)  # (B, 1+HW, C)
 
     def _value_path(self, x: torch.Tensor) -> torch.Tensor:
-        pool = self.model.visual.attnpool
-        return pool.c_proj(pool.v_proj(x))  # (B, 1+HW, D)
+        return attention_pool.value_path(self.model.visual.attnpool, x)  # (B, 1+HW, D)
 
     def _vv_attention(self, x: torch.Tensor) -> torch.Tensor:
-        pool = self.model.visual.attnpool
-        v = pool.v_proj(x)  # (B, 1+HW, C)
-        tokens = pool.c_proj(_multi_head_attention(v, v, v, self.num_heads))  # (B, 1+HW, D)
-        tokens[:, 0] = self._qk_first_token(x)  # (B, D)
-        return tokens
+        return attention_pool.vv_attention(self.model.visual.attnpool, x, self.num_heads)
 
     def _surgery_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """CLIP Surgery's released ResNet attention pool (its clip_surgery_model.py; REFERENCE 4.3).
-
-        q, k and v are all v_proj(x). Two paths over the 1+HW tokens, per head (scale = head_dim^-0.5):
-          original  softmax(scale v v^T) v                  (v as is)
-          surgery   softmax(8 scale v' v'^T) v, v' = v / (||v|| + 1e-6)  (norm per head)
-        both through c_proj, no residual. Tokens 1..HW come from the surgery path, token 0 from the
-        original path (only its first row is computed: the other rows are discarded) -> (B, 1+HW, D).
-        """
-        pool = self.model.visual.attnpool
-        batch, tokens, width = x.shape
-        head_dim = width // self.num_heads
-        v = pool.v_proj(x).reshape(batch, tokens, self.num_heads, head_dim).transpose(1, 2)  # (B, h, T, C/h)
-        scale = head_dim ** -0.5
-        unit = v / (v.norm(dim=-1, keepdim=True) + SURGERY_NORM_EPS)  # (B, h, T, C/h)
-        surgery = F.scaled_dot_product_attention(unit, unit, v, scale=SURGERY_SCALE_FACTOR * scale)
-        original = F.scaled_dot_product_attention(v[:, :, :1], v, v, scale=scale)  # (B, h, 1, C/h)
-        out = torch.cat([original, surgery[:, :, 1:]], dim=2)  # (B, h, 1+HW, C/h)
-        return pool.c_proj(out.transpose(1, 2).reshape(batch, tokens, width))  # (B, 1+HW, D)
+        return attention_pool.surgery_attention(self.model.visual.attnpool, x, self.num_heads)
 
     def _qk_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The pool's ordinary q-k attention with every token as a query (the paper's CLIP row):
-        c_proj(softmax(q_proj(x) k_proj(x)^T / sqrt(head_dim)) v_proj(x)) per head -> (B, 1+HW, D)."""
-        pool = self.model.visual.attnpool
-        out = _multi_head_attention(pool.q_proj(x), pool.k_proj(x), pool.v_proj(x), self.num_heads)  # (B, 1+HW, C)
-        return pool.c_proj(out)  # (B, 1+HW, D)
+        return attention_pool.qk_attention(self.model.visual.attnpool, x, self.num_heads)
 
     def _qk_first_token(self, x: torch.Tensor) -> torch.Tensor:
-        """What the attention pool itself outputs: the mean token attending to all tokens -> (B, D)."""
-        pool = self.model.visual.attnpool
-        out = _multi_head_attention(
-            pool.q_proj(x[:, :1]), pool.k_proj(x), pool.v_proj(x), self.num_heads)  # (B, 1, C)
-        return pool.c_proj(out)[:, 0]  # (B, D)
+        return attention_pool.qk_first_token(self.model.visual.attnpool, x, self.num_heads)
 
     @torch.no_grad()
     def spatial_tokens(self, images: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from pipeline.model.backbone import _multi_head_attention, resize_positional_embedding
+from pipeline.model.attention_pool import multi_head_attention, resize_positional_embedding
 
 VIT_METHODS = ("qk", "maskclip", "clearclip", "clip-surgery")
 # FrozenCLIP's path names (ResNet attention pool) -> their ViT counterparts, so that callers asking
@@ -138,14 +138,14 @@ def qq_attention(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor
     """ClearCLIP's last block: out_proj(softmax(scale q q^T) v) per head, q and v of ln_1 x;
     no residual, no MLP -> (B, T, C)."""
     q, _, v = qkv(block, block.ln_1(x))
-    return block.attn.out_proj(_multi_head_attention(q, q, v, block.attn.num_heads))
+    return block.attn.out_proj(multi_head_attention(q, q, v, block.attn.num_heads))
 
 
 def vv_attention(block: ResidualAttentionBlock, y: torch.Tensor) -> torch.Tensor:
     """CLIP Surgery's Attn_vv on already-normalised tokens y: out_proj(softmax(scale v v^T) v) per
     head, v the block's own value projection (not normalised) -> (B, T, C)."""
     _, _, v = qkv(block, y)
-    return block.attn.out_proj(_multi_head_attention(v, v, v, block.attn.num_heads))
+    return block.attn.out_proj(multi_head_attention(v, v, v, block.attn.num_heads))
 
 
 def project(visual: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
