@@ -138,12 +138,14 @@ def maps_from_tokens(tokens: dict[str, Tensor], head: UnmixHead | None, texts: d
     method's grid (projected once for every PROJECTED method) and its similarity (surgery or cosine)."""
     projected = None
     if any(m in PROJECTED for m in texts):
+        assert head is not None, "projected methods need the projectors"
         head.eval()
         device = next(head.parameters()).device
         projected = token_grid(head.project_tokens(tokens["vv"].to(device)))  # (B, D', h, w)
     maps: dict[str, Tensor] = {}
     for m, text in texts.items():
-        grid = projected if m in PROJECTED else token_grid(tokens[TOKEN_PATH[m]])  # (B, D, h, w)
+        grid = projected if projected is not None and m in PROJECTED \
+            else token_grid(tokens[TOKEN_PATH[m]])  # (B, D, h, w)
         text = text.to(grid.device)
         maps[m] = feature_surgery(grid, text) if m in SURGERY else cosine_maps(grid, text)
         if not torch.isfinite(maps[m]).all():  # an argmax of NaN is a label: never score it
