@@ -16,7 +16,6 @@ backbone's shape (--source random: RN-101-sized training without running RN-101)
 """
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 from collections.abc import Callable
@@ -25,6 +24,8 @@ import common
 import torch
 
 from pipeline.config import paths
+from pipeline.config.params import updated
+from pipeline.config.schema import Params
 from pipeline.store.cache import FeatureCache
 from pipeline.store.loader import TokenLoader
 from pipeline.training.ablation import distinct, grid, point_params
@@ -34,11 +35,11 @@ GOAL = 1.05  # x the number of distinct trainings
 LAMBDAS, ALPHAS = [0.0, 0.2, 1.0], [0.0, 7e-5, 1e-2]
 
 
-def read_epoch_seconds(params: dict) -> float:
+def read_epoch_seconds(params: Params) -> float:
     """One epoch of batches from the train store, read the way `pipeline train` reads it."""
-    cfg = params["train"]
-    loader = TokenLoader(FeatureCache.open(paths.feature_store(params, "train")), cfg["batch_size"],
-                         cfg["view_policy"], seed=cfg["seed"])
+    cfg = params.train
+    loader = TokenLoader(FeatureCache.open(paths.feature_store(params.paths, "train")), cfg.batch_size,
+                         cfg.view_policy, seed=cfg.seed)
     for _ in loader.epoch(0):  # first pass loads the store (as the first training epoch does)
         pass
     with common.Timer() as t:
@@ -47,11 +48,11 @@ def read_epoch_seconds(params: dict) -> float:
     return t.seconds
 
 
-def timed(fn: Callable[..., dict], params: dict, *args: object, **kwargs: object) -> tuple[float, float]:
+def timed(fn: Callable[..., dict], params: Params, *args: object, **kwargs: object) -> tuple[float, float]:
     """(training-loop seconds, wall seconds) of one stage call on a copy of params."""
     with common.Timer() as wall:
-        result = fn(copy.deepcopy(params), *args, **kwargs)
-        common.sync(params["train"]["device"])
+        result = fn(params.model_copy(deep=True), *args, **kwargs)
+        common.sync(params.train.device)
     loop = (result["train_seconds"] if "train_seconds" in result
             else sum(r["train_seconds"] for r in result["history"]))
     return loop, wall.seconds
@@ -90,7 +91,7 @@ def main() -> None:
         rows, results, before = [], {}, torch.get_num_threads()
         for n in threads:
             torch.set_num_threads(n)
-            params["train"]["cpu_threads"] = n
+            params = updated(params, {"train.cpu_threads": n})
             solo, stacked, loop = [], [], []
             for r in range(args.repeats):
                 solo.append(timed(train.run, params))

@@ -20,6 +20,7 @@ import common
 import torch
 
 from pipeline.config import paths
+from pipeline.config.params import as_dict
 from pipeline.data.augment import normalise_pixels
 from pipeline.extraction.views import DEFAULT_AUGMENT, ViewSpec, view_batches
 from pipeline.model.build import backbone_from_params
@@ -64,21 +65,21 @@ def main() -> None:
         params = common.make_params(args, root, dataset, extract={
             "batch_size": args.batch_size, "num_workers": args.num_workers,
             "transforms": args.transforms}, recipe=recipe)
-        ex = params["extract"]
+        ex = params.extract
         data = extract_features.load_split(params, "train")
-        spec = ViewSpec(tuple(str(r.path) for r in data.records), args.views, True, ex["seed"],
-                        args.image_size, {**DEFAULT_AUGMENT, **ex["augment"]},
+        spec = ViewSpec(tuple(str(r.path) for r in data.records), args.views, True, ex.seed,
+                        args.image_size, {**DEFAULT_AUGMENT, **as_dict(ex.augment)},
                         transforms=args.transforms)
-        index = batches(len(data), ex["shard_size"], max(1, args.batch_size // args.views))
+        index = batches(len(data), ex.shard_size, max(1, args.batch_size // args.views))
         with common.Timer() as prep:  # the engine's preprocessing, in this one process
             pixels = [normalise_pixels(p) for _, p, _ in  # (b, K, 3, S, S)
                       view_batches(spec, [list(r) for r in index], torch.device(args.device))]
             common.sync(args.device)
-        backbone = backbone_from_params(params)
+        backbone = backbone_from_params(params.backbone, params=params)
         backbone.spatial_tokens(pixels[0][:1].flatten(0, 1))  # warm-up: first-call kernel selection
 
         bare, engine = [bare_forward(backbone, pixels, args.device)], []
-        store = paths.feature_store(params, "train")
+        store = paths.feature_store(params.paths, "train")
         for _ in range(args.repeats):
             shutil.rmtree(store, ignore_errors=True)
             summary = extract_features.run(params, split="train")["train"]
@@ -97,7 +98,7 @@ def main() -> None:
              n * args.views / engine_s, engine_s],
         ]
         setup = (f"{args.backbone} (random init), {args.image_size} px, {n} images x {args.views} views, "
-                 f"recipe {params['recipe']}, extract.transforms {args.transforms}, "
+                 f"recipe {params.recipe}, extract.transforms {args.transforms}, "
                  f"{args.batch_size} views per forward, device {args.device}; {source}; median of "
                  f"{len(engine)} engine / {len(bare)} bare runs; tokens stored as float16")
         common.report("Benchmark 1: extraction throughput", setup,

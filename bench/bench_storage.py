@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from pipeline.config import paths
+from pipeline.config.params import updated
 from pipeline.store.cache import FeatureCache
 from pipeline.store.create import create_or_open
 from pipeline.store.export import export_hdf5
@@ -37,17 +38,17 @@ def build_stores(args, root) -> tuple[dict[str, FeatureCache], str]:
     if args.source == "images":
         dataset, source = common.prepare_images(args, root, n_val=0)
         params = common.make_params(args, root, dataset, extract={"num_workers": 2})
-        common.recalibrate(params)
+        params = common.recalibrate(params)
         for comp in ("none", "zstd"):
-            params["extract"]["compressor"] = comp
+            params = updated(params, {"extract.compressor": comp})
             extract_features.run(params, split="train")
-            stores[comp] = FeatureCache.open(shutil.move(paths.feature_store(params, "train"),
+            stores[comp] = FeatureCache.open(shutil.move(paths.feature_store(params.paths, "train"),
                                                          root / f"{comp}.zarr"))
         return stores, f"tokens extracted from {source} (BatchNorm-recalibrated random backbone)"
     params = common.make_params(args, root, "synthetic")
     t, d = common.token_shape(args.backbone, args.image_size)
     common.random_token_stores(params, args.images, 1, args.views, t, d)
-    none = FeatureCache.open(paths.feature_store(params, "train"))
+    none = FeatureCache.open(paths.feature_store(params.paths, "train"))
     zstd = create_or_open(
         root / "zstd.zarr", ids=list(none.ids), labels=none.labels, classnames=none.classnames,
         views=none.views, num_tokens=none.num_tokens, dim=none.dim, fingerprint=none.fingerprint,

@@ -14,11 +14,11 @@ Goal (issue 7): cached epoch >= 100x faster than an online one with RN-101 at 44
 """
 from __future__ import annotations
 
-import copy
 import statistics
 
 import common
 
+from pipeline.config.params import updated
 from stages import extract_features, train
 
 GOAL = 100.0
@@ -38,10 +38,8 @@ def main() -> None:
         params = common.make_params(args, root, dataset, train=train_cfg, extract={"num_workers": 2})
         with common.Timer() as extraction:
             engine = sum(r["seconds"] for r in extract_features.run(params, split="all").values())
-        cached_params = copy.deepcopy(params)
-        cached_params["train"]["epochs"] = CACHED_EPOCHS
-        online_params = copy.deepcopy(params)
-        online_params["paths"]["results"] = str(root / "results-online")
+        cached_params = updated(params, {"train.epochs": CACHED_EPOCHS})
+        online_params = updated(params, {"paths.results": str(root / "results-online")})
         before = [r["train_seconds"] for r in train.run(cached_params)["history"]]
         online = train.run(online_params, online=True)["seconds_per_epoch"]
         after = [r["train_seconds"] for r in train.run(cached_params)["history"]]

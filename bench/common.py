@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from pipeline.config import paths
-from pipeline.config.params import load_params
+from pipeline.config.params import load_params, updated
+from pipeline.config.schema import Params
 
 REAL_COCO = REPO.parent / "shared" / "data" / "coco2017-tiny"
 GENERATED_IMAGE_SIZE = 480  # about COCO's 640x480, so decoding costs what it would on real data
@@ -116,7 +117,7 @@ def prepare_images(args: argparse.Namespace, root: Path, n_val: int) -> tuple[st
 
 
 def make_params(args: argparse.Namespace, root: Path, dataset: str, recipe: str | None = None,
-                **sections: dict) -> dict:
+                **sections: dict) -> Params:
     """configs/params.yaml with the bench's backbone, device, views and folders under root;
     `recipe` (default: the file's) and `sections` override further keys, e.g. train={"epochs": 1}."""
     sets = {
@@ -137,26 +138,27 @@ def make_params(args: argparse.Namespace, root: Path, dataset: str, recipe: str 
     return load_params(REPO / "configs" / "params.yaml", [f"{k}={v}" for k, v in sets.items()])
 
 
-def recalibrate(params: dict, images: int = 16) -> None:
+def recalibrate(params: Params, images: int = 16) -> Params:
     """Give the random backbone data-fitted BatchNorm statistics (docs/TESTING.md, trap 1),
-    so its tokens vary between images as real features do; saved and set as backbone.checkpoint."""
+    so its tokens vary between images as real features do; saved, and the params returned with it
+    as backbone.checkpoint."""
     from pipeline.data.augment import eval_view
     from pipeline.data.datasets import load_multilabel
     from pipeline.model.build import backbone_from_params
     from pipeline.model.recalibrate import recalibrate_batchnorm
 
-    data = load_multilabel(params["data"]["dataset"], paths.dataset_root(params), "train")
-    backbone = backbone_from_params(params)
-    size = params["backbone"]["image_size"]
+    data = load_multilabel(params.data.dataset, paths.dataset_root(params.paths, params.data.dataset), "train")
+    backbone = backbone_from_params(params.backbone, params=params)
+    size = params.backbone.image_size
     pixels = torch.stack([eval_view(data.image(i), size) for i in range(min(images, len(data)))])
     recalibrate_batchnorm(backbone, pixels.split(8))
-    out = Path(params["paths"]["cache"]) / "backbone.pt"
+    out = Path(params.paths.cache) / "backbone.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(backbone.model.state_dict(), out)
-    params["backbone"]["checkpoint"] = str(out)
+    return updated(params, {"backbone.checkpoint": str(out)})
 
 
-def random_token_stores(params: dict, n_train: int, n_val: int, views: int, num_tokens: int,
+def random_token_stores(params: Params, n_train: int, n_val: int, views: int, num_tokens: int,
                         dim: int, num_classes: int = 80, seed: int = 0) -> None:
     """Train/val stores of random float16 tokens in the layout a backbone would write, for timing
     code that reads tokens (training, ablation) at full RN-101 size without running RN-101."""
@@ -167,10 +169,10 @@ def random_token_stores(params: dict, n_train: int, n_val: int, views: int, num_
     for role, n, k in (("train", n_train, views), ("val", n_val, 1)):
         labels = (rng.random((n, num_classes)) < 0.05).astype(np.int8)  # (N, C), ~4 labels each
         cache = create_or_open(
-            paths.feature_store(params, role), ids=[f"{role}{i}" for i in range(n)], labels=labels,
+            paths.feature_store(params.paths, role), ids=[f"{role}{i}" for i in range(n)], labels=labels,
             classnames=classnames, views=k, num_tokens=num_tokens, dim=dim,
             fingerprint={"source": "random tokens (bench)", "seed": seed, "role": role},
-            shard_size=params["extract"]["shard_size"], dtype="float16", overwrite=True)
+            shard_size=params.extract.shard_size, dtype="float16", overwrite=True)
         for s in range(cache.num_shards):
             a, b = cache.shard_range(s)
             tokens = rng.standard_normal((b - a, k, num_tokens, dim), dtype=np.float32)  # (n, K, T, D)

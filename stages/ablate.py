@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from pipeline.config import paths
-from pipeline.config.params import ParamError
+from pipeline.config.params import ParamError, as_dict
+from pipeline.config.schema import Params
 from pipeline.files import atomic_write_text
 from pipeline.model.build import resolve_device
+from pipeline.model.heads import UnmixHead
 from pipeline.model.objective import build_objective, uses_infoclip
 from pipeline.results.outputs import stamp
+from pipeline.store.loader import TokenLoader
 from pipeline.training import provenance
 from pipeline.training.ablation import (
     distinct,
@@ -47,7 +51,8 @@ from stages.train import evaluated, open_data
 from stages.train import validate as solo_validate
 
 
-def validate(head: torch.nn.Module, val_loader, text: dict, merit: dict, params: dict, amp) -> dict:
+def validate(head: UnmixHead, val_loader: TokenLoader, text: dict, merit: dict, params: Params,
+             amp: torch.dtype | None) -> dict:
     """The solo run's per-epoch validation figures of one head (train.validate) and the positive
     prompts' MFI reduction."""
     row = solo_validate(head, val_loader, text, merit, params, amp)
@@ -56,27 +61,27 @@ def validate(head: torch.nn.Module, val_loader, text: dict, merit: dict, params:
             "val_mi_clip": mi}
 
 
-def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | None = None,
+def run(params: Params, lambdas: list[float] | None = None, alphas: list[float] | None = None,
         lambda1s: list[float] | None = None, lambda2s: list[float] | None = None,
-        stacked: bool | None = None) -> dict:
+        stacked: bool | None = None) -> dict[str, Any]:
     """stacked: None = stacked unless InfoCLIP is on; False = head by head (benchmarks compare)."""
-    a = params["ablate"]
-    sweeps = {"lambda1s": a["lambda1s"] if lambda1s is None else lambda1s,
-              "lambda2s": a["lambda2s"] if lambda2s is None else lambda2s}
-    objective = params["train"]["objective"]
-    for key, values in sweeps.items():
+    a = params.ablate
+    lambda1s = a.lambda1s if lambda1s is None else lambda1s
+    lambda2s = a.lambda2s if lambda2s is None else lambda2s
+    objective = params.train.objective
+    for key, values in (("lambda1s", lambda1s), ("lambda2s", lambda2s)):
         if values and not uses_infoclip(objective):
             raise ParamError(f"parameter 'ablate.{key}' sweeps an InfoCLIP weight, but 'train.objective' "
                              f"is {objective!r}: set it to infoclip or unmix+infoclip, or ablate.{key} to []")
-    points = grid(a["lambdas"] if lambdas is None else lambdas, a["alphas"] if alphas is None else alphas,
-                  sweeps["lambda1s"], sweeps["lambda2s"])
-    runs = [point_params(params, lam, alpha, a["epochs"], l1, l2) for lam, alpha, l1, l2 in points]
+    points = grid(a.lambdas if lambdas is None else lambdas, a.alphas if alphas is None else alphas,
+                  lambda1s, lambda2s)
+    runs = [point_params(params, lam, alpha, a.epochs, l1, l2) for lam, alpha, l1, l2 in points]
     reps, owner = distinct(runs)  # reps[k]: the point trained for head k; owner[i]: point i's head
     labels = [point_label(*pt) for pt in points]
-    cfg = runs[0]["train"]
-    epochs = cfg["epochs"]
-    device = resolve_device(cfg["device"])
-    amp = amp_dtype(device, cfg["precision"])
+    cfg = runs[0].train
+    epochs = cfg.epochs
+    device = resolve_device(cfg.device)
+    amp = amp_dtype(device, cfg.precision)
     if stacked and uses_infoclip(objective):
         raise ParamError(f"'train.objective' {objective!r} trains its grid head by head (an LPAM per point)")
     if stacked and amp == torch.float16:
@@ -86,17 +91,18 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
     print(f"ablate: {len(points)} grid points ({len(reps)} distinct trainings, "
           f"{'stacked' if stacked else 'head by head'}) x {epochs} epochs on {device}")
 
-    with torch_threads(device, cfg["cpu_threads"]):
+    with torch_threads(device, cfg.cpu_threads):
         loader, val_loader, text = open_data(params, device)
         cache = loader.cache
-        merit = {k: t.to(device) for k, t in merit_text(cache, params).items()}
+        merit = {k: t.to(device) for k, t in merit_text(cache, params.evaluate).items()}
         heads = [new_head(runs[i], cache.dim, device) for i in reps]
         head_labels = [labels[i] for i in reps]
+        trainer: StackedTrainer | LoopTrainer
         if stacked:
-            trainer = StackedTrainer(heads, [runs[i]["train"] for i in reps], head_labels, amp)
+            trainer = StackedTrainer(heads, [runs[i].train for i in reps], head_labels, amp)
         else:
-            auxes = [build_objective(runs[i]["train"], len(cache.classnames), device) for i in reps]  # None: unmix
-            trainer = LoopTrainer(heads, [runs[i]["train"] for i in reps], head_labels, auxes, amp)
+            auxes = [build_objective(runs[i].train, len(cache.classnames), device) for i in reps]  # None: unmix
+            trainer = LoopTrainer(heads, [runs[i].train for i in reps], head_labels, auxes, amp)
         steps, seconds = len(loader), 0.0
         history: list[list[dict]] = [[] for _ in reps]
 
@@ -118,7 +124,7 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
                 history[k].append({**row, **validate(head, val_loader, text, merit, runs[reps[k]], amp)})
 
     # -- outputs: one row and one projectors file per grid point --------------------------------
-    out = paths.results_dir(params, "ablation")
+    out = paths.results_dir(params.paths, "ablation")
     final = trainer.unstacked()
     rows = []
     for i, ((lam, alpha, l1, l2), p) in enumerate(zip(points, runs)):
@@ -129,11 +135,11 @@ def run(params: dict, lambdas: list[float] | None = None, alphas: list[float] | 
         if row["trained_as"]:  # its MFI loss value was computed with the trained point's lambda
             row["mfi"] = None
         if uses_infoclip(objective):  # lambda1, lambda2 as trained, swept or not
-            row.update(lambda1=p["train"]["infoclip"]["lambda1"], lambda2=p["train"]["infoclip"]["lambda2"])
+            row.update(lambda1=p.train.infoclip.lambda1, lambda2=p.train.infoclip.lambda2)
         rows.append(row)
         folder = out / "points" / point_slug(lam, alpha, l1, l2)
-        meta = {"model": p["model"], "train": p["train"], "params": p, "embed_dim": cache.dim,
-                "classnames": cache.classnames, "fingerprint": cache.fingerprint,
+        meta = {"model": as_dict(p.model), "train": as_dict(p.train), "params": as_dict(p),
+                "embed_dim": cache.dim, "classnames": cache.classnames, "fingerprint": cache.fingerprint,
                 "epoch": last["epoch"], "val_map": last["val_map"], "point": labels[i],
                 "trained_as": row["trained_as"],
                 "provenance": provenance.record(p, cache, val_loader.cache)}

@@ -10,12 +10,15 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from pipeline.config.params import PACKAGED_PARAMS, load_params
+from pipeline.config.params import PACKAGED_PARAMS, as_dict, load_params
+from pipeline.config.schema import Params
 from pipeline.files import atomic_write_text
 
 
@@ -25,12 +28,12 @@ def _base_params() -> Path:
     return PACKAGED_PARAMS
 
 
-def summary_table(results: Path, timings: dict[str, float], params: dict) -> str:
+def summary_table(results: Path, timings: dict[str, float], params: Params) -> str:
     """The "latest run" table the README quotes: CLIP vs ours per result, and seconds per stage."""
     m = {p.stem: json.loads(p.read_text()) for p in (results / "metrics").glob("*.json")}
 
     def f(*keys: str) -> str:
-        v = m
+        v: Any = m
         for k in keys:
             v = v.get(k) if isinstance(v, dict) else None
         return "-" if not isinstance(v, (int, float)) else f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"
@@ -45,7 +48,7 @@ def summary_table(results: Path, timings: dict[str, float], params: dict) -> str
     host = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch_version()}"
     return "\n".join([
         (f"Latest `pipeline demo` ({datetime.now(timezone.utc):%Y-%m-%d}, {host}), recipe "
-         f"**{params['recipe']}**; generated data and a tiny random backbone: the "
+         f"**{params.recipe}**; generated data and a tiny random backbone: the "
          "numbers test the pipeline, not the method."), "",
         "| result (smoke data) | CLIP, no projectors | ours |", "|---|---:|---:|", *rows, "",
         "| stage | " + " | ".join(timings) + " | total |", "|---" * (len(timings) + 2) + "|",
@@ -59,15 +62,15 @@ def torch_version() -> str:
     return torch.__version__
 
 
-def run(workdir: str | Path = "demo", recipe: str | None = None) -> dict:
+def run(workdir: str | Path = "demo", recipe: str | None = None) -> dict[str, Any]:
     from stages import ablate, download, evaluate, extract_features, figures, report, train
 
     params = load_params(_base_params(), [f"recipe={recipe}"] if recipe else [], profile="smoke")
     workdir = Path(workdir).resolve()
     (workdir / "configs").mkdir(parents=True, exist_ok=True)
-    (workdir / "configs" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    steps = [
-        ("data", lambda: download.run(params, params["data"]["dataset"])),
+    (workdir / "configs" / "params.yaml").write_text(yaml.safe_dump(as_dict(params), sort_keys=False))
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("data", lambda: download.run(params, params.data.dataset)),
         ("extract", lambda: extract_features.run(params, split="all", restart_on_change=True)),
         ("train", lambda: train.run(params)),
         ("evaluate", lambda: evaluate.run(params, what="all")),
@@ -86,7 +89,7 @@ def run(workdir: str | Path = "demo", recipe: str | None = None) -> dict:
             timings[name] = time.perf_counter() - start
     finally:
         os.chdir(cwd)
-    results = workdir / params["paths"]["results"]
+    results = workdir / params.paths.results
     summary = atomic_write_text(results / "summary.md", summary_table(results, timings, params))
     print("\n" + summary.read_text())
     print(f"results: {results}\nreport:  {results / 'report.md'}\nsummary: {summary}")

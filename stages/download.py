@@ -13,10 +13,12 @@ here, for the random test backbone, never for pretrained weights.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.config import paths
+from pipeline.config.schema import Params
 from pipeline.data.datacheck import check_datasets, require_datasets
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.download import download_dataset
@@ -33,22 +35,22 @@ def write_random_backbone(out: Path, name: str, init_seed: int, image_size: int,
     return atomic_write(out, lambda tmp: torch.save(backbone.model.state_dict(), tmp))
 
 
-def run(params: dict, dataset: str | None = None) -> dict:
+def run(params: Params, dataset: str | None = None) -> dict[str, Any]:
     if dataset is None:
         return check_and_fetch(params)
-    root = paths.dataset_root(params, dataset)
+    root = paths.dataset_root(params.paths, dataset)
     if dataset != "synthetic":
         return {"dataset": dataset, "files": [str(p) for p in download_dataset(dataset, root)]}
     return generate(params, root)
 
 
-def check_and_fetch(params: dict) -> dict:
+def check_and_fetch(params: Params) -> dict[str, Any]:
     """The DVC `data` stage: evaluation datasets checked first, then the training one in place
     (verified), fetched (only missing archives) or generated."""
-    name = params["data"]["dataset"]
+    name = params.data.dataset
     skipped = require_datasets(params, whats=("seg", "zs-mlr"), training=False,  # before any work
                                generated_ok=name == "synthetic")
-    root = paths.dataset_root(params, name)
+    root = paths.dataset_root(params.paths, name)
     if name == "synthetic":
         generate(params, root)
     else:
@@ -63,13 +65,13 @@ def check_and_fetch(params: dict) -> dict:
             "skipped": [f"{p.need.dataset} ({p.need.what})" for p in skipped]}
 
 
-def generate(params: dict, root: Path) -> dict:
-    s = params["data"]["synthetic"]
-    make_planted_coco(root, s["n_train"], s["n_val"], num_classes=s["num_classes"],
-                      image_size=s["image_size"], seed=s["seed"])
+def generate(params: Params, root: Path) -> dict[str, Any]:
+    s = params.data.synthetic
+    make_planted_coco(root, s.n_train, s.n_val, num_classes=s.num_classes,
+                      image_size=s.image_size, seed=s.seed)
     train = load_multilabel("synthetic", root, "train")
-    b = params["backbone"]
-    ckpt = write_random_backbone(root / "backbone.pt", b["name"], b["init_seed"], b["image_size"],
+    b = params.backbone
+    ckpt = write_random_backbone(root / "backbone.pt", b.name, b.init_seed, b.image_size,
                                  [r.path for r in train.records[:RECALIBRATION_IMAGES]])
-    print(f"generated planted-signal data in {root} and a recalibrated random {b['name']} at {ckpt}")
+    print(f"generated planted-signal data in {root} and a recalibrated random {b.name} at {ckpt}")
     return {"dataset": "synthetic", "root": str(root), "backbone": str(ckpt)}

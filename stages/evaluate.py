@@ -13,11 +13,15 @@ under one "per_class" key per JSON.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import paths
+from pipeline.config.schema import Params
 from pipeline.data.datasets import load_multilabel
 from pipeline.evaluation.metrics import average_precision
 from pipeline.evaluation.sources import (
@@ -30,6 +34,7 @@ from pipeline.evaluation.sources import (
 from pipeline.evaluation.zsmlr import zero_shot_mlr
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import positive_scores, region_logits
+from pipeline.model.projectors import recorded_model
 from pipeline.results.outputs import write_results
 from pipeline.results.skips import for_evaluation
 from pipeline.store.cache import FeatureCache
@@ -50,24 +55,24 @@ def zero_shot_scores(loader: TokenLoader, text: dict[str, torch.Tensor], softmax
     return np.concatenate(scores)  # (N, C)
 
 
-def evaluate_mlr(params: dict) -> tuple[dict, str]:
-    device = resolve_device(params["backbone"]["device"])
-    cache = FeatureCache.open(paths.feature_store(params, "val"))
+def evaluate_mlr(params: Params) -> tuple[dict, str]:
+    device = resolve_device(params.backbone.device)
+    cache = FeatureCache.open(paths.feature_store(params.paths, "val"))
     head, meta, src = load_head(params, device, cache.dim)
     if list(meta["classnames"]) != list(cache.classnames):
         raise TrainingError(f"projectors at {src['projectors']['path']} were trained on other classes "
                             f"than those of {cache.path}")
     # The projectors see the text they were trained on (train.text_input): the published mAP is the
     # training loop's validation; CLIP's zero-shot region scores compare normalised features.
-    text_input = params["train"]["text_input"]
+    text_input = params.train.text_input
     text = {k: v.to(device) for k, v in projector_text(cache, text_input).items()}
     unit = {k: v.to(device) for k, v in projector_text(cache, "normalised").items()}
-    loader = TokenLoader(cache, params["evaluate"]["batch_size"], "cycle", shuffle=False)
-    stats = params["evaluate"]["text_bn"]["mlr"]
+    loader = TokenLoader(cache, params.evaluate.batch_size, "cycle", shuffle=False)
+    stats = params.evaluate.text_bn.mlr
     ours, labels = evaluate_head(head, loader, text, stats=stats)  # non-finite scores: named, not scored
-    clip = zero_shot_scores(loader, unit, meta["model"]["softmax"])
+    clip = zero_shot_scores(loader, unit, recorded_model(meta["model"]).softmax)
     aps = {"clip": average_precision(clip, labels), "ours": average_precision(ours, labels)}
-    metrics = {"source": src, "text_input": text_input, "text_bn": stats,
+    metrics: dict[str, Any] = {"source": src, "text_input": text_input, "text_bn": stats,
                "num_images": len(labels), **{m: {"map": float(np.nanmean(ap))} for m, ap in aps.items()},
                "per_class": {m: {"ap": dict(zip(cache.classnames, ap))} for m, ap in aps.items()}}
     labels_ = {"clip": "CLIP", "ours": "ours (Unmix-CLIP)"}
@@ -81,37 +86,37 @@ def evaluate_mlr(params: dict) -> tuple[dict, str]:
 
 
 # -- zs-mlr ------------------------------------------------------------------------------------
-def evaluate_zs_mlr(params: dict) -> tuple[dict, str]:
-    cfg, seg = params["evaluate"]["zs_mlr"], params["evaluate"]["seg"]
-    dataset = load_multilabel(cfg["dataset"], dataset_root(params, cfg["dataset"]), cfg["split"])
+def evaluate_zs_mlr(params: Params) -> tuple[dict, str]:
+    cfg, seg = params.evaluate.zs_mlr, params.evaluate.seg
+    dataset = load_multilabel(cfg.dataset, dataset_root(params.paths, cfg.dataset), cfg.split)
     backbone, head, _, src = backbone_and_head(params)
-    ev = params["evaluate"]
-    res = zero_shot_mlr(backbone, head, dataset, image_size=cfg["image_size"],
-                        batch_size=params["evaluate"]["batch_size"], region_weight=cfg["region_weight"],
-                        threshold=seg["threshold"], pos_interpolation=seg["pos_interpolation"],
-                        min_area=cfg["min_area"], region_mode=cfg["region_mode"],
-                        prompt=ev["prompt"], interpolation=seg["interpolation"],
-                        text_input=ev["text_input"], text_bn=ev["text_bn"]["seg"],
-                        voc_names=ev["voc_names"])
-    print(f"zs-mlr {cfg['dataset']}: {res['num_images']} images, {res['seconds_per_image']:.3f} s/image")
+    ev = params.evaluate
+    res = zero_shot_mlr(backbone, head, dataset, image_size=cfg.image_size,
+                        batch_size=ev.batch_size, region_weight=cfg.region_weight,
+                        threshold=seg.threshold, pos_interpolation=seg.pos_interpolation,
+                        min_area=cfg.min_area, region_mode=cfg.region_mode,
+                        prompt=ev.prompt, interpolation=seg.interpolation,
+                        text_input=ev.text_input, text_bn=ev.text_bn.seg,
+                        voc_names=ev.voc_names)
+    print(f"zs-mlr {cfg.dataset}: {res['num_images']} images, {res['seconds_per_image']:.3f} s/image")
     metrics = {"source": src, **{k: res[k] for k in ("map", "num_images", "seconds_per_image")},
-               "region_weight": cfg["region_weight"], "per_class": {"ap": res["per_class_ap"]}}
+               "region_weight": cfg.region_weight, "per_class": {"ap": res["per_class_ap"]}}
     labels = {"clip": "CLIP (global)", "regions": "CLIP on segmented regions (ours)",
-              "combined": f"global + regions, w = {cfg['region_weight']} (ours)"}
-    table = "\n".join([(f"## Segment-driven zero-shot MLR (paper Table 3), {cfg['dataset']} {cfg['split']} "
+              "combined": f"global + regions, w = {cfg.region_weight} (ours)"}
+    table = "\n".join([(f"## Segment-driven zero-shot MLR (paper Table 3), {cfg.dataset} {cfg.split} "
                        f"({res['num_images']} images)"), "", source_line(src), "", "| method | mAP (%) |", "|---|---|",
                        *[f"| {labels[k]} | {fmt(v)} |" for k, v in res["map"].items()]])
     return metrics, table
 
 
-def _evaluations() -> dict:
+def _evaluations() -> dict[str, Callable[[Params], tuple[dict, str]]]:
     from stages.evaluate_mfi import evaluate_mfi
     from stages.evaluate_seg import evaluate_seg
 
     return {"mlr": evaluate_mlr, "mfi": evaluate_mfi, "seg": evaluate_seg, "zs-mlr": evaluate_zs_mlr}
 
 
-def run(params: dict, what: str = "all") -> dict:
+def run(params: Params, what: str = "all") -> dict[str, dict]:
     """Run one evaluation (or "all" in order), write its JSON and Markdown table, return the metrics."""
     provenance.require_current(params, val=what in ("mlr", "all"))  # same run as the projectors
     out = {}

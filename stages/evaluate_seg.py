@@ -2,6 +2,7 @@
 protocol, each number named by its protocol; evaluate.seg.protocol picks the headline table."""
 from __future__ import annotations
 
+from pipeline.config.schema import Params
 from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO
 from pipeline.data.datasets import DatasetError, load_segmentation
 from pipeline.evaluation.metrics import MIOU_PROTOCOLS
@@ -35,17 +36,17 @@ def _columns(name: str, result: dict) -> list[tuple[str, str, str]]:
     return cols
 
 
-def seg_table(results: dict, params: dict, src: dict) -> str:
-    cfg, ev = params["evaluate"]["seg"], params["evaluate"]
-    headline = cfg["protocol"]
+def seg_table(results: dict, params: Params, src: dict) -> str:
+    cfg, ev = params.evaluate.seg, params.evaluate
+    headline = cfg.protocol
     cols = [(name, *c) for name, r in results.items() for c in _columns(name, r)]
     methods = list(next(iter(results.values()))["methods"]) if results else []
     lines = ["## Zero-shot semantic segmentation (paper Table 2)", "", source_line(src), "",
-             f"Backbone {params['backbone']['name']}, input {cfg['image_size']} px ({cfg['interpolation']} "
+             f"Backbone {params.backbone.name}, input {cfg.image_size} px ({cfg.interpolation} "
              f"resize; masks not resized), background rule "
-             + BACKGROUND_TEXT[cfg["background"]].format(t=cfg["threshold"])
-             + f" in the bkgd columns; text into the projector {ev['text_input']}, BatchNorm "
-             f"{ev['text_bn']['seg']} statistics; VOC names {ev['voc_names']}; images: "
+             + BACKGROUND_TEXT[cfg.background].format(t=cfg.threshold)
+             + f" in the bkgd columns; text into the projector {ev.text_input}, BatchNorm "
+             f"{ev.text_bn.seg} statistics; VOC names {ev.voc_names}; images: "
              + ", ".join(f"{n} {r['num_images']}" for n, r in results.items()) + "."]
     for protocol in (headline, *[p for p in MIOU_PROTOCOLS if p != headline]):
         tag = " (headline)" if protocol == headline else ""
@@ -60,14 +61,14 @@ def seg_table(results: dict, params: dict, src: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_seg(params: dict) -> tuple[dict, str]:
-    cfg, ev = params["evaluate"]["seg"], params["evaluate"]
+def evaluate_seg(params: Params) -> tuple[dict, str]:
+    cfg, ev = params.evaluate.seg, params.evaluate
     roots, skipped = {}, {}
-    for name in cfg["datasets"]:  # fail (or skip, evaluate.missing) before any work
+    for name in cfg.datasets:  # fail (or skip, evaluate.missing) before any work
         try:
-            roots[name] = dataset_root(params, name)
+            roots[name] = dataset_root(params.paths, name)
         except DatasetError as err:
-            if ev["missing"] != "skip":
+            if ev.missing != "skip":
                 raise
             skipped[name] = str(err)
             print(f"seg: skipping {name} (evaluate.missing skip): {err}", flush=True)
@@ -78,22 +79,22 @@ def evaluate_seg(params: dict) -> tuple[dict, str]:
     for name, root in roots.items():
         dataset = load_segmentation(name, root, SEG_SPLIT)
         res = evaluate_segmentation(
-            backbone, head, dataset, image_size=cfg["image_size"], batch_size=ev["batch_size"],
-            background=cfg["background"], threshold=cfg["threshold"],
-            pos_interpolation=cfg["pos_interpolation"], interpolation=cfg["interpolation"],
-            methods=cfg["methods"], prompt=ev["prompt"], text_input=ev["text_input"],
-            text_bn=ev["text_bn"]["seg"], voc_names=ev["voc_names"])
+            backbone, head, dataset, image_size=cfg.image_size, batch_size=ev.batch_size,
+            background=cfg.background, threshold=cfg.threshold,
+            pos_interpolation=cfg.pos_interpolation, interpolation=cfg.interpolation,
+            methods=cfg.methods, prompt=ev.prompt, text_input=ev.text_input,
+            text_bn=ev.text_bn.seg, voc_names=ev.voc_names)
         per_class[name] = res.pop("per_class")
-        res["headline"] = {m: {v: r[cfg["protocol"]] for v, r in by_v.items()}
+        res["headline"] = {m: {v: r[cfg.protocol] for v, r in by_v.items()}
                            for m, by_v in res["methods"].items()}
         results[name] = res
         print(f"seg {name}: {res['num_images']} images, {res['seconds_per_image']:.3f} s/image", flush=True)
     if "context59" in results:
         results["context59"]["unseen_in_coco"] = list(CONTEXT_UNSEEN_IN_COCO)
-    metrics = {"source": src, "protocol": cfg["protocol"], "protocols": list(MIOU_PROTOCOLS),
-               "background": cfg["background"], "threshold": cfg["threshold"],
-               "interpolation": cfg["interpolation"], "text_input": ev["text_input"],
-               "text_bn": ev["text_bn"]["seg"], "voc_names": ev["voc_names"],
+    metrics = {"source": src, "protocol": cfg.protocol, "protocols": list(MIOU_PROTOCOLS),
+               "background": cfg.background, "threshold": cfg.threshold,
+               "interpolation": cfg.interpolation, "text_input": ev.text_input,
+               "text_bn": ev.text_bn.seg, "voc_names": ev.voc_names,
                "datasets": results, "skipped": sorted(skipped), "per_class": {"iou_dataset": per_class}}
     table = seg_table(results, params, src)
     if skipped:

@@ -9,17 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import paths
+from pipeline.config.params import as_dict
+from pipeline.config.schema import Params
 from pipeline.data.datasets import DatasetError, MultiLabelDataset, load_multilabel
 from pipeline.extraction.engine import extract
 from pipeline.model.build import backbone_from_params
 
 
-def load_split(params: dict, role: str) -> MultiLabelDataset:
+def load_split(params: Params, role: str) -> MultiLabelDataset:
     """role "train" or "val" -> the dataset split params name for it, with its folders checked."""
-    name = params["data"]["dataset"]
-    root = paths.dataset_root(params)
-    split = params["data"][f"{role}_split"]
-    dataset = load_multilabel(name, root, split, params["data"]["coco_val_images"])
+    d = params.data
+    name = d.dataset
+    root = paths.dataset_root(params.paths, name)
+    split = {"train": d.train_split, "val": d.val_split}[role]
+    dataset = load_multilabel(name, root, split, d.coco_val_images)
     if not dataset.records:
         raise DatasetError(f"{name} split {split!r} under {root} lists no images")
     for folder in sorted({r.path.parent for r in dataset.records}):
@@ -29,28 +32,28 @@ def load_split(params: dict, role: str) -> MultiLabelDataset:
     return dataset
 
 
-def run(params: dict, split: str = "all", restart_on_change: bool = False,
+def run(params: Params, split: str = "all", restart_on_change: bool = False,
         break_lock: bool = False) -> dict[str, Any]:
     """Build (or resume) the train and/or val caches; returns a summary per role.
 
     ``break_lock`` takes over a store's writer lock recorded by a process on another host.
     """
-    ex, b = params["extract"], params["backbone"]
+    ex, b = params.extract, params.backbone
     roles = ["train", "val"] if split == "all" else [split]
     datasets = {role: load_split(params, role) for role in roles}  # fail on layout before the model
-    backbone = backbone_from_params(params) if not (ex["workers"] or ex["scheduler"]) else None
+    backbone = backbone_from_params(b, params=params) if not (ex.workers or ex.scheduler) else None
     summary: dict[str, Any] = {}
     for role, dataset in datasets.items():
         train = role == "train"
         stats: dict[str, Any] = {}
         cache = extract(
-            dataset, paths.feature_store(params, role), b, backbone=backbone,
-            views=ex["views"] if train else 1, train_augment=train, seed=ex["seed"],
-            image_size=b["image_size"], shard_size=ex["shard_size"], batch_size=ex["batch_size"],
-            dtype=ex["dtype"], compressor=None if ex["compressor"] in (None, "none") else "zstd",
-            num_workers=ex["num_workers"], on_bad_image=ex["on_bad_image"], augment=ex["augment"],
-            restart_on_change=restart_on_change, workers=ex["workers"], scheduler=ex["scheduler"],
-            stats=stats, break_lock=break_lock, transforms=ex["transforms"])
+            dataset, paths.feature_store(params.paths, role), b, backbone=backbone,
+            views=ex.views if train else 1, train_augment=train, seed=ex.seed,
+            image_size=b.image_size, shard_size=ex.shard_size, batch_size=ex.batch_size,
+            dtype=ex.dtype, compressor=None if ex.compressor in (None, "none") else "zstd",
+            num_workers=ex.num_workers, on_bad_image=ex.on_bad_image, augment=as_dict(ex.augment),
+            restart_on_change=restart_on_change, workers=ex.workers, scheduler=ex.scheduler,
+            stats=stats, break_lock=break_lock, transforms=ex.transforms)
         info = cache.summary()
         summary[role] = {
             "store": info["path"], "images": info["num_images"], "views": info["views"],

@@ -10,13 +10,15 @@ bilinearly to the image. The title names the projectors file (best | last) and t
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.config import paths
+from pipeline.config.schema import Params
 from pipeline.data.classes import prompt_names
-from pipeline.data.datasets import load_segmentation
+from pipeline.data.datasets import SegmentationDataset, load_segmentation
 from pipeline.evaluation.seg_eval import object_classes
 from pipeline.evaluation.segmentation import (
     METHOD_LABELS,
@@ -40,10 +42,10 @@ def query_classes(wanted: list[str], available: list[str]) -> list[str]:
     return present or available[:max(len(wanted), 1)]
 
 
-def pick_images(dataset, class_value: int, count: int) -> list[int]:
+def pick_images(dataset: SegmentationDataset, class_value: int, count: int) -> list[int]:
     """Up to `count` image indices: those whose mask contains `class_value` first, in order."""
     count = min(count, len(dataset))
-    chosen = []
+    chosen: list[int] = []
     for i in range(len(dataset)):
         if len(chosen) == count:
             break
@@ -57,39 +59,39 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
-def run(params: dict) -> dict:
+def run(params: Params) -> dict[str, Any]:
     params, todo = for_evaluation(params, ["figures"])  # missing data: error, or skip (evaluate.missing)
     if not todo:
         return {"figures": [], "classes": [], "dataset": None}
     provenance.require_current(params, val=False)  # projectors of this run's backbone and params
-    cfg, seg = params["figures"], params["evaluate"]["seg"]
-    name = seg["datasets"][0]
-    dataset = load_segmentation(name, dataset_root(params, name), SEG_SPLIT)
-    ev = params["evaluate"]
+    cfg, seg = params.figures, params.evaluate.seg
+    name = seg.datasets[0]
+    dataset = load_segmentation(name, dataset_root(params.paths, name), SEG_SPLIT)
+    ev = params.evaluate
     backbone, head, _, src = backbone_and_head(params)
     names = object_classes(dataset)
-    classes = query_classes(list(cfg["classes"]), names)
-    words = prompt_names(names, name, ev["voc_names"])
-    raw = plain_text(backbone, words, ev["prompt"], normalise=ev["text_input"] == "normalised")  # (C, D)
-    methods = list(seg["methods"])
-    texts = method_text(raw, head, methods, ev["text_bn"]["seg"])
+    classes = query_classes(list(cfg.classes), names)
+    words = prompt_names(names, name, ev.voc_names)
+    raw = plain_text(backbone, words, ev.prompt, normalise=ev.text_input == "normalised")  # (C, D)
+    methods = list(seg.methods)
+    texts = method_text(raw, head, methods, ev.text_bn.seg)
     stamp = f"projectors {src['projectors']['which']} (epoch {src['projectors']['epoch']}), recipe {src['recipe']}"
     written = []
     for cls in classes:
         k = names.index(cls)
         value = k + int(dataset.has_background)
-        indices = pick_images(dataset, value, cfg["images"])
+        indices = pick_images(dataset, value, cfg.images)
         with_class = sum(bool((dataset.mask(i) == value).any()) for i in indices)
         shown = "" if with_class == len(indices) else f" ({with_class} of {len(indices)} images contain it)"
         pictures = [np.asarray(dataset.image(i)) for i in indices]  # (H, W, 3) uint8 each
-        images = torch.stack([seg_view(dataset.image(i), seg["image_size"], seg["interpolation"])
+        images = torch.stack([seg_view(dataset.image(i), seg.image_size, seg.interpolation)
                               for i in indices])  # (N, 3, S, S)
-        maps = score_maps(backbone, head, images, texts, seg["pos_interpolation"])  # (N, C, h, w) each
+        maps = score_maps(backbone, head, images, texts, seg.pos_interpolation)  # (N, C, h, w) each
         overlays = {METHOD_LABELS[m]: [upsample(normalise_minmax(maps[m][i, k:k + 1]), p.shape[:2])[0]
                                        .cpu().numpy() for i, p in enumerate(pictures)] for m in methods}
-        path = paths.results_dir(params, "figures", f"activation_{_slug(cls)}.png")
+        path = paths.results_dir(params.paths, "figures", f"activation_{_slug(cls)}.png")
         activation_grid(pictures, overlays, path, title=f"activation maps: {cls} ({name}){shown}; {stamp}")
         written.append(str(path))
         print(f"figures: {path}", flush=True)
-    stamp_run(params, paths.results_dir(params, "figures"))  # the report checks which run drew them
+    stamp_run(params, paths.results_dir(params.paths, "figures"))  # the report checks which run drew them
     return {"figures": written, "classes": classes, "dataset": name, "methods": methods, "source": src}

@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from pipeline.api.unmix import class_list
 from pipeline.config import paths
+from pipeline.config.schema import Params
 from pipeline.data.images import load_image
 from pipeline.evaluation.segment_maps import LABELS
 from pipeline.files import atomic_write_text
@@ -44,17 +46,17 @@ def query_cosines(raw: torch.Tensor, projected: torch.Tensor) -> tuple[np.ndarra
     return cos(raw), cos(projected)
 
 
-def run(params: dict, image: str, text: str, against: Sequence[str] = (), projectors: str | None = None,
-        templates: Sequence[str] = (), out: str | None = None) -> dict:
+def run(params: Params, image: str, text: str, against: Sequence[str] = (), projectors: str | None = None,
+        templates: Sequence[str] = (), out: str | None = None) -> dict[str, Any]:
     classes = class_list([text, *split_classes(against)])
     query, others = classes[0], classes[1:]
-    prompts = templates_or_default(templates, params)
+    prompts = templates_or_default(templates, params.evaluate)
     model = model_from_params(params, projectors)
     note_batch_stats(model, classes)
     features = model.text_features(classes, prompts)  # raw (C, D), projected (C, D')
     before, after = query_cosines(features.raw, features.projected)
     result = model.segment([image], classes, template=prompts, methods=QUERY_METHODS)
-    out_dir = Path(out) if out else paths.results_dir(params, "query")
+    out_dir = Path(out) if out else paths.results_dir(params.paths, "query")
     png = out_dir / f"query_{_slug(query)}.png"
     picture = load_image(image)
     views = {LABELS[m]: panel_view(picture, result.method_score_maps[m][0][:1]) for m in QUERY_METHODS}

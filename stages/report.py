@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
+from typing import Any
 
 from pipeline.config import paths
+from pipeline.config.schema import Params
 from pipeline.files import atomic_write_text
 from pipeline.results.report import (
     paper_table,
@@ -24,8 +26,8 @@ from pipeline.training import provenance
 TABLE_ORDER = ("mlr", "mfi", "seg", "zs-mlr")
 
 
-def run(params: dict) -> dict:
-    results = paths.results_dir(params)
+def run(params: Params) -> dict[str, Any]:
+    results = paths.results_dir(params.paths)
     out = results / "report.md"
     lines = ["# Unmix-CLIP run report", "",
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}.", "", *what_ran(params)]
@@ -37,7 +39,7 @@ def run(params: dict) -> dict:
     lines += ["", *recipe_lines(results)]
     trained = read_json(results / "details" / "train.json")
     if "last" in trained or "best" in trained:
-        used = params["evaluate"]["projectors"]
+        used = params.evaluate.projectors
         lines += ["", "## Training", "", "| projectors | file | epoch | val mAP | evaluations use it |",
                   "|---|---|---:|---:|---|"]
         lines += [f"| {which} | `{trained[which]['projectors']}` | {trained[which]['epoch']} | "

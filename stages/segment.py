@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from pipeline.api.unmix import SegmentationResult, UnmixCLIP, class_list, template_list
 from pipeline.config import paths
 from pipeline.config.params import ParamError
+from pipeline.config.schema import Evaluate, Params
 from pipeline.data.images import BadImageError, load_image
 from pipeline.data.synthetic import voc_palette
 from pipeline.evaluation.segment_maps import LABELS, METHODS
@@ -62,27 +64,27 @@ def split_classes(texts: Sequence[str]) -> list[str]:
     return [c.strip() for text in texts for c in text.split(",")] if texts else []
 
 
-def default_projectors(params: dict) -> Path:
+def default_projectors(params: Params) -> Path:
     """The file evaluate.projectors names (as every evaluation reads it; no silent fallback)."""
-    return paths.projectors(params, params["evaluate"]["projectors"])
+    return paths.projectors(params.paths, params.evaluate.projectors)
 
 
-def model_from_params(params: dict, projectors: str | Path | None = None) -> UnmixCLIP:
+def model_from_params(params: Params, projectors: str | Path | None = None) -> UnmixCLIP:
     """UnmixCLIP with the backbone weights of params (checkpoint wins; pretrained null = random)."""
-    b, ev = params["backbone"], params["evaluate"]
+    b, ev = params.backbone, params.evaluate
     path = Path(projectors) if projectors else default_projectors(params)
     print(f"projectors: {path}", flush=True)
     return UnmixCLIP.from_files(
-        path, checkpoint=b["checkpoint"], pretrained=None if b["checkpoint"] else (b["pretrained"] or "random"),
-        device=b["device"], sha256=b["sha256"], init_seed=b["init_seed"], precision=b["precision"],
-        channels_last=b["channels_last"], image_size=ev["seg"]["image_size"], text_bn=ev["text_bn"]["seg"],
-        score_text_bn=ev["text_bn"]["mlr"], text_input=ev["text_input"],
-        pos_interpolation=ev["seg"]["pos_interpolation"], interpolation=ev["seg"]["interpolation"],
-        batch_size=ev["batch_size"])
+        path, checkpoint=b.checkpoint, pretrained=None if b.checkpoint else (b.pretrained or "random"),
+        device=b.device, sha256=b.sha256, init_seed=b.init_seed, precision=b.precision,
+        channels_last=b.channels_last, image_size=ev.seg.image_size, text_bn=ev.text_bn.seg,
+        score_text_bn=ev.text_bn.mlr, text_input=ev.text_input,
+        pos_interpolation=ev.seg.pos_interpolation, interpolation=ev.seg.interpolation,
+        batch_size=ev.batch_size)
 
 
-def templates_or_default(templates: Sequence[str], params: dict) -> list[str]:
-    return template_list(list(templates) or [PROMPTS[params["evaluate"]["prompt"]]])
+def templates_or_default(templates: Sequence[str], evaluate: Evaluate) -> list[str]:
+    return template_list(list(templates) or [PROMPTS[evaluate.prompt]])
 
 
 def note_batch_stats(model: UnmixCLIP, classes: list[str]) -> None:
@@ -96,7 +98,8 @@ def note_batch_stats(model: UnmixCLIP, classes: list[str]) -> None:
 
 def output_stems(files: Sequence[Path]) -> list[str]:
     """A file-name stem per image, unique even when two folders hold the same name."""
-    stems, seen = [], {}
+    stems: list[str] = []
+    seen: dict[str, int] = {}
     for f in files:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f.stem) or "image"
         seen[stem] = seen.get(stem, 0) + 1
@@ -151,16 +154,16 @@ def write_image_outputs(result: SegmentationResult, index: int, out: Path, stem:
     return record
 
 
-def run(params: dict, images: Sequence[str], classes: Sequence[str], projectors: str | None = None,
+def run(params: Params, images: Sequence[str], classes: Sequence[str], projectors: str | None = None,
         background: str | None = None, threshold: float | None = None, templates: Sequence[str] = (),
-        out: str | None = None, progress: bool = True) -> dict:
+        out: str | None = None, progress: bool = True) -> dict[str, Any]:
     names = class_list(split_classes(classes))  # argument errors before any model is loaded
-    prompts = templates_or_default(templates, params)
+    prompts = templates_or_default(templates, params.evaluate)
     files = expand_images(images)
-    seg = params["evaluate"]["seg"]
-    rule = background or seg["background"]
-    threshold = seg["threshold"] if threshold is None else threshold
-    out_dir = Path(out) if out else paths.results_dir(params, "segment")
+    seg = params.evaluate.seg
+    rule = background or seg.background
+    threshold = seg.threshold if threshold is None else threshold
+    out_dir = Path(out) if out else paths.results_dir(params.paths, "segment")
     model = model_from_params(params, projectors)
     note_batch_stats(model, names)
     stems, records = output_stems(files), []

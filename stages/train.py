@@ -8,15 +8,19 @@ import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from pipeline.config import paths
+from pipeline.config.params import as_dict
+from pipeline.config.schema import Params, Train
 from pipeline.evaluation.metrics import mean_average_precision
 from pipeline.files import atomic_write_text
 from pipeline.model.build import resolve_device
+from pipeline.model.heads import UnmixHead
 from pipeline.model.objective import build_objective, clip_alignment_mi, trainable_parameters
 from pipeline.results.outputs import write_results
 from pipeline.store.cache import CacheError, FeatureCache
@@ -54,26 +58,26 @@ TSV_COLUMNS = ("epoch", "lr", "loss", "asl", "mfi", "val_map", "mfi_before", "mf
 INFOCLIP_COLUMNS = ("compress", "distill", "mi_student_teacher")
 
 
-def open_data(params: dict, device: torch.device) -> tuple[TokenLoader, TokenLoader, dict[str, torch.Tensor]]:
+def open_data(params: Params, device: torch.device) -> tuple[TokenLoader, TokenLoader, dict[str, torch.Tensor]]:
     """Train loader (shuffled, one view per image per epoch, partial labels), val loader (in order)
     and the cached class text features {positive, negative, plain} (C, D) on `device` (no text
     forward pass), raw or normalised as train.text_input says."""
-    cfg = params["train"]
+    cfg = params.train
     caches = {}
     for role in ("train", "val"):
-        caches[role] = FeatureCache.open(paths.feature_store(params, role))
+        caches[role] = FeatureCache.open(paths.feature_store(params.paths, role))
         caches[role].require_complete()
     train, val = caches["train"], caches["val"]
     if train.classnames != val.classnames or train.dim != val.dim:
         raise CacheError(f"{train.path} and {val.path} disagree on classes or token dim: "
                          "extract both with the same dataset and backbone")
-    labels = partial_labels(train.labels, cfg["label_fraction"], cfg["seed"])  # (N, C), -1 = unknown
-    threads = resolve_read_threads(cfg["read_threads"])
-    loader = TokenLoader(train, cfg["batch_size"], cfg["view_policy"], seed=cfg["seed"], labels=labels,
+    labels = partial_labels(train.labels, cfg.label_fraction, cfg.seed)  # (N, C), -1 = unknown
+    threads = resolve_read_threads(cfg.read_threads)
+    loader = TokenLoader(train, cfg.batch_size, cfg.view_policy, seed=cfg.seed, labels=labels,
                          read_threads=threads)
-    val_loader = TokenLoader(val, cfg["batch_size"], "cycle", seed=cfg["seed"], shuffle=False,
+    val_loader = TokenLoader(val, cfg.batch_size, "cycle", seed=cfg.seed, shuffle=False,
                              read_threads=threads)
-    text = {name: t.to(device) for name, t in projector_text(train, cfg["text_input"]).items()}
+    text = {name: t.to(device) for name, t in projector_text(train, cfg.text_input).items()}
     return loader, val_loader, text
 
 
@@ -87,7 +91,7 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Callable[[Batch], torch.Tensor]:
+def online_tokens(params: Params, cache: FeatureCache, device: torch.device) -> Callable[[Batch], torch.Tensor]:
     """Batch -> (B, T, D) tokens recomputed by the frozen backbone: the cached images and views.
 
     Everything that decides a view (dataset, image size, augmentation, view seeds) is read from
@@ -101,13 +105,13 @@ def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Ca
     from pipeline.model.build import backbone_from_params
 
     fp = cache.fingerprint
-    backbone = backbone_from_params(params, device)
+    backbone = backbone_from_params(params.backbone, device, params=params)
     if backbone.weights_digest != fp["backbone"]["weights_digest"]:
         raise TrainingError(f"--online: backbone weights {backbone.weights_digest} differ from those "
                             f"that built {cache.path} ({fp['backbone']['weights_digest']}): check "
                             "params 'backbone'")
     name, split = fp["dataset"]["name"], fp["dataset"]["split"]
-    data = load_multilabel(name, paths.dataset_root(params, name), split, params["data"]["coco_val_images"])
+    data = load_multilabel(name, paths.dataset_root(params.paths, name), split, params.data.coco_val_images)
     if [r.image_id for r in data.records] != list(cache.ids):
         raise TrainingError(f"--online: dataset {name}/{split} no longer lists the images of "
                             f"{cache.path}: re-run `pipeline extract-features`")
@@ -136,18 +140,18 @@ def online_tokens(params: dict, cache: FeatureCache, device: torch.device) -> Ca
     return tokens
 
 
-def write_metrics(params: dict, history: list[dict], summary: dict | None) -> None:
+def write_metrics(params: Params, history: list[dict], summary: dict | None) -> None:
     """results/plots/train.tsv (one row per epoch) and, at the end, results/metrics/train.json."""
     columns = TSV_COLUMNS + tuple(c for c in INFOCLIP_COLUMNS if history and c in history[0])
     lines = ["\t".join(columns)] + ["\t".join(f"{row[c]:.6g}" for c in columns) for row in history]
-    atomic_write_text(paths.results_dir(params, "plots", "train.tsv"), "\n".join(lines) + "\n")
+    atomic_write_text(paths.results_dir(params.paths, "plots", "train.tsv"), "\n".join(lines) + "\n")
     if summary is not None:
         write_results(params, "train", summary)  # details/train.json + headline metrics/train.json
 
 
-def evaluated(epoch: int, cfg: dict) -> bool:
+def evaluated(epoch: int, cfg: Train) -> bool:
     """train.eval_every: validate after every N-th epoch (1-based) and after the last."""
-    return epoch % cfg["eval_every"] == 0 or epoch == cfg["epochs"]
+    return epoch % cfg.eval_every == 0 or epoch == cfg.epochs
 
 
 def best_row(history: list[dict]) -> dict:
@@ -156,13 +160,13 @@ def best_row(history: list[dict]) -> dict:
     return max(rows, key=lambda r: (r["val_map"], -r["epoch"]))
 
 
-def validate(head: torch.nn.Module, val_loader: TokenLoader, text: dict, figure_text: dict,
-             params: dict, amp: torch.dtype | None) -> dict[str, float]:
+def validate(head: UnmixHead, val_loader: TokenLoader, text: dict, figure_text: dict,
+             params: Params, amp: torch.dtype | None) -> dict[str, float]:
     """training.validation_metrics plus val MI CLIP-projected (objective.clip_alignment_mi)."""
-    cfg = params["train"]
-    row = validation_metrics(head, val_loader, text, figure_text, params, amp,
+    cfg = params.train
+    row = validation_metrics(head, val_loader, text, figure_text, params.evaluate, amp,
                              mean_ap=mean_average_precision)
-    row["val_mi_clip"] = clip_alignment_mi(head, val_loader.epoch(0), text, cfg["infoclip"], seed=cfg["seed"])
+    row["val_mi_clip"] = clip_alignment_mi(head, val_loader.epoch(0), text, cfg.infoclip, seed=cfg.seed)
     return row
 
 
@@ -170,10 +174,10 @@ NOT_EVALUATED = dict.fromkeys(("val_map", "mfi_before", "mfi_after", "mfi_reduct
                                "mfi_pos_after", "val_mi_clip"), float("nan"))
 
 
-def run(params: dict, resume: bool = False, online: bool = False) -> dict:
-    cfg = params["train"]
-    device = resolve_device(cfg["device"])
-    amp = amp_dtype(device, cfg["precision"])
+def run(params: Params, resume: bool = False, online: bool = False) -> dict[str, Any]:
+    cfg = params.train
+    device = resolve_device(cfg.device)
+    amp = amp_dtype(device, cfg.precision)
     print(f"train: device {device}, precision {amp or torch.float32}, {'online' if online else 'cached'} tokens")
 
     # -- data -------------------------------------------------------------------------------------
@@ -184,8 +188,8 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
         how = ("held in memory" if loader.in_memory else
                f"streamed from the shard files ({loader.read_threads} read threads)")
         print(f"train: {f'{mib / 1024:.1f} GiB' if mib >= 1024 else f'{mib:.1f} MiB'} of tokens, {how}")
-    figure_text = {k: t.to(device) for k, t in merit_text(cache, params).items()}
-    mask = mask_identity(loader.labels.numpy(), cfg["label_fraction"], cfg["seed"])  # the mask open_data drew
+    figure_text = {k: t.to(device) for k, t in merit_text(cache, params.evaluate).items()}
+    mask = mask_identity(loader.labels.numpy(), cfg.label_fraction, cfg.seed)  # the mask open_data drew
     get_tokens = online_tokens(params, cache, device) if online else None
     steps = len(loader)
 
@@ -194,11 +198,11 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
     aux = build_objective(cfg, len(cache.classnames), device)  # InfoCLIP's terms and LPAM; None for unmix
     optimizer = build_optimizer(trainable_parameters(head, aux), cfg)
     scaler = make_scaler(amp)
-    ckpt = paths.checkpoint(params)
+    ckpt = paths.checkpoint(params.paths)
     start, history, best_head = 0, [], None
     if resume:
         state = load_checkpoint(ckpt, cache, params, labels=mask,
-                                validation=validation_identity(val_loader.cache, params))
+                                validation=validation_identity(val_loader.cache, params.evaluate))
         head.load_state_dict(state["head"])
         if aux is not None:
             aux.load_state_dict(state["objective"])  # LPAM and its token-sampling generator
@@ -207,20 +211,21 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
             scaler.load_state_dict(state["scaler"])
         start, history, best_head = state["epoch"], list(state["history"]), state.get("best_head")
         print(f"train: resumed from {ckpt} after epoch {start}")
-    provenance.invalidate(params)  # an interrupted (re)train leaves no stale projectors to evaluate
+    provenance.invalidate(params.paths)  # an interrupted (re)train leaves no stale projectors to evaluate
     # -- loop ---------------------------------------------------------------------------------------
-    with torch_threads(device, cfg["cpu_threads"]):
-        for epoch in range(start, cfg["epochs"]):
+    with torch_threads(device, cfg.cpu_threads):
+        for epoch in range(start, cfg.epochs):
             sums: dict[str, float] = defaultdict(float)
             t0 = time.perf_counter()
-            bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False)
+            bar = tqdm(loader.epoch(epoch), total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
             for step, batch in enumerate(bar):
                 lr = lr_at(epoch + step / steps, cfg)
                 set_lr(optimizer, lr)
-                tokens = get_tokens(batch) if online else batch.tokens_on(device)  # (B, T, D)
+                tokens = get_tokens(batch) if get_tokens is not None else batch.tokens_on(device)  # (B, T, D)
                 parts = train_step(head, optimizer, tokens, batch.labels.to(device), text, cfg, aux,
                                    epoch=epoch + 1, step=step + 1, amp=amp, scaler=scaler)
                 if aux is not None:
+                    assert aux.last_mi is not None  # set by the step just taken
                     parts["mi_student_teacher"] = float(aux.last_mi)  # logged, not in the loss
                 for name, value in parts.items():
                     sums[name] += value
@@ -252,24 +257,25 @@ def run(params: dict, resume: bool = False, online: bool = False) -> dict:
                 "head": head.state_dict(), "objective": aux.state_dict() if aux is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch + 1,
-                "params": params, "cache": cache_identity(cache), "history": history,
-                "validation": validation_identity(val_loader.cache, params),
+                "params": as_dict(params), "cache": cache_identity(cache), "history": history,
+                "validation": validation_identity(val_loader.cache, params.evaluate),
                 "labels": mask, "best_head": best_head})
             write_metrics(params, history, None)
 
     # -- final projectors and metrics -----------------------------------------------------------------
     if not history:
-        raise TrainingError(f"parameter 'train.epochs' is {cfg['epochs']}: nothing to train")
+        raise TrainingError(f"parameter 'train.epochs' is {cfg.epochs}: nothing to train")
     last, best = history[-1], best_row(history)
-    meta = {"model": params["model"], "embed_dim": cache.dim, "classnames": cache.classnames,
+    assert best_head is not None  # the last epoch is always validated
+    meta = {"model": as_dict(params.model), "embed_dim": cache.dim, "classnames": cache.classnames,
             "fingerprint": cache.fingerprint, "provenance": provenance.record(params, cache, val_loader.cache)}
-    files = {"last": paths.projectors(params, "last"), "best": paths.projectors(params, "best")}
+    files = {"last": paths.projectors(params.paths, "last"), "best": paths.projectors(params.paths, "best")}
     save_projectors(files["best"], best_head, {**meta, "which": "best", "epoch": best["epoch"],
                                                "val_map": best["val_map"]})
     save_projectors(files["last"], head, {**meta, "which": "last", "epoch": last["epoch"],
                                           "val_map": last["val_map"]})
     summary = {
-        "device": str(device), "online": online, "objective": cfg["objective"], "epochs": last["epoch"],
+        "device": str(device), "online": online, "objective": cfg.objective, "epochs": last["epoch"],
         "val_map": last["val_map"],
         "last": {"epoch": last["epoch"], "val_map": last["val_map"], "projectors": str(files["last"])},
         "best": {"epoch": best["epoch"], "val_map": best["val_map"], "projectors": str(files["best"])},

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from typing import Any
 
 from pipeline.config import paths
+from pipeline.config.schema import Params
 from pipeline.store.cache import RAW_TEXT_NAMES, TEXT_NAMES, CacheError, FeatureCache
 from pipeline.store.integrity import unsound_shards
 from pipeline.store.lock import StoreLock, check_not_written
@@ -46,12 +47,14 @@ def _row(role: str, cache: FeatureCache, report: dict[str, Any]) -> str:
             f"{len(bad):>8} {cache.num_shards - done:>10}  {which:<16} {meta}")
 
 
-def run(params: dict, split: str = "all", repair: bool = False) -> dict[str, Any]:
+def run(params: Params, split: str = "all", repair: bool = False) -> dict[str, Any]:
     """Check the train and/or val stores; raise CacheError (exit 1) when any is damaged."""
     roles = ["train", "val"] if split == "all" else [split]
-    rows, details, summary = [], [], {}
+    rows: list[str] = []
+    details: list[str] = []
+    summary: dict[str, dict[str, Any]] = {}
     for role in roles:
-        store = paths.feature_store(params, role)
+        store = paths.feature_store(params.paths, role)
         check_not_written(store)
         with StoreLock(store) if repair else nullcontext():
             cache = FeatureCache.open(store, mode="r+" if repair else "r")

@@ -12,7 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.config.params import load_params
+from pipeline.config.params import as_dict, load_params, updated
+from pipeline.config.schema import Params
 from pipeline.data.augment import eval_view
 from pipeline.data.classes import COCO_CLASSES
 from pipeline.data.synthetic import planted_sample
@@ -77,21 +78,19 @@ def _build(base: Path) -> dict:
 
     # The paper recipe: the authors' (eval-mode text BatchNorm, raw text input, their loss weights)
     # does not learn this toy task in 300 steps (object mIoU at chance, like CLIP-VV).
-    params = load_params(REPO / "configs" / "params.yaml", ["recipe=paper"], profile="smoke")
-    params["paths"] = {"data": str(base / "data"), "cache": str(base / "cache"),
-                       "results": str(base / "results")}
-    params["backbone"].update(checkpoint=str(checkpoint), device="cpu")
-    params["evaluate"]["seg"]["image_size"] = SIZE
-    params["evaluate"]["batch_size"] = 5  # batches that do not divide N_TEST
+    params = updated(load_params(REPO / "configs" / "params.yaml", ["recipe=paper"], profile="smoke"), {
+        "paths": {"data": str(base / "data"), "cache": str(base / "cache"), "results": str(base / "results")},
+        "backbone.checkpoint": str(checkpoint), "backbone.device": "cpu", "evaluate.seg.image_size": SIZE,
+        "evaluate.batch_size": 5})  # batches that do not divide N_TEST
     labels = torch.from_numpy(np.stack([_labels(o) for _, o in train])).long()  # (N, C)
     head = _train_head(backbone, x_train, labels, params, torch.float32)
     projectors = base / "projectors.pt"
-    meta = {"model": params["model"], "embed_dim": backbone.embed_dim, "classnames": CLASSES, "epoch": 0,
+    meta = {"model": as_dict(params.model), "embed_dim": backbone.embed_dim, "classnames": CLASSES, "epoch": 0,
             "fingerprint": {"backbone": {"name": "tiny-RN", "weights_digest": digest},
                             "image_size": SIZE}}
     save_projectors(projectors, head, meta)
     params_file = base / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    params_file.write_text(yaml.safe_dump(as_dict(params), sort_keys=False))
     wide: dict = {}
 
     def float64() -> dict:
@@ -107,15 +106,15 @@ def _build(base: Path) -> dict:
             "float64": float64}
 
 
-def _train_head(backbone, x_train: torch.Tensor, labels: torch.Tensor, params: dict,
+def _train_head(backbone, x_train: torch.Tensor, labels: torch.Tensor, params: Params,
                 dtype: torch.dtype):
     """STEPS full-batch steps on the spatial tokens of x_train (N, 3, S, S), computed in `dtype`."""
     text = {k: v.to(dtype) for k, v in backbone.class_text_features(CLASSES).items()}  # (C, D) each
     tokens = backbone.spatial_tokens(x_train).to(dtype)  # (N, T, D)
     head = new_head(params, backbone.embed_dim, torch.device("cpu")).to(dtype)
-    optimizer = build_optimizer(head.parameters(), {**params["train"], "lr": LR})
+    optimizer = build_optimizer(head.parameters(), params.train.model_copy(update={"lr": LR}))
     for step in range(STEPS):
-        train_step(head, optimizer, tokens, labels, text, params["train"], step=step)
+        train_step(head, optimizer, tokens, labels, text, params.train, step=step)
     return head.eval()
 
 

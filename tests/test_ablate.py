@@ -12,6 +12,8 @@ import torch
 from test_training import fresh, shared_world, single_threaded, weights
 
 from pipeline.config import paths
+from pipeline.config.params import load_params, updated
+from pipeline.config.schema import Params, Train
 from pipeline.model.heads import UnmixHead
 from pipeline.store.cache import FeatureCache
 from pipeline.training.ablation import point_params
@@ -23,17 +25,16 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Params]:
     with single_threaded():
         yield shared_world(tmp_path_factory)
 
 
-def assert_grid_equals_solo(world: dict, tmp_path: Path, result: dict, **solo_sets: dict) -> list[dict]:
+def assert_grid_equals_solo(world: Params, tmp_path: Path, result: dict, solo_sets: dict | None = None
+                            ) -> list[dict]:
     summaries = []
     for i, (row, head) in enumerate(zip(result["rows"], result["heads"])):
-        solo = fresh(world, tmp_path / f"solo{i}")
-        for section, values in solo_sets.items():
-            solo[section].update(values)
+        solo = updated(fresh(world, tmp_path / f"solo{i}"), solo_sets or {})
         solo = point_params(solo, row["lambda"], row["alpha"], result["epochs"])
         summary = train.run(solo)
         grid_weights, solo_weights = head.state_dict(), weights(solo)
@@ -45,14 +46,14 @@ def assert_grid_equals_solo(world: dict, tmp_path: Path, result: dict, **solo_se
     return summaries
 
 
-def test_each_grid_point_equals_its_solo_run(world: dict, tmp_path: Path) -> None:
+def test_each_grid_point_equals_its_solo_run(world: Params, tmp_path: Path) -> None:
     """Authors recipe defaults (text_bn eval, authors-features MFI, raw text, 90% labels, per-epoch lr);
     alpha = 0 makes lambda irrelevant: those two points are trained once and reported for both."""
-    params = fresh(world, tmp_path / "grid")
     lambdas, alphas = [0.2, 1.0], [0.0, 2.0]
-    params["ablate"] = {"lambdas": lambdas, "alphas": alphas, "epochs": EPOCHS, "lambda1s": [], "lambda2s": []}
+    params = updated(fresh(world, tmp_path / "grid"), {"ablate": {
+        "lambdas": lambdas, "alphas": alphas, "epochs": EPOCHS, "lambda1s": [], "lambda2s": []}})
     result = ablate.run(params)
-    assert result["epochs"] == EPOCHS != params["train"]["epochs"]  # ablate.epochs overrides train.epochs
+    assert result["epochs"] == EPOCHS != params.train.epochs  # ablate.epochs overrides train.epochs
     rows = result["rows"]
     assert [(r["lambda"], r["alpha"]) for r in rows] == [(lam, a) for lam in lambdas for a in alphas]
     assert result["trained"] == 3  # (0.2, 0) and (1.0, 0) share one head
@@ -79,36 +80,39 @@ def test_each_grid_point_equals_its_solo_run(world: dict, tmp_path: Path) -> Non
                                       / "projectors.pt")
         assert (meta["train"]["mfi"]["lambda"], meta["train"]["alpha"]) == (row["lambda"], row["alpha"])
         assert meta["epoch"] == EPOCHS and meta["val_map"] == row["val_map"]
-        assert meta["fingerprint"] == FeatureCache.open(paths.feature_store(params, "train")).fingerprint
+        assert meta["fingerprint"] == FeatureCache.open(paths.feature_store(params.paths, "train")).fingerprint
         for k, v in head.state_dict().items():
             assert torch.equal(saved.state_dict()[k], v), k
 
 
-def test_paper_recipe_grid_equals_solo(world: dict, tmp_path: Path) -> None:
+def test_paper_recipe_grid_equals_solo(world: Params, tmp_path: Path) -> None:
     """text_bn train (BatchNorm running statistics stacked and updated per head), paper MFI form,
     normalised text, all labels, per-step cosine after a warm-up epoch."""
     sets = {"model": {"text_bn": "train"},
             "train": {"text_input": "normalised", "label_fraction": 1.0, "lr_schedule": "step",
                       "asl_weight": 1.0, "warmup_epochs": 1,
                       "mfi": {"form": "paper", "lambda": 0.2}}}
-    params = fresh(world, tmp_path / "grid")
-    for section, values in sets.items():
-        params[section].update(values)
-    params["ablate"] = {"lambdas": [0.2, 1.0], "alphas": [0.5], "epochs": EPOCHS, "lambda1s": [],
-                        "lambda2s": []}
+    params = updated(fresh(world, tmp_path / "grid"), {**sets, "ablate": {
+        "lambdas": [0.2, 1.0], "alphas": [0.5], "epochs": EPOCHS, "lambda1s": [], "lambda2s": []}})
     result = ablate.run(params)
     assert result["trained"] == 2
-    assert_grid_equals_solo(world, tmp_path, result, **sets)
+    assert_grid_equals_solo(world, tmp_path, result, sets)
     bn = [h.state_dict()["text_projector.net.1.running_mean"] for h in result["heads"]]
     assert not torch.allclose(bn[0], bn[1])  # each head kept its own running statistics
 
 
+def with_point(train: Train, alpha: float, lam: float) -> Train:
+    """`train` with this grid point's alpha and MFI lambda."""
+    return train.model_copy(update={"alpha": alpha, "mfi": train.mfi.model_copy(update={"lambda_": lam})})
+
+
 def stacked_grid(alphas: list[float], lams: list[float], text_bn: str = "train",
                  batched: bool | None = None) -> tuple:
-    cfg = {"objective": "unmix", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
-           "asl": {"gamma_neg": 2.0, "gamma_pos": 1.0, "clip": 0.05, "eps": 1e-6}, "asl_weight": 1.0,
-           "mfi": {"form": "authors-features", "lambda": 0.0}}
-    cfgs = [{**cfg, "alpha": a, "mfi": {**cfg["mfi"], "lambda": lam}} for a, lam in zip(alphas, lams)]
+    cfg = updated(load_params(profile="smoke"), {"train": {
+        "objective": "unmix", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
+        "asl": {"gamma_neg": 2.0, "gamma_pos": 1.0, "clip": 0.05, "eps": 1e-6}, "asl_weight": 1.0,
+        "mfi": {"form": "authors-features", "lambda": 0.0}}}).train
+    cfgs = [with_point(cfg, a, lam) for a, lam in zip(alphas, lams)]
     torch.manual_seed(0)
     heads = [UnmixHead(16, text_bn=text_bn) for _ in cfgs]
     labels = [f"lambda={lam:g}, alpha={a:g}" for a, lam in zip(alphas, lams)]
@@ -126,8 +130,7 @@ def test_stacked_step_equals_train_step_per_head(batched: bool) -> None:
     alphas, lams = [0.0, 0.5, 2.0], [0.2, 0.2, 1.0]
     trainer, tokens, labels, text = stacked_grid(alphas, lams, batched=batched)
     solos = [copy.deepcopy(h) for h in trainer.heads]  # the initial heads, before any step
-    cfgs = [{**trainer.cfg, "alpha": a, "mfi": {**trainer.cfg["mfi"], "lambda": lam}}
-            for a, lam in zip(alphas, lams)]
+    cfgs = [with_point(trainer.cfg, a, lam) for a, lam in zip(alphas, lams)]
     optimizers = [build_optimizer(h.parameters(), c) for h, c in zip(solos, cfgs)]
     for step in range(4):
         parts = trainer.step(tokens, labels, text, 1e-3, epoch=1, step=step + 1)
@@ -172,8 +175,8 @@ def test_one_host_sync_per_step_for_the_whole_grid(monkeypatch: pytest.MonkeyPat
     assert calls == ["item"] * 5, calls
 
 
-def test_cli_grid_overrides_params_grid(world: dict, tmp_path: Path) -> None:
-    params = fresh(world, tmp_path)
-    params["ablate"] = {"lambdas": [0.2], "alphas": [0.05], "epochs": 1, "lambda1s": [], "lambda2s": []}
+def test_cli_grid_overrides_params_grid(world: Params, tmp_path: Path) -> None:
+    params = updated(fresh(world, tmp_path), {"ablate": {
+        "lambdas": [0.2], "alphas": [0.05], "epochs": 1, "lambda1s": [], "lambda2s": []}})
     rows = ablate.run(params, lambdas=[0.0, 0.5], alphas=[0.1])["rows"]
     assert [(r["lambda"], r["alpha"]) for r in rows] == [(0.0, 0.1), (0.5, 0.1)]

@@ -201,13 +201,11 @@ def test_recorded_weights_that_can_be_named_are_loaded_without_arguments(tmp_pat
 def test_maps_with_bilinear_resize_are_the_evaluations_on_the_same_image(world):
     """evaluate.seg.interpolation reaches the API: its maps are the evaluation's seg_view ->
     score_maps (maps_from_tokens) -> normalised_maps path, and bicubic gives other maps."""
-    import copy
-
+    from pipeline.config.params import updated
     from pipeline.evaluation.segmentation import normalised_maps, score_maps, seg_view
     from stages.segment import model_from_params
 
-    params = copy.deepcopy(world["params"])
-    params["evaluate"]["seg"]["interpolation"] = "bilinear"
+    params = updated(world["params"], {"evaluate.seg.interpolation": "bilinear"})
     model = model_from_params(params, world["projectors"])
     assert model.interpolation == "bilinear" and model.describe()["interpolation"] == "bilinear"
     path = world["files"][0]

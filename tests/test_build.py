@@ -6,22 +6,29 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config.params import load_params, updated
+from pipeline.config.schema import Params
 from pipeline.data.augment import eval_view
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.images import load_image
 from pipeline.data.synthetic import make_planted_coco
-from pipeline.model.backbone import TINY_MODEL, load_backbone
+from pipeline.model.backbone import TINY_MODEL, FrozenCLIP, load_backbone
 from pipeline.model.build import backbone_from_params
 from pipeline.model.recalibrate import recalibrate_batchnorm
 from stages.download import write_random_backbone
 
 
-def _params(tmp_path: Path, recalibrate: bool) -> dict:
+def _params(tmp_path: Path, recalibrate: bool) -> Params:
     b = {"name": TINY_MODEL, "pretrained": None, "checkpoint": None, "sha256": None, "device": "cpu",
          "precision": "fp32", "channels_last": False, "compile": False, "init_seed": 0,
          "recalibrate_bn": recalibrate, "image_size": 64}
-    return {"backbone": b, "data": {"dataset": "synthetic", "train_split": "train"},
-            "paths": {"data": str(tmp_path / "data"), "cache": str(tmp_path / "cache")}}
+    return updated(load_params(), {"backbone": b, "data": {"dataset": "synthetic", "train_split": "train"},
+                                   "paths": {"data": str(tmp_path / "data"), "cache": str(tmp_path / "cache")}})
+
+
+def _backbone(tmp_path: Path, recalibrate: bool) -> FrozenCLIP:
+    params = _params(tmp_path, recalibrate)
+    return backbone_from_params(params.backbone, params=params)
 
 
 def _spread(backbone, images: torch.Tensor) -> float:
@@ -35,22 +42,22 @@ def test_recalibrated_random_backbone_separates_images_and_changes_the_digest(tm
     val = load_multilabel("synthetic", root, "val")
     images = torch.stack([eval_view(val.image(i), 64) for i in range(len(val))])  # (8, 3, 64, 64)
 
-    plain = backbone_from_params(_params(tmp_path, False))
-    recal = backbone_from_params(_params(tmp_path, True))
+    plain = _backbone(tmp_path, False)
+    recal = _backbone(tmp_path, True)
     assert recal.weights_digest.startswith(plain.weights_digest + "+bn:")
     assert _spread(recal, images) > 5 * _spread(plain, images)  # trap 1: near-constant tokens before
 
     stats = list((tmp_path / "cache" / "backbone").glob("bn-*.pt"))
     assert len(stats) == 1
     stamp = stats[0].stat().st_mtime_ns
-    again = backbone_from_params(_params(tmp_path, True))  # another stage: the cached statistics
+    again = _backbone(tmp_path, True)  # another stage: the cached statistics
     assert again.weights_digest == recal.weights_digest
     assert torch.equal(again.spatial_tokens(images), recal.spatial_tokens(images))
     assert stats[0].stat().st_mtime_ns == stamp  # reused, not rewritten
 
     # the same file names with other pixels (the data regenerated with another seed): recalibrated again
     make_planted_coco(tmp_path / "data" / "synthetic", 24, 8, num_classes=4, image_size=64, seed=7)
-    regenerated = backbone_from_params(_params(tmp_path, True))
+    regenerated = _backbone(tmp_path, True)
     assert regenerated.weights_digest != recal.weights_digest
     assert stats[0].stat().st_mtime_ns != stamp
 
@@ -63,7 +70,7 @@ def test_data_stage_backbone_has_the_statistics_of_recalibrate_bn(tmp_path):
     reference = load_backbone(TINY_MODEL, pretrained=None)
     recalibrate_batchnorm(reference, torch.stack([eval_view(load_image(p), 64) for p in files]).split(32))
     saved = torch.load(write_random_backbone(tmp_path / "b.pt", TINY_MODEL, 0, 64, files), weights_only=True)
-    via_params = backbone_from_params(_params(tmp_path, True)).model.state_dict()
+    via_params = _backbone(tmp_path, True).model.state_dict()
     stats = [k for k in saved if "running_" in k]
     assert stats and all(torch.equal(saved[k], v) and torch.equal(via_params[k], v)
                          for k, v in reference.model.state_dict().items() if k in stats)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config.params import DEFAULT_PARAMS, load_params
+from pipeline.config.schema import Params
 from pipeline.data import datacheck
 from pipeline.data.datasets import DatasetError, load_multilabel
 from pipeline.data.synthetic import make_planted_coco
@@ -16,7 +17,7 @@ from pipeline.results import skips
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _params(tmp_path: Path, *overrides: str) -> dict:
+def _params(tmp_path: Path, *overrides: str) -> Params:
     return load_params(ROOT / DEFAULT_PARAMS, [f"paths.data={tmp_path / 'data'}",
                                                f"paths.results={tmp_path / 'results'}",
                                                f"paths.cache={tmp_path / 'cache'}", *overrides])
@@ -83,8 +84,8 @@ def test_skip_evaluates_what_is_present_and_records_the_rest(placed, capsys):
                      "evaluate.seg.datasets=[voc2012,coco2017]", "evaluate.zs_mlr.dataset=voc2007")
     kept_params, kept = skips.for_evaluation(params, ["mlr", "seg", "zs-mlr", "figures"])
     assert kept == ["mlr", "seg", "figures"]  # seg skips voc2012 itself; zs-mlr has nothing left
-    assert kept_params["evaluate"]["seg"]["datasets"] == ["coco2017"]  # figures: first on disk
-    assert params["evaluate"]["seg"]["datasets"] == ["voc2012", "coco2017"]  # caller's dict untouched
+    assert kept_params.evaluate.seg.datasets == ["coco2017"]  # figures: first on disk
+    assert params.evaluate.seg.datasets == ["voc2012", "coco2017"]  # caller's params untouched
     out = capsys.readouterr().out
     assert "skipping voc2012 for seg" in out and "skipping voc2007 for zs-mlr" in out
     details = json.loads((placed / "results" / "details" / "zs-mlr.json").read_text())

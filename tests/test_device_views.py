@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from pipeline.config.params import ParamError, load_params
+from pipeline.config.schema import Backbone
 from pipeline.data.augment import eval_pil_view, view_draws, view_seed
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.images import BadImageError, load_image, read_for_device
@@ -148,13 +149,13 @@ def test_bad_files_are_reported_with_load_images_reason(tmp_path: Path) -> None:
 # -- end to end ----------------------------------------------------------------------------------
 BACKBONE = {"name": "tiny-RN", "pretrained": None, "sha256": None, "init_seed": 0,
             "image_size": SIZE, "precision": "fp32", "channels_last": False, "compile": False,
-            "device": "cpu"}
+            "device": "cpu", "recalibrate_bn": False}
 KW = {"views": 2, "train_augment": True, "seed": 0, "image_size": SIZE, "shard_size": 4,
       "batch_size": 4, "progress": False}
 
 
 @pytest.fixture(scope="module")
-def coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict]:
+def coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Backbone]:
     """Planted COCO train images and a tiny CLIP with BatchNorm recalibrated on them (a fresh
     one maps every image to nearly the same tokens: closeness would then prove nothing)."""
     root = make_planted_coco(tmp_path_factory.mktemp("coco") / "synthetic", 10, 2, num_classes=4,
@@ -162,7 +163,7 @@ def coco(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict]:
     dataset = load_multilabel("synthetic", root, "train")
     ckpt = write_random_backbone(root / "backbone.pt", "tiny-RN", 0, SIZE,
                                  [r.path for r in dataset.records])
-    return dataset, dict(BACKBONE, checkpoint=str(ckpt))
+    return dataset, Backbone.model_validate(dict(BACKBONE, checkpoint=str(ckpt)))
 
 
 def test_device_store_is_complete_close_to_the_workers_store_and_fingerprinted(coco, tmp_path) -> None:
@@ -182,7 +183,7 @@ def test_device_store_is_complete_close_to_the_workers_store_and_fingerprinted(c
     from stages.train import online_tokens
     params = load_params(ROOT / "params.yaml", [
         f"paths.data={dataset.records[0].path.parents[1].parent}", "data.dataset=synthetic",
-        "backbone.name=tiny-RN", "backbone.pretrained=null", f"backbone.checkpoint={backbone['checkpoint']}",
+        "backbone.name=tiny-RN", "backbone.pretrained=null", f"backbone.checkpoint={backbone.checkpoint}",
         f"backbone.image_size={SIZE}", "backbone.device=cpu", "backbone.channels_last=false"])
     batch = Batch(torch.empty(0), torch.empty(0), np.array([4, 4, 5, 5]), np.array([0, 1, 0, 1]))
     tokens = online_tokens(params, device, CPU)(batch).numpy().astype(np.float16)  # (4, T, D)
@@ -202,8 +203,8 @@ def test_package_randaugment_on_the_device_is_refused_naming_both_keys(coco, tmp
     with pytest.raises(ParamError, match=r"'extract\.transforms'.*'extract\.augment\.randaugment'"):
         load_params(ROOT / "params.yaml", ["extract.transforms=device", "recipe=authors"])
     params = load_params(ROOT / "params.yaml", ["extract.transforms=device", "recipe=paper"])
-    assert params["extract"]["transforms"] == "device"
-    assert load_params(ROOT / "params.yaml")["extract"]["transforms"] == "workers"  # the default
+    assert params.extract.transforms == "device"
+    assert load_params(ROOT / "params.yaml").extract.transforms == "workers"  # the default
 
     dataset, backbone = coco
     package = dict(DEFAULT_AUGMENT, randaugment="package")

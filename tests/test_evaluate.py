@@ -6,7 +6,6 @@ the same CLIP without projectors through the stage's own code paths.
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import paths
-from pipeline.config.params import load_params
+from pipeline.config.params import as_dict, load_params, updated
+from pipeline.config.schema import Params
 from pipeline.data.augment import eval_view
 from pipeline.data.datasets import DatasetError, load_multilabel
 from pipeline.data.synthetic import make_planted_coco
@@ -55,17 +55,17 @@ SEG_MARGIN = 5.0
 SEG_PROTOCOLS = ("dataset", "per-image-positive-only")
 
 
-def _vv_tokens(backbone, images: torch.Tensor, params: dict) -> torch.Tensor:
+def _vv_tokens(backbone, images: torch.Tensor, params: Params) -> torch.Tensor:
     """The v-v tokens (N, 1+hw, D) that the seg evaluation's "ours" and "clip-vv" score."""
-    return backbone.token_paths(images, ("vv",), params["evaluate"]["seg"]["pos_interpolation"])["vv"]
+    return backbone.token_paths(images, ("vv",), params.evaluate.seg.pos_interpolation)["vv"]
 
 
-def _train_head(params: dict, tokens: torch.Tensor, labels: torch.Tensor, text: dict,
+def _train_head(params: Params, tokens: torch.Tensor, labels: torch.Tensor, text: dict,
                 dtype: torch.dtype = torch.float32):
     """The fixture's head: STEPS full-batch Adam steps on tokens (N, T, D), computed in `dtype`."""
     head = new_head(params, tokens.shape[-1], torch.device("cpu")).to(dtype)
-    optimizer = build_optimizer(head.parameters(), {**params["train"], "lr": LR})
-    cfg = {**params["train"], "asl_weight": 1.0}
+    optimizer = build_optimizer(head.parameters(), params.train.model_copy(update={"lr": LR}))
+    cfg = params.train.model_copy(update={"asl_weight": 1.0})
     text = {k: v.to(dtype) for k, v in text.items()}
     for step in range(STEPS):
         train_step(head, optimizer, tokens.to(dtype), labels, text, cfg, step=step)
@@ -78,18 +78,17 @@ def world(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 threads on 2 shared cores measured ~30x slower for the tiny head
     base = tmp_path_factory.mktemp("evaluate")
-    params = load_params(REPO / "configs" / "params.yaml", profile="smoke")
-    params["paths"] = {"data": str(base / "data"), "cache": str(base / "cache"),
-                       "results": str(base / "results")}
-    params["backbone"].update(checkpoint=str(base / "backbone.pt"), device="cpu")
-    size = params["evaluate"]["seg"]["image_size"]
-    root = make_planted_coco(paths.dataset_root(params, "synthetic"), N_TRAIN, N_VAL, image_size=PIXELS)
+    params = updated(load_params(REPO / "configs" / "params.yaml", profile="smoke"), {
+        "paths": {"data": str(base / "data"), "cache": str(base / "cache"), "results": str(base / "results")},
+        "backbone.checkpoint": str(base / "backbone.pt"), "backbone.device": "cpu"})
+    size = params.evaluate.seg.image_size
+    root = make_planted_coco(paths.dataset_root(params.paths, "synthetic"), N_TRAIN, N_VAL, image_size=PIXELS)
     train, val = (load_multilabel("synthetic", root, s) for s in ("train", "val"))
     backbone = load_backbone("tiny-RN", pretrained=None)
     x_train = torch.stack([eval_view(train.image(i), size) for i in range(len(train))])  # (N, 3, S, S)
     x_val = torch.stack([eval_view(val.image(i), size) for i in range(len(val))])  # the seg view too
     recalibrate_batchnorm(backbone, [x_train])  # random-init backbone only (TESTING trap 1)
-    torch.save(backbone.model.state_dict(), params["backbone"]["checkpoint"])
+    torch.save(backbone.model.state_dict(), params.backbone.checkpoint)
     text = backbone.class_text_features(train.classnames)  # {positive, negative, plain}: (C, D)
     # The head learns on the v-v tokens that the seg evaluation projects: trained on the v-proj
     # tokens it hardly transferred to them on this random backbone (object mIoU 11.7 vs CLIP-VV's
@@ -98,37 +97,36 @@ def world(tmp_path_factory):
     # Train-mode text BatchNorm and the paper's ASL weight: the authors' eval-mode BatchNorm at its
     # initial statistics and 0.05 x ASL reached only ~38 mAP in 300 steps (67 this way; measured
     # on the earlier fixture: 48 images' v-proj tokens, lr 3e-3).
-    params["model"]["text_bn"] = "train"
-    params["train"]["text_input"] = "normalised"  # what the head below is trained on
+    params = updated(params, {"model.text_bn": "train",
+                              "train.text_input": "normalised"})  # what the head below is trained on
     labels = torch.from_numpy(train.labels).long()
     head = _train_head(params, tokens, labels, text)
     val_tokens = _vv_tokens(backbone, x_val, params)  # (N, T, D)
     cache = create_or_open(
-        paths.feature_store(params, "val"), ids=[r.image_id for r in val.records], labels=val.labels,
+        paths.feature_store(params.paths, "val"), ids=[r.image_id for r in val.records], labels=val.labels,
         classnames=val.classnames, views=1, num_tokens=val_tokens.shape[1], dim=backbone.embed_dim,
         fingerprint={"test": "evaluate"}, shard_size=N_VAL, dtype="float32")
     cache.write_shard(0, val_tokens[:, None].numpy(), np.zeros(N_VAL, np.int8))
     raw = backbone.class_text_features(val.classnames, normalise=False)
     cache.write_text_features({**{k: v.numpy() for k, v in text.items()},
                                **{f"raw_{k}": v.numpy() for k, v in raw.items()}})
-    meta = {"model": params["model"], "embed_dim": backbone.embed_dim, "classnames": train.classnames,
+    meta = {"model": as_dict(params.model), "embed_dim": backbone.embed_dim, "classnames": train.classnames,
             "fingerprint": {"test": "evaluate"},
-            "provenance": provenance.record(params, None, cache, provenance.declared_digest(params["backbone"]))}
-    params["evaluate"]["text_bn"] = {"mlr": "running", "mfi": "running", "seg": "running"}  # as trained
-    params["evaluate"]["projectors"] = "best"
-    save_projectors(paths.projectors(params, "best"), head, {**meta, "epoch": BEST_EPOCH})
+            "provenance": provenance.record(params, None, cache, provenance.declared_digest(params.backbone))}
+    params = updated(params, {"evaluate.text_bn": {"mlr": "running", "mfi": "running", "seg": "running"},  # as trained
+                              "evaluate.projectors": "best"})
+    save_projectors(paths.projectors(params.paths, "best"), head, {**meta, "epoch": BEST_EPOCH})
     last = new_head(params, backbone.embed_dim, torch.device("cpu"))  # a different head as "last"
     last.load_state_dict(head.state_dict())
     with torch.no_grad():
         last.text_projector.net[0].weight.mul_(-1.0)
-    save_projectors(paths.projectors(params, "last"), last, {**meta, "epoch": LAST_EPOCH})
+    save_projectors(paths.projectors(params.paths, "last"), last, {**meta, "epoch": LAST_EPOCH})
     # The ablation's alpha = 0 point for the MFI control row (params equal but alpha and lambda).
-    point = copy.deepcopy(params)
-    point["train"]["alpha"], point["train"]["mfi"]["lambda"] = 0.0, 0.123
+    point = as_dict(updated(params, {"train.alpha": 0.0, "train.mfi.lambda": 0.123}))
     control = new_head(params, backbone.embed_dim, torch.device("cpu"))
     with torch.no_grad():
         control.text_projector.net[0].weight.add_(0.5 * torch.randn(control.text_projector.net[0].weight.shape))
-    save_projectors(paths.results_dir(params, "ablation", "points", "lambda0.123-alpha0", "projectors.pt"),
+    save_projectors(paths.results_dir(params.paths, "ablation", "points", "lambda0.123-alpha0", "projectors.pt"),
                     control, {**meta, "epoch": 3, "params": point})
     metrics = evaluate.run(params, what="all")
     yield {"params": params, "metrics": metrics, "backbone": backbone, "head": head,
@@ -156,7 +154,7 @@ def world64(world):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     params, names = world["params"], world["train"].classnames
-    backbone = _float64_backbone(params["backbone"]["checkpoint"])
+    backbone = _float64_backbone(params.backbone.checkpoint)
     text = {k: v.double() for k, v in backbone.class_text_features(names).items()}
     tokens = _vv_tokens(backbone, world["x_train"], params).double()
     head = _train_head(params, tokens, world["train_labels"], text, torch.float64)
@@ -170,9 +168,9 @@ def _within_fp_margin(slack: float, drift: float) -> None:
     assert slack > 0 and slack >= FP_FACTOR * drift, (slack, drift)
 
 
-def _written(params: dict, what: str) -> tuple[dict, str]:
-    metrics = json.loads(paths.results_dir(params, "details", f"{what}.json").read_text())
-    return metrics, paths.results_dir(params, "tables", f"{what}.md").read_text()
+def _written(params: Params, what: str) -> tuple[dict, str]:
+    metrics = json.loads(paths.results_dir(params.paths, "details", f"{what}.json").read_text())
+    return metrics, paths.results_dir(params.paths, "tables", f"{what}.md").read_text()
 
 
 class _OneBatch:
@@ -207,7 +205,7 @@ def test_mlr_projectors_beat_zero_shot_clip_and_match_a_direct_forward(world, wo
     assert "| CLIP |" in table and "| ours (Unmix-CLIP) |" in table
     assert set(metrics["per_class"]) == {"clip", "ours"}
     # The claim's margin against the same numbers on the float64 fixture (backbone, training, scoring).
-    labels, softmax = world["val"].labels, world["params"]["model"]["softmax"]
+    labels, softmax = world["val"].labels, world["params"].model.softmax
     stage = {m: metrics[m]["map"] for m in ("ours", "clip")}
     again = _mlr_maps(text, world["head"], world["val_tokens"], labels, softmax)
     assert again == pytest.approx(stage, abs=1e-6)  # the stage's numbers
@@ -227,11 +225,11 @@ def _mean_offdiagonal(features: torch.Tensor) -> float:
 def test_mfi_has_four_rows_per_class_set_matching_independent_cosines(world):
     metrics, table = _written(world["params"], "mfi")
     params = world["params"]
-    assert set(metrics["class_sets"]) == set(params["evaluate"]["mfi"]["class_sets"])
+    assert set(metrics["class_sets"]) == set(params.evaluate.mfi.class_sets)
     assert metrics["control"]["source"] == "ablation" and metrics["control"]["epoch"] == 3
     assert "lambda0.123-alpha0" in metrics["control"]["path"] and "from the ablation point" in table
     names = world["val"].classnames
-    template = PROMPTS[params["evaluate"]["prompt"]]
+    template = PROMPTS[params.evaluate.prompt]
     raw = world["backbone"].text_features([template.format(c) for c in names])  # (C, D)
     untrained = new_head(params, world["backbone"].embed_dim, torch.device("cpu")).eval()
     with torch.no_grad():  # running statistics, as the fixture's evaluate.text_bn.mfi says
@@ -251,54 +249,50 @@ def test_mfi_has_four_rows_per_class_set_matching_independent_cosines(world):
                       "projector trained with alpha = 0 (no MFI loss)", "trained projector (ours)"):
             assert sum(line.startswith(f"| {name} |") and f"| {label} |" in line
                        for line in table.splitlines()) == 1
-    assert f"Projectors: best ({paths.projectors(params, 'best')}, epoch {BEST_EPOCH}); recipe: authors" in table
+    assert f"Projectors: best ({paths.projectors(params.paths, 'best')}, epoch {BEST_EPOCH}); recipe: authors" in table
 
 
 def test_mfi_without_control_says_so(world):
-    params = copy.deepcopy(world["params"])
-    params["evaluate"]["mfi"]["control"] = "none"
-    params["evaluate"]["mfi"]["class_sets"] = ["synthetic"]
+    params = updated(world["params"], {"evaluate.mfi.control": "none", "evaluate.mfi.class_sets": ["synthetic"]})
     metrics = evaluate.run(params, what="mfi")["mfi"]
     assert list(metrics["class_sets"]["synthetic"]["rows"]) == ["clip", "untrained", "trained"]
     assert metrics["control"] == {"source": "none"}
-    params["evaluate"]["mfi"]["control"] = "ablation"
-    params["paths"]["results"] = str(Path(params["paths"]["results"]) / "elsewhere")  # no ablation points
+    params = updated(params, {"evaluate.mfi.control": "ablation",
+                              "paths.results": str(Path(params.paths.results) / "elsewhere")})  # no ablation points
     with pytest.raises(TrainingError, match="evaluate.mfi.control"):
         evaluate.run(params, what="mfi")
 
 
 def test_mfi_loads_the_evaluated_projectors_once(world, monkeypatch):
-    params = copy.deepcopy(world["params"])
-    params["evaluate"]["mfi"] = {"class_sets": ["synthetic"], "control": "none"}
+    params = updated(world["params"], {"evaluate.mfi": {"class_sets": ["synthetic"], "control": "none"}})
     loaded, load = [], evaluation.load_projectors
     monkeypatch.setattr(evaluation, "load_projectors", lambda path, device: loaded.append(path) or load(path, device))
     evaluate.run(params, what="mfi")
-    assert loaded == [paths.projectors(params, params["evaluate"]["projectors"])]
+    assert loaded == [paths.projectors(params.paths, params.evaluate.projectors)]
 
 
 def test_best_and_last_projectors_both_evaluate_and_results_name_which(world):
-    params = copy.deepcopy(world["params"])
-    params["evaluate"]["mfi"] = {"class_sets": ["synthetic"], "control": "none"}
+    params = updated(world["params"], {"evaluate.mfi": {"class_sets": ["synthetic"], "control": "none"}})
     names = world["val"].classnames
-    raw = world["backbone"].text_features([PROMPTS[params["evaluate"]["prompt"]].format(c) for c in names])
+    raw = world["backbone"].text_features([PROMPTS[params.evaluate.prompt].format(c) for c in names])
     for which, head, epoch in (("best", world["head"], BEST_EPOCH), ("last", world["last"], LAST_EPOCH)):
-        params["evaluate"]["projectors"] = which
+        params = updated(params, {"evaluate.projectors": which})
         evaluate.run(params, what="mfi")
         metrics, table = _written(params, "mfi")
         assert metrics["source"]["projectors"] == {"which": which, "epoch": epoch,
-                                                   "path": str(paths.projectors(params, which))}
+                                                   "path": str(paths.projectors(params.paths, which))}
         assert metrics["source"]["recipe"] == "authors"
-        assert f"Projectors: {which} ({paths.projectors(params, which)}, epoch {epoch})" in table
+        assert f"Projectors: {which} ({paths.projectors(params.paths, which)}, epoch {epoch})" in table
         with torch.no_grad():
             after = _mean_offdiagonal(head.project_text(raw, stats="running"))
         assert metrics["class_sets"]["synthetic"]["after"] == pytest.approx(after, abs=1e-6)
 
 
-def _val_masks(params: dict, val) -> list[np.ndarray]:
+def _val_masks(params: Params, val) -> list[np.ndarray]:
     """Ground truth (H, W) of the val images, 0 background, 1 + class index: painted from the COCO
     file's boxes, largest first, as the mask reader paints the polygons (the planted objects are
     squares, so each polygon is its box)."""
-    annotations = paths.dataset_root(params, "synthetic") / "annotations" / "instances_val2017.json"
+    annotations = paths.dataset_root(params.paths, "synthetic") / "annotations" / "instances_val2017.json"
     coco = json.loads(annotations.read_text())
     column = {c["id"]: k for k, c in enumerate(coco["categories"])}
     masks = {}
@@ -345,9 +339,9 @@ def _object_miou(tokens: torch.Tensor, text: torch.Tensor, masks: list[np.ndarra
 def _seg_mious(world: dict, backbone, head, val_tokens: torch.Tensor) -> dict[str, dict[str, float]]:
     """{"ours", "clip-vv"}: _object_miou with the evaluation's prompt (text normalised, projector
     BatchNorm at its running statistics, as the fixture's params say), in val_tokens' dtype."""
-    ev = world["params"]["evaluate"]
-    assert ev["text_input"] == "normalised" and ev["text_bn"]["seg"] == "running"
-    raw = backbone.text_features([PROMPTS[ev["prompt"]].format(c) for c in world["val"].classnames])
+    ev = world["params"].evaluate
+    assert ev.text_input == "normalised" and ev.text_bn.seg == "running"
+    raw = backbone.text_features([PROMPTS[ev.prompt].format(c) for c in world["val"].classnames])
     raw = raw.to(val_tokens.dtype)  # (C, D)
     masks = _val_masks(world["params"], world["val"])
     with torch.no_grad():
@@ -358,7 +352,7 @@ def _seg_mious(world: dict, backbone, head, val_tokens: torch.Tensor) -> dict[st
 def test_seg_ours_beats_no_projector_baselines_on_object_pixels(world, world64):
     metrics, table = _written(world["params"], "seg")
     result = metrics["datasets"]["synthetic"]["methods"]
-    assert set(result) == set(world["params"]["evaluate"]["seg"]["methods"])
+    assert set(result) == set(world["params"].evaluate.seg.methods)
     # The projectors on the same v-v tokens beat those tokens without them. (A quality claim on a
     # tiny random backbone whose head learned colour on these tokens: nothing more is claimed.)
     # The same numbers independently written, on the float32 fixture (they are the stage's, up to a
@@ -400,7 +394,7 @@ def test_zs_mlr_raw_text_input_encodes_the_prompts_once_and_clip_keeps_normalise
     """text_input raw: one text encoding; CLIP's own (global) scores are those of normalised input."""
     from pipeline.evaluation.zsmlr import zero_shot_mlr
     backbone, dataset = world["backbone"], world["val"]
-    kw = {"image_size": world["params"]["evaluate"]["seg"]["image_size"], "limit": 4, "progress": False}
+    kw = {"image_size": world["params"].evaluate.seg.image_size, "limit": 4, "progress": False}
     normalised = zero_shot_mlr(backbone, world["head"], dataset, **kw)
     encoded, encode = [], backbone.text_features
     monkeypatch.setattr(backbone, "text_features",
@@ -413,38 +407,37 @@ def test_zs_mlr_raw_text_input_encodes_the_prompts_once_and_clip_keeps_normalise
 @pytest.mark.parametrize("name, hint", [("voc2012", "pipeline download --dataset voc2012"),
                                         ("context59", "cannot be downloaded automatically")])
 def test_missing_dataset_root_names_the_path_and_how_to_get_it(world, name, hint):
-    params = copy.deepcopy(world["params"])
-    params["evaluate"]["seg"]["datasets"] = [name]
+    params = updated(world["params"], {"evaluate.seg.datasets": [name]})
     with pytest.raises(DatasetError) as err:
         evaluate.run(params, what="seg")
-    assert str(paths.dataset_root(params, name)) in str(err.value) and hint in str(err.value)
+    assert str(paths.dataset_root(params.paths, name)) in str(err.value) and hint in str(err.value)
 
 
 def test_mfi_control_match_ignores_only_how_a_run_ran_and_its_mfi_settings(world):
     """A saved alpha = 0 control serves params that differ in speed settings (threads, device,
     validation cadence) or in alpha / MFI / epochs, and no others."""
     from stages.evaluate_mfi import _comparable
-    base = copy.deepcopy(world["params"])
+
+    def comparable(p: Params) -> dict:
+        return _comparable(as_dict(p.model), as_dict(p.train))
+
+    base = world["params"]
     for key, value in (("read_threads", 7), ("cpu_threads", 3), ("device", "cuda"), ("eval_every", 5),
                        ("alpha", 0.5), ("epochs", 99)):
-        other = copy.deepcopy(base)
-        other["train"][key] = value
-        assert _comparable(other) == _comparable(base), key
+        other = updated(base, {f"train.{key}": value})
+        assert comparable(other) == comparable(base), key
     for key, value in (("lr", 0.123), ("seed", 11), ("batch_size", 3)):
-        other = copy.deepcopy(base)
-        other["train"][key] = value
-        assert _comparable(other) != _comparable(base), key
+        other = updated(base, {f"train.{key}": value})
+        assert comparable(other) != comparable(base), key
 
 
 def test_mfi_control_refuses_points_when_the_train_store_is_unrecorded_and_names_a_damaged_one(world, tmp_path):
     """None == None is no evidence of one train store: an unrecorded run takes no ablation point."""
     from stages.evaluate_mfi import ablation_control
-    params = copy.deepcopy(world["params"])
-    params["paths"]["results"] = str(tmp_path / "results")
-    point = copy.deepcopy(params)
-    point["train"]["alpha"] = 0.0
-    meta = {"model": params["model"], "embed_dim": world["backbone"].embed_dim, "epoch": 1, "params": point}
-    path = paths.results_dir(params, "ablation", "points", "alpha0", "projectors.pt")
+    params = updated(world["params"], {"paths.results": str(tmp_path / "results")})
+    point = as_dict(updated(params, {"train.alpha": 0.0}))
+    meta = {"model": as_dict(params.model), "embed_dim": world["backbone"].embed_dim, "epoch": 1, "params": point}
+    path = paths.results_dir(params.paths, "ablation", "points", "alpha0", "projectors.pt")
     save_projectors(path, world["control"], meta)  # no fingerprint recorded
     assert ablation_control(params, None) is None
     save_projectors(path, world["control"], {**meta, "fingerprint": {"test": "evaluate"}})
@@ -460,12 +453,11 @@ def test_mfi_control_refuses_points_when_the_train_store_is_unrecorded_and_names
 def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     """No matching ablation point: the alpha = 0 control is trained with stages.train.run into
     cache/controls/control-alpha0/, leaving the run's own projectors and results alone, and reused."""
-    params = copy.deepcopy(world["params"])
-    params["evaluate"]["mfi"] = {"class_sets": ["synthetic"], "control": "train"}
-    params["ablate"]["epochs"] = 2
+    params = updated(world["params"], {"evaluate.mfi": {"class_sets": ["synthetic"], "control": "train"},
+                                       "ablate.epochs": 2})
     train, tokens = world["train"], world["train_tokens"]
     cache = create_or_open(
-        paths.feature_store(params, "train"), ids=[r.image_id for r in train.records], labels=train.labels,
+        paths.feature_store(params.paths, "train"), ids=[r.image_id for r in train.records], labels=train.labels,
         classnames=train.classnames, views=1, num_tokens=tokens.shape[1], dim=tokens.shape[2],
         fingerprint={"test": "evaluate"}, shard_size=N_TRAIN, dtype="float32")
     cache.write_shard(0, tokens[:, None].numpy(), np.zeros(N_TRAIN, np.int8))
@@ -473,17 +465,17 @@ def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     cache.write_text_features({**{k: v.numpy() for k, v in world["text"].items()},
                                **{f"raw_{k}": v.numpy() for k, v in raw.items()}})
     for which in ("best", "last"):  # the run's projectors now record the train store they came from
-        blob = torch.load(paths.projectors(params, which), weights_only=True)
+        blob = torch.load(paths.projectors(params.paths, which), weights_only=True)
         blob["meta"]["provenance"]["train_store"] = {"fingerprint": cache.fingerprint, "layout": cache.layout}
-        torch.save(blob, paths.projectors(params, which))
-    own = {which: paths.projectors(params, which).stat().st_mtime_ns for which in ("best", "last")}
+        torch.save(blob, paths.projectors(params.paths, which))
+    own = {which: paths.projectors(params.paths, which).stat().st_mtime_ns for which in ("best", "last")}
     metrics = evaluate.run(params, what="mfi")["mfi"]
     control = Path(metrics["control"]["path"])
     assert metrics["control"]["source"] == "train" and metrics["control"]["epoch"] == 2
-    assert control.parent.parent == (Path(params["paths"]["cache"]) / "controls" / "control-alpha0").resolve()
+    assert control.parent.parent == (Path(params.paths.cache) / "controls" / "control-alpha0").resolve()
     assert list(metrics["class_sets"]["synthetic"]["rows"]) == ["clip", "untrained", "alpha0", "trained"]
-    assert {w: paths.projectors(params, w).stat().st_mtime_ns for w in own} == own
-    assert not paths.results_dir(params, "metrics", "train.json").exists()
+    assert {w: paths.projectors(params.paths, w).stat().st_mtime_ns for w in own} == own
+    assert not paths.results_dir(params.paths, "metrics", "train.json").exists()
     blob = torch.load(control, weights_only=True)
     assert blob["meta"]["epoch"] == 2
     stamp = control.stat().st_mtime_ns
@@ -492,13 +484,11 @@ def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
 
 
 def test_missing_seg_dataset_is_skipped_and_named_when_asked(world):
-    params = copy.deepcopy(world["params"])
-    params["evaluate"]["seg"]["datasets"] = ["context59", "synthetic"]
-    params["evaluate"]["seg"]["methods"] = ["clip"]
-    params["evaluate"]["missing"] = "skip"
+    params = updated(world["params"], {"evaluate.seg.datasets": ["context59", "synthetic"],
+                                       "evaluate.seg.methods": ["clip"], "evaluate.missing": "skip"})
     metrics = evaluate.run(params, what="seg")["seg"]
     assert metrics["skipped"] == ["context59"] and list(metrics["datasets"]) == ["synthetic"]
     assert "skipped (evaluate.missing skip): context59" in _written(params, "seg")[1]
-    params["evaluate"]["seg"]["datasets"] = ["context59"]
+    params = updated(params, {"evaluate.seg.datasets": ["context59"]})
     with pytest.raises(DatasetError, match="none of evaluate.seg.datasets"):
         evaluate.run(params, what="seg")

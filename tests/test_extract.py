@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli.app import main
+from pipeline.config.schema import Backbone
 from pipeline.data.augment import eval_view, train_view, view_seed
 from pipeline.data.classes import VOC_CLASSES
 from pipeline.data.datasets import load_multilabel
@@ -26,12 +27,13 @@ KW = {"views": 2, "train_augment": True, "seed": 0, "image_size": SIZE, "shard_s
       "batch_size": 8, "progress": False}
 
 
-def backbone_params(checkpoint: Path | None, **change: object) -> dict:
+def backbone_params(checkpoint: Path | None, **change: object) -> Backbone:
     params = {"name": "tiny-RN", "pretrained": None, "sha256": None, "init_seed": 0,
               "checkpoint": str(checkpoint) if checkpoint else None, "image_size": SIZE,
-              "precision": "fp32", "channels_last": False, "compile": False, "device": "cpu"}
+              "precision": "fp32", "channels_last": False, "compile": False, "device": "cpu",
+              "recalibrate_bn": False}
     params.update(change)
-    return params
+    return Backbone.model_validate(params)
 
 
 @pytest.fixture(scope="module")

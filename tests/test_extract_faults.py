@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli.app import main
+from pipeline.config.schema import Backbone
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.images import BadImageError, load_image
 from pipeline.data.synthetic import make_bad_images, make_planted_coco
@@ -25,9 +26,10 @@ from pipeline.store.cache import FeatureCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
-BACKBONE = {"name": "tiny-RN", "pretrained": None, "checkpoint": None, "sha256": None,
-            "init_seed": 0, "image_size": SIZE, "precision": "fp32", "channels_last": False,
-            "compile": False, "device": "cpu"}
+BACKBONE = Backbone.model_validate({
+    "name": "tiny-RN", "pretrained": None, "checkpoint": None, "sha256": None, "init_seed": 0,
+    "image_size": SIZE, "precision": "fp32", "channels_last": False, "compile": False, "device": "cpu",
+    "recalibrate_bn": False})
 KW = {"views": 2, "train_augment": True, "seed": 0, "image_size": SIZE, "shard_size": 4,
       "batch_size": 4, "progress": False}  # 2 images per forward, 2 batches per shard
 

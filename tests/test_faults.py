@@ -27,6 +27,7 @@ import zarr
 from click.testing import CliRunner, Result
 
 from pipeline.cli.app import main
+from pipeline.config.schema import Backbone
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.synthetic import make_bad_images, make_planted_coco, make_voc_layout
 from pipeline.extraction.engine import extract
@@ -38,9 +39,10 @@ from stages import train as train_stage
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "configs" / "params.yaml"
 SIZE, CLASSES = 64, 4  # 64 px -> a 2x2 token grid: tiny and fast
-BACKBONE = {"name": "tiny-RN", "pretrained": None, "checkpoint": None, "sha256": None,
-            "init_seed": 0, "image_size": SIZE, "precision": "fp32", "channels_last": False,
-            "compile": False, "device": "cpu"}
+BACKBONE = Backbone.model_validate({
+    "name": "tiny-RN", "pretrained": None, "checkpoint": None, "sha256": None, "init_seed": 0,
+    "image_size": SIZE, "precision": "fp32", "channels_last": False, "compile": False, "device": "cpu",
+    "recalibrate_bn": False})
 
 
 def cli(*args: str) -> Result:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import paths
-from pipeline.config.params import load_params
+from pipeline.config.params import as_dict, load_params, updated
 from pipeline.data.datasets import load_segmentation
 from pipeline.data.synthetic import make_planted_coco
 from pipeline.model.heads import UnmixHead
@@ -27,16 +27,16 @@ def params(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("figures")
-    p = load_params(REPO / "configs" / "params.yaml", profile="smoke")
-    p["paths"] = {"data": str(base / "data"), "cache": str(base / "cache"), "results": str(base / "results")}
-    p["backbone"].update(checkpoint=None, pretrained=None, device="cpu")
-    p["evaluate"]["seg"]["image_size"] = 96
-    make_planted_coco(paths.dataset_root(p, "synthetic"), 1, 6, image_size=64)
+    p = updated(load_params(REPO / "configs" / "params.yaml", profile="smoke"), {
+        "paths": {"data": str(base / "data"), "cache": str(base / "cache"), "results": str(base / "results")},
+        "backbone.checkpoint": None, "backbone.pretrained": None, "backbone.device": "cpu",
+        "evaluate.seg.image_size": 96})
+    make_planted_coco(paths.dataset_root(p.paths, "synthetic"), 1, 6, image_size=64)
     torch.manual_seed(0)
-    p["evaluate"]["projectors"] = "best"
-    save_projectors(paths.projectors(p, "best"), UnmixHead(64), {
-        "model": p["model"], "embed_dim": 64, "classnames": [], "fingerprint": {}, "epoch": 0,
-        "provenance": provenance.record(p, None, None, provenance.declared_digest(p["backbone"]))})
+    p = updated(p, {"evaluate.projectors": "best"})
+    save_projectors(paths.projectors(p.paths, "best"), UnmixHead(64), {
+        "model": as_dict(p.model), "embed_dim": 64, "classnames": [], "fingerprint": {}, "epoch": 0,
+        "provenance": provenance.record(p, None, None, provenance.declared_digest(p.backbone))})
     yield p
     torch.set_num_threads(threads)
 
@@ -59,7 +59,7 @@ def test_activation_maps_one_png_per_class_with_image_and_one_column_per_method(
     monkeypatch.setattr(figures, "activation_grid", counting)
     out = figures.run(params)
     assert out["classes"] == ["person", "car"]  # the smoke profile's query, both synthetic classes
-    rows, methods = params["figures"]["images"], params["evaluate"]["seg"]["methods"]
+    rows, methods = params.figures.images, params.evaluate.seg.methods
     assert out["methods"] == methods and len(methods) == 6
     assert panels == [rows * (1 + len(methods))] * 2  # the image, then one column per method
     assert all("projectors best (epoch 0), recipe authors" in t for t in titles)
@@ -74,7 +74,7 @@ def test_unknown_query_classes_fall_back_to_the_datasets_first_classes():
 
 
 def test_images_containing_the_class_are_picked_first(params):
-    data = load_segmentation("synthetic", paths.dataset_root(params, "synthetic"), "val")
+    data = load_segmentation("synthetic", paths.dataset_root(params.paths, "synthetic"), "val")
     value = 1 + data.classnames[1:].index("car")
     has = [i for i in range(len(data)) if (data.mask(i) == value).any()]
     picked = figures.pick_images(data, value, 3)

@@ -231,14 +231,14 @@ def test_train_step_total_is_weighted_asl_plus_alpha_mfi():
     from pipeline.model.heads import UnmixHead
     from pipeline.training.loop import train_step
 
-    cfg = load_params(Path(__file__).resolve().parents[1] / "configs" / "params.yaml")["train"]
+    train = load_params(Path(__file__).resolve().parents[1] / "configs" / "params.yaml").train
     g = torch.Generator().manual_seed(0)
     tokens, text = torch.randn(4, 5, 16, generator=g), torch.randn(6, 16, generator=g)
     labels = torch.randint(0, 2, (4, 3), generator=g)
     for asl_weight, alpha in ((1.0, 7e-5), (0.999 * 0.05, 0.001)):
         torch.manual_seed(0)
         head = UnmixHead(16)
-        cfg = {**cfg, "asl_weight": asl_weight, "alpha": alpha}
+        cfg = train.model_copy(update={"asl_weight": asl_weight, "alpha": alpha})
         parts = train_step(head, torch.optim.SGD(head.parameters(), lr=0.0), tokens, labels,
                            {"negative": text[:3], "positive": text[3:]}, cfg)
         assert parts["total"] == pytest.approx(asl_weight * parts["asl"] + alpha * parts["mfi"], rel=1e-6)

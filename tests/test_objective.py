@@ -26,7 +26,8 @@ from test_training import (
 )
 
 from pipeline.config import paths
-from pipeline.config.params import ParamError, load_params
+from pipeline.config.params import ParamError, as_dict, load_params, updated
+from pipeline.config.schema import InfoClip, Params
 from pipeline.model.backbone import FrozenCLIP, load_backbone
 from pipeline.model.heads import UnmixHead
 from pipeline.model.infoclip import InfoCLIPLoss, alignment_map, sample_token_indices
@@ -44,21 +45,21 @@ from stages import ablate, train
 LAMBDA2 = 50.0
 
 
-def trained_head(params: dict) -> UnmixHead:
-    return load_projectors(paths.projectors(params))[0]
+def trained_head(params: Params) -> UnmixHead:
+    return load_projectors(paths.projectors(params.paths))[0]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Params]:
     with single_threaded():
         yield shared_world(tmp_path_factory)
 
 
-def small_setup(objective: str, num_classes: int = 4, dim: int = 32) -> tuple[dict, dict, torch.Tensor]:
+def small_setup(objective: str, num_classes: int = 4, dim: int = 32) -> tuple[Params, dict, torch.Tensor]:
     """params (smoke profile) with `objective`, text {negative, positive} (C, D), labels (B, C)."""
-    params = load_params(profile="smoke")
-    params["train"]["objective"] = objective
-    params["train"]["infoclip"].update(lambda1=0.7, lambda2=3.0, num_tokens=24)
+    params = load_params(profile="smoke", overrides=[
+        f"train.objective={objective}", "train.infoclip.lambda1=0.7", "train.infoclip.lambda2=3.0",
+        "train.infoclip.num_tokens=24"])
     g = torch.Generator().manual_seed(5)
     common = torch.randn(dim, generator=g)  # CLIP-like: the class texts share a direction
     text = {k: F.normalize(common + torch.randn(num_classes, dim, generator=g), dim=-1)
@@ -76,10 +77,9 @@ def test_infoclip_terms_reach_projectors_and_lpam_not_clip() -> None:
     tokens = FrozenCLIP.spatial_tokens.__wrapped__(clip, images)  # (B, 1+HW, D), no no_grad
     assert tokens.requires_grad
 
-    params = load_params(profile="smoke")
-    params["train"].update(objective="unmix+infoclip")
+    params = load_params(profile="smoke", overrides=["train.objective=unmix+infoclip"])
     head = new_head(params, clip.embed_dim, torch.device("cpu"))
-    aux = build_objective(params["train"], len(classnames))
+    aux = build_objective(params.train, len(classnames))
     out = head(tokens.detach(), text["negative"], text["positive"])  # the ASL path reads cached tokens
     terms = aux(head=head, out=out, tokens=tokens, labels=None, text=text)
     (terms["compress"] + terms["distill"]).backward()
@@ -91,9 +91,9 @@ def test_infoclip_terms_reach_projectors_and_lpam_not_clip() -> None:
     clip.model.requires_grad_(False)
     tokens = clip.spatial_tokens(images)  # (B, T, D)
     before = copy.deepcopy({"clip": clip.state_dict(), "head": head.state_dict(), "aux": aux.state_dict()})
-    optimizer = build_optimizer(trainable_parameters(head, aux), params["train"])
+    optimizer = build_optimizer(trainable_parameters(head, aux), params.train)
     labels = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]], dtype=torch.int8)
-    train_step(head, optimizer, tokens, labels, text, params["train"], aux)
+    train_step(head, optimizer, tokens, labels, text, params.train, aux)
     for k, v in clip.state_dict().items():
         assert torch.equal(v, before["clip"][k]), k
     assert not torch.equal(head.state_dict()["image_projector.net.weight"],
@@ -104,7 +104,7 @@ def test_infoclip_terms_reach_projectors_and_lpam_not_clip() -> None:
 @pytest.mark.parametrize("objective", ["unmix", "infoclip", "unmix+infoclip"])
 def test_loss_is_asl_plus_the_objectives_weighted_terms(objective: str) -> None:
     params, text, labels = small_setup(objective)
-    cfg, ic = params["train"], params["train"]["infoclip"]
+    cfg, ic = params.train, params.train.infoclip
     tokens = torch.randn(8, 6, 32, generator=torch.Generator().manual_seed(1))  # (B, T, D)
     heads = [new_head(params, 32, torch.device("cpu")) for _ in range(2)]  # same seed: twins
     aux = build_objective(cfg, 4)
@@ -113,21 +113,21 @@ def test_loss_is_asl_plus_the_objectives_weighted_terms(objective: str) -> None:
 
     # independent recomputation on the twin, with the token subset the objective's generator drew
     out = heads[1].train()(tokens, text["negative"], text["positive"])
-    asl = asl_loss(out.logits, labels, **cfg["asl"])
-    mfi = mfi_loss(out.text_pos, out.text_neg, lam=cfg["mfi"]["lambda"], form=cfg["mfi"]["form"],
-                   bn=params["model"]["text_bn"])
+    asl = asl_loss(out.logits, labels, **as_dict(cfg.asl))
+    mfi = mfi_loss(out.text_pos, out.text_neg, lam=cfg.mfi.lambda_, form=cfg.mfi.form,
+                   bn=params.model.text_bn)
     assert parts["asl"] == pytest.approx(asl.item(), rel=1e-5)
     assert parts["mfi"] == pytest.approx(mfi.item(), rel=1e-5)  # reported whether in the loss or not
-    expected = cfg["asl_weight"] * asl.item() + (cfg["alpha"] * mfi.item() if objective != "infoclip" else 0.0)
+    expected = cfg.asl_weight * asl.item() + (cfg.alpha * mfi.item() if objective != "infoclip" else 0.0)
     if aux is None:
         assert set(parts) == {"total", "asl", "mfi"}
     else:
-        idx = sample_token_indices(8 * 6, ic["num_tokens"], torch.Generator().manual_seed(cfg["seed"]))
+        idx = sample_token_indices(8 * 6, ic.num_tokens, torch.Generator().manual_seed(cfg.seed))
         sampled = tokens.reshape(48, 32)[idx][None]  # (1, n, D)
-        raw = InfoCLIPLoss(4, None, ic["alpha"], ic["kernel"], ic["temperature"], ic["student_temperature"])(
+        raw = InfoCLIPLoss(4, None, ic.alpha, ic.kernel, ic.temperature, ic.student_temperature)(
             sampled, text["positive"], heads[1].project_tokens(sampled), out.text_pos)
-        assert parts["compress"] == pytest.approx(ic["lambda1"] * raw["compress"].item(), rel=1e-5)
-        assert parts["distill"] == pytest.approx(ic["lambda2"] * raw["distill"].item(), rel=1e-5)
+        assert parts["compress"] == pytest.approx(ic.lambda1 * raw["compress"].item(), rel=1e-5)
+        assert parts["distill"] == pytest.approx(ic.lambda2 * raw["distill"].item(), rel=1e-5)
         assert float(aux.last_mi) == pytest.approx(raw["mi_student_teacher"].item(), rel=1e-5)
         assert float(aux.last_mi) > 0  # logged, and (below) not part of the total
         expected += parts["compress"] + parts["distill"]
@@ -136,7 +136,7 @@ def test_loss_is_asl_plus_the_objectives_weighted_terms(objective: str) -> None:
 
 def test_val_alignment_mi_is_the_estimator_with_clips_own_map() -> None:
     params, text, _ = small_setup("unmix")
-    ic = params["train"]["infoclip"]
+    ic = params.train.infoclip
     head = new_head(params, 32, torch.device("cpu")).eval()
     g = torch.Generator().manual_seed(2)
     classes = text["positive"].shape[0]
@@ -148,20 +148,19 @@ def test_val_alignment_mi_is_the_estimator_with_clips_own_map() -> None:
     with torch.no_grad():
         student_text = head.project_text(text["positive"])  # eval mode: rows are independent
         for batch in batches[:2]:
-            x = batch.tokens.reshape(35, 32)[sample_token_indices(35, ic["num_tokens"], draw)]  # (n, D)
-            a_clip = alignment_map(F.normalize(x, dim=-1), text["positive"], ic["temperature"])
-            a_ours = alignment_map(head.project_tokens(x), student_text, ic["student_temperature"])
-            values.append(mutual_information(gram_matrix(a_clip), gram_matrix(a_ours), ic["alpha"]).item())
+            x = batch.tokens.reshape(35, 32)[sample_token_indices(35, ic.num_tokens, draw)]  # (n, D)
+            a_clip = alignment_map(F.normalize(x, dim=-1), text["positive"], ic.temperature)
+            a_ours = alignment_map(head.project_tokens(x), student_text, ic.student_temperature)
+            values.append(mutual_information(gram_matrix(a_clip), gram_matrix(a_ours), ic.alpha).item())
     assert got == pytest.approx(sum(values) / 2, rel=1e-6)
     assert got != pytest.approx(clip_alignment_mi(head, batches, text, ic, max_batches=2, seed=10))
 
 
-def test_lpam_is_optimised_checkpointed_and_resumed_exactly(world: dict, tmp_path: Path,
+def test_lpam_is_optimised_checkpointed_and_resumed_exactly(world: Params, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    def infoclip_run(where: Path) -> dict:
-        params = fresh(world, where, epochs=4, objective="unmix+infoclip")
-        params["train"]["infoclip"]["lambda2"] = LAMBDA2
-        return params
+    def infoclip_run(where: Path) -> Params:
+        return updated(fresh(world, where, epochs=4, objective="unmix+infoclip"),
+                       {"train.infoclip.lambda2": LAMBDA2})
 
     straight = infoclip_run(tmp_path / "straight")
     train.run(straight)
@@ -171,7 +170,7 @@ def test_lpam_is_optimised_checkpointed_and_resumed_exactly(world: dict, tmp_pat
     a, b = weights(straight), weights(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    states = [torch.load(paths.checkpoint(p), weights_only=True) for p in (straight, resumed)]
+    states = [torch.load(paths.checkpoint(p.paths), weights_only=True) for p in (straight, resumed)]
     lpam = [s["objective"]["loss.lpam.mix.weight"] for s in states]
     assert torch.equal(lpam[0], lpam[1]) and lpam[0].abs().sum() > 0  # trained, and identically
     num_head = len(list(trained_head(straight).parameters()))
@@ -182,7 +181,7 @@ def test_lpam_is_optimised_checkpointed_and_resumed_exactly(world: dict, tmp_pat
     rows = list(csv.DictReader((tmp_path / "resumed" / "results" / "plots" / "train.tsv").open(), delimiter="\t"))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     for r in rows:  # the logged MI is reported, not added: loss = w ASL + alpha MFI + weighted terms
-        terms = straight["train"]["asl_weight"] * float(r["asl"]) + straight["train"]["alpha"] * float(r["mfi"])
+        terms = straight.train.asl_weight * float(r["asl"]) + straight.train.alpha * float(r["mfi"])
         assert float(r["loss"]) == pytest.approx(terms + float(r["compress"]) + float(r["distill"]), rel=1e-4)
         assert float(r["mi_student_teacher"]) == pytest.approx(-float(r["distill"]) / LAMBDA2, rel=1e-4)
     metrics = json.loads((tmp_path / "resumed" / "results" / "details" / "train.json").read_text())
@@ -190,7 +189,7 @@ def test_lpam_is_optimised_checkpointed_and_resumed_exactly(world: dict, tmp_pat
     assert metrics["mi_student_teacher"] == pytest.approx(summary["history"][-1]["mi_student_teacher"])
 
 
-def alignment_mi(head: UnmixHead, val, text: dict, infoclip: dict, dtype: torch.dtype,
+def alignment_mi(head: UnmixHead, val, text: dict, infoclip: InfoClip, dtype: torch.dtype,
                  draws: int = 8) -> float:
     """objective.clip_alignment_mi averaged over seeds 0..draws-1, written out so that it runs in
     `dtype` end to end (the library's casts to float32): CLIP's alignment map (identity LPAM) of
@@ -198,10 +197,10 @@ def alignment_mi(head: UnmixHead, val, text: dict, infoclip: dict, dtype: torch.
     head = copy.deepcopy(head).to(dtype).eval()
     text = {k: v.to(dtype) for k, v in text.items()}
     num = text["positive"].shape[0]
-    loss = InfoCLIPLoss(num, num_tokens=None, alpha=infoclip["alpha"], kernel=infoclip["kernel"],
-                        temperature=infoclip["temperature"],
-                        student_temperature=infoclip["student_temperature"],
-                        mode=infoclip["mode"]).to(dtype)  # a fresh LPAM: the identity
+    loss = InfoCLIPLoss(num, num_tokens=None, alpha=infoclip.alpha, kernel=infoclip.kernel,
+                        temperature=infoclip.temperature,
+                        student_temperature=infoclip.student_temperature,
+                        mode=infoclip.mode).to(dtype)  # a fresh LPAM: the identity
     batches = [b.tokens_on(torch.device("cpu")).to(dtype) for b in list(val.epoch(0))[:8]]  # (B, T, D)
     draw_means = []
     with torch.no_grad():
@@ -211,7 +210,7 @@ def alignment_mi(head: UnmixHead, val, text: dict, infoclip: dict, dtype: torch.
             generator, values = torch.Generator().manual_seed(seed), []
             for tokens in batches:
                 b, t, d = tokens.shape
-                rows = sample_token_indices(b * t, infoclip["num_tokens"], generator)
+                rows = sample_token_indices(b * t, infoclip.num_tokens, generator)
                 teacher = tokens.reshape(b * t, d)[rows][None]  # (1, n, D)
                 out = loss(teacher, text["positive"], head.project_tokens(teacher), student_text)
                 values.append(float(out["mi_student_teacher"]))
@@ -219,7 +218,7 @@ def alignment_mi(head: UnmixHead, val, text: dict, infoclip: dict, dtype: torch.
     return sum(draw_means) / draws
 
 
-def test_infoclip_keeps_projected_alignment_closer_to_clip(world: dict, tmp_path: Path) -> None:
+def test_infoclip_keeps_projected_alignment_closer_to_clip(world: Params, tmp_path: Path) -> None:
     # calibrated (the numbers below) on the paper recipe's training semantics: pinned to them.
     # InfoCLIP with the linear kernel, measured with it: with the Gaussian kernel (median width) the
     # trained head was a different head on every floating-point order (initial weights scaled by
@@ -227,13 +226,14 @@ def test_infoclip_keeps_projected_alignment_closer_to_clip(world: dict, tmp_path
     # and mAP > unmix - 10 each failed on one draw); with the linear kernel the same draws moved
     # MI by 1e-4 and mAP by 0.01.
     runs = {"unmix": with_recipe(fresh(world, tmp_path / "unmix", objective="unmix"), "paper"),
-            "unmix+infoclip": with_recipe(fresh(world, tmp_path / "info", objective="unmix+infoclip"), "paper")}
-    runs["unmix+infoclip"]["train"]["infoclip"].update(lambda2=LAMBDA2, kernel="linear")
+            "unmix+infoclip": updated(with_recipe(fresh(world, tmp_path / "info", objective="unmix+infoclip"),
+                                                  "paper"), {"train.infoclip.lambda2": LAMBDA2,
+                                                             "train.infoclip.kernel": "linear"})}
     summary = {name: train.run(p) for name, p in runs.items()}
 
     # one yardstick for both: CLIP's own map (identity LPAM), 64 val tokens a draw, 8 draws per batch
     _, val, text = train.open_data(runs["unmix"], torch.device("cpu"))  # normalised text
-    ic = {**world["train"]["infoclip"], "kernel": "linear"}
+    ic = world.train.infoclip.model_copy(update={"kernel": "linear"})
     mi, mi64 = {}, {}
     for name, p in runs.items():
         head = trained_head(p)
@@ -259,12 +259,12 @@ def test_infoclip_keeps_projected_alignment_closer_to_clip(world: dict, tmp_path
         assert slack >= 10 * moved, (slack, moved)
 
 
-def test_ablation_sweeps_lambda2_and_each_point_equals_its_solo_run(world: dict, tmp_path: Path) -> None:
-    params = fresh(world, tmp_path / "grid", objective="unmix+infoclip")
-    params["ablate"] = {"lambdas": [0.2], "alphas": [0.05], "epochs": 2, "lambda1s": [], "lambda2s": [0.0, LAMBDA2]}
+def test_ablation_sweeps_lambda2_and_each_point_equals_its_solo_run(world: Params, tmp_path: Path) -> None:
+    params = updated(fresh(world, tmp_path / "grid", objective="unmix+infoclip"), {"ablate": {
+        "lambdas": [0.2], "alphas": [0.05], "epochs": 2, "lambda1s": [], "lambda2s": [0.0, LAMBDA2]}})
     result = ablate.run(params)
     rows = result["rows"]
-    lambda1 = params["train"]["infoclip"]["lambda1"]
+    lambda1 = params.train.infoclip.lambda1
     assert [(r["lambda"], r["alpha"], r["lambda1"], r["lambda2"]) for r in rows] == [
         (0.2, 0.05, lambda1, 0.0), (0.2, 0.05, lambda1, LAMBDA2)]
     for i, (row, head) in enumerate(zip(rows, result["heads"])):
@@ -281,7 +281,6 @@ def test_ablation_sweeps_lambda2_and_each_point_equals_its_solo_run(world: dict,
     table = list(csv.DictReader((Path(result["out"]) / "ablation.csv").open()))
     assert [float(r["lambda2"]) for r in table] == [0.0, LAMBDA2]
 
-    unmix = fresh(world, tmp_path / "unmix")
-    unmix["ablate"] = {**params["ablate"]}
+    unmix = updated(fresh(world, tmp_path / "unmix"), {"ablate": as_dict(params.ablate)})
     with pytest.raises(ParamError, match=r"ablate\.lambda2s.*train\.objective"):
         ablate.run(unmix)

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import pytest
 import torch
 from test_faults import BACKBONE, CLASSES, SIZE, assert_clear_error, cli, sets
 
-from pipeline.config.params import load_params
+from pipeline.config.params import as_dict, load_params
+from pipeline.config.schema import Params
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.synthetic import make_planted_coco
 from pipeline.extraction.engine import extract
@@ -29,7 +29,7 @@ def build_stores(root: Path, init_seed: int = 0, roles: tuple[str, ...] = ("trai
     backbone = load_backbone("tiny-RN", pretrained=None, init_seed=init_seed)
     for role in roles:
         extract(load_multilabel("synthetic", root / "data" / "synthetic", role),
-                root / "features" / f"{role}.zarr", {**BACKBONE, "init_seed": init_seed},
+                root / "features" / f"{role}.zarr", BACKBONE.model_copy(update={"init_seed": init_seed}),
                 backbone=backbone, image_size=SIZE, shard_size=8, dtype="float32", progress=False)
 
 
@@ -64,7 +64,7 @@ def copy_run(world: Path, run: Path, own_features: bool = False) -> Path:
     return run
 
 
-def params_of(world: Path, run: Path, **extra: object) -> dict:
+def params_of(world: Path, run: Path, **extra: object) -> Params:
     raw = args(world, run, **extra)
     return load_params(raw[1], [raw[i + 1] for i in range(2, len(raw), 2)])
 
@@ -74,8 +74,8 @@ def test_projectors_record_their_stores_backbone_and_params(world: Path) -> None
     _, meta = load_projectors(world / "run" / "cache" / "models" / "projectors.pt")
     rec = meta["provenance"]
     assert rec["weights_digest"] == "random:0" and rec["backbone"] == "tiny-RN"
-    assert rec["params"]["train"]["mfi"]["lambda"] == params["train"]["mfi"]["lambda"]
-    assert rec["params"]["recipe"] == params["recipe"] and rec["params"]["model"] == params["model"]
+    assert rec["params"]["train"]["mfi"]["lambda"] == params.train.mfi.lambda_
+    assert rec["params"]["recipe"] == params.recipe and rec["params"]["model"] == as_dict(params.model)
     assert rec["val_store"]["fingerprint"]["dataset"]["split"] == "val"
     assert rec["train_store"]["layout"]["num_images"] == 16
     assert provenance.check(params) == []  # the run's own inputs: nothing to mark
@@ -87,7 +87,7 @@ def test_val_store_rebuilt_with_another_backbone_is_refused(world: Path, tmp_pat
     shutil.rmtree(val)
     backbone = load_backbone("tiny-RN", pretrained=None, init_seed=1)
     extract(load_multilabel("synthetic", world / "data" / "synthetic", "val"), val,
-            {**BACKBONE, "init_seed": 1}, backbone=backbone, image_size=SIZE, shard_size=8,
+            BACKBONE.model_copy(update={"init_seed": 1}), backbone=backbone, image_size=SIZE, shard_size=8,
             dtype="float32", progress=False)
     result = cli("evaluate", "mlr", *args(world, run))
     assert_clear_error(result, val, "fingerprint.backbone.weights_digest", "'random:0' then",
@@ -128,10 +128,11 @@ def test_declared_digest_is_the_loaded_backbones(tmp_path: Path) -> None:
     assert provenance.declared_digest(BACKBONE) == load_backbone("tiny-RN", pretrained=None).weights_digest
     checkpoint = tmp_path / "tiny.pt"
     torch.save(load_backbone("tiny-RN", pretrained=None, init_seed=2).model.state_dict(), checkpoint)
-    spec = {**BACKBONE, "checkpoint": str(checkpoint)}
+    spec = BACKBONE.model_copy(update={"checkpoint": str(checkpoint)})
     loaded = load_backbone("tiny-RN", pretrained=None, checkpoint=checkpoint)
     assert provenance.declared_digest(spec) == loaded.weights_digest
-    assert provenance.declared_digest({**BACKBONE, "pretrained": "openai", "name": "RN50"}) == "RN50:openai"
+    openai = BACKBONE.model_copy(update={"pretrained": "openai", "name": "RN50"})
+    assert provenance.declared_digest(openai) == "RN50:openai"
 
 
 def test_interrupted_retrain_leaves_no_projectors_and_report_marks_old_results(
@@ -153,7 +154,7 @@ def test_interrupted_retrain_leaves_no_projectors_and_report_marks_old_results(
 
     monkeypatch.setattr(train_stage, "train_step", step_then_kill)
     with pytest.raises(KeyboardInterrupt):
-        train_stage.run(copy.deepcopy(params))
+        train_stage.run(params.model_copy(deep=True))
     assert sorted(p.name for p in models.iterdir()) == ["last.pt"]  # both projectors deleted
     for extra in ({"train__mfi__lambda": 0.5}, {}):  # neither the new nor the old params evaluate
         assert_clear_error(cli("evaluate", "mlr", *args(world, run, **extra)), "pipeline train")

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config.params import DEFAULT_PARAMS, load_params
+from pipeline.config.params import DEFAULT_PARAMS, as_dict, load_params
+from pipeline.config.schema import Params
 from pipeline.results.outputs import count_values, headline, run_identity, stamp, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class{i}" for i in range(80)]
 
 
-def _params(tmp_path: Path, *overrides: str) -> dict:
+def _params(tmp_path: Path, *overrides: str) -> Params:
     return load_params(ROOT / DEFAULT_PARAMS, [f"paths.results={tmp_path / 'results'}", *overrides])
 
 
@@ -29,7 +30,7 @@ def _seg_full(datasets, methods) -> dict:
 def test_seg_headline_is_the_chosen_protocol_per_dataset_and_method(tmp_path, protocol):
     params = _params(tmp_path, f"evaluate.seg.protocol={protocol}")
     full = _seg_full(["voc2012", "coco2017", "context59"], ["clip", "clip-vv", "ours"])
-    head = headline("seg", full, params)
+    head = headline("seg", full, params.evaluate.seg)
     assert head == {d: {m: v["all"][protocol] for m, v in r["methods"].items()} for d, r in full.items()}
 
 
@@ -146,6 +147,6 @@ def test_run_digest_ignores_only_where_and_how_fast_training_ran(tmp_path):
     faster = _params(tmp_path, "train.device=cpu", "train.cpu_threads=3", "train.read_threads=5",
                      "train.eval_every=7")
     assert set(IGNORED_TRAIN_KEYS) == {"device", "cpu_threads", "read_threads", "eval_every"}
-    assert all(faster["train"][k] != _params(tmp_path)["train"][k] for k in IGNORED_TRAIN_KEYS)
+    assert all(as_dict(faster.train)[k] != as_dict(_params(tmp_path).train)[k] for k in IGNORED_TRAIN_KEYS)
     assert run_identity(faster)["digest"] == base
     assert run_identity(_params(tmp_path, "train.lr=0.5"))["digest"] != base

@@ -37,8 +37,8 @@ def test_cli_writes_exactly_what_the_api_computes(world, tmp_path):
                   "--out", str(out))
     assert run.exit_code == 0, run.output
     model = UnmixCLIP.from_files(world["projectors"], checkpoint=world["checkpoint"], device="cpu",
-                                 image_size=world["params"]["evaluate"]["seg"]["image_size"],
-                                 batch_size=world["params"]["evaluate"]["batch_size"])
+                                 image_size=world["params"].evaluate.seg.image_size,
+                                 batch_size=world["params"].evaluate.batch_size)
     api = model.segment(files, QUERIED, background="max-score", threshold=0.7, template=TEMPLATE)
     for i, path in enumerate(files):
         np.testing.assert_array_equal(read_label_png(out / f"{path.stem}_labels.png"), api.label_maps[i])

@@ -20,8 +20,9 @@ import torch
 import zarr
 
 from pipeline.config import paths
+from pipeline.config.params import as_dict, load_params, load_recipe, updated
 from pipeline.config.params import get as config_get
-from pipeline.config.params import load_params, load_recipe
+from pipeline.config.schema import Params
 from pipeline.data.augment import eval_view
 from pipeline.data.datasets import load_multilabel
 from pipeline.data.synthetic import make_planted_coco
@@ -49,25 +50,25 @@ from stages import train
 N_TRAIN, N_VAL, IMAGE_SIZE = 320, 160, 128
 
 
-def build_world(root: Path) -> dict:
+def build_world(root: Path) -> Params:
     """Data, recalibrated random backbone, train/val caches (float32, 1 plain view) under root."""
-    params = load_params(profile="smoke")
-    params["paths"] = {"data": str(root / "data"), "cache": str(root / "cache"),
-                       "results": str(root / "results")}
-    params["train"]["device"] = params["backbone"]["device"] = "cpu"
-    # The optimiser settings these tests were calibrated with (the smoke profile may move on).
-    params["train"].update(lr=0.001, epochs=12)
-    data_root = paths.dataset_root(params)
+    params = updated(load_params(profile="smoke"), {
+        "paths": {"data": str(root / "data"), "cache": str(root / "cache"), "results": str(root / "results")},
+        "train.device": "cpu", "backbone.device": "cpu",
+        # The optimiser settings these tests were calibrated with (the smoke profile may move on).
+        "train.lr": 0.001, "train.epochs": 12})
+    data_root = paths.dataset_root(params.paths, params.data.dataset)
     make_planted_coco(data_root, N_TRAIN, N_VAL, num_classes=8, image_size=96, seed=0)
     splits = {role: load_multilabel("synthetic", data_root, role) for role in ("train", "val")}
     random_clip = load_backbone("tiny-RN", pretrained=None, init_seed=0)
     images = torch.stack([eval_view(splits["train"].image(i), IMAGE_SIZE) for i in range(128)])
     recalibrate_batchnorm(random_clip, images.split(32))  # random init only: trap 1
     torch.save(random_clip.model.state_dict(), data_root / "backbone.pt")
-    params["backbone"].update(checkpoint=str(data_root / "backbone.pt"), image_size=IMAGE_SIZE)
-    backbone = backbone_from_params(params)
+    params = updated(params, {"backbone.checkpoint": str(data_root / "backbone.pt"),
+                              "backbone.image_size": IMAGE_SIZE})
+    backbone = backbone_from_params(params.backbone, params=params)
     for role, dataset in splits.items():
-        extract(dataset, paths.feature_store(params, role), params["backbone"], backbone=backbone,
+        extract(dataset, paths.feature_store(params.paths, role), params.backbone, backbone=backbone,
                 views=1, train_augment=False, image_size=IMAGE_SIZE, dtype="float32", progress=False)
     return params
 
@@ -84,10 +85,10 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-_WORLD: dict[str, dict] = {}
+_WORLD: dict[str, Params] = {}
 
 
-def shared_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def shared_world(tmp_path_factory: pytest.TempPathFactory) -> Params:
     """Built once per pytest session and shared with tests/test_ablate.py (it imports this)."""
     if "params" not in _WORLD:
         _WORLD["params"] = build_world(tmp_path_factory.mktemp("train-world"))
@@ -95,52 +96,43 @@ def shared_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Params]:
     with single_threaded():
         yield shared_world(tmp_path_factory)
 
 
-def fresh(world: dict, where: Path, **train: object) -> dict:
+def fresh(world: Params, where: Path, **train: object) -> Params:
     """A run of its own (checkpoints, results) on the shared feature stores."""
-    params = copy.deepcopy(world)
     (where / "cache").mkdir(parents=True, exist_ok=True)
-    (where / "cache" / "features").symlink_to(Path(world["paths"]["cache"]) / "features")
-    params["paths"].update(cache=str(where / "cache"), results=str(where / "results"))
-    params["train"].update(train)
-    return params
+    (where / "cache" / "features").symlink_to(Path(world.paths.cache) / "features")
+    return updated(world, {"paths.cache": str(where / "cache"), "paths.results": str(where / "results"),
+                           **{f"train.{k}": v for k, v in train.items()}})
 
 
-def with_recipe(params: dict, recipe: str) -> dict:
+def with_recipe(params: Params, recipe: str) -> Params:
     """`params` trained as `recipe` says: its model/train/evaluate keys as the smoke profile under
     that recipe resolves them; the caches (data, extract) and everything else stay."""
-    resolved = load_params(profile="smoke", overrides=[f"recipe={recipe}"])
-    out = copy.deepcopy(params)
-    out["recipe"] = recipe
-    for key in load_recipe(recipe):
-        if key.split(".")[0] in ("model", "train", "evaluate"):
-            *parents, leaf = key.split(".")
-            section = out
-            for name in parents:
-                section = section[name]
-            section[leaf] = config_get(resolved, key)
-    return out
+    resolved = as_dict(load_params(profile="smoke", overrides=[f"recipe={recipe}"]))
+    return updated(params, {"recipe": recipe, **{key: config_get(resolved, key) for key in load_recipe(recipe)
+                                                 if key.split(".")[0] in ("model", "train", "evaluate")}})
 
 
-def weights(params: dict) -> dict[str, torch.Tensor]:
-    head, _ = load_projectors(paths.projectors(params))
+def weights(params: Params) -> dict[str, torch.Tensor]:
+    head, _ = load_projectors(paths.projectors(params.paths))
     return head.state_dict()
 
 
 def test_lr_schedule_is_constant_warmup_then_cosine_started_after_it() -> None:
-    cfg = {"warmup_epochs": 1, "warmup_lr": 1e-5, "epochs": 5, "lr": 0.002, "lr_schedule": "step"}
+    cfg = updated(load_params(), {"train.warmup_epochs": 1, "train.warmup_lr": 1e-5, "train.epochs": 5,
+                                  "train.lr": 0.002, "train.lr_schedule": "step"}).train
     assert lr_at(0.0, cfg) == lr_at(0.99, cfg) == 1e-5
     # the cosine (period 5 epochs) starts at lr0 when the warm-up ends (Dassl's warm-up wrapper)
     assert lr_at(1.0, cfg) == pytest.approx(0.002)
     assert lr_at(3.5, cfg) == pytest.approx(0.001)  # 2.5 epochs into the cosine: cos(pi/2) = 0
     assert lr_at(5.0, cfg) == pytest.approx(0.002 * 0.5 * (1 + math.cos(4 * math.pi / 5)))
     assert lr_at(6.0, cfg) == pytest.approx(0.0, abs=1e-15)
-    sgd = build_optimizer([torch.zeros(2, requires_grad=True)], {
-        "optimizer": "sgd", "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4})
+    sgd = build_optimizer([torch.zeros(2, requires_grad=True)], updated(load_params(), {
+        "train.optimizer": "sgd", "train.lr": 0.002, "train.momentum": 0.9, "train.weight_decay": 5e-4}).train)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
     assert sgd.defaults["weight_decay"] == 5e-4
 
@@ -152,28 +144,28 @@ def _mean_offdiagonal(features: torch.Tensor) -> float:
     return float((sim.sum() - sim.trace()) / (len(f) * (len(f) - 1)))
 
 
-def last_validation(params: dict, dtype: torch.dtype) -> dict[str, float]:
+def last_validation(params: Params, dtype: torch.dtype) -> dict[str, float]:
     """The trained run's last validation (training.validation_metrics: val mAP with the training
     text, paper Table 4 on the plain and the positive prompts) recomputed from its last projectors
     with weights, tokens and text cast to `dtype`, the BatchNorm statistics evaluate.text_bn says.
     float32 gives the run's own numbers; float64 tells how far another summation order moves them.
     (Only the evaluation: a float64 re-run of the training itself needs the stage in float64.)"""
-    head = load_projectors(paths.projectors(params))[0].to(dtype).eval()
+    head = load_projectors(paths.projectors(params.paths))[0].to(dtype).eval()
     loader, val, text = train.open_data(params, torch.device("cpu"))
     text = {k: v.to(dtype) for k, v in text.items()}
-    merit = {k: v.to(dtype) for k, v in train.merit_text(loader.cache, params).items()}
-    bn = params["evaluate"]["text_bn"]
+    merit = {k: v.to(dtype) for k, v in train.merit_text(loader.cache, params.evaluate).items()}
+    bn = params.evaluate.text_bn
     scores, labels = [], []
     with torch.no_grad():
         for batch in val.epoch(0):
             tokens = batch.tokens_on(torch.device("cpu")).to(dtype)  # (B, T, D)
-            logits = head(tokens, text["negative"], text["positive"], bn["mlr"]).logits  # (B, 2, C)
+            logits = head(tokens, text["negative"], text["positive"], bn.mlr).logits  # (B, 2, C)
             scores.append(logits.softmax(dim=1)[:, 1])  # heads.positive_scores
             labels.append(batch.labels)
         out = {"val_map": train.mean_average_precision(torch.cat(scores), torch.cat(labels))}
         for name, key in (("plain", "mfi"), ("positive", "mfi_pos")):
             out[f"{key}_before"] = _mean_offdiagonal(merit[name])
-            out[f"{key}_after"] = _mean_offdiagonal(head.project_text(merit[name], stats=bn["mfi"]))
+            out[f"{key}_after"] = _mean_offdiagonal(head.project_text(merit[name], stats=bn.mfi))
     return out
 
 
@@ -187,10 +179,10 @@ LEARNING_MARGIN = {"paper": 20.0, "authors": 8.0}
 
 
 @pytest.mark.parametrize("recipe", ["paper", "authors"])
-def test_training_beats_label_frequency_and_disentangles_text(world: dict, tmp_path: Path, recipe: str) -> None:
+def test_training_beats_label_frequency_and_disentangles_text(world: Params, tmp_path: Path, recipe: str) -> None:
     params = with_recipe(fresh(world, tmp_path), recipe)
     summary = train.run(params)
-    labels = FeatureCache.open(paths.feature_store(params, "val")).labels  # (N, C), no unknowns
+    labels = FeatureCache.open(paths.feature_store(params.paths, "val")).labels  # (N, C), no unknowns
     baseline = 100 * labels.mean(axis=0).mean()  # constant scores: each class's AP is its positive rate
     assert summary["label_frequency_map"] == pytest.approx(baseline)
     assert summary["val_map"] > baseline + LEARNING_MARGIN[recipe]
@@ -214,11 +206,11 @@ def test_training_beats_label_frequency_and_disentangles_text(world: dict, tmp_p
                           0.7 * drift["mfi_pos_before"] + drift["mfi_pos_after"])):
         assert slack >= 10 * moved, (slack, moved)
     rows = (tmp_path / "results" / "plots" / "train.tsv").read_text().splitlines()
-    assert len(rows) == 1 + params["train"]["epochs"] and rows[0].startswith("epoch\t")
+    assert len(rows) == 1 + params.train.epochs and rows[0].startswith("epoch\t")
     assert (tmp_path / "results" / "metrics" / "train.json").is_file()
 
 
-def test_cached_and_online_training_give_the_same_weights(world: dict, tmp_path: Path) -> None:
+def test_cached_and_online_training_give_the_same_weights(world: Params, tmp_path: Path) -> None:
     cached = fresh(world, tmp_path / "cached", epochs=1)
     online = fresh(world, tmp_path / "online", epochs=1)
     train.run(cached)
@@ -231,7 +223,7 @@ def test_cached_and_online_training_give_the_same_weights(world: dict, tmp_path:
     assert not torch.allclose(a["image_projector.net.weight"], init["image_projector.net.weight"])
 
 
-def crash_in_epoch_3_then_resume(params: dict, monkeypatch) -> dict:
+def crash_in_epoch_3_then_resume(params: Params, monkeypatch) -> dict:
     """Kill `train.run` mid-epoch 3 (after the epoch-2 checkpoint), then `--resume` it."""
     real_step = train.train_step
 
@@ -247,7 +239,7 @@ def crash_in_epoch_3_then_resume(params: dict, monkeypatch) -> dict:
     return train.run(params, resume=True)
 
 
-def test_resumed_run_equals_uninterrupted_run(world: dict, tmp_path: Path, monkeypatch) -> None:
+def test_resumed_run_equals_uninterrupted_run(world: Params, tmp_path: Path, monkeypatch) -> None:
     straight = fresh(world, tmp_path / "straight", epochs=4)
     train.run(straight)
 
@@ -259,51 +251,52 @@ def test_resumed_run_equals_uninterrupted_run(world: dict, tmp_path: Path, monke
         assert torch.equal(a[k], b[k]), k
 
 
-def test_nan_token_stops_training_naming_epoch_and_step(world: dict, tmp_path: Path) -> None:
+def test_nan_token_stops_training_naming_epoch_and_step(world: Params, tmp_path: Path) -> None:
     params = fresh(world, tmp_path, epochs=1)
-    features = Path(params["paths"]["cache"]) / "features"
+    features = Path(params.paths.cache) / "features"
     features.unlink()  # a private copy of the stores to poison
-    shutil.copytree(Path(world["paths"]["cache"]) / "features", features)
+    shutil.copytree(Path(world.paths.cache) / "features", features)
     poisoned = 77
     zarr.open_group(str(features / "train.zarr"), mode="r+")["tokens"][poisoned, 0, 3, 5] = np.nan
-    cfg = params["train"]
-    loader = TokenLoader(FeatureCache.open(features / "train.zarr"), cfg["batch_size"],
-                         cfg["view_policy"], seed=cfg["seed"])
+    cfg = params.train
+    loader = TokenLoader(FeatureCache.open(features / "train.zarr"), cfg.batch_size,
+                         cfg.view_policy, seed=cfg.seed)
     step = next(s for s, b in enumerate(loader.epoch(0), 1) if poisoned in b.index)
     with pytest.raises(TrainingError, match=f"non-finite loss at epoch 1 step {step}:"):
         train.run(params)
 
 
-def test_checkpoint_of_another_cache_is_refused(world: dict, tmp_path: Path) -> None:
+def test_checkpoint_of_another_cache_is_refused(world: Params, tmp_path: Path) -> None:
     params = fresh(world, tmp_path, epochs=2)
     train.run(params)
-    ckpt = paths.checkpoint(params)
+    ckpt = paths.checkpoint(params.paths)
     state = torch.load(ckpt, weights_only=True)
     seed = state["cache"]["fingerprint"]["seed"]
     state["cache"]["fingerprint"]["seed"] = 12345  # as if written while training on another extraction
     save_checkpoint(ckpt, state)
     with pytest.raises(TrainingError, match="fingerprint differs in: fingerprint.seed") as err:
         train.run(params, resume=True)
-    assert str(ckpt) in str(err.value) and str(paths.feature_store(params, "train")) in str(err.value)
+    assert str(ckpt) in str(err.value) and str(paths.feature_store(params.paths, "train")) in str(err.value)
 
     state["cache"]["fingerprint"]["seed"] = seed  # back to the real cache ...
     save_checkpoint(ckpt, state)
-    other = copy.deepcopy(params)
-    other["train"]["lr"] *= 2  # ... but another experiment's settings
+    other = updated(params, {"train.lr": params.train.lr * 2})  # ... but another experiment's settings
     with pytest.raises(TrainingError, match=r"other settings \(train.lr\)"):
         train.run(other, resume=True)
-    params["train"]["epochs"] = 3  # extending a run is allowed
+    params = updated(params, {"train.epochs": 3})  # extending a run is allowed
     assert [r["epoch"] for r in train.run(params, resume=True)["history"]] == [1, 2, 3]
 
 
 def test_train_step_under_bf16_autocast_follows_fp32() -> None:
     """The mixed-precision path (bf16 autocast; CUDA uses it too) gives the fp32 step to bf16 accuracy."""
-    cfg = load_params(profile="smoke")["train"]
+    params = load_params(profile="smoke")  # the default model section (no profile sets one)
+    cfg = params.train
     num_classes, dim = 6, 32
     tokens = torch.randn(16, 10, dim)  # (B, T, D)
     labels = (torch.rand(16, num_classes) < 0.3).to(torch.int8)
     text = {"negative": torch.randn(num_classes, dim), "positive": torch.randn(num_classes, dim)}
-    heads = [new_head({"train": cfg, "model": load_params()["model"]}, dim, torch.device("cpu"))
+    assert params.model == load_params().model
+    heads = [new_head(params, dim, torch.device("cpu"))
              for _ in range(2)]
     init = copy.deepcopy(heads[0].state_dict())
     parts, steps = [], []

@@ -5,7 +5,6 @@ tests/test_training.py is shared (its caches are built once per session).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import warnings
@@ -18,7 +17,8 @@ import torch
 from test_training import fresh, shared_world, single_threaded
 
 from pipeline.config import paths
-from pipeline.config.params import load_params
+from pipeline.config.params import as_dict, load_params, updated
+from pipeline.config.schema import Params
 from pipeline.model.heads import TextProjector
 from pipeline.store.cache import FeatureCache
 from pipeline.training.loop import (
@@ -37,7 +37,7 @@ from stages import train
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Params]:
     with single_threaded():
         yield shared_world(tmp_path_factory)
 
@@ -66,28 +66,28 @@ class _DasslConstantWarmup(torch.optim.lr_scheduler.LRScheduler):
 
 @pytest.mark.parametrize("warmup", [0, 1, 2])
 def test_epoch_schedule_equals_dassls_per_epoch_cosine_with_constant_warmup(warmup: int) -> None:
-    cfg = {"warmup_epochs": warmup, "warmup_lr": 1e-5, "epochs": 7, "lr": 0.002, "lr_schedule": "epoch"}
+    cfg = updated(load_params(), {"train.warmup_epochs": warmup, "train.warmup_lr": 1e-5, "train.epochs": 7,
+                                  "train.lr": 0.002, "train.lr_schedule": "epoch"}).train
     p = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.SGD([p], lr=cfg["lr"])
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=float(cfg["epochs"]))
+    optimizer = torch.optim.SGD([p], lr=cfg.lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=float(cfg.epochs))
     with warnings.catch_warnings():  # torch warns about step() order on the wrapper's first step
         warnings.simplefilter("ignore", UserWarning)
-        scheduler = _DasslConstantWarmup(optimizer, cosine, warmup, cfg["warmup_lr"]) if warmup else cosine
+        scheduler = _DasslConstantWarmup(optimizer, cosine, warmup, cfg.warmup_lr) if warmup else cosine
         steps = 4
-        for epoch in range(cfg["epochs"]):
+        for epoch in range(cfg.epochs):
             expected = optimizer.param_groups[0]["lr"]
             for step in range(steps):  # constant within the epoch
                 assert lr_at(epoch + step / steps, cfg) == pytest.approx(expected, rel=1e-12, abs=1e-15)
             optimizer.step()
             scheduler.step()
-    step_cfg = {**cfg, "lr_schedule": "step"}  # the same curve, evaluated every step
+    step_cfg = cfg.model_copy(update={"lr_schedule": "step"})  # the same curve, evaluated every step
     assert lr_at(warmup + 0.5, step_cfg) < lr_at(warmup + 0.5, cfg) == lr_at(warmup, step_cfg)
 
 
 # -- text projector BatchNorm ----------------------------------------------------------------------
 def _one_step(text_bn: str) -> tuple[dict, dict, torch.nn.Module]:
-    params = load_params(profile="smoke")
-    params["model"]["text_bn"] = text_bn
+    params = load_params(profile="smoke", overrides=[f"model.text_bn={text_bn}"])
     g = torch.Generator().manual_seed(4)
     dim, classes = 32, 6
     text = {"negative": 3 * torch.randn(classes, dim, generator=g) + 1.0,
@@ -96,8 +96,8 @@ def _one_step(text_bn: str) -> tuple[dict, dict, torch.nn.Module]:
     head = new_head(params, dim, torch.device("cpu"))
     bn = head.text_projector.net[1]
     before = {k: v.clone() for k, v in bn.state_dict().items()}
-    optimizer = build_optimizer(head.parameters(), params["train"])
-    train_step(head, optimizer, tokens, labels, text, params["train"])
+    optimizer = build_optimizer(head.parameters(), params.train)
+    train_step(head, optimizer, tokens, labels, text, params.train)
     return before, {"state": bn.state_dict(), "grad": (bn.weight.grad, bn.bias.grad)}, bn
 
 
@@ -116,7 +116,7 @@ def test_eval_mode_text_batchnorm_keeps_initial_statistics_and_learns_its_affine
     assert int(after["state"]["num_batches_tracked"]) == 1
 
 
-def test_raw_text_reaches_the_projector_when_text_input_is_raw(world: dict, tmp_path: Path,
+def test_raw_text_reaches_the_projector_when_text_input_is_raw(world: Params, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[torch.Tensor] = []
     real = TextProjector.forward
@@ -126,7 +126,7 @@ def test_raw_text_reaches_the_projector_when_text_input_is_raw(world: dict, tmp_
         return real(self, text, stats)
 
     monkeypatch.setattr(TextProjector, "forward", recording)
-    cache = FeatureCache.open(paths.feature_store(world, "train"))
+    cache = FeatureCache.open(paths.feature_store(world.paths, "train"))
     for text_input, prefix in (("raw", "raw_"), ("normalised", "")):
         seen.clear()
         train.run(fresh(world, tmp_path / text_input, epochs=1, text_input=text_input))
@@ -153,32 +153,31 @@ def test_partial_label_mask_keeps_each_label_with_its_probability(fraction: floa
     assert np.array_equal(partial_labels(labels, 1.0, seed=3), labels)
 
 
-def test_partial_labels_are_the_same_every_epoch_and_refuse_another_mask_on_resume(world: dict,
+def test_partial_labels_are_the_same_every_epoch_and_refuse_another_mask_on_resume(world: Params,
                                                                                    tmp_path: Path) -> None:
     params = fresh(world, tmp_path, epochs=2, label_fraction=0.7)
     loader, _, _ = train.open_data(params, torch.device("cpu"))
-    expected = partial_labels(loader.cache.labels, 0.7, params["train"]["seed"])
+    expected = partial_labels(loader.cache.labels, 0.7, params.train.seed)
     assert (expected == -1).any()
     for epoch in range(3):  # every epoch's batches carry the one mask drawn at the start
         for batch in loader.epoch(epoch):
             assert np.array_equal(batch.labels.numpy(), expected[batch.index])
 
     train.run(params)
-    ckpt = paths.checkpoint(params)
+    ckpt = paths.checkpoint(params.paths)
     state = torch.load(ckpt, weights_only=True)
-    assert state["labels"] == label_mask_identity(loader.cache.labels, 0.7, params["train"]["seed"])
+    assert state["labels"] == label_mask_identity(loader.cache.labels, 0.7, params.train.seed)
     state["labels"] = {**state["labels"], "sha256": "0" * 64}  # as if trained on another mask
     save_checkpoint(ckpt, state)
     with pytest.raises(TrainingError, match="another partial-label mask"):
-        train.run({**params, "train": {**params["train"], "epochs": 3}}, resume=True)
-    other = copy.deepcopy(params)
-    other["train"]["label_fraction"] = 0.8
+        train.run(updated(params, {"train.epochs": 3}), resume=True)
+    other = updated(params, {"train.label_fraction": 0.8})
     with pytest.raises(TrainingError, match=r"other settings \(train.label_fraction\)"):
         train.run(other, resume=True)
 
 
 # -- checkpoint selection and validation cadence -------------------------------------------------------
-def test_best_and_last_projectors_follow_val_map_over_the_evaluated_epochs(world: dict, tmp_path: Path,
+def test_best_and_last_projectors_follow_val_map_over_the_evaluated_epochs(world: Params, tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     params = fresh(world, tmp_path, epochs=7, eval_every=2)
     scripted = iter([40.0, 70.0, 55.0, 60.0])  # the val mAP of the evaluated epochs 2, 4, 6, 7
@@ -201,18 +200,18 @@ def test_best_and_last_projectors_follow_val_map_over_the_evaluated_epochs(world
     assert summary["best"]["epoch"] == 4 and summary["best"]["val_map"] == 70.0
     assert summary["last"]["epoch"] == 7 and summary["last"]["val_map"] == 60.0
     for which, epoch in (("best", 4), ("last", 7)):
-        head, meta = load_projectors(paths.projectors(params, which))
+        head, meta = load_projectors(paths.projectors(params.paths, which))
         assert (meta["which"], meta["epoch"]) == (which, epoch)
         for k, v in head.state_dict().items():
             assert torch.equal(v, heads[epoch][k]), (which, k)
-    assert paths.projectors(params) == paths.projectors(params, "last")  # the old signature
+    assert paths.projectors(params.paths) == paths.projectors(params.paths, "last")  # the old signature
     metrics = json.loads((tmp_path / "results" / "details" / "train.json").read_text())
     assert (metrics["best"]["epoch"], metrics["last"]["epoch"]) == (4, 7)
     tsv = (tmp_path / "results" / "plots" / "train.tsv").read_text().splitlines()
     assert len(tsv) == 8 and tsv[1].split("\t")[5] == "nan"  # epoch 1: no validation
 
 
-def test_cpu_threads_apply_to_the_head_step_and_are_restored(world: dict, tmp_path: Path,
+def test_cpu_threads_apply_to_the_head_step_and_are_restored(world: Params, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     before = torch.get_num_threads()
     with torch_threads(torch.device("cpu"), 3):
@@ -250,18 +249,18 @@ def test_resume_is_refused_when_the_epochs_would_be_validated_differently(tmp_pa
     store = SimpleNamespace(fingerprint={"a": 1}, layout={"n": 4}, classnames=["x", "y"], path=tmp_path / "s")
     val = SimpleNamespace(fingerprint={"v": 1}, layout={"n": 2}, classnames=["x", "y"], path=tmp_path / "v")
     ckpt = tmp_path / "last.pt"
-    save_checkpoint(ckpt, {"params": params, "cache": cache_identity(store), "epoch": 1,
-                           "validation": validation_identity(val, params)})
-    assert load_checkpoint(ckpt, store, params, validation=validation_identity(val, params))
-    later = copy.deepcopy(params)
+    save_checkpoint(ckpt, {"params": as_dict(params), "cache": cache_identity(store), "epoch": 1,
+                           "validation": validation_identity(val, params.evaluate)})
+    assert load_checkpoint(ckpt, store, params, validation=validation_identity(val, params.evaluate))
+    later = params
     if change == "evaluate.text_bn.mlr":
-        later["evaluate"]["text_bn"]["mlr"] = "batch"
+        later = updated(params, {"evaluate.text_bn.mlr": "batch"})
     elif change == "evaluate.text_input":
-        later["evaluate"]["text_input"] = "raw"
+        later = updated(params, {"evaluate.text_input": "raw"})
     else:
         val = SimpleNamespace(**{**vars(val), "fingerprint": {"v": 2}})
     with pytest.raises(CheckpointError, match="validated its epochs differently"):
-        load_checkpoint(ckpt, store, later, validation=validation_identity(val, later))
+        load_checkpoint(ckpt, store, later, validation=validation_identity(val, later.evaluate))
 
 
 def test_resume_is_refused_when_train_epochs_is_below_the_checkpoints_epoch(tmp_path: Path) -> None:
@@ -272,14 +271,13 @@ def test_resume_is_refused_when_train_epochs_is_below_the_checkpoints_epoch(tmp_
     from pipeline.training.checkpoints import TrainingError as CheckpointError
     from pipeline.training.checkpoints import cache_identity, load_checkpoint, save_checkpoint
 
-    params = load_params(profile="smoke")
-    params["train"]["epochs"] = 3
+    params = load_params(profile="smoke", overrides=["train.epochs=3"])
     store = SimpleNamespace(fingerprint={"a": 1}, layout={"n": 4}, classnames=["x", "y"], path=tmp_path / "s")
     ckpt = tmp_path / "last.pt"
-    save_checkpoint(ckpt, {"params": params, "cache": cache_identity(store), "epoch": 3})
+    save_checkpoint(ckpt, {"params": as_dict(params), "cache": cache_identity(store), "epoch": 3})
     for epochs in (3, 4):
-        assert load_checkpoint(ckpt, store, {**params, "train": {**params["train"], "epochs": epochs}})["epoch"] == 3
-    shorter = {**params, "train": {**params["train"], "epochs": 2}}
+        assert load_checkpoint(ckpt, store, updated(params, {"train.epochs": epochs}))["epoch"] == 3
+    shorter = updated(params, {"train.epochs": 2})
     with pytest.raises(CheckpointError, match=r"trained 3 epochs, more than train.epochs = 2: set "
                                               r"train.epochs to 3 or more") as err:
         load_checkpoint(ckpt, store, shorter)

@@ -132,22 +132,24 @@ def test_uncached_pretrained_tag_offline_fails_in_seconds_naming_both_ways_out(t
 def test_random_backbone_is_announced_and_open_clip_noise_is_dropped(capfd, caplog):
     import logging
 
+    from pipeline.config.schema import Backbone
     from pipeline.model.build import backbone_from_params
 
     b = {"name": TINY_MODEL, "pretrained": None, "checkpoint": None, "sha256": None, "device": "cpu",
          "precision": "fp32", "channels_last": False, "compile": False, "init_seed": 0,
          "recalibrate_bn": False, "image_size": 64}
     with caplog.at_level(logging.WARNING):
-        backbone_from_params({"backbone": b})
+        backbone_from_params(Backbone.model_validate(b))
     err = capfd.readouterr().err
     assert err.count("RANDOM weights") == 1 and "backbone.recalibrate_bn" in err
     assert "No pretrained weights loaded" not in caplog.text + err
 
 
 def test_recalibrate_bn_is_refused_with_pretrained_weights():
-    from pipeline.config.params import ParamError
+    from pipeline.config.params import ParamError, load_params, updated
     from pipeline.model.build import backbone_from_params
 
-    b = {"name": "RN101", "pretrained": "openai", "checkpoint": None, "recalibrate_bn": True}
+    b = updated(load_params(), {"backbone": {"name": "RN101", "pretrained": "openai", "checkpoint": None,
+                                             "recalibrate_bn": True}}).backbone
     with pytest.raises(ParamError, match="backbone.recalibrate_bn"):
-        backbone_from_params({"backbone": b})
+        backbone_from_params(b)

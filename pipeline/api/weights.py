@@ -52,8 +52,7 @@ def declared_digest(name: str, checkpoint: str | os.PathLike | None, pretrained:
                     sha256: str | None, init_seed: int) -> str:
     """The digest load_backbone gives these weights, without loading them (provenance's, which
     says None for a missing file: here that is an error naming it)."""
-    digest = provenance.declared_digest({"name": name, "checkpoint": checkpoint, "pretrained": pretrained,
-                                         "sha256": sha256, "init_seed": init_seed})
+    digest = provenance.weights_digest_of(name, checkpoint, pretrained, sha256, init_seed)
     if digest is None:
         raise WeightsError(f"weights file not found: {checkpoint}")
     return digest
@@ -88,7 +87,8 @@ def resolve_backbone(meta: dict[str, Any], path: str | os.PathLike, *, checkpoin
     if recorded is not None and _base(declared) != _base(recorded):
         raise WeightsError(f"backbone weights {declared} differ from {recorded} that {path} "
                            f"was trained on: {FIX}")
-    backbone = load_backbone(name, pretrained=None if checkpoint else pretrained, checkpoint=checkpoint,
+    backbone = load_backbone(name, pretrained=None if checkpoint else pretrained,
+                             checkpoint=None if checkpoint is None else os.fspath(checkpoint),
                              sha256=sha256, device=str(device), precision=precision,
                              channels_last=channels_last, init_seed=init_seed)
     if recorded is not None and _base(backbone.weights_digest) != _base(recorded):  # e.g. a sha256 param

@@ -25,7 +25,7 @@ _DISK_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space 
 
 
 def params_options(func: Callable) -> Callable:
-    """--params/--profile/--set on a subcommand; passes the loaded params dict as `params`."""
+    """--params/--profile/--set on a subcommand; passes the loaded, validated Params as `params`."""
 
     @click.option("--params", "params_path", default=str(DEFAULT_PARAMS), show_default=True,
                   type=click.Path(dir_okay=False), help="Parameter file.")
@@ -36,7 +36,7 @@ def params_options(func: Callable) -> Callable:
                   help="Override a parameter, e.g. --set train.lr=0.01 (repeatable).")
     @functools.wraps(func)
     def wrapper(params_path: str, profile: str | None, recipe: str | None, overrides: tuple[str, ...],
-                **kwargs: Any):
+                **kwargs: Any) -> Any:
         extra = kwargs.pop("_extra_overrides", ())
         chosen = [f"recipe={recipe}"] if recipe else []
         try:
@@ -68,7 +68,7 @@ def _with_overrides(mapping: dict[str, str]) -> Callable:
 
     def decorate(func: Callable) -> Callable:
         @functools.wraps(func)
-        def wrapper(**kwargs: Any):
+        def wrapper(**kwargs: Any) -> Any:
             extra = [f"{key}={kwargs.pop(flag)}" for flag, key in mapping.items()
                      if kwargs.get(flag) is not None]
             for flag in mapping:

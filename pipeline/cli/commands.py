@@ -7,6 +7,7 @@ import click
 
 from pipeline.cli.app import _with_overrides, main, params_options, run_stage
 from pipeline.config.params import DEFAULT_PARAMS
+from pipeline.config.schema import Params
 
 
 @main.command("extract-features")
@@ -24,7 +25,7 @@ from pipeline.config.params import DEFAULT_PARAMS
 @_with_overrides({"dataset": "data.dataset", "views": "extract.views", "workers": "extract.workers",
                   "scheduler": "extract.scheduler", "on_bad_image": "extract.on_bad_image"})
 @params_options
-def extract_features(params: dict, split: str, restart_on_change: bool, break_lock: bool) -> None:
+def extract_features(params: Params, split: str, restart_on_change: bool, break_lock: bool) -> None:
     """Run the frozen CLIP once over the images; write spatial tokens to the Zarr cache."""
     run_stage("extract_features", params=params, split=split, restart_on_change=restart_on_change,
               break_lock=break_lock)
@@ -36,7 +37,7 @@ def extract_features(params: dict, split: str, restart_on_change: bool, break_lo
 @click.option("--repair", is_flag=True,
               help="Un-mark damaged shards so the next extract-features recomputes exactly those.")
 @params_options
-def verify(params: dict, split: str, repair: bool) -> None:
+def verify(params: Params, split: str, repair: bool) -> None:
     """Read every complete shard of the feature stores, check checksums and values; exit 1 on damage."""
     run_stage("verify", params=params, split=split, repair=repair)
 
@@ -46,7 +47,7 @@ def verify(params: dict, split: str, repair: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["hdf5"]), default="hdf5", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file.")
 @params_options
-def export_cache(params: dict, split: str, fmt: str, out: str | None) -> None:
+def export_cache(params: Params, split: str, fmt: str, out: str | None) -> None:
     """Write a feature store's arrays to one HDF5 file for tools that read HDF5."""
     run_stage("export_cache", params=params, split=split, fmt=fmt, out=out)
 
@@ -56,7 +57,7 @@ def export_cache(params: dict, split: str, fmt: str, out: str | None) -> None:
 @click.option("--online", is_flag=True,
               help="Run the frozen backbone on every batch instead of reading the cache (comparison).")
 @params_options
-def train(params: dict, resume: bool, online: bool) -> None:
+def train(params: Params, resume: bool, online: bool) -> None:
     """Train the text and image projectors (ASL + alpha * MFI) on the cached tokens."""
     run_stage("train", params=params, resume=resume, online=online)
 
@@ -64,14 +65,14 @@ def train(params: dict, resume: bool, online: bool) -> None:
 @main.command("evaluate")
 @click.argument("what", type=click.Choice(["mlr", "mfi", "seg", "zs-mlr", "all"]))
 @params_options
-def evaluate(params: dict, what: str) -> None:
+def evaluate(params: Params, what: str) -> None:
     """Evaluate: multi-label mAP, MFI figure of merit, zero-shot segmentation, segment-driven ZS-MLR."""
     run_stage("evaluate", params=params, what=what)
 
 
 @main.command("figures")
 @params_options
-def figures(params: dict) -> None:
+def figures(params: Params) -> None:
     """Activation maps of a queried class: CLIP vs CLIP-VV vs ours."""
     run_stage("figures", params=params)
 
@@ -82,7 +83,7 @@ def figures(params: dict) -> None:
 @click.option("--lambda1", "lambda1s", default=None, help="Comma-separated InfoCLIP compression weights.")
 @click.option("--lambda2", "lambda2s", default=None, help="Comma-separated InfoCLIP distillation weights.")
 @params_options
-def ablate(params: dict, lambdas: str | None, alphas: str | None, lambda1s: str | None,
+def ablate(params: Params, lambdas: str | None, alphas: str | None, lambda1s: str | None,
            lambda2s: str | None) -> None:
     """Train a lambda x alpha (x lambda1 x lambda2) grid in one pass over the cache per epoch."""
     def parse(text: str | None, flag: str) -> list[float] | None:
@@ -104,7 +105,7 @@ def ablate(params: dict, lambdas: str | None, alphas: str | None, lambda1s: str 
 
 @main.command("report")
 @params_options
-def report(params: dict) -> None:
+def report(params: Params) -> None:
     """Collect the metrics, tables and figures of a run into one Markdown report."""
     run_stage("report", params=params)
 
@@ -115,7 +116,7 @@ def report(params: dict) -> None:
               help="Only this one. Default (the DVC `data` stage): check every configured dataset, "
                    "fetch only what is missing.")
 @params_options
-def download(params: dict, dataset: str | None) -> None:
+def download(params: Params, dataset: str | None) -> None:
     """Check the configured datasets; fetch, verify and unpack one (synthetic: generate it)."""
     run_stage("download", params=params, dataset=dataset)
 
@@ -166,7 +167,7 @@ _TEMPLATE_HELP = ("Prompt template with {} for the class name (repeatable: the t
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: results/segment).")
 @params_options
-def segment(params: dict, images: tuple[str, ...], classes: tuple[str, ...], projectors: str | None,
+def segment(params: Params, images: tuple[str, ...], classes: tuple[str, ...], projectors: str | None,
             background: str | None, threshold: float | None, templates: tuple[str, ...],
             out: str | None) -> None:
     """Segment image files, folders or globs into free-text classes: overlay, label PNG, JSON each."""
@@ -184,7 +185,7 @@ def segment(params: dict, images: tuple[str, ...], classes: tuple[str, ...], pro
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: results/query).")
 @params_options
-def query(params: dict, image: str, text: str, against: tuple[str, ...], projectors: str | None,
+def query(params: Params, image: str, text: str, against: tuple[str, ...], projectors: str | None,
           templates: tuple[str, ...], out: str | None) -> None:
     """One image, one class: CLIP vs ours activation, and text cosines to --against before/after."""
     run_stage("query", params=params, image=image, text=text, against=list(against),

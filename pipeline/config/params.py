@@ -188,7 +188,7 @@ def load_params(
     path: str | Path = DEFAULT_PARAMS,
     overrides: Iterable[str] = (),
     profile: str | None = None,
-) -> dict[str, Any]:
+) -> Params:
     """Read params, overlay a profile and `key=value` overrides, resolve the recipe, validate."""
     path = Path(path)
     if not path.exists():
@@ -225,13 +225,13 @@ def _first_error(err: ValidationError) -> ParamError:
     return ParamError(f"parameter '{dotted}': {msg}, got {e.get('input')!r}")
 
 
-def validate(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The params as a plain dict after schema validation; ParamError names the first bad key."""
+def validate(params: Mapping[str, Any]) -> Params:
+    """The params after schema validation, typed; ParamError names the first bad key."""
     try:
-        checked = Params.model_validate(params).model_dump(by_alias=True)
+        checked = Params.model_validate(params)
     except ValidationError as err:
         raise _first_error(err) from None
-    name = checked["backbone"]["name"]
+    name = checked.backbone.name
     known = known_backbones()
     if name not in known:
         raise ParamError(f"parameter 'backbone.name' must be a ModifiedResNet CLIP "
@@ -239,13 +239,28 @@ def validate(params: Mapping[str, Any]) -> dict[str, Any]:
     return checked
 
 
+def as_dict(section: BaseModel) -> dict[str, Any]:
+    """A section (or the params) as files record it and digests hash it: params.yaml's keys (`lambda`)."""
+    return section.model_dump(by_alias=True, mode="json")
+
+
+def updated(params: Params, values: Mapping[str, Any]) -> Params:
+    """A copy with dotted keys set (`{"train.mfi.lambda": 0.5}`), validated as `--set` values are."""
+    raw = as_dict(params)
+    for key, value in values.items():
+        nested: dict = {}
+        _set(nested, key, value)
+        raw = _deep_merge(raw, nested)
+    return validate(raw)
+
+
 # -- what a result says about itself ---------------------------------------------------------------
-def recipe_summary(params: Mapping[str, Any]) -> dict[str, Any]:
+def recipe_summary(params: Params) -> dict[str, Any]:
     """The recipe, every recipe-controlled value that differs from the other recipe, and every
     recipe-controlled key that this run sets to something else than its own recipe."""
-    name = params["recipe"]
+    name = params.recipe
     own = load_recipe(name)
-    values = {key: get(params, key) for key in sorted(own)}
+    values = {key: get(as_dict(params), key) for key in sorted(own)}
     summary: dict[str, Any] = {"recipe": name}
     for other in RECIPES:
         if other != name:

@@ -3,35 +3,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def dataset_root(params: dict, dataset: str | None = None) -> Path:
-    return Path(params["paths"]["data"]) / (dataset or params["data"]["dataset"])
+from pipeline.config.schema import Paths
 
 
-def feature_store(params: dict, role: str) -> Path:
+def dataset_root(paths: Paths, dataset: str) -> Path:
+    return Path(paths.data) / dataset
+
+
+def feature_store(paths: Paths, role: str) -> Path:
     """role: 'train' or 'val' (the evaluation split)."""
-    return Path(params["paths"]["cache"]) / "features" / f"{role}.zarr"
+    return Path(paths.cache) / "features" / f"{role}.zarr"
 
 
-def models_dir(params: dict) -> Path:
-    return Path(params["paths"]["cache"]) / "models"
+def models_dir(paths: Paths) -> Path:
+    return Path(paths.cache) / "models"
 
 
-def checkpoint(params: dict) -> Path:
+def checkpoint(paths: Paths) -> Path:
     """Latest training state (resume point), written atomically every epoch."""
-    return models_dir(params) / "last.pt"
+    return models_dir(paths) / "last.pt"
 
 
 PROJECTORS = {"last": "projectors.pt", "best": "projectors-best.pt"}
 
 
-def projectors(params: dict, which: str = "last") -> Path:
+def projectors(paths: Paths, which: str = "last") -> Path:
     """Trained projectors read by the evaluation stages (evaluate.projectors): those of the "last"
     epoch, or of the "best" epoch by val mAP among the evaluated ones."""
     if which not in PROJECTORS:
         raise ValueError(f"projectors: which must be one of {sorted(PROJECTORS)}, got {which!r}")
-    return models_dir(params) / PROJECTORS[which]
+    return models_dir(paths) / PROJECTORS[which]
 
 
-def results_dir(params: dict, *parts: str) -> Path:
-    return Path(params["paths"]["results"]).joinpath(*parts)
+def results_dir(paths: Paths, *parts: str) -> Path:
+    return Path(paths.results).joinpath(*parts)

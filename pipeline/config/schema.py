@@ -8,7 +8,7 @@ value is `recipe` in the file are filled from `pipeline/config/recipes/<recipe>.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -36,14 +36,23 @@ ImageSize = Annotated[int, AfterValidator(_multiple_of_32)]
 Device = Annotated[str, AfterValidator(_device)]
 Auto = Literal["auto"]
 
-RECIPES = ("authors", "paper")
-MULTILABEL_DATASETS = ("coco2014", "coco2017", "voc2007", "synthetic")
-SEG_DATASETS = ("voc2012", "coco2017", "context59", "synthetic")
-MFI_CLASS_SETS = ("voc", "coco", "context59", "context_unseen", "synthetic")
-MFI_FORMS = ("paper", "authors-classes", "authors-features")
-SEG_METHODS = ("clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours")
-SEG_BACKGROUND = ("none", "softmax", "max-score")
-MIOU_PROTOCOLS = ("dataset", "per-image-positive-pred", "per-image-positive-only", "per-image-predicted")
+# The allowed words, as types (what a type checker sees) and as tuples (what messages list).
+Recipe = Literal["authors", "paper"]
+MultilabelDataset = Literal["coco2014", "coco2017", "voc2007", "synthetic"]
+SegDataset = Literal["voc2012", "coco2017", "context59", "synthetic"]
+MfiClassSet = Literal["voc", "coco", "context59", "context_unseen", "synthetic"]
+MfiForm = Literal["paper", "authors-classes", "authors-features"]
+SegMethod = Literal["clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours"]
+SegBackground = Literal["none", "softmax", "max-score"]
+MiouProtocol = Literal["dataset", "per-image-positive-pred", "per-image-positive-only", "per-image-predicted"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
+MULTILABEL_DATASETS: tuple[str, ...] = get_args(MultilabelDataset)
+SEG_DATASETS: tuple[str, ...] = get_args(SegDataset)
+MFI_CLASS_SETS: tuple[str, ...] = get_args(MfiClassSet)
+MFI_FORMS: tuple[str, ...] = get_args(MfiForm)
+SEG_METHODS: tuple[str, ...] = get_args(SegMethod)
+SEG_BACKGROUND: tuple[str, ...] = get_args(SegBackground)
+MIOU_PROTOCOLS: tuple[str, ...] = get_args(MiouProtocol)
 
 
 class Section(BaseModel):
@@ -65,7 +74,7 @@ class Synthetic(Section):
 
 
 class Data(Section):
-    dataset: Literal[MULTILABEL_DATASETS] = Field(description="multi-label dataset trained and validated on")
+    dataset: MultilabelDataset = Field(description="multi-label dataset trained and validated on")
     train_split: str
     val_split: str
     coco_val_images: Literal["annotated", "all"] = Field(
@@ -143,7 +152,7 @@ class Asl(Section):
 
 
 class Mfi(Section):
-    form: Literal[MFI_FORMS] = Field(description="paper (C x C cosine), authors-classes (C x C per "
+    form: MfiForm = Field(description="paper (C x C cosine), authors-classes (C x C per "
                                      "prompt set), authors-features (D' x D' cross-correlation)")
     lambda_: NonNegNumber = Field(alias="lambda")
 
@@ -205,12 +214,12 @@ class TextBn(Section):
 
 
 class Seg(Section):
-    datasets: list[Literal[SEG_DATASETS]]
-    methods: Annotated[list[Literal[SEG_METHODS]], Field(min_length=1)]
-    background: Literal[SEG_BACKGROUND] = Field(description="none (argmax over classes, as released), "
+    datasets: list[SegDataset]
+    methods: Annotated[list[SegMethod], Field(min_length=1)]
+    background: SegBackground = Field(description="none (argmax over classes, as released), "
                                                 "softmax (GEM rule) or max-score")
     threshold: Fraction
-    protocol: Literal[MIOU_PROTOCOLS] = Field(description="the headline mIoU; all are computed")
+    protocol: MiouProtocol = Field(description="the headline mIoU; all are computed")
     interpolation: Literal["bilinear", "bicubic"] = Field(
         description="image resize for ZS3 and `pipeline segment` / `query`")
     pos_interpolation: Literal["bilinear", "bicubic"]
@@ -218,7 +227,7 @@ class Seg(Section):
 
 
 class ZsMlr(Section):
-    dataset: Literal[MULTILABEL_DATASETS]
+    dataset: MultilabelDataset
     split: str
     region_weight: Fraction
     min_area: Fraction
@@ -227,7 +236,7 @@ class ZsMlr(Section):
 
 
 class MfiEval(Section):
-    class_sets: list[Literal[MFI_CLASS_SETS]]
+    class_sets: list[MfiClassSet]
     control: Literal["auto", "ablation", "train", "none"] = Field(
         description="the alpha = 0 projector row: auto (an ablation point if one matches, else train "
                     "one), ablation (required), train (always this stage's own control run) or none")
@@ -263,7 +272,7 @@ class Ablate(Section):
 
 
 class Params(Section):
-    recipe: Literal[RECIPES] = Field(description="authors (the released run) or paper (as written)")
+    recipe: Recipe = Field(description="authors (the released run) or paper (as written)")
     paths: Paths
     data: Data
     backbone: Backbone

@@ -16,6 +16,7 @@ import contextlib
 import random
 import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ RANDAUGMENTS = ("package", "torchvision")
 # `random` and NumPy's global RNG; this lock keeps two train_view calls in threads of one process
 # from interleaving while a view's seed is installed (processes each have their own RNGs).
 _GLOBAL_RNG_LOCK = threading.Lock()
+_View = TypeVar("_View", Image.Image, torch.Tensor)
 _PACKAGE_RANDAUGMENT = None  # built once: its constructor lists 18,225 op pairs
 
 # uint8 (..., 3, S, S) -> CLIP-normalised float32. Extraction runs it on the backbone's device, so
@@ -74,8 +76,8 @@ def cutout_box(width: int, height: int, rng: np.random.Generator, inclusive: boo
     far = 1 if inclusive else 0
     x0, x1 = max(cx - box_w // 2, 0), min(cx + box_w // 2 + far, width)
     y0, y1 = max(cy - box_h // 2, 0), min(cy + box_h // 2 + far, height)
-    colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-    return (x0, y0, x1, y1), colour
+    r, g, b = (int(c) for c in rng.integers(0, 256, size=3))
+    return (x0, y0, x1, y1), (r, g, b)
 
 
 def _paint(image: Image.Image, box: tuple[int, int, int, int], colour: tuple[int, int, int]
@@ -108,8 +110,7 @@ def check_randaugment(randaugment: str) -> None:
         raise ValueError(f"randaugment must be one of {RANDAUGMENTS}, got {randaugment!r}")
 
 
-def torchvision_randaugment(view: Image.Image | torch.Tensor, op_seed: int, num_ops: int = 2,
-                            magnitude: int = 9) -> Image.Image | torch.Tensor:
+def torchvision_randaugment(view: _View, op_seed: int, num_ops: int = 2, magnitude: int = 9) -> _View:
     """torchvision's RandAugment on a PIL image or a (3, H, W) uint8 tensor on any device; its op
     and magnitude draws come from the CPU generator seeded with ``op_seed`` (so the same ops on
     both), global RNG state untouched."""
@@ -143,12 +144,12 @@ def _package_rng(seed: int) -> Iterator[None]:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     if not had_alias:
-        np.int = int  # the package's `np.round(...).astype(np.int)`
+        np.int = int  # type: ignore[attr-defined]  # the package's `np.round(...).astype(np.int)`
     try:
         yield
     finally:
         if not had_alias:
-            del np.int
+            del np.int  # type: ignore[attr-defined]  # (numpy >= 1.24 has no such alias)
         random.setstate(py_state)
         np.random.set_state(np_state)
 

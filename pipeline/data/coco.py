@@ -97,7 +97,7 @@ def coco_multilabel(name: str, root: Path, split: str, val_images: str = "all") 
     # 40,137 annotated val2014 images
     if split == "train" or val_images == "annotated":
         keep = labels.any(axis=1)
-        records, labels = [r for r, k in zip(records, keep) if k], labels[keep]
+        records, labels = [r for r, k in zip(records, keep) if k], labels[keep]  # type: ignore[arg-type]  # numpy: any(axis=1) is an array
     return MultiLabelDataset(name, split, names, records, labels)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import paths
+from pipeline.config.schema import Params
 from pipeline.data.datasets import DatasetError
 
 _COCO_YEARS = {"coco2014": "2014", "coco2017": "2017", "synthetic": "2017"}
@@ -46,14 +47,14 @@ class Problem:
         return self.message
 
 
-def needs(params: dict) -> list[Need]:
+def needs(params: Params) -> list[Need]:
     """Every dataset split the configured stages read: training first, then the evaluations."""
-    d, ev = params["data"], params["evaluate"]
-    out = [Need(d["dataset"], d["train_split"], "data.dataset", None),
-           Need(d["dataset"], d["val_split"], "data.dataset", None)]
-    out += [Need(name, SEG_SPLIT, "evaluate.seg.datasets", "seg") for name in ev["seg"]["datasets"]]
-    z = ev["zs_mlr"]
-    out.append(Need(z["dataset"], z["split"], "evaluate.zs_mlr.dataset", "zs-mlr"))
+    d, ev = params.data, params.evaluate
+    out = [Need(d.dataset, d.train_split, "data.dataset", None),
+           Need(d.dataset, d.val_split, "data.dataset", None)]
+    out += [Need(name, SEG_SPLIT, "evaluate.seg.datasets", "seg") for name in ev.seg.datasets]
+    z = ev.zs_mlr
+    out.append(Need(z.dataset, z.split, "evaluate.zs_mlr.dataset", "zs-mlr"))
     return out
 
 
@@ -84,7 +85,7 @@ def layout_problem(name: str, root: Path, split: str) -> str | None:
     return f"unknown dataset {name!r}"
 
 
-def _how(need: Need, params: dict) -> str:
+def _how(need: Need) -> str:
     if need.dataset == "synthetic":
         return "run `pipeline download` (it generates it)"
     if need.dataset == "context59":
@@ -92,7 +93,7 @@ def _how(need: Need, params: dict) -> str:
     return f"place it there or run `pipeline download --dataset {need.dataset}`"
 
 
-def check_datasets(params: dict, *, generated_ok: bool = False) -> list[Problem]:
+def check_datasets(params: Params, *, generated_ok: bool = False) -> list[Problem]:
     """One Problem per configured dataset split that is absent or not in its layout.
 
     ``generated_ok``: the synthetic dataset is not a problem when absent (the data stage makes it).
@@ -103,7 +104,7 @@ def check_datasets(params: dict, *, generated_ok: bool = False) -> list[Problem]
         if (need.dataset, need.split) in seen:
             continue
         seen.add((need.dataset, need.split))
-        root = paths.dataset_root(params, need.dataset)
+        root = paths.dataset_root(params.paths, need.dataset)
         if generated_ok and need.dataset == "synthetic" and not root.exists():
             continue
         problem = layout_problem(need.dataset, root, need.split)
@@ -111,12 +112,12 @@ def check_datasets(params: dict, *, generated_ok: bool = False) -> list[Problem]
             use = "training dataset" if need.what is None else f"evaluation {need.what}"
             problems.append(Problem(need, (
                 f"dataset {need.dataset} ({use}, split {need.split}, from '{need.param}'): {problem}; "
-                f"{_how(need, params)}, or change '{need.param}'"
+                f"{_how(need)}, or change '{need.param}'"
                 + ("" if need.what is None else " or set 'evaluate.missing: skip'"))))
     return problems
 
 
-def require_datasets(params: dict, *, generated_ok: bool = False,
+def require_datasets(params: Params, *, generated_ok: bool = False,
                      whats: tuple[str, ...] | list[str] | None = None,
                      training: bool = True) -> list[Problem]:
     """Raise DatasetError (all problems, one per line) unless every one is a skippable evaluation
@@ -129,7 +130,7 @@ def require_datasets(params: dict, *, generated_ok: bool = False,
         problems = [p for p in problems if p.need.what in reads or (training and p.need.what is None)]
     elif not training:
         problems = [p for p in problems if p.need.what is not None]
-    fatal = [p for p in problems if p.need.what is None or params["evaluate"]["missing"] == "error"]
+    fatal = [p for p in problems if p.need.what is None or params.evaluate.missing == "error"]
     if fatal:
         raise DatasetError("\n".join(str(p) for p in fatal))
     for p in problems:

@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from tqdm import tqdm
 
@@ -263,7 +264,7 @@ def _unpack(path: Path, root: Path, archive: Archive) -> list[str]:
                         _check_member(os.path.join(base, member.linkname), archive)
                 # the data filter also refuses device files and unsafe modes (members checked above
                 # for Pythons that predate it)
-                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tf.extractall(staging, **safe)
         entries = sorted(p.name for p in staging.iterdir())
         for name in entries:

@@ -40,7 +40,7 @@ class SegmentationDataset:
     classnames: list[str]  # classnames[k] is mask value k
     records: list[ImageRecord]
     has_background: bool  # True: value 0 is "background"; False: value 0 is classnames[0]
-    masks: Callable[[int], np.ndarray] = field(repr=False, default=None)
+    masks: Callable[[int], np.ndarray] = field(repr=False)
 
     def __len__(self) -> int:
         return len(self.records)

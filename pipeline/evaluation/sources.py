@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import paths
-from pipeline.config.params import recipe_summary
+from pipeline.config.schema import Params, Paths
 from pipeline.errors import DatasetError, TrainingError
 from pipeline.model.backbone import FrozenCLIP
 from pipeline.model.build import backbone_from_params, resolve_device
@@ -29,18 +29,18 @@ CONTEXT59_HELP = (
     "with --set 'evaluate.seg.datasets=[voc2012,coco2017]'")
 
 
-def backbone_and_head(params: dict) -> tuple[FrozenCLIP, UnmixHead, dict, dict]:
+def backbone_and_head(params: Params) -> tuple[FrozenCLIP, UnmixHead, dict, dict]:
     """The frozen backbone, the evaluated projectors, their meta and their source
     (pipeline.evaluation.sources.source)."""
-    device = resolve_device(params["backbone"]["device"])
-    backbone = backbone_from_params(params, device)
+    device = resolve_device(params.backbone.device)
+    backbone = backbone_from_params(params.backbone, device, params=params)
     head, meta, src = load_head(params, device, backbone.embed_dim)
     return backbone, head, meta, src
 
 
-def dataset_root(params: dict, name: str) -> Path:
+def dataset_root(paths_: Paths, name: str) -> Path:
     """The dataset's root, or a DatasetError naming it and how to get the data."""
-    root = paths.dataset_root(params, name)
+    root = paths.dataset_root(paths_, name)
     if not root.exists():
         how = CONTEXT59_HELP.format(root=root) if name == "context59" else \
             f"run `pipeline download --dataset {name}`"
@@ -52,23 +52,23 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def load_head(params: dict, device: torch.device, embed_dim: int | None = None
+def load_head(params: Params, device: torch.device, embed_dim: int | None = None
               ) -> tuple[UnmixHead, dict, dict]:
     """(head in eval mode, its meta, its source) for evaluate.projectors (best | last).
     Refuses a head trained for another backbone width."""
-    path = paths.projectors(params, params["evaluate"]["projectors"])
+    path = paths.projectors(params.paths, params.evaluate.projectors)
     head, meta = load_projectors(path, device)
     if embed_dim is not None and meta["embed_dim"] != embed_dim:
         raise TrainingError(f"projectors at {path} were trained on {meta['embed_dim']}-d tokens but "
-                            f"backbone {params['backbone']['name']} gives {embed_dim}-d: retrain them")
+                            f"backbone {params.backbone.name} gives {embed_dim}-d: retrain them")
     return head, meta, source(params, path, meta)
 
 
-def source(params: dict, path: Path, meta: dict) -> dict:
+def source(params: Params, path: Path, meta: dict) -> dict:
     """What produced a result: the projectors file, which one and its epoch, and the recipe."""
-    return {"projectors": {"which": params["evaluate"]["projectors"], "path": str(path),
+    return {"projectors": {"which": params.evaluate.projectors, "path": str(path),
                            "epoch": meta.get("epoch")},
-            "recipe": recipe_summary(params)["recipe"]}
+            "recipe": params.recipe}
 
 
 def source_line(src: dict) -> str:

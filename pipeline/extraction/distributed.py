@@ -12,13 +12,13 @@ LocalCluster workers run one thread, and oneDNN's convolutions round differently
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.schema import Backbone
 from pipeline.data.images import BadImageError
 from pipeline.extraction.encode import encode_shards
 from pipeline.model.backbone import FrozenCLIP
@@ -30,15 +30,15 @@ log = logging.getLogger(__name__)
 _BACKBONES: dict[str, FrozenCLIP] = {}  # per worker process: backbone params (JSON) -> model
 
 
-def worker_backbone(backbone_params: dict[str, Any]) -> FrozenCLIP:
+def worker_backbone(backbone_params: Backbone) -> FrozenCLIP:
     """The backbone for these params, built on first use in this process and kept."""
-    key = json.dumps(backbone_params, sort_keys=True, default=str)
+    key = backbone_params.model_dump_json()
     if key not in _BACKBONES:
-        _BACKBONES[key] = backbone_from_params({"backbone": backbone_params})
+        _BACKBONES[key] = backbone_from_params(backbone_params)
     return _BACKBONES[key]
 
 
-def extract_shard_task(store_path: str, shard: int, spec: Any, backbone_params: dict[str, Any],
+def extract_shard_task(store_path: str, shard: int, spec: Any, backbone_params: Backbone,
                        weights_digest: str, batch_images: int, on_bad_image: str) -> dict[str, Any]:
     """Encode and write one shard; returns {"shard", "images", "bad"} or {"shard", "error"}.
 
@@ -60,16 +60,15 @@ def extract_shard_task(store_path: str, shard: int, spec: Any, backbone_params: 
     return {"shard": shard, "images": stop - start, "bad": bad}
 
 
-def _absolute(backbone_params: dict[str, Any]) -> dict[str, Any]:
+def _absolute(backbone_params: Backbone) -> Backbone:
     """A relative checkpoint path means the client's working directory; workers may differ."""
-    params = dict(backbone_params)
-    if params.get("checkpoint"):
-        params["checkpoint"] = str(Path(params["checkpoint"]).resolve())
-    return params
+    if not backbone_params.checkpoint:
+        return backbone_params
+    return backbone_params.model_copy(update={"checkpoint": str(Path(backbone_params.checkpoint).resolve())})
 
 
 def extract_distributed(cache: FeatureCache, shards: Sequence[int], spec: Any,
-                        backbone_params: dict[str, Any], weights_digest: str, *,
+                        backbone_params: Backbone, weights_digest: str, *,
                         batch_images: int, on_bad_image: str, workers: int = 0,
                         scheduler: str | None = None,
                         on_images: Callable[[int], None] = lambda n: None) -> list[tuple[str, str]]:

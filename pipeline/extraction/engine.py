@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.config.schema import Backbone
 from pipeline.data.datasets import MultiLabelDataset
 from pipeline.extraction.encode import (  # noqa: F401  (InjectedFailure: re-exported for tests)
     InjectedFailure,
@@ -92,10 +93,10 @@ def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
     }
 
 
-def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params: dict[str, Any], *,
+def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params: Backbone, *,
             views: int = 1, train_augment: bool = False, seed: int = 0, image_size: int = 448,
             shard_size: int = 64, batch_size: int = 32, dtype: str = "float16",
-            compressor: str | None = None, num_workers: int = 0, on_bad_image: str = "error",
+            compressor: str | None = None, num_workers: int | str = 0, on_bad_image: str = "error",
             augment: dict[str, Any] | None = None, restart_on_change: bool = False,
             progress: bool = True, workers: int = 0, scheduler: str | None = None,
             fail_after_shards: int | None = None, stats: dict[str, Any] | None = None,
@@ -103,7 +104,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             transforms: str = "workers") -> FeatureCache:
     """Extract (or resume) the spatial tokens of ``dataset`` into the store at ``store_path``.
 
-    ``backbone_params`` is the params["backbone"] section (Dask workers rebuild the model from it;
+    ``backbone_params`` is the params' backbone section (Dask workers rebuild the model from it;
     ``backbone`` may pass an already built one for the in-process path). ``batch_size`` counts
     views per forward pass. Eval splits use ``views=1, train_augment=False``. A store with another
     fingerprint raises FingerprintMismatch naming the keys, or is deleted with
@@ -128,9 +129,9 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         raise ValueError("extract.transforms: device cannot run extract.augment.randaugment: package "
                          "(the `randaugment` package works on PIL images only): use transforms "
                          "workers or randaugment torchvision")
-    backbone = backbone or backbone_from_params({"backbone": backbone_params})
+    backbone = backbone or backbone_from_params(backbone_params)
     grid = image_size // BACKBONE_STRIDE
-    layout = {
+    layout: dict[str, Any] = {
         "ids": [r.image_id for r in dataset.records], "labels": dataset.labels,
         "classnames": dataset.classnames, "views": views, "num_tokens": 1 + grid * grid,
         "dim": backbone.embed_dim, "shard_size": shard_size, "dtype": dtype,

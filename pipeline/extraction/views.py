@@ -113,7 +113,7 @@ def view_batches(spec: ViewSpec, batches: Sequence[Sequence[int]], device: torch
     """
     on_device = spec.transforms == "device"
     loader = DataLoader(
-        ImageFiles(spec) if on_device else ImageViews(spec), batch_sampler=batches,
+        ImageFiles(spec) if on_device else ImageViews(spec), batch_sampler=batches,  # type: ignore[arg-type]  # torch: any iterable of index lists
         num_workers=num_workers, collate_fn=_collate_files if on_device else _collate,
         pin_memory=device.type == "cuda", prefetch_factor=2 if num_workers else None)
     for index, items, reasons in loader:

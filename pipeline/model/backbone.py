@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -53,7 +54,7 @@ class FrozenCLIP(nn.Module):
         if precision not in _AUTOCAST_DTYPES:
             raise ValueError(f"precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {precision!r}")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model: Any = model.to(self.device).eval()  # open_clip's CLIP: untyped attributes
         self.model.requires_grad_(False)
         self.name = name
         self.weights_digest = weights_digest

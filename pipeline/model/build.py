@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from pipeline.config.schema import Backbone, Model, Params
 from pipeline.model.backbone import FrozenCLIP, load_backbone
 from pipeline.model.heads import UnmixHead
 from pipeline.model.weights import check_pretrained_available
@@ -24,49 +25,51 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
     return torch.device(spec)
 
 
-def is_random(b: dict) -> bool:
-    """params['backbone'] describes random weights (no checkpoint, no pretrained tag)."""
-    return not b.get("checkpoint") and b.get("pretrained") in (None, "random")
+def is_random(b: Backbone) -> bool:
+    """The backbone section describes random weights (no checkpoint, no pretrained tag)."""
+    return not b.checkpoint and b.pretrained in (None, "random")
 
 
-def random_warning(b: dict) -> str:
-    fix = "" if b.get("recalibrate_bn") else "; set 'backbone.recalibrate_bn: true' at least"
-    return (f"WARNING: backbone {b['name']} has RANDOM weights (backbone.pretrained: null, no "
+def random_warning(b: Backbone) -> str:
+    fix = "" if b.recalibrate_bn else "; set 'backbone.recalibrate_bn: true' at least"
+    return (f"WARNING: backbone {b.name} has RANDOM weights (backbone.pretrained: null, no "
             f"backbone.checkpoint): every number of this run means nothing{fix}")
 
 
-def backbone_from_params(params: dict, device: torch.device | None = None) -> FrozenCLIP:
-    """The frozen backbone of params['backbone'] (BatchNorm recalibrated when asked, which needs
-    params['data'] and params['paths'] too: the statistics come from the training images)."""
+def backbone_from_params(b: Backbone, device: torch.device | None = None, *,
+                         params: Params | None = None) -> FrozenCLIP:
+    """The frozen backbone of the backbone section (BatchNorm recalibrated when asked, which needs
+    the whole `params` too: the statistics come from the training images of data and paths)."""
     from pipeline.config.params import ParamError
 
-    b = params["backbone"]
-    if b.get("recalibrate_bn") and not is_random(b):
+    if b.recalibrate_bn and not is_random(b):
         raise ParamError("'backbone.recalibrate_bn' changes the weights' BatchNorm statistics: only for "
                          "random init (backbone.pretrained: null, no backbone.checkpoint); set it false")
-    pretrained = None if b["checkpoint"] else b["pretrained"]
+    pretrained = None if b.checkpoint else b.pretrained
     if pretrained not in (None, "random"):
-        check_pretrained_available(b["name"], pretrained)
+        check_pretrained_available(b.name, pretrained)
     backbone = load_backbone(
-        b["name"], pretrained=pretrained, checkpoint=b["checkpoint"], sha256=b["sha256"],
-        device=device or resolve_device(b["device"]), precision=b["precision"],
-        channels_last=b["channels_last"], compile=b["compile"], init_seed=b["init_seed"])
+        b.name, pretrained=pretrained, checkpoint=b.checkpoint, sha256=b.sha256,
+        device=str(device or resolve_device(b.device)), precision=b.precision,
+        channels_last=b.channels_last, compile=b.compile, init_seed=b.init_seed)
     if is_random(b):
         print(random_warning(b), file=sys.stderr, flush=True)
-        if b.get("recalibrate_bn"):  # imported only then: it reads the dataset
+        if b.recalibrate_bn:  # imported only then: it reads the dataset
             from pipeline.model.recalibrate import recalibrate_on_dataset
 
+            if params is None:
+                raise ParamError("'backbone.recalibrate_bn' needs the dataset: pass the whole params")
             recalibrate_on_dataset(backbone, params)
     return backbone
 
 
-def head_from_params(model: dict, embed_dim: int) -> UnmixHead:
-    """`model` is the params['model'] section (stored in checkpoints to rebuild the head)."""
+def head_from_params(model: Model, embed_dim: int) -> UnmixHead:
+    """`model` is the params' model section (a projectors file records it to rebuild the head)."""
     return UnmixHead(
         embed_dim,
-        proj_dim=model["proj_dim"],
-        text_hidden=model["text_hidden"],
-        image_projector=model["image_projector"],
-        softmax_mode=model["softmax"],
-        text_bn=model.get("text_bn", "train"),  # projectors saved before the recipes trained in train mode
+        proj_dim=model.proj_dim,
+        text_hidden=model.text_hidden,
+        image_projector=model.image_projector,
+        softmax_mode=model.softmax,
+        text_bn=model.text_bn,
     )

@@ -47,6 +47,7 @@ class TextProjector(nn.Module):
         if stats not in BN_STATS:
             raise ValueError(f"BatchNorm stats must be one of {BN_STATS}, got {stats!r}")
         first, bn, relu, last = self.net
+        assert isinstance(bn, nn.BatchNorm1d)  # (what the type checker cannot see in a Sequential)
         h = first(text)  # (P, hidden)
         if stats == "batch":
             h = F.batch_norm(h, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)

@@ -46,7 +46,7 @@ def asl_loss(
     return -(weight * (loss_pos + loss_neg)).sum()
 
 
-def _diag_offdiag_penalty(c: Tensor, lam: float) -> Tensor:
+def _diag_offdiag_penalty(c: Tensor, lam: float | Tensor) -> Tensor:
     """sum_i (c_ii - 1)^2 + lam * sum_{i != j} c_ij^2 for a square matrix c."""
     diag = torch.diagonal(c)
     on = (diag - 1.0).pow(2).sum()
@@ -64,23 +64,23 @@ def _mfi_batchnorm(t: Tensor, bn: str) -> Tensor:
     raise ValueError(f"MFI BatchNorm mode must be 'train' or 'eval', got {bn!r}")
 
 
-def _mfi_paper(text: Tensor, lam: float) -> Tensor:
+def _mfi_paper(text: Tensor, lam: float | Tensor) -> Tensor:
     t = F.normalize(text, dim=-1)  # (C, D')
     return _diag_offdiag_penalty(t @ t.T, lam)  # S: (C, C) cosine similarities
 
 
-def _mfi_classes(text: Tensor, lam: float, bn: str) -> Tensor:
+def _mfi_classes(text: Tensor, lam: float | Tensor, bn: str) -> Tensor:
     z = _mfi_batchnorm(F.normalize(text, dim=-1), bn)  # (C, D')
     return _diag_offdiag_penalty(z @ z.T, lam)  # c = z z^T: (C, C)
 
 
-def _mfi_features(text: Tensor, lam: float, bn: str) -> Tensor:
+def _mfi_features(text: Tensor, lam: float | Tensor, bn: str) -> Tensor:
     z = _mfi_batchnorm(F.normalize(text, dim=-1), bn)  # (2C, D')
     return _diag_offdiag_penalty(z.T @ z, lam)  # c = z^T z: (D', D'), no division by the rows
 
 
-def mfi_loss(text_pos: Tensor, text_neg: Tensor | None = None, lam: float = 0.2, form: str = "paper",
-             bn: str = "train") -> Tensor:
+def mfi_loss(text_pos: Tensor, text_neg: Tensor | None = None, lam: float | Tensor = 0.2,
+             form: str = "paper", bn: str = "train") -> Tensor:
     """Mutual Feature Information loss on projected class text features (C, D'), by named form.
 
     "paper" (paper eq. 1): S = cosine-similarity matrix of the C positive prompt features;

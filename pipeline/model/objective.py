@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.config.schema import InfoClip, Train
 from pipeline.model.heads import HeadOutput, UnmixHead
 from pipeline.model.infoclip import InfoCLIPLoss, sample_token_indices
 
@@ -56,11 +57,11 @@ def uses_infoclip(objective: str) -> bool:
     return objective in ("infoclip", "unmix+infoclip")
 
 
-def infoclip_loss(infoclip: Mapping[str, Any], num_classes: int) -> InfoCLIPLoss:
+def infoclip_loss(infoclip: InfoClip, num_classes: int) -> InfoCLIPLoss:
     """InfoCLIPLoss from the params section train.infoclip, for tokens already sampled (num_tokens=None)."""
-    return InfoCLIPLoss(num_classes, num_tokens=None, alpha=infoclip["alpha"], kernel=infoclip["kernel"],
-                        temperature=infoclip["temperature"],
-                        student_temperature=infoclip["student_temperature"], mode=infoclip["mode"])
+    return InfoCLIPLoss(num_classes, num_tokens=None, alpha=infoclip.alpha, kernel=infoclip.kernel,
+                        temperature=infoclip.temperature,
+                        student_temperature=infoclip.student_temperature, mode=infoclip.mode)
 
 
 def sample_tokens(tokens: Tensor, num_tokens: int | None, generator: torch.Generator) -> Tensor:
@@ -75,11 +76,11 @@ class InfoCLIPObjective(nn.Module):
     map), "distill": -lambda2 * I(LPAM map; student map)}. After each call `last_mi` holds the
     unweighted, detached I(teacher; student) of that batch (bits), for logging: not a loss term."""
 
-    def __init__(self, num_classes: int, infoclip: Mapping[str, Any], seed: int = 0) -> None:
+    def __init__(self, num_classes: int, infoclip: InfoClip, seed: int = 0) -> None:
         super().__init__()
         self.loss = infoclip_loss(infoclip, num_classes)  # holds the LPAM
-        self.lambda1, self.lambda2 = float(infoclip["lambda1"]), float(infoclip["lambda2"])
-        self.num_tokens: int | None = infoclip["num_tokens"]
+        self.lambda1, self.lambda2 = float(infoclip.lambda1), float(infoclip.lambda2)
+        self.num_tokens: int | None = infoclip.num_tokens
         self.generator = torch.Generator().manual_seed(seed)  # own stream: no global RNG, so grid = solo
         self.last_mi: Tensor | None = None
 
@@ -99,12 +100,12 @@ class InfoCLIPObjective(nn.Module):
         self.generator.set_state(state["generator"])
 
 
-def build_objective(train: Mapping[str, Any], num_classes: int,
+def build_objective(train: Train, num_classes: int,
                     device: torch.device | str = "cpu") -> InfoCLIPObjective | None:
-    """The aux module of params["train"] (None for "unmix"); its generator is seeded by train.seed."""
-    if not uses_infoclip(train["objective"]):
+    """The aux module of the train section (None for "unmix"); its generator is seeded by train.seed."""
+    if not uses_infoclip(train.objective):
         return None
-    return InfoCLIPObjective(num_classes, train["infoclip"], seed=train["seed"]).to(device)
+    return InfoCLIPObjective(num_classes, train.infoclip, seed=train.seed).to(device)
 
 
 def trainable_parameters(head: nn.Module, objective: nn.Module | None) -> list[nn.Parameter]:
@@ -114,7 +115,7 @@ def trainable_parameters(head: nn.Module, objective: nn.Module | None) -> list[n
 
 @torch.no_grad()
 def clip_alignment_mi(head: UnmixHead, batches: Iterable[Any], text: Mapping[str, Tensor],
-                      infoclip: Mapping[str, Any], max_batches: int = 8, seed: int = 0) -> float:
+                      infoclip: InfoClip, max_batches: int = 8, seed: int = 0) -> float:
     """Mean over up to `max_batches` batches of I(CLIP alignment; student alignment), bits.
 
     The distillation estimator with an identity LPAM (CLIP's own map, nothing learned), on
@@ -133,7 +134,7 @@ def clip_alignment_mi(head: UnmixHead, batches: Iterable[Any], text: Mapping[str
         if i == max_batches:
             break
         tokens = batch.tokens_on(device)  # (B, T, D) float32
-        teacher = sample_tokens(tokens, infoclip["num_tokens"], generator)  # (1, n, D)
+        teacher = sample_tokens(tokens, infoclip.num_tokens, generator)  # (1, n, D)
         out = loss(teacher, text["positive"], head.project_tokens(teacher), student_text)
         values.append(float(out["mi_student_teacher"]))
     return float(sum(values) / max(len(values), 1))

@@ -5,6 +5,7 @@ is one TrainingError naming it.
 from __future__ import annotations
 
 import errno
+import os
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.config.schema import Model
 from pipeline.errors import TrainingError
 from pipeline.files import atomic_write
 from pipeline.model.build import head_from_params
@@ -44,7 +46,7 @@ def save_projectors(path: str | Path, head: UnmixHead | Mapping[str, Tensor], me
     atomic_write(path, lambda tmp: torch.save({"head": state, "meta": dict(meta)}, tmp))
 
 
-def load_projectors(path: str | Path, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
+def load_projectors(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
     """(head in eval mode on `device`, meta) from a save_projectors file."""
     path = Path(path)
     if not path.is_file():
@@ -52,9 +54,15 @@ def load_projectors(path: str | Path, device: torch.device | str = "cpu") -> tup
     return head_from_blob(read_state(path), device)
 
 
+def recorded_model(model: Mapping[str, Any]) -> Model:
+    """The typed model section a projectors file records (meta["model"]). Files saved before the
+    recipes record no text_bn: they trained the text projector's BatchNorm in train mode."""
+    return Model.model_validate({"text_bn": "train", **model})
+
+
 def head_from_blob(blob: dict, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
     """(head in eval mode on `device`, meta) from a save_projectors file's contents."""
     meta = blob["meta"]
-    head = head_from_params(meta["model"], meta["embed_dim"])
+    head = head_from_params(recorded_model(meta["model"]), meta["embed_dim"])
     head.load_state_dict(blob["head"])
     return head.to(device).eval(), meta

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.config.schema import Params
 from pipeline.model.backbone import FrozenCLIP
 
 RECALIBRATION_IMAGES = 128  # first training images (sorted by id), one un-augmented view each
@@ -49,6 +50,7 @@ def recalibrate_batchnorm(backbone: FrozenCLIP, batches: Iterable[torch.Tensor])
         raise ValueError("recalibrate_batchnorm needs at least one batch of images")
     stats = hashlib.sha256()
     for m in norms:
+        assert m.running_mean is not None and m.running_var is not None  # CLIP's BatchNorms track them
         stats.update(m.running_mean.detach().cpu().numpy().tobytes())
         stats.update(m.running_var.detach().cpu().numpy().tobytes())
     base = backbone.weights_digest.split("+bn:")[0]
@@ -66,42 +68,40 @@ def recalibrate_on_images(backbone: FrozenCLIP, images: Sequence[str | Path], im
     recalibrate_batchnorm(backbone, batches)
 
 
-def recalibrate_on_dataset(backbone: FrozenCLIP, params: dict) -> None:
+def recalibrate_on_dataset(backbone: FrozenCLIP, params: Params) -> None:
     """BatchNorm statistics from the first training images; cached under paths.cache/backbone so
     every stage (and every Dask worker) gets the same statistics without recomputing them."""
     from pipeline.config import paths
-    from pipeline.config.params import ParamError
     from pipeline.data.datasets import load_multilabel
     from pipeline.files import atomic_write
 
-    if "data" not in params or "paths" not in params:
-        raise ParamError("'backbone.recalibrate_bn' needs the dataset: pass the whole params")
-    b, d = params["backbone"], params["data"]
-    key = f"{b['name']}-seed{b['init_seed']}-{b['image_size']}px-{d['dataset']}-{d['train_split']}"
-    stats_file = Path(params["paths"]["cache"]) / "backbone" / f"bn-{key}.pt"
+    b, d = params.backbone, params.data
+    key = f"{b.name}-seed{b.init_seed}-{b.image_size}px-{d.dataset}-{d.train_split}"
+    stats_file = Path(params.paths.cache) / "backbone" / f"bn-{key}.pt"
     norms = {n: m for n, m in backbone.model.visual.named_modules()
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
 
-    dataset = load_multilabel(d["dataset"], paths.dataset_root(params), d["train_split"])
+    dataset = load_multilabel(d.dataset, paths.dataset_root(params.paths, d.dataset), d.train_split)
     records = dataset.records[:RECALIBRATION_IMAGES]
     # reused only for the same image bytes, weights and precision: regenerated or replaced images
     # (same names) recalibrate again
     images = hashlib.sha256()
     for r in records:
         images.update(hashlib.sha256(Path(r.path).read_bytes()).digest())
-    identity = {"images": images.hexdigest(), "weights": backbone.weights_digest, "precision": b["precision"]}
+    identity = {"images": images.hexdigest(), "weights": backbone.weights_digest, "precision": b.precision}
     if stats_file.exists():
         saved = torch.load(stats_file, map_location="cpu", weights_only=True)
         if saved.get("identity") == identity:
             for name, m in norms.items():
+                assert m.running_mean is not None and m.running_var is not None
                 m.running_mean.copy_(saved["stats"][f"{name}.mean"])
                 m.running_var.copy_(saved["stats"][f"{name}.var"])
             backbone.weights_digest = saved["weights_digest"]
             return
-    recalibrate_on_images(backbone, [r.path for r in records], b["image_size"])
+    recalibrate_on_images(backbone, [r.path for r in records], b.image_size)
     stats = {f"{n}.{k}": getattr(m, f"running_{k}").detach().cpu().clone()
              for n, m in norms.items() for k in ("mean", "var")}
     atomic_write(stats_file, lambda tmp: torch.save(
         {"stats": stats, "weights_digest": backbone.weights_digest, "identity": identity}, tmp))
-    print(f"backbone {b['name']}: BatchNorm statistics recalibrated on {len(records)} "
-          f"{d['dataset']} {d['train_split']} images -> {stats_file}", file=sys.stderr, flush=True)
+    print(f"backbone {b.name}: BatchNorm statistics recalibrated on {len(records)} "
+          f"{d.dataset} {d.train_split} images -> {stats_file}", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -140,7 +141,7 @@ class _DropOpenClipNoise(logging.Filter):
 
 
 @contextlib.contextmanager
-def quiet_open_clip():
+def quiet_open_clip() -> Iterator[None]:
     """Drop open_clip's misleading 'initialized randomly' line for the duration (root logger)."""
     noise = _DropOpenClipNoise()
     root = logging.getLogger()

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import paths
-from pipeline.config.params import recipe_summary
+from pipeline.config.params import as_dict, recipe_summary
+from pipeline.config.schema import Backbone, Params, Seg
 from pipeline.files import atomic_write_text
 
 RECIPE_FILE = "recipe.json"
@@ -46,7 +47,7 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def run_identity(params: dict) -> dict:
+def run_identity(params: Params) -> dict:
     """{"recipe", "digest", "backbone", "weights"}: who made these numbers, comparable across files.
     The train keys that only say where or how fast a run went (provenance.IGNORED_TRAIN_KEYS, which
     the projectors' own record skips) are left out, so a rerun with more threads is the same run."""
@@ -54,25 +55,23 @@ def run_identity(params: dict) -> dict:
         IGNORED_TRAIN_KEYS,  # torch and zarr: only when a digest is made
     )
 
-    b = params["backbone"]
-    run = {s: params[s] for s in RUN_SECTIONS if s in params}
-    if "data" in run:
-        run["data"] = {k: v for k, v in run["data"].items() if k in _DATA_KEYS}
-    if "train" in run:
-        run["train"] = {k: v for k, v in run["train"].items() if k not in IGNORED_TRAIN_KEYS}
+    b = params.backbone
+    sections = as_dict(params)
+    run = {s: sections[s] for s in RUN_SECTIONS}
+    run["data"] = {k: v for k, v in run["data"].items() if k in _DATA_KEYS}
+    run["train"] = {k: v for k, v in run["train"].items() if k not in IGNORED_TRAIN_KEYS}
     blob = json.dumps(run, sort_keys=True, default=str).encode()
-    return {"recipe": params.get("recipe"), "digest": hashlib.sha256(blob).hexdigest()[:16],
-            "backbone": b["name"], "weights": weights_label(b)}
+    return {"recipe": params.recipe, "digest": hashlib.sha256(blob).hexdigest()[:16],
+            "backbone": b.name, "weights": weights_label(b)}
 
 
-def weights_label(b: dict) -> str:
+def weights_label(b: Backbone) -> str:
     """'checkpoint <file>', 'open_clip <tag>' or 'random (seed k[, BatchNorm recalibrated])'."""
-    if b.get("checkpoint"):
-        return f"checkpoint {Path(b['checkpoint']).name}"
-    if b.get("pretrained") not in (None, "random"):
-        return f"open_clip {b['pretrained']}"
-    return f"random (seed {b.get('init_seed', 0)}" + \
-        (", BatchNorm recalibrated)" if b.get("recalibrate_bn") else ")")
+    if b.checkpoint:
+        return f"checkpoint {Path(b.checkpoint).name}"
+    if b.pretrained not in (None, "random"):
+        return f"open_clip {b.pretrained}"
+    return f"random (seed {b.init_seed}" + (", BatchNorm recalibrated)" if b.recalibrate_bn else ")")
 
 
 def _num(v: Any) -> float | None:
@@ -88,7 +87,7 @@ def _trained(v: Any) -> Any:
     return v.get("trained") if isinstance(v, dict) else v
 
 
-def headline(what: str, full: dict, params: dict) -> dict:
+def headline(what: str, full: dict, seg: Seg) -> dict:
     """The few numbers of `full` that `dvc metrics show` / `dvc exp show` display."""
     if what in ("mlr",):
         return {m: _num(r["map"]) for m, r in full.items() if isinstance(r, dict) and "map" in r}
@@ -103,7 +102,7 @@ def headline(what: str, full: dict, params: dict) -> dict:
         mfi = full.get("mfi", {})
         return {"val_map": _num(full.get("val_map")), "mfi_reduction": _num(mfi.get("reduction_pct"))}
     if what == "seg":  # {datasets: {name: {methods: {method: {variant: {protocol: mIoU}}}}}}
-        protocol = full.get("protocol", params["evaluate"]["seg"]["protocol"])
+        protocol = full.get("protocol", seg.protocol)
         out: dict = {}
         for name, result in full.get("datasets", full).items():
             if not isinstance(result, dict) or "methods" not in result:
@@ -122,37 +121,37 @@ def count_values(d: dict) -> int:
     return sum(count_values(v) if isinstance(v, dict) else 1 for v in d.values())
 
 
-def write_results(params: dict, what: str, full: dict, headline_: dict | None = None,
-                  table: str | None = None) -> dict:
-    """Write details (full + run identity + skipped datasets), metrics (headline) and the table.
+def write_results(params: Params, what: str, full: dict, headline_: dict | None = None,
+                  table: str | None = None, skipped: list[str] | None = None) -> dict:
+    """Write details (full + run identity + `skipped` datasets), metrics (headline) and the table.
 
     `headline_` None: chosen by `headline(what, ...)`. Returns the headline written."""
     full = jsonable(full)
-    head = jsonable(headline(what, full, params) if headline_ is None else headline_)
+    head = jsonable(headline(what, full, params.evaluate.seg) if headline_ is None else headline_)
     details = {**full, "run": run_identity(params)}
-    skipped = params.get("_skipped", {}).get(what)
     if skipped:
         details["skipped"] = skipped
-    atomic_write_text(paths.results_dir(params, "details", f"{what}.json"),
+    atomic_write_text(paths.results_dir(params.paths, "details", f"{what}.json"),
                       json.dumps(details, indent=1) + "\n")
-    atomic_write_text(paths.results_dir(params, "metrics", f"{what}.json"),
+    atomic_write_text(paths.results_dir(params.paths, "metrics", f"{what}.json"),
                       json.dumps(head, indent=2) + "\n")
     # beside the metrics, not one: which recipe, and every key that differs from the other one
-    atomic_write_text(paths.results_dir(params, RECIPE_FILE), json.dumps(recipe_summary(params), indent=1) + "\n")
+    atomic_write_text(paths.results_dir(params.paths, RECIPE_FILE),
+                      json.dumps(recipe_summary(params), indent=1) + "\n")
     if table is not None:
         note = f"\n\nNot evaluated (not on disk, evaluate.missing: skip): {', '.join(skipped)}." \
             if skipped else ""
-        atomic_write_text(paths.results_dir(params, "tables", f"{what}.md"), table.rstrip() + note + "\n")
+        atomic_write_text(paths.results_dir(params.paths, "tables", f"{what}.md"), table.rstrip() + note + "\n")
     return head
 
 
-def write_skipped(params: dict, what: str, datasets: list[str]) -> None:
+def write_skipped(params: Params, what: str, datasets: list[str]) -> None:
     """An evaluation with no data on disk: outputs that say so (DVC expects them to exist)."""
     write_results(params, what, {}, {}, f"## {what}\n\nSkipped: {', '.join(datasets)} not on disk "
-                  "(evaluate.missing: skip).")
+                  "(evaluate.missing: skip).", skipped=datasets)
 
 
-def stamp(params: dict, folder: str | Path) -> Path:
+def stamp(params: Params, folder: str | Path) -> Path:
     """`<folder>/run.json`: the run identity, for outputs that are folders (ablation, figures)."""
     return atomic_write_text(Path(folder) / "run.json", json.dumps(run_identity(params), indent=1) + "\n")
 

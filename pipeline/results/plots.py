@@ -53,6 +53,7 @@ def similarity_heatmaps(panels: Mapping[str, np.ndarray], classnames: Sequence[s
         else:
             ax.set_xticks([])
             ax.set_yticks([])
+    assert image is not None, "similarity_heatmaps needs at least one panel"
     fig.colorbar(image, ax=list(axes[0]), fraction=0.03, label="cosine similarity")
     if title:
         fig.suptitle(title)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
+from pipeline.config.schema import Params
 from pipeline.results.outputs import RECIPE_FILE, read_run, run_identity
 
 # docs/METHOD.md "Published numbers" (RN-101, openai weights) and Table 5.
@@ -39,7 +41,7 @@ PAPER_ROWS: list[tuple[str, str, tuple[str, tuple[str, ...]], tuple[str, str]]] 
 ]
 
 
-def _get(d: dict, keys: tuple[str, ...]):
+def _get(d: Any, keys: tuple[str, ...]) -> Any:
     for k in keys:
         if not isinstance(d, dict) or k not in d:
             return None
@@ -47,7 +49,7 @@ def _get(d: dict, keys: tuple[str, ...]):
     return d
 
 
-def _fmt(v) -> str:
+def _fmt(v: Any) -> str:
     return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
@@ -59,18 +61,18 @@ def read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def what_ran(params: dict) -> list[str]:
+def what_ran(params: Params) -> list[str]:
     """The one-line summary of the run, and a loud line when its numbers mean nothing."""
-    b, d, t = params["backbone"], params["data"], params["train"]
+    b, d, t = params.backbone, params.data, params.train
     run = run_identity(params)
-    lines = [(f"Recipe **{params.get('recipe')}**; backbone **{b['name']}**, weights **{run['weights']}**, "
-             f"{b['image_size']} px; training data **{d['dataset']}** ({d['train_split']} / "
-             f"{d['val_split']}); objective {t['objective']}, MFI {t['mfi']['form']} "
-             f"(lambda {t['mfi']['lambda']}, alpha {t['alpha']}); run digest `{run['digest']}`.")]
-    random = not b.get("checkpoint") and b.get("pretrained") in (None, "random")
-    if random or d["dataset"] == "synthetic":
+    lines = [(f"Recipe **{params.recipe}**; backbone **{b.name}**, weights **{run['weights']}**, "
+             f"{b.image_size} px; training data **{d.dataset}** ({d.train_split} / "
+             f"{d.val_split}); objective {t.objective}, MFI {t.mfi.form} "
+             f"(lambda {t.mfi.lambda_}, alpha {t.alpha}); run digest `{run['digest']}`.")]
+    random = not b.checkpoint and b.pretrained in (None, "random")
+    if random or d.dataset == "synthetic":
         what = "generated planted-signal data and a tiny random backbone (smoke test)" \
-            if d["dataset"] == "synthetic" else "a RANDOM backbone (backbone.pretrained: null)"
+            if d.dataset == "synthetic" else "a RANDOM backbone (backbone.pretrained: null)"
         lines += ["", (f"> **WARNING: this run used {what}. Its numbers test the pipeline; they say "
                   "nothing about the method and are not comparable with the paper.**")]
     return lines
@@ -96,7 +98,7 @@ def recipe_lines(results: Path) -> list[str]:
     return lines
 
 
-def provenance_warnings(results: Path, params: dict) -> list[str]:
+def provenance_warnings(results: Path, params: Params) -> list[str]:
     """One line per input made by another run than the projectors (or than params.yaml now)."""
     current = run_identity(params)["digest"]
     trained = read_run(results / "details" / "train.json")
@@ -146,24 +148,24 @@ def _ablation_rows(results: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def paper_table(results: Path, params: dict) -> list[str]:
+def paper_table(results: Path, params: Params) -> list[str]:
     """The paper's Tables 1-5 beside this run: every row, "not run" where this run's configuration
     does not produce it (another dataset, evaluation or class set)."""
     metrics = {p.stem: read_json(p) for p in (results / "metrics").glob("*.json")}
     seg = read_json(results / "details" / "seg.json")
-    present = {"data.dataset": {params["data"]["dataset"]},
+    present = {"data.dataset": {params.data.dataset},
                "seg": set(seg.get("datasets", {})),
-               "zs": {params["evaluate"]["zs_mlr"]["dataset"]} if metrics.get("zs-mlr") else set(),
+               "zs": {params.evaluate.zs_mlr.dataset} if metrics.get("zs-mlr") else set(),
                "mfi": set(metrics.get("mfi", {}))}
     rows = []
     for label, paper, (what, keys), (axis, name) in PAPER_ROWS:
         mine = _this_run(metrics, what, keys, results) if name in present[axis] else f"not run ({name})"
         rows.append(f"| {label} | {paper} | {mine} |")
-    b = params["backbone"]
-    note = "" if b["name"] == "RN101" else f" The paper's numbers are for RN101; this run used {b['name']}."
+    name = params.backbone.name
+    note = "" if name == "RN101" else f" The paper's numbers are for RN101; this run used {name}."
     # the rule the numbers were made with (details/seg.json), not params.yaml's now
-    rule = {k: seg.get(k, "not recorded") if seg else params["evaluate"]["seg"][k]
-            for k in ("protocol", "background")}
+    now = {"protocol": params.evaluate.seg.protocol, "background": params.evaluate.seg.background}
+    rule = {k: seg.get(k, "not recorded") if seg else now[k] for k in ("protocol", "background")}
     return [(f"Paper: RN101 with OpenAI weights, the authors' run (docs/METHOD.md, 'Published numbers')."
              f"{note} ZS3 figures here are this run's headline protocol "
              f"(`{rule['protocol']}`, background `{rule['background']}`)."),
@@ -188,7 +190,7 @@ def per_class_sections(results: Path) -> list[str]:
     return out
 
 
-def _collect(d, path: tuple[str, ...], columns: dict[str, dict], inside: bool = False) -> None:
+def _collect(d: Any, path: tuple[str, ...], columns: dict[str, dict], inside: bool = False) -> None:
     """Every {class: number} mapping under a `per_class*` key, named by the keys above it."""
     if not isinstance(d, dict):
         return

@@ -104,7 +104,7 @@ class FeatureCache:
         return {"path": str(self.path), "mode": self.mode}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["mode"])
+        FeatureCache.__init__(self, state["path"], state["mode"])
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.path)!r}, mode={self.mode!r})"

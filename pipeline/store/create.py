@@ -113,7 +113,7 @@ def _repair_metadata(cache: FeatureCache, ids: list[str], labels: np.ndarray) ->
 
 
 def _create(path: Path, ids: list[str], labels: np.ndarray, classnames: list[str],
-            layout: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+            layout: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
     """Build in a temporary directory, then rename: a store at `path` is never half-created."""
     n, k, t, d, s = (layout[x] for x in ("num_images", "views", "num_tokens", "dim", "shard_size"))
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -148,7 +148,7 @@ def _create(path: Path, ids: list[str], labels: np.ndarray, classnames: list[str
 
 
 def _check_same(cache: FeatureCache, ids: list[str], labels: np.ndarray, classnames: list[str],
-                layout: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+                layout: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
     old = {**flatten(cache.fingerprint, "fingerprint."), **flatten(cache.layout, "layout."),
            "classnames": cache.classnames}
     new = {**flatten(fingerprint, "fingerprint."), **flatten(layout, "layout."),

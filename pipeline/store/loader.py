@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -31,7 +31,7 @@ _VIEWS, _ORDER = range(2)  # independent random streams per (seed, epoch)
 class Batch(NamedTuple):
     tokens: torch.Tensor  # (B, T, D) in the store dtype (float16 | float32), pinned with CUDA
     labels: torch.Tensor  # (B, C) int8: 1 positive, 0 negative, -1 unknown
-    index: np.ndarray  # (B,) image index into the cache
+    index: np.ndarray  # type: ignore[assignment]  # (B,) image index into the cache (shadows tuple.index)
     view: np.ndarray  # (B,) which of the K views was used
 
     def tokens_on(self, device: torch.device | str) -> torch.Tensor:
@@ -61,7 +61,7 @@ def resolve_read_threads(value: int | str) -> int:
     return max(1, min(8, cores // 4))
 
 
-def prefetch_batches(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+def prefetch_batches(batches: Generator[Batch, None, None], depth: int) -> Iterator[Batch]:
     """Run `batches` in a background thread `depth` items ahead; its exceptions re-raise here."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -176,7 +176,7 @@ class TokenLoader:
             self._tokens = data
         return self._tokens
 
-    def _batches(self, epoch: int) -> Iterator[Batch]:
+    def _batches(self, epoch: int) -> Generator[Batch, None, None]:
         views, order = self.views(epoch), self.order(epoch)
         if self.in_memory:
             tokens = self._load()
@@ -195,6 +195,7 @@ class TokenLoader:
                 np.take(tokens.reshape(-1, *out.shape[1:]), index * self.cache.views + view, axis=0,
                         out=out, mode="clip")
             else:
+                assert self._reader is not None  # opened above
                 self._reader.gather(index, view, out)
             y = self.labels[torch.from_numpy(index)]  # (B, C)
             yield Batch(x, y.pin_memory() if self.pin_memory else y, index, view)

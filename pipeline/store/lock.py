@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import CacheError
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11+; the package supports 3.10
-    from typing import Self
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 

@@ -216,7 +216,7 @@ class ShardReader:
             except (RuntimeError, ValueError):  # unchecked bytes that do not decompress
                 ok = False
         else:
-            dest = memoryview(out).cast("B")
+            dest = memoryview(out).cast("B")  # type: ignore[arg-type]  # numpy: arrays are Buffers (typed so from Python 3.12)
             crc = bytearray(4)
             got = os.preadv(fd, [dest, crc], offset)
             ok = got == nbytes and (not verify or crc32c(out) == int.from_bytes(crc, "little"))

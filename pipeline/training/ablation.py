@@ -3,10 +3,11 @@
 lambda1 x lambda2 (ablate.lambda1s / lambda2s; [] = the train.infoclip value, not swept)."""
 from __future__ import annotations
 
-import copy
 import csv
 from collections.abc import Sequence
 from pathlib import Path
+
+from pipeline.config.schema import Params, Train
 
 # mfi_*: plain prompts "A photo of a {class}." (paper Table 4); mfi_pos_*: the positive training prompts.
 # lambda1, lambda2, mi_student_teacher: InfoCLIP objectives only (empty otherwise); val_mi_clip:
@@ -29,46 +30,43 @@ def point_slug(lam: float, alpha: float, lambda1: float | None = None,
     return point_label(lam, alpha, lambda1, lambda2).replace("=", "").replace(", ", "_")
 
 
-def loss_key(train: dict) -> tuple:
+def loss_key(train: Train) -> tuple:
     """What a point's training depends on among the swept values: points with equal keys train the
     same weights. With MFI out of the loss (alpha = 0, or objective infoclip) lambda is irrelevant,
     and alpha too for infoclip; lambda1 / lambda2 only matter with InfoCLIP."""
     from pipeline.model.objective import uses_infoclip, uses_mfi
 
-    objective = train.get("objective", "unmix")
-    mfi = uses_mfi(objective) and train["alpha"] > 0
+    objective = train.objective
+    mfi = uses_mfi(objective) and train.alpha > 0
     info = uses_infoclip(objective)
-    return (float(train["alpha"]) if mfi else 0.0, float(train["mfi"]["lambda"]) if mfi else None,
-            float(train["infoclip"]["lambda1"]) if info else None,
-            float(train["infoclip"]["lambda2"]) if info else None)
+    return (float(train.alpha) if mfi else 0.0, float(train.mfi.lambda_) if mfi else None,
+            float(train.infoclip.lambda1) if info else None,
+            float(train.infoclip.lambda2) if info else None)
 
 
-def distinct(runs: Sequence[dict]) -> tuple[list[int], list[int]]:
+def distinct(runs: Sequence[Params]) -> tuple[list[int], list[int]]:
     """(index of the first point of each distinct training, for each point the index into that list)."""
     first: dict[tuple, int] = {}
     owner = []
     for p in runs:
-        owner.append(first.setdefault(loss_key(p["train"]), len(first)))
+        owner.append(first.setdefault(loss_key(p.train), len(first)))
     reps = [0] * len(first)
     for i in reversed(range(len(runs))):
         reps[owner[i]] = i
     return reps, owner
 
 
-def point_params(params: dict, lam: float, alpha: float, epochs: int | None,
-                 lambda1: float | None = None, lambda2: float | None = None) -> dict:
+def point_params(params: Params, lam: float, alpha: float, epochs: int | None,
+                 lambda1: float | None = None, lambda2: float | None = None) -> Params:
     """params of one grid point: a solo `pipeline train` with exactly these is the same run.
     lambda1 / lambda2 None keep train.infoclip's values."""
-    p = copy.deepcopy(params)
-    p["train"]["mfi"]["lambda"] = lam
-    p["train"]["alpha"] = alpha
-    if lambda1 is not None:
-        p["train"]["infoclip"]["lambda1"] = lambda1
-    if lambda2 is not None:
-        p["train"]["infoclip"]["lambda2"] = lambda2
-    if epochs is not None:
-        p["train"]["epochs"] = epochs
-    return p
+    p = params.model_copy(deep=True)  # nothing shared with `params`
+    t = p.train
+    infoclip = {k: v for k, v in (("lambda1", lambda1), ("lambda2", lambda2)) if v is not None}
+    train = t.model_copy(update={"mfi": t.mfi.model_copy(update={"lambda_": lam}), "alpha": alpha,
+                                 "infoclip": t.infoclip.model_copy(update=infoclip),
+                                 **({} if epochs is None else {"epochs": epochs})})
+    return p.model_copy(update={"train": train})
 
 
 Point = tuple[float, float, float | None, float | None]  # lambda, alpha, lambda1, lambda2
@@ -78,8 +76,8 @@ def grid(lambdas: Sequence[float], alphas: Sequence[float], lambda1s: Sequence[f
          lambda2s: Sequence[float] = ()) -> list[Point]:
     """(lambda, alpha, lambda1, lambda2) points, lambda-major then alpha, lambda1, lambda2.
     An empty lambda1s / lambda2s gives None there: the params value, not swept."""
-    l1s = [float(v) for v in lambda1s] or [None]
-    l2s = [float(v) for v in lambda2s] or [None]
+    l1s: list[float | None] = [float(v) for v in lambda1s] or [None]
+    l2s: list[float | None] = [float(v) for v in lambda2s] or [None]
     return [(float(lam), float(alpha), l1, l2)
             for lam in lambdas for alpha in alphas for l1 in l1s for l2 in l2s]
 

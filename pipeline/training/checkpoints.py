@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from pipeline.config.params import as_dict
+from pipeline.config.schema import Evaluate, Params
 from pipeline.errors import TrainingError
 from pipeline.files import atomic_write
 from pipeline.model.projectors import (  # noqa: F401  (re-exported: the training API in one import)
@@ -38,19 +40,20 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     """Write the resume state atomically (temp file + rename).
 
     state: head, optimizer, scaler (or None), epoch (completed),
-    params, cache (cache_identity of the train cache), history (per-epoch metric rows).
+    params (as_dict of the run's params), cache (cache_identity of the train cache), history
+    (per-epoch metric rows).
     """
     _atomic_save(dict(state), path)
 
 
-def validation_identity(val_cache: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+def validation_identity(val_cache: Any, evaluate: Evaluate) -> dict[str, Any]:
     """What every validated epoch of one run is measured with: the val store and how the text goes
     in. Best-epoch selection compares val mAPs across epochs, so a resume must not change it."""
-    ev = params["evaluate"]
-    return {"store": cache_identity(val_cache), "text_bn": dict(ev["text_bn"]), "text_input": ev["text_input"]}
+    return {"store": cache_identity(val_cache), "text_bn": as_dict(evaluate.text_bn),
+            "text_input": evaluate.text_input}
 
 
-def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
+def load_checkpoint(path: str | Path, cache: Any, params: Params,
                     labels: Mapping[str, Any] | None = None,
                     validation: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read a resume state and refuse it unless it belongs to this train cache and these settings,
@@ -65,14 +68,15 @@ def load_checkpoint(path: str | Path, cache: Any, params: Mapping[str, Any],
         raise TrainingError(
             f"checkpoint {path} was written for a different train cache than {cache.path} "
             f"(fingerprint differs in: {', '.join(differ)}); delete {path} or train without --resume")
-    old_train = without(state["params"]["train"], _RESUMABLE_CHANGES)
-    new_train = without(params["train"], _RESUMABLE_CHANGES)
-    differ = [k for k, _, _ in differences({"model": state["params"]["model"], "train": old_train},
-                                           {"model": params["model"], "train": new_train})]
+    recorded = state["params"]  # the params dict the checkpoint was written with
+    old_train = without(recorded["train"], _RESUMABLE_CHANGES)
+    new_train = without(as_dict(params.train), _RESUMABLE_CHANGES)
+    differ = [k for k, _, _ in differences({"model": recorded["model"], "train": old_train},
+                                           {"model": as_dict(params.model), "train": new_train})]
     if differ:
         raise TrainingError(f"checkpoint {path} was written with other settings ({', '.join(differ)}); "
                             f"resuming would mix two experiments: delete {path} or restore the params")
-    epochs, done = params["train"]["epochs"], state["epoch"]
+    epochs, done = params.train.epochs, state["epoch"]
     if done > epochs:  # nothing would run, and the projectors would record the smaller epochs
         raise TrainingError(f"checkpoint {path} has trained {done} epochs, more than train.epochs = "
                             f"{epochs}: set train.epochs to {done} or more, or delete {path} and train "

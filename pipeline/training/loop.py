@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.config.schema import Evaluate, Params, Train
 from pipeline.evaluation.metrics import mean_average_precision, mfi_figure_of_merit
 from pipeline.model.build import head_from_params
 from pipeline.model.heads import HeadOutput, UnmixHead, positive_scores
@@ -38,7 +39,7 @@ AuxLoss = Callable[..., Mapping[str, Tensor]]
 
 
 # -- schedule and optimiser ----------------------------------------------------------------------
-def lr_at(epoch: float, train_params: Mapping[str, Any]) -> float:
+def lr_at(epoch: float, train: Train) -> float:
     """Learning rate at fractional epoch `epoch` (e + step / steps_per_epoch).
 
     The constant `warmup_lr` (1e-5) for the first `warmup_epochs`, then cosine annealing of `lr`
@@ -48,11 +49,11 @@ def lr_at(epoch: float, train_params: Mapping[str, Any]) -> float:
     starts at lr0 on epoch W and the last epoch ends above 0. `lr_schedule` "epoch" steps it once
     per epoch as Dassl does (the authors' run); "step" evaluates the same curve at every step.
     """
-    if train_params.get("lr_schedule", "step") == "epoch":
+    if train.lr_schedule == "epoch":
         epoch = math.floor(epoch)
-    warmup, total, base = train_params["warmup_epochs"], train_params["epochs"], train_params["lr"]
+    warmup, total, base = train.warmup_epochs, train.epochs, train.lr
     if epoch < warmup:
-        return float(train_params["warmup_lr"])
+        return float(train.warmup_lr)
     return float(base * 0.5 * (1.0 + math.cos(math.pi * min((epoch - warmup) / total, 1.0))))
 
 
@@ -88,12 +89,12 @@ def projector_text(cache: Any, text_input: str) -> dict[str, Tensor]:
     return {name: torch.from_numpy(cache.text_features(prefix + name)) for name in ("positive", "negative", "plain")}
 
 
-def build_optimizer(params_iter: Iterable[Tensor], train_params: Mapping[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(params_iter: Iterable[Tensor], train: Train) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay (paper), or Adam (smoke profile: SGD at the paper's lr
     does not move a toy problem, docs/TESTING.md, trap 2)."""
-    kind, lr, wd = train_params["optimizer"], train_params["lr"], train_params["weight_decay"]
+    kind, lr, wd = train.optimizer, train.lr, train.weight_decay
     if kind == "sgd":
-        return torch.optim.SGD(params_iter, lr=lr, momentum=train_params["momentum"], weight_decay=wd)
+        return torch.optim.SGD(params_iter, lr=lr, momentum=train.momentum, weight_decay=wd)
     if kind == "adam":
         return torch.optim.Adam(params_iter, lr=lr, weight_decay=wd)
     raise TrainingError(f"parameter 'train.optimizer' must be sgd or adam, got {kind!r}")
@@ -104,10 +105,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def new_head(params: Mapping[str, Any], embed_dim: int, device: torch.device) -> UnmixHead:
+def new_head(params: Params, embed_dim: int, device: torch.device) -> UnmixHead:
     """The head every run starts from: seeded by train.seed, so solo and ablation runs agree."""
-    torch.manual_seed(params["train"]["seed"])
-    return head_from_params(params["model"], embed_dim).to(device)
+    torch.manual_seed(params.train.seed)
+    return head_from_params(params.model, embed_dim).to(device)
 
 
 # -- precision -----------------------------------------------------------------------------------
@@ -147,35 +148,37 @@ def torch_threads(device: torch.device, spec: int | str = "auto") -> Any:
 
 
 # -- one step ------------------------------------------------------------------------------------
-def objective_terms(out: HeadOutput, labels: Tensor, cfg: Mapping[str, Any], *, alpha: float | Tensor,
+def objective_terms(out: HeadOutput, labels: Tensor, train: Train, *, alpha: float | Tensor,
                     lam: float | Tensor, bn: str, use_mfi: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(total, asl, mfi) of one head's output: L = asl_weight * ASL (+ alpha * MFI when `use_mfi`).
     The arithmetic every trainer shares: loss_parts (train_step) and the ablation's stacked grid,
     whose alpha and MFI lambda are per-head tensors. bn: the MFI BatchNorm mode (the projector's)."""
     # Losses in fp32: the ASL log and the MFI squares are where half precision loses bits.
-    asl = asl_loss(out.logits.float(), labels, **cfg["asl"])
-    mfi = mfi_loss(out.text_pos.float(), out.text_neg.float(), lam=lam, form=cfg["mfi"]["form"], bn=bn)
-    total = cfg["asl_weight"] * asl  # 1 in the paper; the authors' code uses 0.999 * 0.05
+    a = train.asl
+    asl = asl_loss(out.logits.float(), labels, gamma_neg=a.gamma_neg, gamma_pos=a.gamma_pos, clip=a.clip,
+                   eps=a.eps)
+    mfi = mfi_loss(out.text_pos.float(), out.text_neg.float(), lam=lam, form=train.mfi.form, bn=bn)
+    total = train.asl_weight * asl  # 1 in the paper; the authors' code uses 0.999 * 0.05
     if use_mfi:
         total = total + alpha * mfi
     return total, asl, mfi
 
 
 def loss_parts(head: UnmixHead, tokens: Tensor, labels: Tensor, text: Mapping[str, Tensor],
-               cfg: Mapping[str, Any], aux: AuxLoss | None = None,
+               train: Train, aux: AuxLoss | None = None,
                amp: torch.dtype | None = None) -> dict[str, Tensor]:
     """{total, asl, mfi, *aux terms} as tensors (graph kept) for L = asl_weight * ASL + alpha * MFI
     (+ aux terms), the head in training mode (objective_terms, then the aux terms).
 
-    MFI is left out of L (still reported) when cfg["objective"] is "infoclip". tokens (B, T, D)
-    and labels (B, C) on the head's device; text["negative"], text["positive"] (C, D); cfg is
-    params["train"].
+    MFI is left out of L (still reported) when train.objective is "infoclip". tokens (B, T, D)
+    and labels (B, C) on the head's device; text["negative"], text["positive"] (C, D); train is
+    the params' train section.
     """
     head.train()
     with _autocast(tokens.device, amp):
         out: HeadOutput = head(tokens, text["negative"], text["positive"])
-    total, asl, mfi = objective_terms(out, labels, cfg, alpha=cfg["alpha"], lam=cfg["mfi"]["lambda"],
-                                      bn=head.text_bn, use_mfi=uses_mfi(cfg.get("objective", "unmix")))
+    total, asl, mfi = objective_terms(out, labels, train, alpha=train.alpha, lam=train.mfi.lambda_,
+                                      bn=head.text_bn, use_mfi=uses_mfi(train.objective))
     parts: dict[str, Tensor] = {"asl": asl, "mfi": mfi}
     if aux is not None:  # InfoCLIP's compression / distillation terms
         for name, term in aux(head=head, out=out, tokens=tokens, labels=labels, text=text).items():
@@ -185,7 +188,7 @@ def loss_parts(head: UnmixHead, tokens: Tensor, labels: Tensor, text: Mapping[st
 
 
 def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor, labels: Tensor,
-               text: Mapping[str, Tensor], cfg: Mapping[str, Any], aux: AuxLoss | None = None, *,
+               text: Mapping[str, Tensor], train: Train, aux: AuxLoss | None = None, *,
                epoch: int = 0, step: int = 0, amp: torch.dtype | None = None,
                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One optimiser step on loss_parts' total; returns the loss parts as floats.
@@ -193,7 +196,7 @@ def train_step(head: UnmixHead, optimizer: torch.optim.Optimizer, tokens: Tensor
     The learning rate is whatever the optimiser holds (set_lr). A non-finite loss raises
     TrainingError naming `epoch` and `step` before any update.
     """
-    parts = loss_parts(head, tokens, labels, text, cfg, aux, amp)
+    parts = loss_parts(head, tokens, labels, text, train, aux, amp)
     total = parts["total"]
     values = {name: float(value.detach()) for name, value in parts.items()}
     if not all(math.isfinite(v) for v in values.values()):
@@ -252,14 +255,14 @@ def text_figure_of_merit(head: UnmixHead, plain: Tensor, stats: str = "running")
     return mfi_figure_of_merit(plain.float().cpu(), projected.float().cpu())
 
 
-def merit_text(cache: Any, params: Mapping[str, Any]) -> dict[str, Tensor]:
+def merit_text(cache: Any, evaluate: Evaluate) -> dict[str, Tensor]:
     """The class text the figures of merit project: the evaluation's input (evaluate.text_input;
     the authors' figure script feeds L2-normalised features), whatever training was fed."""
-    return projector_text(cache, params["evaluate"]["text_input"])
+    return projector_text(cache, evaluate.text_input)
 
 
 def validation_metrics(head: UnmixHead, val_loader: Any, text: Mapping[str, Tensor],
-                       merit: Mapping[str, Tensor], params: Mapping[str, Any],
+                       merit: Mapping[str, Tensor], evaluate: Evaluate,
                        amp: torch.dtype | None = None, mean_ap: Callable = mean_average_precision
                        ) -> dict[str, float]:
     """One validation as every trainer reports it (train.json, the ablation grid): val mAP with the
@@ -269,10 +272,10 @@ def validation_metrics(head: UnmixHead, val_loader: Any, text: Mapping[str, Tens
     Everything here runs in float32 whatever the training precision: `amp` (the trainers' autocast
     dtype) is accepted for their call and not used, so the best epoch by val mAP is the best epoch
     of the final fp32 evaluation (evaluate_head)."""
-    bn = params["evaluate"]["text_bn"]
-    scores, labels = evaluate_head(head, val_loader, text, stats=bn["mlr"])
-    plain = text_figure_of_merit(head, merit["plain"], stats=bn["mfi"])
-    pos = text_figure_of_merit(head, merit["positive"], stats=bn["mfi"])
+    bn = evaluate.text_bn
+    scores, labels = evaluate_head(head, val_loader, text, stats=bn.mlr)
+    plain = text_figure_of_merit(head, merit["plain"], stats=bn.mfi)
+    pos = text_figure_of_merit(head, merit["positive"], stats=bn.mfi)
     return {"val_map": mean_ap(scores, labels), "mfi_before": plain["before"],
             "mfi_after": plain["after"], "mfi_reduction_pct": plain["reduction_pct"],
             "mfi_pos_before": pos["before"], "mfi_pos_after": pos["after"]}

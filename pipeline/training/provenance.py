@@ -11,6 +11,7 @@ whose inputs or params differ from the current ones (`require_current`, one line
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import paths
+from pipeline.config.params import as_dict
+from pipeline.config.schema import Backbone, Params, Paths
 from pipeline.errors import TrainingError
 from pipeline.model.projectors import read_state
 from pipeline.store.cache import CacheError, FeatureCache
@@ -57,13 +60,13 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
-def trained_params(params: Mapping[str, Any]) -> dict[str, Any]:
+def trained_params(params: Params) -> dict[str, Any]:
     """The params a projectors file depends on: recipe, model, train (less IGNORED_TRAIN_KEYS)."""
-    train = without(params["train"], IGNORED_TRAIN_KEYS)
-    return _plain({"recipe": params.get("recipe"), "model": params["model"], "train": train})
+    train = without(as_dict(params.train), IGNORED_TRAIN_KEYS)
+    return _plain({"recipe": params.recipe, "model": as_dict(params.model), "train": train})
 
 
-def record(params: Mapping[str, Any], train_cache: Any, val_cache: Any,
+def record(params: Params, train_cache: Any, val_cache: Any,
            weights_digest: str | None = None) -> dict[str, Any]:
     """What a projectors file stores under meta["provenance"]. `weights_digest` defaults to the
     train store's; a store given as None (hand-made projectors in tests) is recorded as unknown."""
@@ -73,24 +76,24 @@ def record(params: Mapping[str, Any], train_cache: Any, val_cache: Any,
         "train_store": None if train_cache is None else {"fingerprint": train_cache.fingerprint,
                                                          "layout": train_cache.layout},
         "val_store": None if val_cache is None else {"fingerprint": val_cache.fingerprint},
-        "weights_digest": weights_digest, "backbone": params["backbone"]["name"],
+        "weights_digest": weights_digest, "backbone": params.backbone.name,
         "params": trained_params(params)})
 
 
-def projectors_files(params: Mapping[str, Any]) -> list[Path]:
+def projectors_files(paths_: Paths) -> list[Path]:
     """The projectors files (last and best) of this run's models folder that exist."""
-    return sorted(paths.models_dir(params).glob(PROJECTORS_GLOB))
+    return sorted(paths.models_dir(paths_).glob(PROJECTORS_GLOB))
 
 
-def used_projectors(params: Mapping[str, Any]) -> list[Path]:
+def used_projectors(params: Params) -> list[Path]:
     """The projectors file every evaluation of this run reads (evaluate.projectors), if it exists."""
-    path = paths.projectors(params, params["evaluate"]["projectors"])
+    path = paths.projectors(params.paths, params.evaluate.projectors)
     return [path] if path.is_file() else []
 
 
-def invalidate(params: Mapping[str, Any]) -> list[Path]:
+def invalidate(paths_: Paths) -> list[Path]:
     """Delete the projectors files before a training run's first epoch; returns what it deleted."""
-    gone = projectors_files(params)
+    gone = projectors_files(paths_)
     for path in gone:
         path.unlink(missing_ok=True)
     return gone
@@ -118,22 +121,29 @@ def _first(differ: list[tuple[str, Any, Any]]) -> str:
     return f"{key}: {_show(old)} then, {_show(new)} now{more}"
 
 
-def declared_digest(backbone: Mapping[str, Any]) -> str | None:
-    """The weights digest `load_backbone` would give for params["backbone"], without loading it
+def declared_digest(backbone: Backbone) -> str | None:
+    """The weights digest `load_backbone` would give for the backbone section, without loading it
     (BatchNorm recalibration's "+bn:" suffix left out); None if the checkpoint is missing."""
-    if backbone.get("checkpoint"):
-        if backbone.get("sha256"):
-            return str(backbone["sha256"]).strip().lower()
-        if not Path(backbone["checkpoint"]).is_file():
+    return weights_digest_of(backbone.name, backbone.checkpoint, backbone.pretrained, backbone.sha256,
+                             backbone.init_seed)
+
+
+def weights_digest_of(name: str, checkpoint: str | os.PathLike | None, pretrained: str | None,
+                      sha256: str | None, init_seed: int) -> str | None:
+    """declared_digest of these backbone values."""
+    if checkpoint:
+        if sha256:
+            return str(sha256).strip().lower()
+        if not Path(checkpoint).is_file():
             return None
         from pipeline.model.weights import sha256_file
-        return sha256_file(backbone["checkpoint"])
-    if backbone.get("pretrained") in (None, "random"):
-        return f"random:{backbone['init_seed']}"
-    return f"{backbone['name']}:{backbone['pretrained']}"
+        return sha256_file(Path(checkpoint))
+    if pretrained in (None, "random"):
+        return f"random:{init_seed}"
+    return f"{name}:{pretrained}"
 
 
-def mismatches(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str | Path = "projectors",
+def mismatches(meta: Mapping[str, Any], params: Params, *, path: str | Path = "projectors",
                val_cache: Any = None, train_cache: Any = None,
                backbone_digest: str | None = None) -> list[str]:
     """One line per input of `meta`'s run that differs now (empty: all the same run).
@@ -151,7 +161,7 @@ def mismatches(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str 
     if backbone_digest is not None:
         old = rec["weights_digest"].split("+bn:")[0]
         differ = differences({"backbone.name": rec["backbone"], "backbone weights": old},
-                       {"backbone.name": params["backbone"]["name"],
+                       {"backbone.name": params.backbone.name,
                         "backbone weights": backbone_digest.split("+bn:")[0]})
         if differ:
             out.append(f"the backbone differs from the one {path} was trained on ({_first(differ)}): "
@@ -170,7 +180,7 @@ def mismatches(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str 
     return out
 
 
-def require_match(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str | Path = "projectors",
+def require_match(meta: Mapping[str, Any], params: Params, *, path: str | Path = "projectors",
                   val_cache: Any = None, train_cache: Any = None,
                   backbone_digest: str | None = None) -> None:
     """Raise on the first mismatch: CacheError for a rebuilt store, TrainingError otherwise."""
@@ -182,8 +192,8 @@ def require_match(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: s
         raise CacheError(lines[0])
 
 
-def _open_if_there(params: Mapping[str, Any], role: str, strict: bool) -> FeatureCache | None:
-    store = paths.feature_store(params, role)
+def _open_if_there(paths_: Paths, role: str, strict: bool) -> FeatureCache | None:
+    store = paths.feature_store(paths_, role)
     if not store.exists():
         return None
     try:
@@ -194,32 +204,32 @@ def _open_if_there(params: Mapping[str, Any], role: str, strict: bool) -> Featur
         return None
 
 
-def require_current(params: Mapping[str, Any], *, val: bool = True, backbone: bool = True) -> None:
+def require_current(params: Params, *, val: bool = True, backbone: bool = True) -> None:
     """For `evaluate` / `figures`: refuse projectors files whose params differ from `params`, whose
     train store (if present) or val store (`val`) was rebuilt since, or whose backbone differs from
-    params["backbone"] (`backbone`). A missing projectors file is left to the loader's message."""
-    digest = declared_digest(params["backbone"]) if backbone else None
-    caches = {"val_cache": _open_if_there(params, "val", strict=True) if val else None,
-              "train_cache": _open_if_there(params, "train", strict=False)}
+    params.backbone (`backbone`). A missing projectors file is left to the loader's message."""
+    digest = declared_digest(params.backbone) if backbone else None
+    caches = {"val_cache": _open_if_there(params.paths, "val", strict=True) if val else None,
+              "train_cache": _open_if_there(params.paths, "train", strict=False)}
     for path in used_projectors(params):
         meta = read_state(path).get("meta", {})
         require_match(meta, params, path=path, backbone_digest=digest, **caches)
 
 
-def check(params: Mapping[str, Any]) -> list[str]:
+def check(params: Params) -> list[str]:
     """For `report`: one line per input that comes from another run than the current projectors
     (params, stores, backbone, evaluation results older than the projectors); never raises for it."""
     files = used_projectors(params)
-    results = _eval_results(params)
+    results = _eval_results(params.paths)
     if not files:
         if results:
-            chosen = paths.projectors(params, params["evaluate"]["projectors"])
+            chosen = paths.projectors(params.paths, params.evaluate.projectors)
             return [(f"no projectors at {chosen} (a training run started and did "
                      f"not finish?): {', '.join(str(r) for r in results)} come from an earlier run")]
         return []
-    caches = {"val_cache": _open_if_there(params, "val", strict=False),
-              "train_cache": _open_if_there(params, "train", strict=False)}
-    digest = declared_digest(params["backbone"])
+    caches = {"val_cache": _open_if_there(params.paths, "val", strict=False),
+              "train_cache": _open_if_there(params.paths, "train", strict=False)}
+    digest = declared_digest(params.backbone)
     out: list[str] = []
     for path in files:
         try:
@@ -235,11 +245,11 @@ def check(params: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _eval_results(params: Mapping[str, Any]) -> list[Path]:
+def _eval_results(paths_: Paths) -> list[Path]:
     """Files written by `evaluate` and `figures` from the projectors."""
     found: Sequence[Path] = [
-        *(paths.results_dir(params, "metrics", f"{n}.json") for n in EVAL_RESULTS),
-        *(paths.results_dir(params, "tables", f"{n}.md") for n in EVAL_RESULTS),
-        *sorted(paths.results_dir(params, "figures").glob("*.png")),
-        *sorted(paths.results_dir(params, "heatmaps").glob("*.png"))]
+        *(paths.results_dir(paths_, "metrics", f"{n}.json") for n in EVAL_RESULTS),
+        *(paths.results_dir(paths_, "tables", f"{n}.md") for n in EVAL_RESULTS),
+        *sorted(paths.results_dir(paths_, "figures").glob("*.png")),
+        *sorted(paths.results_dir(paths_, "heatmaps").glob("*.png"))]
     return [p for p in found if p.is_file()]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
+from pipeline.config.schema import Train
 from pipeline.model.heads import UnmixHead
 from pipeline.model.objective import trainable_parameters, uses_mfi
 from pipeline.training.loop import (
@@ -52,13 +53,13 @@ def nonfinite_error(parts: Tensor, names: Sequence[str], labels: Sequence[str], 
 class StackedTrainer:
     """H heads (same architecture, same train params but alpha / MFI lambda) as one stacked model.
 
-    heads: the initial heads (copied into the stack); cfgs: each head's params["train"];
+    heads: the initial heads (copied into the stack); cfgs: each head's train section;
     labels: how errors name each head, e.g. "lambda=0.2, alpha=0.01".
     """
 
     parts = PARTS
 
-    def __init__(self, heads: Sequence[UnmixHead], cfgs: Sequence[Mapping[str, Any]],
+    def __init__(self, heads: Sequence[UnmixHead], cfgs: Sequence[Train],
                  labels: Sequence[str], amp: torch.dtype | None = None, batched: bool | None = None) -> None:
         self.heads, self.cfg, self.labels, self.amp = list(heads), cfgs[0], list(labels), amp
         device = next(heads[0].parameters()).device
@@ -69,9 +70,9 @@ class StackedTrainer:
         self.batched = device.type != "cpu" or torch.get_num_threads() > 1 if batched is None else batched
         self.params, self.buffers = stack_module_state(self.heads)  # {name: (H, ...)}
         self.base = copy.deepcopy(self.heads[0]).to("meta").train()  # the forward, no storage
-        use = uses_mfi(self.cfg.get("objective", "unmix"))
-        self.alpha = torch.tensor([float(c["alpha"]) if use else 0.0 for c in cfgs], device=device)
-        self.lam = torch.tensor([float(c["mfi"]["lambda"]) for c in cfgs], device=device)
+        use = uses_mfi(self.cfg.objective)
+        self.alpha = torch.tensor([float(c.alpha) if use else 0.0 for c in cfgs], device=device)
+        self.lam = torch.tensor([float(c.mfi.lambda_) for c in cfgs], device=device)
         self.use_mfi = use
         self.optimizer = build_optimizer(list(self.params.values()), self.cfg)
         self.scaler = make_scaler(amp)
@@ -130,7 +131,7 @@ class LoopTrainer:
     """The same interface, head by head through training.train_step (InfoCLIP objectives: each
     point has its own LPAM and token sampler). Syncs once per head per step (train_step's checks)."""
 
-    def __init__(self, heads: Sequence[UnmixHead], cfgs: Sequence[Mapping[str, Any]],
+    def __init__(self, heads: Sequence[UnmixHead], cfgs: Sequence[Train],
                  labels: Sequence[str], auxes: Sequence[Any], amp: torch.dtype | None = None) -> None:
         self.heads, self.cfgs, self.labels, self.auxes, self.amp = list(heads), cfgs, labels, auxes, amp
         self.optimizers = [build_optimizer(trainable_parameters(h, x), c)
