@@ -157,6 +157,7 @@ class _CocoMasks:
         return mask
 
     def _released(self, image_id: int) -> np.ndarray:
+        assert self.sources is not None  # released masks only
         source = self.sources.get(image_id)
         info = self.coco.imgs[image_id if source is None else source]
         mask = np.zeros((info["height"], info["width"]), np.uint8)  # (H, W) of the source image

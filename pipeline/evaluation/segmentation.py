@@ -192,6 +192,7 @@ def maps_from_tokens(tokens: dict[str, Tensor], head: UnmixHead | None, texts: d
         if m in PROJECTED:
             norm = ours_norm if m == "ours" else cs_ours_norm
             if (path, norm) not in projected:
+                assert head is not None, "projected methods need the projectors"
                 head.eval()
                 device = next(head.parameters()).device
                 projected[path, norm] = project_image_tokens(head, tokens[path].to(device), norm)

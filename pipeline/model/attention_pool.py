@@ -4,9 +4,10 @@ pool, q-k), with shapes at every reshape. `pool` is open_clip's `AttentionPool2d
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 SURGERY_NORM_EPS = 1e-6  # CLIP Surgery's ResNet path: v / (||v|| + 1e-6) per head
 SURGERY_SCALE_FACTOR = 8.0  # ... and a temperature 8 x head_dim^-0.5
@@ -43,12 +44,12 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return out.transpose(1, 2).reshape(batch, -1, width)  # (B, Tq, C)
 
 
-def value_path(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def value_path(pool: Any, x: torch.Tensor) -> torch.Tensor:
     """DualCoOp's per-token value path c_proj(v_proj(x)): (B, 1+HW, C) -> (B, 1+HW, D)."""
     return pool.c_proj(pool.v_proj(x))  # (B, 1+HW, D)
 
 
-def vv_attention(pool: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+def vv_attention(pool: Any, x: torch.Tensor, heads: int) -> torch.Tensor:
     """v-v attention per token as the paper describes CLIP Surgery's (FrozenCLIP.vv_tokens);
     token 0 keeps the pool's q-k output: (B, 1+HW, C) -> (B, 1+HW, D)."""
     v = pool.v_proj(x)  # (B, 1+HW, C)
@@ -57,7 +58,7 @@ def vv_attention(pool: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
     return tokens
 
 
-def surgery_attention(pool: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+def surgery_attention(pool: Any, x: torch.Tensor, heads: int) -> torch.Tensor:
     """CLIP Surgery's released ResNet attention pool (its clip_surgery_model.py; docs/METHOD.md).
 
     q, k and v are all v_proj(x). Two paths over the 1+HW tokens, per head (scale = head_dim^-0.5):
@@ -77,14 +78,14 @@ def surgery_attention(pool: nn.Module, x: torch.Tensor, heads: int) -> torch.Ten
     return pool.c_proj(out.transpose(1, 2).reshape(batch, tokens, width))  # (B, 1+HW, D)
 
 
-def qk_attention(pool: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+def qk_attention(pool: Any, x: torch.Tensor, heads: int) -> torch.Tensor:
     """The pool's ordinary q-k attention with every token as a query (the paper's CLIP row):
     c_proj(softmax(q_proj(x) k_proj(x)^T / sqrt(head_dim)) v_proj(x)) per head -> (B, 1+HW, D)."""
     out = multi_head_attention(pool.q_proj(x), pool.k_proj(x), pool.v_proj(x), heads)  # (B, 1+HW, C)
     return pool.c_proj(out)  # (B, 1+HW, D)
 
 
-def qk_first_token(pool: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+def qk_first_token(pool: Any, x: torch.Tensor, heads: int) -> torch.Tensor:
     """What the attention pool itself outputs: the mean token attending to all tokens -> (B, D)."""
     out = multi_head_attention(
         pool.q_proj(x[:, :1]), pool.k_proj(x), pool.v_proj(x), heads)  # (B, 1, C)

@@ -39,7 +39,49 @@ _TEXT_CHUNK = 256  # prompts per encode_text call
 TOKEN_PATHS = ("vproj", "vv", "qk", "surgery")  # per-token paths of the attention pool (see token_paths)
 
 
-class FrozenCLIP(nn.Module):
+class FrozenTowers(nn.Module):
+    """What every frozen CLIP wrapper shares (FrozenCLIP for ResNets, model.vit.FrozenViT for ViTs):
+    eval mode for good, the precision's autocast, and the text tower. Subclasses set `model`,
+    `device`, `precision` and `tokenizer`."""
+
+    model: Any
+    device: torch.device
+    precision: str
+    tokenizer: Any
+
+    def train(self, mode: bool = True) -> FrozenTowers:
+        """Stay in eval mode: BatchNorm statistics of a frozen backbone must not drift, and a ViT's
+        patch dropout stays off."""
+        return super().train(False)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        dtype = _AUTOCAST_DTYPES[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str], normalise: bool = True) -> torch.Tensor:
+        """CLIP text embeddings (P, D) float32 of the prompts, in order; L2-normalised unless
+        `normalise` is False (the raw encode_text output the authors' training feeds the projector)."""
+        chunks = []
+        for start in range(0, len(prompts), _TEXT_CHUNK):
+            tokens = self.tokenizer(list(prompts[start:start + _TEXT_CHUNK])).to(self.device)  # (p, 77)
+            with self._autocast():
+                chunks.append(self.model.encode_text(tokens).float())  # (p, D)
+        raw = torch.cat(chunks)  # (P, D)
+        return F.normalize(raw, dim=-1) if normalise else raw
+
+    def class_text_features(self, classnames: list[str], normalise: bool = True) -> dict[str, torch.Tensor]:
+        """Per class: positive / negative training prompts and the plain prompt, each (C, D)."""
+        templates = {"positive": POSITIVE_TEMPLATE, "negative": NEGATIVE_TEMPLATE,
+                     "plain": PLAIN_TEMPLATE}
+        prompts = [t.format(c) for t in templates.values() for c in classnames]
+        features = self.text_features(prompts, normalise).split(len(classnames))  # 3 x (C, D)
+        return dict(zip(templates, features))
+
+
+class FrozenCLIP(FrozenTowers):
     """An open_clip ResNet CLIP that is never trained: eval mode, no gradients, float32 outputs.
 
     ``precision`` "fp16"/"bf16" runs the towers under autocast (weights stay fp32); outputs are
@@ -70,16 +112,6 @@ class FrozenCLIP(nn.Module):
         self.image_size: int = model.visual.image_size
         self.stride: int = 32  # input pixels per token side: layer4 is 1/32 of the input
         self.eval()
-
-    def train(self, mode: bool = True) -> FrozenCLIP:
-        """Stay in eval mode: BatchNorm statistics of a frozen backbone must not drift."""
-        return super().train(False)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = _AUTOCAST_DTYPES[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _trunk_eager(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.model.visual
@@ -201,26 +233,6 @@ class FrozenCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.spatial_tokens(images)
-
-    @torch.no_grad()
-    def text_features(self, prompts: list[str], normalise: bool = True) -> torch.Tensor:
-        """CLIP text embeddings (P, D) float32 of the prompts, in order; L2-normalised unless
-        `normalise` is False (the raw encode_text output the authors' training feeds the projector)."""
-        chunks = []
-        for start in range(0, len(prompts), _TEXT_CHUNK):
-            tokens = self.tokenizer(list(prompts[start:start + _TEXT_CHUNK])).to(self.device)  # (p, 77)
-            with self._autocast():
-                chunks.append(self.model.encode_text(tokens).float())  # (p, D)
-        raw = torch.cat(chunks)  # (P, D)
-        return F.normalize(raw, dim=-1) if normalise else raw
-
-    def class_text_features(self, classnames: list[str], normalise: bool = True) -> dict[str, torch.Tensor]:
-        """Per class: positive / negative training prompts and the plain prompt, each (C, D)."""
-        templates = {"positive": POSITIVE_TEMPLATE, "negative": NEGATIVE_TEMPLATE,
-                     "plain": PLAIN_TEMPLATE}
-        prompts = [t.format(c) for t in templates.values() for c in classnames]
-        features = self.text_features(prompts, normalise).split(len(classnames))  # 3 x (C, D)
-        return dict(zip(templates, features))
 
 
 def _create_random(name: str, init_seed: int, quick_gelu: bool) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -17,13 +18,13 @@ from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
 from pipeline.model import vit_tokens as vt
-from pipeline.model.backbone import _AUTOCAST_DTYPES, FrozenCLIP, create_clip
+from pipeline.model.backbone import _AUTOCAST_DTYPES, FrozenCLIP, FrozenTowers, create_clip
 from pipeline.model.weights import WeightsError
 
 TINY_VIT = "tiny-ViT"  # pipeline/model/model_configs/tiny-ViT.json: 64 px, 8 px patches, 7 blocks
 
 
-class FrozenViT(nn.Module):
+class FrozenViT(FrozenTowers):
     """An open_clip CLIP ViT that is never trained: eval mode, no gradients, float32 outputs.
 
     Token methods (`token_paths`, each (B, 1+h*w, D), class token first, then the h x w patch grid
@@ -51,7 +52,7 @@ class FrozenViT(nn.Module):
         self.weights_digest = weights_digest
         self.precision = precision
         self.channels_last = False  # no convolutional trunk to lay out
-        visual = model.visual
+        visual: Any = model.visual  # open_clip's VisionTransformer: untyped attributes
         self.embed_dim: int = visual.output_dim
         self.width: int = visual.transformer.width
         self.layers: int = len(visual.transformer.resblocks)
@@ -66,19 +67,11 @@ class FrozenViT(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(name)
         self.eval()
 
-    # The text tower is the same as the ResNet CLIP's: FrozenCLIP's own methods, shared not copied.
-    _autocast = FrozenCLIP._autocast
-    text_features = FrozenCLIP.text_features
-    class_text_features = FrozenCLIP.class_text_features
-
-    def train(self, mode: bool = True) -> FrozenViT:
-        """Stay in eval mode (a frozen backbone; patch dropout off)."""
-        return super().train(False)
-
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, torch.float32, non_blocking=True)
 
-    def _trunk_eager(self, images: torch.Tensor, pos_interpolation: str, surgery: bool):
+    def _trunk_eager(self, images: torch.Tensor, pos_interpolation: str,
+                     surgery: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Embedding and blocks 0..L-2: (last block's input (B, T, C), CLIP Surgery's path or None)."""
         x, _ = vt.embed(self.model.visual, images, pos_interpolation)  # (B, 1+hw, C)
         return vt.trunk(self.model.visual, x, self.surgery_from if surgery else None)
@@ -123,7 +116,8 @@ class FrozenViT(nn.Module):
         return self.spatial_tokens(images)
 
 
-def frozen_backbone(model: nn.Module, name: str, weights_digest: str, **options) -> FrozenCLIP | FrozenViT:
+def frozen_backbone(model: nn.Module, name: str, weights_digest: str,
+                    **options: Any) -> FrozenCLIP | FrozenViT:
     """FrozenCLIP for a ModifiedResNet image tower, FrozenViT for an OpenAI-style ViT; anything
     else is refused in one line (WeightsError naming the model and what its tower does)."""
     if isinstance(getattr(model, "visual", None), ModifiedResNet):

@@ -9,6 +9,8 @@ ln_post(.) @ proj. Shapes: B images, T = 1 + h*w tokens, C the tower width, D th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ PATH_ALIASES = {"vproj": "maskclip", "vv": "clip-surgery"}
 SURGERY_BLOCKS = 6  # CLIP Surgery's dual path runs through the last 6 blocks
 
 
-def vit_refusal(visual: nn.Module) -> str | None:
+def vit_refusal(visual: Any) -> str | None:
     """Why this image tower is not an OpenAI-style CLIP ViT (class token, ln_pre, plain
     MultiheadAttention blocks, ln_post, proj), or None when it is. Checks modules, not names."""
     if not isinstance(visual, VisionTransformer):
@@ -125,7 +127,8 @@ def run_block(block: ResidualAttentionBlock, x: torch.Tensor, batch_first: bool 
 def qkv(block: ResidualAttentionBlock, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Query, key and value projections of y (B, T, C) from in_proj_weight/bias: 3 x (B, T, C)."""
     attn = block.attn
-    return F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    return q, k, v
 
 
 def value_path(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +195,7 @@ def last_block_tokens(visual: VisionTransformer, x: torch.Tensor, x_s: torch.Ten
     return out
 
 
-def resolve_methods(paths) -> tuple[tuple[str, ...], dict[str, str]]:
+def resolve_methods(paths: Iterable[str]) -> tuple[tuple[str, ...], dict[str, str]]:
     """Asked names (VIT_METHODS or FrozenCLIP's aliases) -> the methods to run, and asked -> method."""
     asked = {p: PATH_ALIASES.get(p, p) for p in paths}
     unknown = sorted(p for p, m in asked.items() if m not in VIT_METHODS)
