@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from pipeline.config import paths
 from pipeline.evaluation.metrics import mean_average_precision
+from pipeline.extraction.expected import open_checked
 from pipeline.files import atomic_write_text
 from pipeline.model.build import resolve_device
 from pipeline.model.objective import build_objective, clip_alignment_mi, trainable_parameters
@@ -61,7 +62,7 @@ def open_data(params: dict, device: torch.device) -> tuple[TokenLoader, TokenLoa
     cfg = params["train"]
     caches = {}
     for role in ("train", "val"):
-        caches[role] = FeatureCache.open(paths.feature_store(params, role))
+        caches[role] = open_checked(params, role)  # the store the current params would extract
         caches[role].require_complete()
     train, val = caches["train"], caches["val"]
     if train.classnames != val.classnames or train.dim != val.dim:

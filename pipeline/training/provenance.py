@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.config import paths
 from pipeline.errors import TrainingError
+from pipeline.extraction.expected import expected_fingerprint, mismatch, require_expected
 from pipeline.model.projectors import read_state
 from pipeline.store.cache import CacheError, FeatureCache
 
@@ -170,18 +171,6 @@ def mismatches(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str 
     return out
 
 
-def require_match(meta: Mapping[str, Any], params: Mapping[str, Any], *, path: str | Path = "projectors",
-                  val_cache: Any = None, train_cache: Any = None,
-                  backbone_digest: str | None = None) -> None:
-    """Raise on the first mismatch: CacheError for a rebuilt store, TrainingError otherwise."""
-    lines = mismatches(meta, params, path=path, backbone_digest=backbone_digest)
-    if lines:
-        raise TrainingError(lines[0])
-    lines = mismatches(meta, params, path=path, val_cache=val_cache, train_cache=train_cache)
-    if lines:  # params and backbone agree: a store was rebuilt
-        raise CacheError(lines[0])
-
-
 def _open_if_there(params: Mapping[str, Any], role: str, strict: bool) -> FeatureCache | None:
     store = paths.feature_store(params, role)
     if not store.exists():
@@ -197,13 +186,32 @@ def _open_if_there(params: Mapping[str, Any], role: str, strict: bool) -> Featur
 def require_current(params: Mapping[str, Any], *, val: bool = True, backbone: bool = True) -> None:
     """For `evaluate` / `figures`: refuse projectors files whose params differ from `params`, whose
     train store (if present) or val store (`val`) was rebuilt since, or whose backbone differs from
-    params["backbone"] (`backbone`). A missing projectors file is left to the loader's message."""
+    params["backbone"] (`backbone`), or that were trained on a train store other than the one the
+    current params extract; and present stores other than those the current params extract
+    (pipeline/extraction/expected.py), checked after the projectors' params and backbone and
+    before their stores. A missing projectors file is left to the loader's message."""
     digest = declared_digest(params["backbone"]) if backbone else None
     caches = {"val_cache": _open_if_there(params, "val", strict=True) if val else None,
               "train_cache": _open_if_there(params, "train", strict=False)}
-    for path in used_projectors(params):
-        meta = read_state(path).get("meta", {})
-        require_match(meta, params, path=path, backbone_digest=digest, **caches)
+    metas = {path: read_state(path).get("meta", {}) for path in used_projectors(params)}
+    for path, meta in metas.items():  # params and backbone of the projectors' run
+        lines = mismatches(meta, params, path=path, backbone_digest=digest)
+        if lines:
+            raise TrainingError(lines[0])
+    expected = {role: expected_fingerprint(params, role) for role in ("train", "val")}
+    for role, cache in (("val", caches["val_cache"]), ("train", caches["train_cache"])):
+        if cache is not None:  # the stores: what the current params extract?
+            require_expected(cache, expected[role])
+    for path, meta in metas.items():  # the projectors' stores: these ones?
+        lines = mismatches(meta, params, path=path, **caches)
+        if lines:
+            raise CacheError(lines[0])
+        trained_on = (meta.get("provenance") or {}).get("train_store")
+        if trained_on:  # (the train store may be gone) what the current params extract?
+            problem = mismatch(trained_on["fingerprint"], None, expected["train"],
+                               f"the train store {path} was trained on")
+            if problem:
+                raise CacheError(f"{problem} and `pipeline train`")
 
 
 def check(params: Mapping[str, Any]) -> list[str]:
@@ -221,6 +229,10 @@ def check(params: Mapping[str, Any]) -> list[str]:
               "train_cache": _open_if_there(params, "train", strict=False)}
     digest = declared_digest(params["backbone"])
     out: list[str] = []
+    for role, cache in (("val", caches["val_cache"]), ("train", caches["train_cache"])):
+        problem = None if cache is None else mismatch(
+            cache.fingerprint, cache.annotation_files, expected_fingerprint(params, role), str(cache.path))
+        out += [problem] if problem else []  # a store other than the current params extract
     for path in files:
         try:
             meta = read_state(path).get("meta", {})
