@@ -1,7 +1,7 @@
 """A small pipeline run made through the CLI only (extract-features, train), shared by the tests of
 what a feature store answers for (tests/test_store_identity.py, test_store_inputs.py,
-test_store_params.py): they copy it and break one thing. CLI only, so that the tests also run
-against older code, where they must fail."""
+test_store_params.py; the session fixture `store_world` in conftest.py): they copy it and break
+one thing. CLI only, so that the tests also run against older code, where they must fail."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner, Result
 
 from pipeline.cli.app import main
@@ -98,8 +97,3 @@ def copy(world: Path, run: Path) -> Path:
     """A copy of the world (file times kept, as `cp -a` does)."""
     shutil.copytree(world, run, symlinks=True, dirs_exist_ok=True)
     return run
-
-
-@pytest.fixture(scope="session")
-def store_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tmp_path_factory.mktemp("store-world"))

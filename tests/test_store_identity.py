@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from store_world import (  # noqa: F401  (store_world: session fixture)
+from store_world import (
     clear_error,
     cli,
     copy,
@@ -19,7 +19,6 @@ from store_world import (  # noqa: F401  (store_world: session fixture)
     ok,
     sets,
     store,
-    store_world,
 )
 
 

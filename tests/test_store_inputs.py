@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from store_world import (  # noqa: F401  (store_world: session fixture)
+from store_world import (
     annotations,
     clear_error,
     cli,
@@ -23,7 +23,6 @@ from store_world import (  # noqa: F401  (store_world: session fixture)
     ok,
     sets,
     store,
-    store_world,
 )
 
 from pipeline.data.classes import COCO_CATEGORY_IDS

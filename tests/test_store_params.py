@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from store_world import (  # noqa: F401  (store_world: session fixture)
+from store_world import (
     ROOT,
     clear_error,
     cli,
@@ -17,7 +17,6 @@ from store_world import (  # noqa: F401  (store_world: session fixture)
     ok,
     sets,
     store,
-    store_world,
 )
 
 from pipeline.config.params import flatten, load_params
