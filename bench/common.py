@@ -162,17 +162,20 @@ def random_token_stores(params: Params, n_train: int, n_val: int, views: int, nu
                         dim: int, num_classes: int = 80, seed: int = 0) -> None:
     """Train/val stores of random float16 tokens in the layout a backbone would write, for timing
     code that reads tokens (training, ablation) at full RN-101 size without running RN-101."""
+    from pipeline.extraction.expected import expected_fingerprint
     from pipeline.store.create import create_or_open
 
     rng = np.random.default_rng(seed)
     classnames = [f"class{c}" for c in range(num_classes)]
     for role, n, k in (("train", n_train, views), ("val", n_val, 1)):
         labels = (rng.random((n, num_classes)) < 0.05).astype(np.int8)  # (N, C), ~4 labels each
+        expected = expected_fingerprint(params, role)  # recorded as what the params extract: readable
         cache = create_or_open(
             paths.feature_store(params.paths, role), ids=[f"{role}{i}" for i in range(n)], labels=labels,
             classnames=classnames, views=k, num_tokens=num_tokens, dim=dim,
-            fingerprint={"source": "random tokens (bench)", "seed": seed, "role": role},
-            shard_size=params.extract.shard_size, dtype="float16", overwrite=True)
+            fingerprint={"source": "random tokens (bench)", "seed": seed, **expected.fingerprint()},
+            shard_size=params.extract.shard_size, dtype="float16", overwrite=True,
+            annotation_files=expected.annotation_files())
         for s in range(cache.num_shards):
             a, b = cache.shard_range(s)
             tokens = rng.standard_normal((b - a, k, num_tokens, dim), dtype=np.float32)  # (n, K, T, D)

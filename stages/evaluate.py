@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import paths
 from pipeline.config.schema import Params
 from pipeline.data.datasets import load_multilabel
 from pipeline.evaluation.metrics import average_precision
@@ -32,12 +31,12 @@ from pipeline.evaluation.sources import (
     source_line,
 )
 from pipeline.evaluation.zsmlr import zero_shot_mlr
+from pipeline.extraction.expected import open_checked
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import positive_scores, region_logits
 from pipeline.model.projectors import recorded_model
 from pipeline.results.outputs import write_results
 from pipeline.results.skips import for_evaluation
-from pipeline.store.cache import FeatureCache
 from pipeline.store.loader import TokenLoader
 from pipeline.training import provenance
 from pipeline.training.loop import TrainingError, evaluate_head, projector_text
@@ -57,7 +56,7 @@ def zero_shot_scores(loader: TokenLoader, text: dict[str, torch.Tensor], softmax
 
 def evaluate_mlr(params: Params) -> tuple[dict, str]:
     device = resolve_device(params.backbone.device)
-    cache = FeatureCache.open(paths.feature_store(params.paths, "val"))
+    cache = open_checked(params, "val")  # the store the current params would extract
     head, meta, src = load_head(params, device, cache.dim)
     if list(meta["classnames"]) != list(cache.classnames):
         raise TrainingError(f"projectors at {src['projectors']['path']} were trained on other classes "

@@ -27,10 +27,10 @@ from pipeline.data.classes import classnames, prompt_names
 from pipeline.evaluation.metrics import mean_offdiagonal_similarity
 from pipeline.evaluation.segmentation import PROMPTS, plain_text, project_classes
 from pipeline.evaluation.sources import backbone_and_head, fmt, source_line
+from pipeline.extraction.expected import open_checked
 from pipeline.files import atomic_write_text
 from pipeline.model.heads import UnmixHead
 from pipeline.results.plots import similarity_heatmaps
-from pipeline.store.cache import FeatureCache
 from pipeline.training import provenance
 from pipeline.training.checkpoints import head_from_blob
 from pipeline.training.loop import TrainingError, load_projectors, new_head
@@ -103,7 +103,7 @@ def train_control(params: Params) -> Path:
     out = paths.projectors(control.paths, "last")
     stamp = root / "control.json"
     store = paths.feature_store(params.paths, "train").resolve()
-    train_store = FeatureCache.open(store)  # its fingerprint: a store re-extracted in place retrains
+    train_store = open_checked(params, "train")  # its fingerprint: a store re-extracted in place retrains
     identity = json.dumps({"train": as_dict(control.train), "model": as_dict(control.model),
                            "features": str(store), "fingerprint": train_store.fingerprint,
                            "layout": train_store.layout}, sort_keys=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 from pipeline.config import paths
 from pipeline.config.schema import Params
-from pipeline.store.cache import FeatureCache
+from pipeline.extraction.expected import open_checked
 from pipeline.store.export import export_hdf5
 
 
@@ -17,6 +17,6 @@ def run(params: Params, split: str = "train", fmt: str = "hdf5",
         raise ValueError(f"unknown export format {fmt!r} (known: hdf5)")
     store = paths.feature_store(params.paths, split)
     target = Path(out) if out else store.with_suffix(".h5")
-    written = export_hdf5(FeatureCache.open(store), target)
+    written = export_hdf5(open_checked(params, split), target)  # as the current params say
     print(f"exported {store} -> {written} ({written.stat().st_size / 2**20:.1f} MiB)")
     return {"store": str(store), "out": str(written)}

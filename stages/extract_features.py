@@ -13,6 +13,7 @@ from pipeline.config.params import as_dict
 from pipeline.config.schema import Params
 from pipeline.data.datasets import DatasetError, MultiLabelDataset, load_multilabel
 from pipeline.extraction.engine import extract
+from pipeline.extraction.expected import expected_fingerprint
 from pipeline.model.build import backbone_from_params
 
 
@@ -53,7 +54,8 @@ def run(params: Params, split: str = "all", restart_on_change: bool = False,
             dtype=ex.dtype, compressor=None if ex.compressor in (None, "none") else "zstd",
             num_workers=ex.num_workers, on_bad_image=ex.on_bad_image, augment=as_dict(ex.augment),
             restart_on_change=restart_on_change, workers=ex.workers, scheduler=ex.scheduler,
-            stats=stats, break_lock=break_lock, transforms=ex.transforms)
+            stats=stats, break_lock=break_lock, transforms=ex.transforms,
+            record=expected_fingerprint(params, role).record)  # role and params record
         info = cache.summary()
         summary[role] = {
             "store": info["path"], "images": info["num_images"], "views": info["views"],

@@ -18,6 +18,7 @@ from pipeline.config import paths
 from pipeline.config.params import as_dict
 from pipeline.config.schema import Params, Train
 from pipeline.evaluation.metrics import mean_average_precision
+from pipeline.extraction.expected import open_checked
 from pipeline.files import atomic_write_text
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import UnmixHead
@@ -65,7 +66,7 @@ def open_data(params: Params, device: torch.device) -> tuple[TokenLoader, TokenL
     cfg = params.train
     caches = {}
     for role in ("train", "val"):
-        caches[role] = FeatureCache.open(paths.feature_store(params.paths, role))
+        caches[role] = open_checked(params, role)  # the store the current params would extract
         caches[role].require_complete()
     train, val = caches["train"], caches["val"]
     if train.classnames != val.classnames or train.dim != val.dim:

@@ -14,3 +14,11 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def store_world(tmp_path_factory: pytest.TempPathFactory):
+    """A small run made through the CLI (tests/store_world.py), built once per session."""
+    from store_world import build
+
+    return build(tmp_path_factory.mktemp("store-world"))

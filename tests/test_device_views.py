@@ -29,6 +29,7 @@ from pipeline.extraction.device_views import eval_device_view, file_view, train_
 from pipeline.extraction.engine import extract
 from pipeline.extraction.views import DEFAULT_AUGMENT, ViewSpec, view_batches
 from pipeline.store.cache import FeatureCache, FingerprintMismatch
+from pipeline.store.identity import store_id
 from pipeline.training.loop import TrainingError
 from stages.download import write_random_backbone
 
@@ -189,8 +190,8 @@ def test_device_store_is_complete_close_to_the_workers_store_and_fingerprinted(c
     tokens = online_tokens(params, device, CPU)(batch).numpy().astype(np.float16)  # (4, T, D)
     assert tokens.reshape(2, 2, *tokens.shape[1:]).tobytes() == device.tokens[4:6].tobytes()
     group = zarr.open_group(str(device.path), mode="r+")  # as if its views had been made on a GPU
-    group.attrs["fingerprint"] = {**device.fingerprint,
-                                  "backbone": {**device.fingerprint["backbone"], "device": "cuda"}}
+    made_on_cuda = {**device.fingerprint, "backbone": {**device.fingerprint["backbone"], "device": "cuda"}}
+    group.attrs.update({"fingerprint": made_on_cuda, "store_id": store_id(made_on_cuda)})
     with pytest.raises(TrainingError, match=r"views made on cuda.*train\.device: cuda"):
         online_tokens(params, FeatureCache.open(device.path), CPU)
 

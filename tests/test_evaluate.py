@@ -23,6 +23,7 @@ from pipeline.data.synthetic import make_planted_coco
 from pipeline.evaluation import sources as evaluation
 from pipeline.evaluation.metrics import mean_average_precision
 from pipeline.evaluation.segmentation import PROMPTS
+from pipeline.extraction.expected import expected_fingerprint
 from pipeline.model.backbone import load_backbone
 from pipeline.model.heads import positive_scores
 from pipeline.model.recalibrate import recalibrate_batchnorm
@@ -102,10 +103,12 @@ def world(tmp_path_factory):
     labels = torch.from_numpy(train.labels).long()
     head = _train_head(params, tokens, labels, text)
     val_tokens = _vv_tokens(backbone, x_val, params)  # (N, T, D)
+    expected = expected_fingerprint(params, "val")  # what the readers check, as the CLI records it
     cache = create_or_open(
         paths.feature_store(params.paths, "val"), ids=[r.image_id for r in val.records], labels=val.labels,
         classnames=val.classnames, views=1, num_tokens=val_tokens.shape[1], dim=backbone.embed_dim,
-        fingerprint={"test": "evaluate"}, shard_size=N_VAL, dtype="float32")
+        fingerprint={"test": "evaluate", **expected.fingerprint()}, shard_size=N_VAL, dtype="float32",
+        annotation_files=expected.annotation_files())
     cache.write_shard(0, val_tokens[:, None].numpy(), np.zeros(N_VAL, np.int8))
     raw = backbone.class_text_features(val.classnames, normalise=False)
     cache.write_text_features({**{k: v.numpy() for k, v in text.items()},
@@ -456,10 +459,12 @@ def test_mfi_control_trained_by_the_training_stage_in_its_own_folder(world):
     params = updated(world["params"], {"evaluate.mfi": {"class_sets": ["synthetic"], "control": "train"},
                                        "ablate.epochs": 2})
     train, tokens = world["train"], world["train_tokens"]
+    expected = expected_fingerprint(params, "train")
     cache = create_or_open(
         paths.feature_store(params.paths, "train"), ids=[r.image_id for r in train.records], labels=train.labels,
         classnames=train.classnames, views=1, num_tokens=tokens.shape[1], dim=tokens.shape[2],
-        fingerprint={"test": "evaluate"}, shard_size=N_TRAIN, dtype="float32")
+        fingerprint={"test": "evaluate", **expected.fingerprint()}, shard_size=N_TRAIN, dtype="float32",
+        annotation_files=expected.annotation_files())
     cache.write_shard(0, tokens[:, None].numpy(), np.zeros(N_TRAIN, np.int8))
     raw = world["backbone"].class_text_features(train.classnames, normalise=False)
     cache.write_text_features({**{k: v.numpy() for k, v in world["text"].items()},

@@ -75,11 +75,11 @@ SLOW_WRITER = """
 import sys, time
 from pipeline.store.cache import FeatureCache
 original = FeatureCache.write_shard
-def slow_write(self, s, tokens, status):
+def slow_write(self, s, tokens, status, *inputs):
     start, stop = self.shard_range(s)
     self.tokens[start:stop] = tokens  # the data lands, then a pause before the completion mark
     time.sleep(0.5)                  # so the kill most likely falls between the two
-    original(self, s, tokens, status)
+    original(self, s, tokens, status, *inputs)
 FeatureCache.write_shard = slow_write
 from pipeline.cli.app import main
 main(sys.argv[1:])

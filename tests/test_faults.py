@@ -25,6 +25,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner, Result
+from store_world import record_of
 
 from pipeline.cli.app import main
 from pipeline.config.schema import Backbone
@@ -113,7 +114,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
     backbone = load_backbone("tiny-RN", pretrained=None)
     for role in ("train", "val"):
         extract(load_multilabel("synthetic", data, role), tmp / "features" / f"{role}.zarr", BACKBONE,
-                backbone=backbone, image_size=SIZE, shard_size=8, dtype="float32", progress=False)
+                backbone=backbone, image_size=SIZE, shard_size=8, dtype="float32", progress=False,
+                record=record_of(sets(tmp), role))  # what the CLI's params read it as
     return tmp
 
 

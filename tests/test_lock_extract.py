@@ -25,11 +25,11 @@ SLOW_WRITER = """
 import os, sys, time
 from pipeline.store.cache import FeatureCache
 original = FeatureCache.write_shard
-def slow_write(self, s, tokens, status):  # the first shard waits for the test's go (up to 120 s)
+def slow_write(self, s, tokens, status, *inputs):  # the first shard waits for the go (<= 120 s)
     deadline = time.monotonic() + 120
     while not os.path.exists(os.environ["GO_FILE"]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    original(self, s, tokens, status)
+    original(self, s, tokens, status, *inputs)
 FeatureCache.write_shard = slow_write
 from pipeline.cli.app import main
 main(sys.argv[1:])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from store_world import record_of
 from test_faults import BACKBONE, CLASSES, SIZE, assert_clear_error, cli, sets
 
 from pipeline.config.params import as_dict, load_params
@@ -30,7 +31,8 @@ def build_stores(root: Path, init_seed: int = 0, roles: tuple[str, ...] = ("trai
     for role in roles:
         extract(load_multilabel("synthetic", root / "data" / "synthetic", role),
                 root / "features" / f"{role}.zarr", BACKBONE.model_copy(update={"init_seed": init_seed}),
-                backbone=backbone, image_size=SIZE, shard_size=8, dtype="float32", progress=False)
+                backbone=backbone, image_size=SIZE, shard_size=8, dtype="float32", progress=False,
+                record=record_of(args(root, root, backbone__init_seed=init_seed), role))
 
 
 def args(world: Path, run: Path, **extra: object) -> list[str]:
@@ -88,10 +90,18 @@ def test_val_store_rebuilt_with_another_backbone_is_refused(world: Path, tmp_pat
     backbone = load_backbone("tiny-RN", pretrained=None, init_seed=1)
     extract(load_multilabel("synthetic", world / "data" / "synthetic", "val"), val,
             BACKBONE.model_copy(update={"init_seed": 1}), backbone=backbone, image_size=SIZE, shard_size=8,
-            dtype="float32", progress=False)
+            dtype="float32", progress=False, record=record_of(args(world, run, backbone__init_seed=1), "val"))
+    result = cli("evaluate", "mlr", *args(world, run))  # the store is not what the params extract
+    assert_clear_error(result, val, "backbone.init_seed: store 1, params 0",
+                       "pipeline extract-features --split val")
+    # rebuilt as the params say, but after the projectors were trained: they are refused
+    shutil.rmtree(val)
+    extract(load_multilabel("synthetic", world / "data" / "synthetic", "val"), val,
+            BACKBONE, backbone=load_backbone("tiny-RN", pretrained=None), image_size=SIZE,
+            shard_size=8, dtype="float16", progress=False,
+            record=record_of(args(world, run), "val"))
     result = cli("evaluate", "mlr", *args(world, run))
-    assert_clear_error(result, val, "fingerprint.backbone.weights_digest", "'random:0' then",
-                       "'random:1' now", "pipeline train")
+    assert_clear_error(result, val, "fingerprint.dtype: 'float32' then", "'float16' now", "pipeline train")
     assert not (run / "results" / "metrics" / "mlr.json").exists()
     lines = provenance.check(params_of(world, run))
     assert len(lines) == 1 and str(val) in lines[0]

@@ -28,11 +28,13 @@ from pipeline.data.datasets import load_multilabel
 from pipeline.data.synthetic import make_planted_coco
 from pipeline.evaluation.metrics import mean_average_precision
 from pipeline.extraction.engine import extract
+from pipeline.extraction.expected import expected_fingerprint
 from pipeline.model.backbone import load_backbone
 from pipeline.model.build import backbone_from_params
 from pipeline.model.heads import HeadOutput, positive_scores
 from pipeline.model.recalibrate import recalibrate_batchnorm
 from pipeline.store.cache import FeatureCache
+from pipeline.store.identity import shard_keys
 from pipeline.store.loader import TokenLoader
 from pipeline.training.loop import (
     TrainingError,
@@ -67,9 +69,10 @@ def build_world(root: Path) -> Params:
     params = updated(params, {"backbone.checkpoint": str(data_root / "backbone.pt"),
                               "backbone.image_size": IMAGE_SIZE})
     backbone = backbone_from_params(params.backbone, params=params)
-    for role, dataset in splits.items():
+    for role, dataset in splits.items():  # recorded as the params' store (which would have K views)
         extract(dataset, paths.feature_store(params.paths, role), params.backbone, backbone=backbone,
-                views=1, train_augment=False, image_size=IMAGE_SIZE, dtype="float32", progress=False)
+                views=1, train_augment=False, image_size=IMAGE_SIZE, dtype="float32", progress=False,
+                record=expected_fingerprint(params, role).record)
     return params
 
 
@@ -258,6 +261,9 @@ def test_nan_token_stops_training_naming_epoch_and_step(world: Params, tmp_path:
     shutil.copytree(Path(world.paths.cache) / "features", features)
     poisoned = 77
     zarr.open_group(str(features / "train.zarr"), mode="r+")["tokens"][poisoned, 0, 3, 5] = np.nan
+    store = FeatureCache.open(features / "train.zarr", mode="r+")  # a NaN stored as the chunk's own
+    a, b = store.shard_range(poisoned // store.shard_size)  # (its key rewritten with it)
+    store._keys[a:b] = shard_keys(store.store_id, a, store.tokens[a:b])
     cfg = params.train
     loader = TokenLoader(FeatureCache.open(features / "train.zarr"), cfg.batch_size,
                          cfg.view_policy, seed=cfg.seed)

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.model.backbone import FrozenCLIP, load_backbone
-from pipeline.model.weights import WeightsError
-from pipeline.training import provenance
+from pipeline.model.weights import WeightsError, weights_digest_of
 
 FIX = "set backbone.checkpoint (a local file) or backbone.pretrained (a tag) to those weights"
 
@@ -52,7 +51,7 @@ def declared_digest(name: str, checkpoint: str | os.PathLike | None, pretrained:
                     sha256: str | None, init_seed: int) -> str:
     """The digest load_backbone gives these weights, without loading them (provenance's, which
     says None for a missing file: here that is an error naming it)."""
-    digest = provenance.weights_digest_of(name, checkpoint, pretrained, sha256, init_seed)
+    digest = weights_digest_of(name, checkpoint, pretrained, sha256, init_seed)
     if digest is None:
         raise WeightsError(f"weights file not found: {checkpoint}")
     return digest

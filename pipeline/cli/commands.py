@@ -36,10 +36,12 @@ def extract_features(params: Params, split: str, restart_on_change: bool, break_
               help="Which feature store(s) to check.")
 @click.option("--repair", is_flag=True,
               help="Un-mark damaged shards so the next extract-features recomputes exactly those.")
+@click.option("--inputs", is_flag=True,
+              help="Also list the images and annotation files changed since extraction (exit 1 if any).")
 @params_options
-def verify(params: Params, split: str, repair: bool) -> None:
+def verify(params: Params, split: str, repair: bool, inputs: bool) -> None:
     """Read every complete shard of the feature stores, check checksums and values; exit 1 on damage."""
-    run_stage("verify", params=params, split=split, repair=repair)
+    run_stage("verify", params=params, split=split, repair=repair, inputs=inputs)
 
 
 @main.command("export-cache")

@@ -18,6 +18,11 @@ from pipeline.errors import DatasetError
 COCO_YEARS = {"coco2014": "2014", "coco2017": "2017", "synthetic": "2017"}
 
 
+def coco_annotation_file(name: str, root: Path, split: str) -> Path:
+    """The instances file a COCO-layout split's labels come from (whether or not it exists)."""
+    return root / "annotations" / f"instances_{split}{COCO_YEARS[name]}.json"
+
+
 def _coco_paths(name: str, root: Path, split: str) -> tuple[Path, Path]:
     year = COCO_YEARS[name]
     ann, image_dir = root / "annotations" / f"instances_{split}{year}.json", root / f"{split}{year}"
@@ -98,7 +103,8 @@ def coco_multilabel(name: str, root: Path, split: str, val_images: str = "all") 
     if split == "train" or val_images == "annotated":
         keep = labels.any(axis=1)
         records, labels = [r for r, k in zip(records, keep) if k], labels[keep]  # type: ignore[arg-type]  # numpy: any(axis=1) is an array
-    return MultiLabelDataset(name, split, names, records, labels)
+    return MultiLabelDataset(name, split, names, records, labels, root,
+                             [coco_annotation_file(name, root, split)])
 
 
 COCO_MASKS = ("official", "released")

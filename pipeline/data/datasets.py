@@ -22,13 +22,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data.coco import COCO_YEARS, coco_multilabel, coco_segmentation
+from pipeline.data.coco import COCO_YEARS, coco_annotation_file, coco_multilabel, coco_segmentation
 from pipeline.data.records import (  # noqa: F401  (the readers' types, importable from here)
     ImageRecord,
     MultiLabelDataset,
     SegmentationDataset,
 )
-from pipeline.data.voc import voc2007_multilabel, voc_segmentation
+from pipeline.data.voc import voc2007_annotation_files, voc2007_multilabel, voc_segmentation
 from pipeline.errors import DatasetError
 
 COCO_VAL_IMAGES = ("annotated", "all")
@@ -46,6 +46,18 @@ def load_multilabel(name: str, root: str | Path, split: str, val_images: str = "
         return coco_multilabel(name, root, split, val_images)
     if name == "voc2007":
         return voc2007_multilabel(root, split)
+    raise DatasetError(f"no multi-label reader for dataset {name!r} "
+                       f"(known: {sorted([*COCO_YEARS, 'voc2007'])})")
+
+
+def annotation_files(name: str, root: str | Path, split: str) -> list[Path]:
+    """The files ``load_multilabel(name, root, split)`` takes its image list and labels from,
+    found without parsing them (a feature store records and compares their digests)."""
+    root = Path(root)
+    if name in COCO_YEARS:
+        return [coco_annotation_file(name, root, split)]
+    if name == "voc2007":
+        return voc2007_annotation_files(root, split)
     raise DatasetError(f"no multi-label reader for dataset {name!r} "
                        f"(known: {sorted([*COCO_YEARS, 'voc2007'])})")
 

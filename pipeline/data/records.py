@@ -25,6 +25,8 @@ class MultiLabelDataset:
     classnames: list[str]
     records: list[ImageRecord]
     labels: np.ndarray  # (N, C) int8: 1 positive, 0 negative
+    root: Path | None = None  # the dataset root the reader was given
+    sources: list[Path] = field(default_factory=list)  # the annotation files the labels come from
 
     def __len__(self) -> int:
         return len(self.records)

@@ -48,13 +48,26 @@ def _voc_labels(xml_path: Path) -> np.ndarray:
     return labels
 
 
+def voc2007_annotation_files(root: Path, split: str) -> list[Path]:
+    """The split file and the XML file of each image it lists: what a VOC2007 split's labels
+    come from (the XML files of a split file that cannot be read are not listed)."""
+    main = _voc_dir(root, "2007", "ImageSets/Main")
+    split_file = main / "ImageSets" / "Main" / f"{split}.txt"
+    try:
+        ids = _split_ids(split_file)
+    except DatasetError:
+        return [split_file]
+    return [split_file, *(main / "Annotations" / f"{i}.xml" for i in ids)]
+
+
 def voc2007_multilabel(root: Path, split: str) -> MultiLabelDataset:
     voc = _voc_dir(root, "2007", "ImageSets/Main")
     ids = _split_ids(voc / "ImageSets" / "Main" / f"{split}.txt")
     labels = np.stack([_voc_labels(voc / "Annotations" / f"{i}.xml") for i in ids]) if ids \
         else np.zeros((0, len(VOC_CLASSES)), np.int8)
     records = [ImageRecord(voc / "JPEGImages" / f"{i}.jpg", i) for i in ids]
-    return MultiLabelDataset("voc2007", split, list(VOC_CLASSES), records, labels)
+    sources = [voc / "ImageSets" / "Main" / f"{split}.txt", *(voc / "Annotations" / f"{i}.xml" for i in ids)]
+    return MultiLabelDataset("voc2007", split, list(VOC_CLASSES), records, labels, root, sources)
 
 
 class _PngMasks:

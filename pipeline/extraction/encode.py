@@ -13,6 +13,7 @@ from pipeline.errors import BadImageError
 from pipeline.extraction.views import ViewSpec, view_batches
 from pipeline.model.backbone import FrozenCLIP
 from pipeline.store.cache import FeatureCache
+from pipeline.store.inputs import file_records
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ def encode_shards(backbone: FrozenCLIP, cache: FeatureCache, shards: Sequence[in
         if fail_after_shards is not None and written >= fail_after_shards:
             cache.tokens[start:start + len(index)] = tokens  # partial data, never marked complete
             raise InjectedFailure(f"injected failure in shard {s} after {written} shards")
-        if index[-1] + 1 == stop:
+        if index[-1] + 1 == stop:  # the files' records: size, mtime_ns, crc32c of their bytes
             cache.write_shard(s, np.concatenate([p[0] for p in parts]),
-                              np.concatenate([p[1] for p in parts]))
+                              np.concatenate([p[1] for p in parts]),
+                              file_records(spec.path(i) for i in range(start, stop)))
             parts, written = [], written + 1
         on_images(len(index))
     return bad

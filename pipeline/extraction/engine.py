@@ -26,11 +26,13 @@ from pipeline.extraction.encode import (  # noqa: F401  (InjectedFailure: re-exp
     InjectedFailure,
     encode_shards,
 )
+from pipeline.extraction.inputs import recheck_inputs
 from pipeline.extraction.views import DEFAULT_AUGMENT, TRANSFORMS, ViewSpec
 from pipeline.model.backbone import FrozenCLIP
 from pipeline.model.build import backbone_from_params
 from pipeline.store.cache import CacheError, FeatureCache, FingerprintMismatch
 from pipeline.store.create import create_or_open
+from pipeline.store.inputs import annotation_records, records_digest
 from pipeline.store.integrity import unsound_shards
 from pipeline.store.lock import StoreLock
 
@@ -67,13 +69,17 @@ def recheck_complete(cache: FeatureCache) -> list[int]:
 def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
                 train_augment: bool, seed: int, image_size: int, dtype: str,
                 augment: dict[str, Any], precision: str, batch_images: int,
-                transforms: str = "workers") -> dict[str, Any]:
+                transforms: str = "workers", record: dict[str, Any] | None = None,
+                annotations: str | None = None) -> dict[str, Any]:
     """Everything that changes the stored numbers; a store built otherwise is refused, not mixed.
 
     Besides the weights and the views this includes what changes the last bits of the forward:
     precision, memory layout, compilation, images per forward and the device type (TF32 on CUDA).
-    Views made on the device (other decoder and resize kernels) add ``transforms: device``; the
-    key is absent for worker views, so stores extracted before it existed stay valid.
+    Views made on the device (other decoder and resize kernels) add ``transforms: device``.
+    ``record`` is the role and params record the stage derives from the params
+    (pipeline/extraction/expected.py; readers compare them; None from the Python API: readers
+    then refuse the store). ``inputs`` holds the annotation files' digest and, once every shard
+    is written, the images' (pipeline/store/inputs.py); they are not part of the store id.
     """
     made_on_device = {"transforms": "device"} if transforms == "device" else {}
     return {
@@ -87,9 +93,11 @@ def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
         **made_on_device,
         "seed": seed if train_augment else None,
         "dtype": dtype,
-        "dataset": {"name": dataset.name, "split": dataset.split,
-                    "num_images": len(dataset.records)},
+        "dataset": {"name": dataset.name, "split": dataset.split},
         "package_version": package_version(),
+        "role": (record or {}).get("role"),
+        "params": (record or {}).get("params"),
+        "inputs": {"annotations": annotations, "images": None},
     }
 
 
@@ -101,7 +109,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             progress: bool = True, workers: int = 0, scheduler: str | None = None,
             fail_after_shards: int | None = None, stats: dict[str, Any] | None = None,
             backbone: FrozenCLIP | None = None, break_lock: bool = False,
-            transforms: str = "workers") -> FeatureCache:
+            transforms: str = "workers", record: dict[str, Any] | None = None) -> FeatureCache:
     """Extract (or resume) the spatial tokens of ``dataset`` into the store at ``store_path``.
 
     ``backbone_params`` is the params' backbone section (Dask workers rebuild the model from it;
@@ -115,6 +123,10 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
     ``num_workers`` "auto" means one DataLoader worker per core this process may run on.
     ``transforms`` "device" decodes and augments on the backbone's device (pipeline/extraction/device_views.py;
     train views need augment randaugment "torchvision", eval stores take any recipe).
+    ``record`` (role and params record, from the stage) goes into the fingerprint. Changed inputs
+    under the same settings are brought up to date, not refused: images added or removed redo the
+    shards from the first changed one, a changed image file redoes its shard, changed annotations
+    rewrite the labels only (pipeline/store/update.py, pipeline/extraction/inputs.py).
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -131,6 +143,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
                          "workers or randaugment torchvision")
     backbone = backbone or backbone_from_params(backbone_params)
     grid = image_size // BACKBONE_STRIDE
+    annotation_files = annotation_records(dataset.sources, dataset.root) if dataset.root else {}
     layout: dict[str, Any] = {
         "ids": [r.image_id for r in dataset.records], "labels": dataset.labels,
         "classnames": dataset.classnames, "views": views, "num_tokens": 1 + grid * grid,
@@ -139,7 +152,9 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         "fingerprint": fingerprint(dataset, backbone, views=views, train_augment=train_augment,
                                 seed=seed, image_size=image_size, dtype=dtype, augment=augment,
                                 precision=backbone.precision,
-                                batch_images=max(1, batch_size // views), transforms=transforms)}
+                                batch_images=max(1, batch_size // views), transforms=transforms,
+                                record=record, annotations=records_digest(annotation_files)),
+        "annotation_files": annotation_files, "update": True}
     with StoreLock(store_path, break_lock=break_lock):  # one writer per store, for the whole run
         try:
             cache = create_or_open(store_path, **layout)
@@ -155,6 +170,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             log.info("removing %s, left by an interrupted run", leftover)
             leftover.unlink()
         recheck_complete(cache)
+        recheck_inputs(cache, [r.path for r in dataset.records])
         if not cache.has_text_features():
             raw = backbone.class_text_features(cache.classnames, normalise=False)  # each (C, D)
             text = {**{k: torch.nn.functional.normalize(v, dim=-1) for k, v in raw.items()},
@@ -189,5 +205,6 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             stats.update(images=todo, seconds=seconds, images_per_s=todo / seconds if todo else 0.0,
                          bad=bad)
         cache.require_complete()
+        cache.finish_inputs()
         return cache
 

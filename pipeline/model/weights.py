@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config.schema import Backbone
 from pipeline.errors import WeightsError
 
 # Non-tensor attributes OpenAI's TorchScript models carry in their state dict (open_clip drops them too).
@@ -155,3 +157,24 @@ def quiet_open_clip() -> Iterator[None]:
         root.removeFilter(noise)
         for h in handlers:
             h.removeFilter(noise)
+
+
+def declared_digest(backbone: Backbone) -> str | None:
+    """The weights digest `load_backbone` would give for the backbone section, without loading it
+    (BatchNorm recalibration's "+bn:" suffix left out); None if the checkpoint is missing."""
+    return weights_digest_of(backbone.name, backbone.checkpoint, backbone.pretrained, backbone.sha256,
+                             backbone.init_seed)
+
+
+def weights_digest_of(name: str, checkpoint: str | os.PathLike | None, pretrained: str | None,
+                      sha256: str | None, init_seed: int) -> str | None:
+    """declared_digest of these backbone values."""
+    if checkpoint:
+        if sha256:
+            return str(sha256).strip().lower()
+        if not Path(checkpoint).is_file():
+            return None
+        return sha256_file(Path(checkpoint))
+    if pretrained in (None, "random"):
+        return f"random:{init_seed}"
+    return f"{name}:{pretrained}"

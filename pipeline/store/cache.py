@@ -1,24 +1,24 @@
 """Zarr v3 cache of frozen-CLIP spatial tokens: written once per shard, resumable, read by training.
 
 The layout (tokens (N, K, T, D) one shard file per `shard_size` images; labels, ids, status, the
-per-shard completion marks and the class text features) and its creation are in
-pipeline/store/create.py.
+per-shard completion marks, the chunks' keys, the images' input records and the class text
+features) and its creation are in pipeline/store/create.py; writing in pipeline/store/writes.py.
 
 No silent wrong result: every chunk (and each shard's index) carries a crc32c (zarr's
 Crc32cCodec), so a flipped or zeroed byte fails the read; a missing chunk reads as a fill value
-that validation refuses (NaN tokens or text, label -128, id "", status -1 in a complete shard).
-Every such failure is a CacheError naming the store, the array and the shard.
+that validation refuses (NaN tokens or text, label -128, id "", status -1 in a complete shard);
+each token chunk's key ties it to its store and place (pipeline/store/identity.py), and the ids
+and labels to their recorded digests. Every such failure is a CacheError naming the store, the
+array and the shard.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
 
 from pipeline.errors import CacheError
 from pipeline.store.format import (  # noqa: F401  (the store's names, re-exported)
@@ -28,11 +28,16 @@ from pipeline.store.format import (  # noqa: F401  (the store's names, re-export
     RAW_TEXT_NAMES,
     REPAIR,
     TEXT_NAMES,
+    rebuild,
 )
+from pipeline.store.identity import chunk_crcs, identity_problem, place_keys, store_id
+from pipeline.store.identity import digest as identity_digest
 from pipeline.store.lock import check_not_written
+from pipeline.store.opening import open_array, open_group
 from pipeline.store.shards import ShardReader
+from pipeline.store.writes import ShardWrites
 
-_ARRAYS = ("tokens", "labels", "ids", "status", "complete")
+_ARRAYS = ("tokens", "labels", "ids", "status", "complete", "keys", "inputs")
 
 
 def status_problem(cache: FeatureCache, status: np.ndarray, start: int = 0) -> str | None:
@@ -60,51 +65,62 @@ def _dir_stats(path: Path) -> tuple[int, int]:
     return nbytes, nfiles
 
 
-class FeatureCache:
-    """Handle on one cache store. Picklable: it travels to worker processes as its path and mode."""
+class FeatureCache(ShardWrites):
+    """Handle on one cache store. Picklable: it travels to worker processes as its path and mode.
 
-    def __init__(self, path: str | Path, mode: str = "r") -> None:
+    Opening checks the format, every array's metadata, and that the fingerprint gives the store id
+    recorded with it (an edited fingerprint is refused); opened for reading (`check`, the default
+    with mode "r") also that the ids and labels have the digests recorded when they were written.
+    """
+
+    def __init__(self, path: str | Path, mode: str = "r", check: bool | None = None) -> None:
         self.path = Path(path)
         self.mode = mode
+        self.check = mode == "r" if check is None else check
         if not self.path.exists():
             raise CacheError(f"no feature cache at {self.path}: run `pipeline extract-features` first")
         if not (self.path.is_dir() and (self.path / "zarr.json").is_file()):
             raise CacheError(f"{self.path} exists but is not a feature cache (no zarr.json); "
                              f"remove it (`rm -r {self.path}`) or choose another path")
+        self._group, attrs = open_group(self.path, mode)
+        arrays = {name: open_array(self._group, self.path, name) for name in _ARRAYS}
         try:
-            self._group = zarr.open_group(str(self.path), mode=mode)
-            attrs = dict(self._group.attrs)
-        except Exception as e:  # zarr raises several types for a damaged store
-            raise CacheError(f"{self.path} is not a readable feature cache: {e}") from e
-        if attrs.get("format") != FORMAT:
-            raise CacheError(f"{self.path} is a zarr group but not a feature cache (attrs.format "
-                             f"is {attrs.get('format')!r}, expected {FORMAT!r})")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{self.path} has feature store format version "
-                             f"{attrs.get('format_version')}, this code reads {FORMAT_VERSION}: "
-                             f"re-extract it (`rm -r {self.path}` and `pipeline extract-features`, "
-                             "or `pipeline extract-features --restart-on-change`)")
-        try:
-            arrays = {name: self._group[name] for name in _ARRAYS}
-        except KeyError as e:
-            raise CacheError(f"feature cache {self.path} lacks array {e}: `rm -r {self.path}` "
-                             "and re-run extract-features") from None
-        self.fingerprint: dict[str, Any] = attrs["fingerprint"]
-        self.classnames: list[str] = list(attrs["classnames"])
-        self.layout: dict[str, Any] = attrs["layout"]
-        self.digests: dict[str, str] = attrs.get("digests", {})  # sha256 of ids and labels at creation
-        self._tokens, self._labels, self._ids, self._status, self._complete = (
-            arrays[n] for n in _ARRAYS)
+            self.fingerprint: dict[str, Any] = attrs["fingerprint"]
+            self.classnames: list[str] = list(attrs["classnames"])
+            self.layout: dict[str, Any] = attrs["layout"]
+            self.shard_size: int = self.layout["shard_size"]
+            self.dtype = np.dtype(self.layout["dtype"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CacheError(f"{self.path / 'zarr.json'} lacks or garbles attribute {err}: "
+                             f"{rebuild(self.path)}") from None
+        self.digests: dict[str, str] = attrs.get("digests", {})  # sha256 of ids and labels
+        self.annotation_files: dict[str, list[int]] = attrs.get("annotation_files", {})
+        self.store_id = store_id(self.fingerprint)
+        if attrs.get("store_id") != self.store_id:
+            raise CacheError(f"{self.path / 'zarr.json'}: the fingerprint does not give the store id "
+                             f"recorded with it ({str(attrs.get('store_id'))[:12]}, now {self.store_id[:12]}): "
+                             f"edited by hand? The chunks belong to the settings they were written with; "
+                             f"{rebuild(self.path)}")
+        (self._tokens, self._labels, self._ids, self._status, self._complete, self._keys,
+         self._inputs) = (arrays[n] for n in _ARRAYS)
         self.num_images, self.views, self.num_tokens, self.dim = self._tokens.shape
-        self.shard_size: int = self.layout["shard_size"]
         self.num_shards: int = self._complete.shape[0]
-        self.dtype = np.dtype(self.layout["dtype"])
+        if self.check:
+            self.check_digests()
+
+    def check_digests(self) -> None:
+        """The ids and labels arrays hold what was written: their digests are the recorded ones."""
+        for name, read in (("ids", lambda: self.ids), ("labels", lambda: self.labels)):
+            if identity_digest(name, read()) != self.digests.get(name):
+                raise CacheError(f"{self.path}: array {name} does not have the digest recorded when it "
+                                 f"was written (attrs digests.{name}): a chunk copied from another "
+                                 f"store or edited; {REPAIR}")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path), "mode": self.mode}
+        return {"path": str(self.path), "mode": self.mode}  # workers: the client checked it
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        FeatureCache.__init__(self, state["path"], state["mode"])
+        FeatureCache.__init__(self, state["path"], state["mode"], False)
 
     def __repr__(self) -> str:
         return f"FeatureCache({str(self.path)!r}, mode={self.mode!r})"
@@ -114,7 +130,6 @@ class FeatureCache:
         """Open an existing cache, complete or not (`require_complete` is the training gate)."""
         return cls(path, mode)
 
-    # -- writing ------------------------------------------------------------------------------
     def shard_range(self, s: int) -> tuple[int, int]:
         if not 0 <= s < self.num_shards:
             raise IndexError(f"shard {s} out of range 0..{self.num_shards - 1} in {self.path}")
@@ -125,54 +140,9 @@ class FeatureCache:
         return self.path / "tokens" / "c" / str(s) / "0" / "0" / "0"
 
     def chunk_file(self, name: str, chunk: int = 0) -> Path:
-        """The chunk file of a 1-d or 2-d metadata array (labels, ids, status, complete, text/*)."""
-        ndim = 2 if name in ("labels",) or name.startswith("text/") else 1
+        """The chunk file of a metadata array (labels, ids, status, complete, keys, inputs, text/*)."""
+        ndim = 2 if name in ("labels", "keys", "inputs") or name.startswith("text/") else 1
         return self.path / name / "c" / str(chunk) / Path(*["0"] * (ndim - 1))
-
-    def write_shard(self, s: int, tokens: np.ndarray, status: np.ndarray) -> None:
-        """Write shard s, then mark it complete: a crash before the mark leaves it to be redone."""
-        if self.mode == "r":
-            raise CacheError(f"{self.path} is open read-only; use FeatureCache.open(path, mode='r+')")
-        start, stop = self.shard_range(s)
-        shape = (stop - start, self.views, self.num_tokens, self.dim)
-        if tokens.shape != shape or np.shape(status) != shape[:1]:
-            raise ValueError(f"shard {s} of {self.path} needs tokens {shape} and status {shape[:1]}, "
-                             f"got {tokens.shape} and {np.shape(status)}")
-        tokens = np.asarray(tokens, dtype=self.dtype)
-        finite = np.isfinite(tokens).reshape(len(tokens), -1).all(axis=1)  # (n,) per image
-        bad = np.flatnonzero(~finite & (np.asarray(status) == 0))
-        if bad.size:  # never store a number that is not one (fp16 overflow, a broken backbone)
-            ids = self.ids[start + bad]
-            raise CacheError(f"{self.path}: the backbone gave non-finite tokens for image ids "
-                             f"{', '.join(map(str, ids[:5]))}{' ...' if len(ids) > 5 else ''} (shard {s}); "
-                             "nothing of the shard was written. With backbone.precision fp16 this is an "
-                             "overflow: use fp32 or bf16")
-        try:
-            self.unmark(s)  # rewriting: unmark first so a crash midway is not trusted
-            # the shard is recomputed whole: a damaged old file must not be read back (partial
-            # last shards are read-modify-written by zarr)
-            self.shard_file(s).unlink(missing_ok=True)
-            self._tokens[start:stop] = tokens
-            self._status[start:stop] = np.asarray(status, dtype=np.int8)
-        except OSError as err:  # full disk, permissions: the shard stays incomplete
-            raise CacheError(f"writing shard {s} (images {start}..{stop - 1}) of {self.path} failed: "
-                             f"{err}; the shard is left incomplete and a re-run redoes it") from err
-        self._complete[s] = True
-
-    def unmark(self, s: int) -> None:
-        """Mark shard s incomplete (a full-chunk write: works on a damaged mark too)."""
-        self._complete[s] = False
-
-    def write_text_features(self, features: Mapping[str, np.ndarray]) -> None:
-        """Store class text features by name (positive / negative / plain / raw_*), each (C, D) float32."""
-        for name, value in features.items():
-            value = np.asarray(value, dtype=np.float32)
-            if name not in TEXT_NAMES + RAW_TEXT_NAMES or value.shape != (len(self.classnames), self.dim):
-                raise ValueError(f"text feature {name!r} must be one of {TEXT_NAMES + RAW_TEXT_NAMES} with shape "
-                                 f"({len(self.classnames)}, {self.dim}), got {value.shape}")
-            self._group.create_array(f"text/{name}", shape=value.shape, dtype="float32",
-                                     chunks=value.shape, fill_value=float("nan"),
-                                     compressors=[Crc32cCodec()], overwrite=True)[:] = value
 
     # -- reading ------------------------------------------------------------------------------
     def _get(self, name: str, array: zarr.Array, what: str = "") -> np.ndarray:
@@ -260,14 +230,35 @@ class FeatureCache:
             reader.close()
             if problem is not None:
                 raise CacheError(problem)  # ShardReader's problems end with REPAIR
+        wrong = np.argwhere(chunk_crcs(out) != self.expected_crcs(s))  # this store's, in place?
+        if wrong.size:
+            raise CacheError(identity_problem(self, s, start + int(wrong[0][0]), int(wrong[0][1])))
         return out  # stored non-finite values are data (training names them; verify reports them)
 
-    def text_features(self, name: str) -> np.ndarray:
+    def expected_crcs(self, s: int) -> np.ndarray:
+        """(n, K) uint32: the crc32c each token chunk of shard s must have in this store and place
+        (its key XOR crc32c(store id, image, view); pipeline/store/identity.py)."""
+        start, stop = self.shard_range(s)
         try:
-            array = self._group[f"text/{name}"]
-        except KeyError:
+            keys = np.asarray(self._keys[start:stop], dtype=np.uint32)  # (n, K), one chunk
+        except (OSError, ValueError) as err:
+            raise CacheError(f"{self.path}: array keys, shard {s} is damaged ({err}); {REPAIR}") from err
+        return keys ^ place_keys(self.store_id, start, stop, self.views)
+
+    def input_records(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, 3) int64 (size, mtime_ns, crc32c) of images start..stop-1 as recorded
+        when they were extracted (-1: unknown)."""
+        try:
+            return np.asarray(self._inputs[start:stop], dtype=np.int64)
+        except (OSError, ValueError) as err:
+            raise CacheError(f"{self.path}: array inputs, images {start}..{stop - 1} is damaged ({err}); "
+                             f"{REPAIR}") from err
+
+    def text_features(self, name: str) -> np.ndarray:
+        if not self.has_text_feature(name):
             raise CacheError(f"{self.path} has no text/{name} features (names: {TEXT_NAMES}); "
-                             "they are written by write_text_features during extract-features") from None
+                             "they are written by write_text_features during extract-features")
+        array = open_array(self._group, self.path, f"text/{name}")  # its zarr.json readable
         value = np.asarray(self._get(f"text/{name}", array), dtype=np.float32)  # (C, D)
         if value.shape != (len(self.classnames), self.dim) or not np.isfinite(value).all():
             raise CacheError(f"{self.path}: array text/{name} is lost or damaged (shape {value.shape}, "
@@ -275,7 +266,7 @@ class FeatureCache:
         return value
 
     def has_text_feature(self, name: str) -> bool:
-        return "text" in self._group and name in self._group["text"]
+        return (self.path / "text" / name / "zarr.json").is_file()
 
     def has_text_features(self) -> bool:
         """Every text feature present and valid (a damaged one is rewritten by extract-features)."""

@@ -1,6 +1,6 @@
 """Creating a feature store, or reopening it for resume only when it was built with the same settings.
 
-Layout of the group at `path` (one directory), format version 2:
+Layout of the group at `path` (one directory), format version 3:
   tokens   (N, K, T, D) float16|float32  one shard file per `shard_size` images; inner chunk
                                          (1, 1, T, D), one per image view, so a sampled view is one
                                          read (pipeline/store/shards.py); fill NaN
@@ -9,8 +9,13 @@ Layout of the group at `path` (one directory), format version 2:
   status   (N,) int8       0 ok, 1 bad image (excluded from training), -1 not extracted yet
   complete (num_shards,) bool, chunk 1: one tiny object per shard, so writers of different
                            shards never touch the same file
+  keys     (N, K) uint32   per token chunk crc32c(values) XOR crc32c(store id, image, view), chunk
+                           (shard_size, K), written with its shard (pipeline/store/identity.py); fill 0
+  inputs   (N, 3) int64    per image (size, mtime_ns, crc32c) of its file when extracted, chunk
+                           (shard_size, 3), written with its shard (pipeline/store/inputs.py); fill -1
   text/{positive,negative,plain,raw_*} (C, D) float32; fill NaN           (write_text_features)
-  attrs: format, format_version, fingerprint, classnames, layout, digests (of labels and ids)
+  attrs: format, format_version, layout, fingerprint, classnames, digests (sha256 of labels and
+         ids), store_id (of the fingerprint less its inputs), annotation_files ({name: [size, crc32c]})
 
 Every chunk carries a crc32c (zarr's Crc32cCodec) and every fill value is one that validation
 refuses (pipeline/store/cache.py). Float16 tokens compress poorly: zstd level 3 saved 8% (ratio 1.09) on
@@ -19,7 +24,6 @@ there for slow disks.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,20 +40,14 @@ from pipeline.config.params import flatten  # an empty mapping is a value, so {}
 from pipeline.store.cache import (
     FORMAT,
     FORMAT_VERSION,
-    LABEL_FILL,
     CacheError,
     FeatureCache,
     FingerprintMismatch,
 )
-
-
-def _digest(name: str, value: Any) -> str:
-    """sha256 of the ids (joined by newlines) or of the int8 labels' bytes, recorded at creation."""
-    if name == "ids":
-        data = "\n".join(str(i) for i in value).encode()
-    else:
-        data = np.ascontiguousarray(value, dtype=np.int8).tobytes()
-    return hashlib.sha256(data).hexdigest()
+from pipeline.store.identity import digest as _digest
+from pipeline.store.identity import settings, store_id
+from pipeline.store.inputs import FIELDS, UNKNOWN
+from pipeline.store.update import update_inputs, write_ids_labels
 
 
 def _is_cache_dir(path: Path) -> bool:
@@ -64,16 +62,22 @@ def _is_cache_dir(path: Path) -> bool:
 def create_or_open(path: str | Path, *, ids: Sequence[str], labels: np.ndarray, classnames: Sequence[str],
                    views: int, num_tokens: int, dim: int, fingerprint: Mapping[str, Any],
                    shard_size: int = 64, dtype: str = "float16", compressor: str | None = None,
-                   overwrite: bool = False) -> FeatureCache:
+                   overwrite: bool = False, annotation_files: Mapping[str, Any] | None = None,
+                   update: bool = False) -> FeatureCache:
     """Create the store, or reopen it for resume if it was built with identical settings.
 
     Different settings raise FingerprintMismatch naming each differing key. `overwrite` removes
-    an existing cache (only a directory that is a cache or empty) and starts fresh.
+    an existing cache (only a directory that is a cache or empty) and starts fresh. `update`
+    (extraction) takes other ids, labels and input digests under the same settings as changed
+    inputs (pipeline/store/update.py): shards from the first changed image on are un-marked and
+    the labels rewritten; without it they are a mismatch too. `annotation_files` is recorded
+    ({relative name: [size, crc32c]}).
     """
     path = Path(path)
     labels = np.asarray(labels, dtype=np.int8)
     ids = [str(i) for i in ids]
     fingerprint = json.loads(json.dumps(dict(fingerprint)))  # tuples -> lists, as stored
+    annotation_files = json.loads(json.dumps(dict(annotation_files or {})))
     if dtype not in ("float16", "float32"):
         raise CacheError(f"cache dtype must be float16 or float32, got {dtype!r}")
     if compressor not in (None, "zstd"):
@@ -85,24 +89,32 @@ def create_or_open(path: str | Path, *, ids: Sequence[str], labels: np.ndarray, 
               "shard_size": shard_size, "dtype": dtype, "compressor": compressor}
     if overwrite and path.exists():
         if any(path.iterdir()) and not _is_cache_dir(path):
-            raise CacheError(f"refusing to overwrite {path}: it is not a feature cache")
+            raise CacheError(f"refusing to overwrite {path}: it is not a feature cache (no readable "
+                             f"zarr.json naming the format); if it is a damaged one, `rm -r {path}`")
         shutil.rmtree(path)
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        _create(path, ids, labels, list(classnames), layout, fingerprint)
+        _create(path, ids, labels, list(classnames), layout, fingerprint, annotation_files)
     cache = FeatureCache(path, "r+")
-    _repair_metadata(cache, ids, labels)
+    _repair_metadata(cache, ids, labels, update)
+    if update:
+        cache = update_inputs(cache, ids, labels, list(classnames), layout, fingerprint, annotation_files)
     _check_same(cache, ids, labels, list(classnames), layout, fingerprint)
     return cache
 
 
-def _repair_metadata(cache: FeatureCache, ids: list[str], labels: np.ndarray) -> None:
-    """Rewrite a damaged or lost labels / ids chunk from the dataset, only when the dataset's gives
-    the digest recorded at creation (the same bytes): tokens never end up under other images."""
+def _repair_metadata(cache: FeatureCache, ids: list[str], labels: np.ndarray, update: bool) -> None:
+    """Rewrite a damaged, lost or foreign labels / ids chunk (its digest not the recorded one) from
+    the dataset, only when the dataset's gives the recorded digest (the same bytes): tokens never
+    end up under other images. With `update` labels are left to update_inputs (they never decide
+    tokens)."""
     recorded = cache.digests
     for name, value, data in (("labels", labels, lambda: cache.labels),
                               ("ids", np.array(ids), lambda: cache.ids)):
+        if update and name == "labels":
+            continue
         try:
-            data()
+            if _digest(name, data()) != recorded.get(name):
+                raise CacheError(f"{cache.path}: array {name} does not have its recorded digest")
         except CacheError as err:
             if recorded.get(name) != _digest(name, value):
                 raise FingerprintMismatch(
@@ -113,7 +125,8 @@ def _repair_metadata(cache: FeatureCache, ids: list[str], labels: np.ndarray) ->
 
 
 def _create(path: Path, ids: list[str], labels: np.ndarray, classnames: list[str],
-            layout: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
+            layout: Mapping[str, Any], fingerprint: Mapping[str, Any],
+            annotation_files: Mapping[str, Any]) -> None:
     """Build in a temporary directory, then rename: a store at `path` is never half-created."""
     n, k, t, d, s = (layout[x] for x in ("num_images", "views", "num_tokens", "dim", "shard_size"))
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -124,17 +137,19 @@ def _create(path: Path, ids: list[str], labels: np.ndarray, classnames: list[str
         g.create_array("tokens", shape=(n, k, t, d), dtype=layout["dtype"], shards=(s, k, t, d),
                        chunks=(1, 1, t, d), fill_value=float("nan"),  # a lost file reads as NaN, not 0
                        compressors=[ZstdCodec(level=3), *crc] if layout["compressor"] else crc)
-        g.create_array("labels", shape=labels.shape, dtype="int8", chunks=labels.shape,
-                       fill_value=LABEL_FILL, compressors=crc)[:] = labels
-        g.create_array("ids", shape=(n,), dtype=str, chunks=(n,), fill_value="",
-                       compressors=crc)[:] = np.array(ids)  # variable-length
+        write_ids_labels(g, ids, labels)
         g.create_array("status", shape=(n,), dtype="int8", chunks=(s,), fill_value=-1,
                        compressors=crc)
         g.create_array("complete", shape=(-(-n // s),), dtype="bool", chunks=(1,), fill_value=False,
                        compressors=crc)
+        g.create_array("keys", shape=(n, k), dtype="uint32", chunks=(s, k), fill_value=0,
+                       compressors=crc)
+        g.create_array("inputs", shape=(n, len(FIELDS)), dtype="int64", chunks=(s, len(FIELDS)),
+                       fill_value=UNKNOWN, compressors=crc)
         g.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout,
                         "fingerprint": fingerprint, "classnames": classnames,
-                        "digests": {"labels": _digest("labels", labels), "ids": _digest("ids", ids)}})
+                        "digests": {"labels": _digest("labels", labels), "ids": _digest("ids", ids)},
+                        "store_id": store_id(fingerprint), "annotation_files": annotation_files})
         try:
             os.rename(tmp, path)  # replaces an empty directory; fails if another process won
         except OSError:
@@ -149,9 +164,9 @@ def _create(path: Path, ids: list[str], labels: np.ndarray, classnames: list[str
 
 def _check_same(cache: FeatureCache, ids: list[str], labels: np.ndarray, classnames: list[str],
                 layout: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
-    old = {**flatten(cache.fingerprint, "fingerprint."), **flatten(cache.layout, "layout."),
+    old = {**flatten(settings(cache.fingerprint), "fingerprint."), **flatten(cache.layout, "layout."),
            "classnames": cache.classnames}
-    new = {**flatten(fingerprint, "fingerprint."), **flatten(layout, "layout."),
+    new = {**flatten(settings(fingerprint), "fingerprint."), **flatten(layout, "layout."),
            "classnames": classnames}
     diffs = [f"  {k}: stored {old.get(k, '<absent>')!r}, requested {new.get(k, '<absent>')!r}"
              for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]

@@ -1,11 +1,12 @@
 """Whether a shard marked complete can be trusted: the one check behind `extract-features`' recheck
-before resuming (cheap: reads no tokens), `pipeline verify` (thorough: reads every chunk) and
-FeatureCache.status.
+before resuming (cheap: one token chunk per shard), `pipeline verify` (thorough: reads every
+chunk) and FeatureCache.status.
 
 A complete shard is sound when its completion mark reads, its status chunk reads with every image
-0 (ok) or 1 (bad image; -1, the fill, in a complete shard is a lost chunk), and its tokens pass
-ShardReader.check_shard (file, index crc32c, chunk sizes) or, thorough, ShardReader.verify_shard
-(every chunk's crc32c, finite tokens).
+0 (ok) or 1 (bad image; -1, the fill, in a complete shard is a lost chunk), its input records
+read, and its tokens pass ShardReader.check_shard (file, index crc32c, chunk sizes, keys chunk, the
+first chunk's crc32c and key) or, thorough, ShardReader.verify_shard (every chunk's crc32c and
+key, finite tokens).
 """
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def shard_problem(cache: FeatureCache, reader: ShardReader, s: int, thorough: bo
     except (OSError, ValueError) as err:
         return f"{cache.path}: array status, shard {s} is damaged ({err})"
     problem = status_problem(cache, status, start)
+    if problem is None:
+        try:
+            cache.input_records(start, stop)
+        except CacheError as err:
+            problem = str(err)
     return problem or (reader.verify_shard(s) if thorough else reader.check_shard(s))
 
 

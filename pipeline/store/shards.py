@@ -1,18 +1,18 @@
 """Direct reads of single (image, view) token chunks from the store's shard files.
 
-A tokens shard file follows the Zarr v3 sharding codec (zarr.codecs.ShardingCodec, index at the
-end): the inner chunks (1, 1, T, D), each `bytes [-> zstd] -> crc32c`, then the index: one
-(offset, nbytes) little-endian uint64 pair per inner chunk in C order of (image, view), followed by
-the crc32c of those pairs. Zarr decodes a whole shard per call (1.6k-2.6k views/s measured for
-view blocks at RN-101 shape); training samples one view of random images, so this module reads
-each sampled chunk with one ``os.preadv`` straight into the batch buffer and checks its crc32c
-with the `crc32c` package (SSE4.2/ARMv8 instructions, GIL released: 7.5 GB/s against 3.6 for
-google_crc32c, which zarr's Crc32cCodec uses, on a 197x512 float16 chunk here). The checksums are
-the same function: tests/test_shards.py proves the bytes equal zarr's reads for every
-dtype/compressor. Shard indexes are cached: 16 bytes per view.
+A tokens shard file follows the Zarr v3 sharding codec (index at the end): the inner chunks
+(1, 1, T, D), each `bytes [-> zstd] -> crc32c`, then one (offset, nbytes) little-endian uint64
+pair per inner chunk in C order of (image, view) and the crc32c of those pairs. Zarr decodes a
+whole shard per call (1.6k-2.6k views/s at RN-101 shape); training samples one view of random
+images, so each sampled chunk is read with one ``os.preadv`` straight into the batch buffer and
+its crc32c checked with the `crc32c` package (hardware instructions, GIL released; the same
+function as zarr's codec: tests/test_shards.py proves the bytes equal zarr's reads). Shard indexes
+are cached: 16 bytes per view. The same crc32c, XOR'd with crc32c(store id, i, v), must equal the
+chunk's key (pipeline/store/identity.py): a chunk moved, swapped, copied from another store, or
+read under an edited fingerprint is refused at no extra cost.
 
-Verification (`verify`): "first" (training's default) checks each chunk's crc32c the first time
-this reader reads it, and again after its shard file changes (every read compares the open file's
+Verification (`verify`): "first" (training's default) checks each chunk the first time this
+reader reads it, and again after its shard file changes (every read compares the open file's
 inode, size, mtime and ctime with those it was indexed with; `refresh`, once per epoch, the path's,
 which sees a file replaced while open); "every" checks every read (verify_shard, `pipeline
 verify`); "none" only measures the check's cost (bench/). The check costs about as much as the
@@ -33,6 +33,7 @@ from crc32c import crc32c
 
 from pipeline.errors import CacheError
 from pipeline.store.format import REPAIR
+from pipeline.store.identity import identity_problem
 
 if TYPE_CHECKING:
     from pipeline.store.cache import FeatureCache
@@ -71,6 +72,7 @@ class ShardReader:
         self._shard_size, self._views = c.shard_size, c.views
         self._index: dict[int, np.ndarray] = {}  # shard -> (shard_size * K, 2) uint64
         self._proved: dict[int, np.ndarray] = {}  # shard -> (shard_size * K,) bool, crc checked
+        self._expected: dict[int, list[int]] = {}  # shard -> (n * K) crc32c each chunk must have
         self._identity: dict[int, tuple[int, ...]] = {}  # shard -> its file's stat when indexed
         self._files: OrderedDict[int, int] = OrderedDict()
         self._lock = threading.Lock()
@@ -140,6 +142,7 @@ class ShardReader:
                 not self.compressed and (live[:, 1] != self.chunk_raw + 4).any()):
             raise CacheError(f"{self._where(s)}: the shard index points outside the file or to "
                              f"chunks of the wrong size; {REPAIR}")
+        self._expected[s] = self.cache.expected_crcs(s).reshape(-1).tolist()  # keys chunk checked
         self._identity[s] = _identity(st)
         self._proved[s] = np.zeros(self.chunks, dtype=bool)
         self._index[s] = idx
@@ -169,8 +172,8 @@ class ShardReader:
             raise CacheError(f"{self.path} changed while this process read it ({err}); "
                              "run again once extract-features has finished") from err
         c = self.cache
-        if ((now.fingerprint, now.layout, now.classnames, now.digests)
-                != (c.fingerprint, c.layout, c.classnames, c.digests)):  # digests: ids and labels
+        if ((now.fingerprint, now.layout, now.classnames, now.digests, now.store_id)
+                != (c.fingerprint, c.layout, c.classnames, c.digests, c.store_id)):  # ids, labels
             raise CacheError(f"{self.path} was re-extracted with other settings while this process "
                              "read it; run again on the new store")
 
@@ -187,6 +190,7 @@ class ShardReader:
     def _forget(self, s: int) -> None:
         self._index.pop(s, None)
         self._proved.pop(s, None)
+        self._expected.pop(s, None)
         self._identity.pop(s, None)
         with self._lock:
             fd = self._files.pop(s, None)
@@ -206,6 +210,7 @@ class ShardReader:
         proved = self._proved[s]
         if verify is None:
             verify = self.verify == "every" or (self.verify == "first" and not proved[k])
+        placed = True  # the chunk's values match its key: this store's chunk for (i, v)
         if self.compressed:
             payload = os.pread(fd, nbytes, offset)
             ok = len(payload) == nbytes and (not verify or _crc(
@@ -213,20 +218,25 @@ class ShardReader:
             try:
                 if ok:
                     self._zstd.decode(memoryview(payload)[:-4], out=out)
+                    placed = not verify or crc32c(out) == self._expected[s][k]
             except (RuntimeError, ValueError):  # unchecked bytes that do not decompress
                 ok = False
         else:
             dest = memoryview(out).cast("B")  # type: ignore[arg-type]  # numpy: arrays are Buffers (typed so from Python 3.12)
             crc = bytearray(4)
             got = os.preadv(fd, [dest, crc], offset)
-            ok = got == nbytes and (not verify or crc32c(out) == int.from_bytes(crc, "little"))
-        if ok and verify:
+            value = crc32c(out) if verify and got == nbytes else None
+            ok = got == nbytes and (not verify or value == int.from_bytes(crc, "little"))
+            placed = not verify or value == self._expected[s][k]
+        if ok and placed and verify:
             proved[k] = True
         elif not ok:
             if not verify:  # unchecked bytes that did not read back: check them, to say why
                 return self._read(i, v, idx, fd, out, verify=True)
             raise CacheError(f"{self._where(s)}: image {i} view {v} fails its crc32c (damaged "
                              f"chunk); {REPAIR}")
+        elif not placed:
+            raise CacheError(identity_problem(self.cache, s, i, v))
 
     def gather(self, index: np.ndarray, view: np.ndarray, out: np.ndarray | None = None
                ) -> np.ndarray:
@@ -264,10 +274,14 @@ class ShardReader:
             f.result()
 
     def check_shard(self, s: int) -> str | None:
-        """Cheap check of a complete shard (file, index, chunk sizes): None, or what is wrong."""
+        """Cheap check of a complete shard (file, index, chunk sizes, the keys chunk, and the first
+        chunk's crc32c and key, which a swapped or foreign file or an edited fingerprint fails):
+        None, or what is wrong."""
         self._forget(s)
         try:
             self.index(s)
+            c = self.cache
+            self.read_into(s * c.shard_size, 0, np.empty((c.num_tokens, c.dim), c.dtype), verify=True)
         except CacheError as err:
             return str(err)
         return None

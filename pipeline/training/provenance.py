@@ -11,7 +11,6 @@ whose inputs or params differ from the current ones (`require_current`, one line
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,11 @@ import numpy as np
 
 from pipeline.config import paths
 from pipeline.config.params import as_dict
-from pipeline.config.schema import Backbone, Params, Paths
+from pipeline.config.schema import Params, Paths
 from pipeline.errors import TrainingError
+from pipeline.extraction.expected import expected_fingerprint, mismatch, require_expected
 from pipeline.model.projectors import read_state
+from pipeline.model.weights import declared_digest, weights_digest_of  # noqa: F401  (re-exported)
 from pipeline.store.cache import CacheError, FeatureCache
 
 # train keys that decide where and how fast a run goes, not what is learnt
@@ -121,28 +122,6 @@ def _first(differ: list[tuple[str, Any, Any]]) -> str:
     return f"{key}: {_show(old)} then, {_show(new)} now{more}"
 
 
-def declared_digest(backbone: Backbone) -> str | None:
-    """The weights digest `load_backbone` would give for the backbone section, without loading it
-    (BatchNorm recalibration's "+bn:" suffix left out); None if the checkpoint is missing."""
-    return weights_digest_of(backbone.name, backbone.checkpoint, backbone.pretrained, backbone.sha256,
-                             backbone.init_seed)
-
-
-def weights_digest_of(name: str, checkpoint: str | os.PathLike | None, pretrained: str | None,
-                      sha256: str | None, init_seed: int) -> str | None:
-    """declared_digest of these backbone values."""
-    if checkpoint:
-        if sha256:
-            return str(sha256).strip().lower()
-        if not Path(checkpoint).is_file():
-            return None
-        from pipeline.model.weights import sha256_file
-        return sha256_file(Path(checkpoint))
-    if pretrained in (None, "random"):
-        return f"random:{init_seed}"
-    return f"{name}:{pretrained}"
-
-
 def mismatches(meta: Mapping[str, Any], params: Params, *, path: str | Path = "projectors",
                val_cache: Any = None, train_cache: Any = None,
                backbone_digest: str | None = None) -> list[str]:
@@ -180,18 +159,6 @@ def mismatches(meta: Mapping[str, Any], params: Params, *, path: str | Path = "p
     return out
 
 
-def require_match(meta: Mapping[str, Any], params: Params, *, path: str | Path = "projectors",
-                  val_cache: Any = None, train_cache: Any = None,
-                  backbone_digest: str | None = None) -> None:
-    """Raise on the first mismatch: CacheError for a rebuilt store, TrainingError otherwise."""
-    lines = mismatches(meta, params, path=path, backbone_digest=backbone_digest)
-    if lines:
-        raise TrainingError(lines[0])
-    lines = mismatches(meta, params, path=path, val_cache=val_cache, train_cache=train_cache)
-    if lines:  # params and backbone agree: a store was rebuilt
-        raise CacheError(lines[0])
-
-
 def _open_if_there(paths_: Paths, role: str, strict: bool) -> FeatureCache | None:
     store = paths.feature_store(paths_, role)
     if not store.exists():
@@ -207,13 +174,33 @@ def _open_if_there(paths_: Paths, role: str, strict: bool) -> FeatureCache | Non
 def require_current(params: Params, *, val: bool = True, backbone: bool = True) -> None:
     """For `evaluate` / `figures`: refuse projectors files whose params differ from `params`, whose
     train store (if present) or val store (`val`) was rebuilt since, or whose backbone differs from
-    params.backbone (`backbone`). A missing projectors file is left to the loader's message."""
+    params.backbone (`backbone`), or that were trained on a train store other than the one the
+    current params extract; and present stores other than those the current params extract
+    (pipeline/extraction/expected.py), checked after the projectors' params and backbone and
+    before their stores. A missing projectors file is left to the loader's message."""
     digest = declared_digest(params.backbone) if backbone else None
     caches = {"val_cache": _open_if_there(params.paths, "val", strict=True) if val else None,
               "train_cache": _open_if_there(params.paths, "train", strict=False)}
-    for path in used_projectors(params):
-        meta = read_state(path).get("meta", {})
-        require_match(meta, params, path=path, backbone_digest=digest, **caches)
+    metas = {path: read_state(path).get("meta", {}) for path in used_projectors(params)}
+    for path, meta in metas.items():  # params and backbone of the projectors' run
+        lines = mismatches(meta, params, path=path, backbone_digest=digest)
+        if lines:
+            raise TrainingError(lines[0])
+    expected = {role: expected_fingerprint(params, role) for role in ("train", "val")}
+    for role, cache in (("val", caches["val_cache"]), ("train", caches["train_cache"])):
+        if cache is not None:  # the stores: what the current params extract?
+            require_expected(cache, expected[role])
+    for path, meta in metas.items():  # the projectors' stores: these ones?
+        lines = mismatches(meta, params, path=path, val_cache=caches["val_cache"],
+                           train_cache=caches["train_cache"])
+        if lines:
+            raise CacheError(lines[0])
+        trained_on = (meta.get("provenance") or {}).get("train_store")
+        if trained_on:  # (the train store may be gone) what the current params extract?
+            problem = mismatch(trained_on["fingerprint"], None, expected["train"],
+                               f"the train store {path} was trained on")
+            if problem:
+                raise CacheError(f"{problem} and `pipeline train`")
 
 
 def check(params: Params) -> list[str]:
@@ -231,6 +218,10 @@ def check(params: Params) -> list[str]:
               "train_cache": _open_if_there(params.paths, "train", strict=False)}
     digest = declared_digest(params.backbone)
     out: list[str] = []
+    for role, cache in (("val", caches["val_cache"]), ("train", caches["train_cache"])):
+        problem = None if cache is None else mismatch(
+            cache.fingerprint, cache.annotation_files, expected_fingerprint(params, role), str(cache.path))
+        out += [problem] if problem else []  # a store other than the current params extract
     for path in files:
         try:
             meta = read_state(path).get("meta", {})

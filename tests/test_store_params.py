@@ -1,0 +1,85 @@
+"""A store answers for the params it is read with: its fingerprint records every value-affecting
+key the `extract` stage of dvc.yaml declares (by construction: compared here with dvc.yaml), and
+train, evaluate and export refuse a store extracted with other values, in one line naming the key,
+the store's value, the params' value and the command to run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from store_world import (
+    ROOT,
+    clear_error,
+    cli,
+    copy,
+    ok,
+    sets,
+    store,
+)
+
+from pipeline.config.params import flatten, load_params
+
+
+def declared_leaf_keys(params: dict) -> set[str]:
+    """The dotted leaf keys of every entry of the extract stage's `params:` in dvc.yaml."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["extract"]["do"]
+    keys: set[str] = set()
+    for entry in stage["params"]:
+        value = params
+        for part in entry.split("."):
+            value = value[part]
+        keys |= set(flatten(value, entry + ".")) if isinstance(value, dict) and value else {entry}
+    return keys
+
+
+def test_the_fingerprint_records_every_value_key_the_extract_stage_declares(store_world: Path) -> None:
+    from pipeline.extraction.expected import (
+        EXTRACT_PARAMS,
+        NOT_VALUES,
+        ROLE_KEYS,
+        expected_fingerprint,
+    )
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["extract"]["do"]
+    assert tuple(stage["params"]) == EXTRACT_PARAMS  # the one list, mirrored
+    params = load_params(sets(store_world)[1], sets(store_world)[3::2])
+    declared = declared_leaf_keys(params)
+
+    def under(key: str, prefixes) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    for prefix in (*NOT_VALUES, *ROLE_KEYS["train"], *ROLE_KEYS["val"]):  # no stale exclusion
+        assert any(under(k, (prefix,)) for k in declared), prefix
+    for role, other in (("train", "val"), ("val", "train")):
+        record = expected_fingerprint(params, role).params
+        assert set(record) == {k for k in declared if not under(k, NOT_VALUES + ROLE_KEYS[other])}
+        assert {"backbone.image_size", "extract.dtype", "extract.batch_size"} <= set(record)
+        stored = json.loads((store(store_world, role) / "zarr.json").read_text())["attributes"]
+        assert stored["fingerprint"]["params"] == record and stored["fingerprint"]["role"] == role
+    assert {"extract.seed", "extract.views", "extract.augment.magnitude"} <= set(
+        expected_fingerprint(params, "train").params)
+
+
+@pytest.mark.parametrize("key, value, old", [
+    ("backbone.image_size", 160, 64), ("extract.views", 3, 2), ("extract.seed", 1, 0),
+    ("extract.augment.magnitude", 7, 9)])
+def test_a_changed_extraction_param_is_refused_by_every_reader(store_world: Path, tmp_path: Path,
+                                                               key: str, value: object, old: object) -> None:
+    run = copy(store_world, tmp_path)
+    changed = sets(run, **{key.replace(".", "__"): value})
+    line = clear_error(cli("train", *changed), store(run, "train"), f"{key}: store {old!r}, params {value!r}",
+                       "pipeline extract-features --split train")
+    assert line.count(key) == 1
+    clear_error(cli("evaluate", "mlr", *changed), f"{key}: store {old!r}, params {value!r}",
+                "pipeline extract-features")
+    clear_error(cli("export-cache", "--split", "train", "--out", tmp_path / "t.h5", *changed), key)
+    ok(cli("export-cache", "--split", "train", "--out", tmp_path / "t.h5", *sets(run)))
+    assert not (run / "results" / "metrics" / "mlr.json").exists()
+
+
+def test_where_and_how_fast_it_extracts_does_not_count(store_world: Path, tmp_path: Path) -> None:
+    run = copy(store_world, tmp_path)
+    ok(cli("evaluate", "mlr", *sets(run, extract__num_workers=2, extract__shard_size=8,
+                                    extract__on_bad_image="skip", backbone__device="auto")))
