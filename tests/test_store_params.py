@@ -4,6 +4,8 @@ train, evaluate and export refuse a store extracted with other values, in one li
 the store's value, the params' value and the command to run."""
 from __future__ import annotations
 
+from typing import Any
+
 import json
 from pathlib import Path
 
@@ -19,15 +21,16 @@ from store_world import (
     store,
 )
 
-from pipeline.config.params import flatten, load_params
+from pipeline.config.params import as_dict, flatten, load_params
+from pipeline.config.schema import Params
 
 
-def declared_leaf_keys(params: dict) -> set[str]:
+def declared_leaf_keys(params: Params) -> set[str]:
     """The dotted leaf keys of every entry of the extract stage's `params:` in dvc.yaml."""
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["extract"]["do"]
     keys: set[str] = set()
     for entry in stage["params"]:
-        value = params
+        value: Any = as_dict(params)
         for part in entry.split("."):
             value = value[part]
         keys |= set(flatten(value, entry + ".")) if isinstance(value, dict) and value else {entry}
