@@ -1,7 +1,8 @@
 """Stage `extract-features`: the frozen CLIP runs once; everything downstream reads the cache.
 
 Train split: K augmented views per image (extract.views, seeded per image and view). Eval split:
-one plain resized view. Parameters read: data.*, backbone.*, extract.*, paths.{data,cache}.
+one plain view resized with extract.eval_interpolation. Parameters read: data.*, backbone.*,
+extract.*, paths.{data,cache}.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def run(params: Params, split: str = "all", restart_on_change: bool = False,
             dtype=ex.dtype, compressor=None if ex.compressor in (None, "none") else "zstd",
             num_workers=ex.num_workers, on_bad_image=ex.on_bad_image, augment=as_dict(ex.augment),
             restart_on_change=restart_on_change, workers=ex.workers, scheduler=ex.scheduler,
-            stats=stats, break_lock=break_lock, transforms=ex.transforms)
+            stats=stats, break_lock=break_lock, transforms=ex.transforms,
+            eval_interpolation=ex.eval_interpolation)
         info = cache.summary()
         summary[role] = {
             "store": info["path"], "images": info["num_images"], "views": info["views"],

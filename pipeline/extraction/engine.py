@@ -67,13 +67,15 @@ def recheck_complete(cache: FeatureCache) -> list[int]:
 def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
                 train_augment: bool, seed: int, image_size: int, dtype: str,
                 augment: dict[str, Any], precision: str, batch_images: int,
-                transforms: str = "workers") -> dict[str, Any]:
+                transforms: str = "workers", eval_interpolation: str = "bicubic") -> dict[str, Any]:
     """Everything that changes the stored numbers; a store built otherwise is refused, not mixed.
 
     Besides the weights and the views this includes what changes the last bits of the forward:
     precision, memory layout, compilation, images per forward and the device type (TF32 on CUDA).
     Views made on the device (other decoder and resize kernels) add ``transforms: device``; the
-    key is absent for worker views, so stores extracted before it existed stay valid.
+    key is absent for worker views, so stores extracted before it existed stay valid. An
+    un-augmented (eval) store records its resize, ``augment: {enabled: False, interpolation}``;
+    train stores' fingerprints do not change with it.
     """
     made_on_device = {"transforms": "device"} if transforms == "device" else {}
     return {
@@ -83,7 +85,8 @@ def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
                      "batch_images": batch_images},
         "image_size": image_size,
         "views": views,
-        "augment": {"enabled": True, **augment} if train_augment else {"enabled": False},
+        "augment": ({"enabled": True, **augment} if train_augment
+                    else {"enabled": False, "interpolation": eval_interpolation}),
         **made_on_device,
         "seed": seed if train_augment else None,
         "dtype": dtype,
@@ -101,7 +104,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             progress: bool = True, workers: int = 0, scheduler: str | None = None,
             fail_after_shards: int | None = None, stats: dict[str, Any] | None = None,
             backbone: FrozenCLIP | None = None, break_lock: bool = False,
-            transforms: str = "workers") -> FeatureCache:
+            transforms: str = "workers", eval_interpolation: str = "bicubic") -> FeatureCache:
     """Extract (or resume) the spatial tokens of ``dataset`` into the store at ``store_path``.
 
     ``backbone_params`` is the params' backbone section (Dask workers rebuild the model from it;
@@ -115,6 +118,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
     ``num_workers`` "auto" means one DataLoader worker per core this process may run on.
     ``transforms`` "device" decodes and augments on the backbone's device (pipeline/extraction/device_views.py;
     train views need augment randaugment "torchvision", eval stores take any recipe).
+    ``eval_interpolation`` (bicubic | bilinear) resizes the un-augmented views of an eval store.
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -139,7 +143,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         "fingerprint": fingerprint(dataset, backbone, views=views, train_augment=train_augment,
                                 seed=seed, image_size=image_size, dtype=dtype, augment=augment,
                                 precision=backbone.precision,
-                                batch_images=max(1, batch_size // views), transforms=transforms)}
+                                batch_images=max(1, batch_size // views), transforms=transforms,
+                                eval_interpolation=eval_interpolation)}
     with StoreLock(store_path, break_lock=break_lock):  # one writer per store, for the whole run
         try:
             cache = create_or_open(store_path, **layout)
@@ -165,7 +170,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         todo = sum(b - a for a, b in map(cache.shard_range, shards))
         # absolute paths: Dask workers on other hosts may run in another working directory
         spec = ViewSpec(tuple(str(r.path.resolve()) for r in dataset.records), views, train_augment, seed,
-                        image_size, augment, transforms=transforms)
+                        image_size, augment, transforms=transforms,
+                        eval_interpolation=eval_interpolation)
         batch_images = max(1, batch_size // views)
         bar = tqdm(total=todo, unit="img", desc=f"extract {dataset.name}/{dataset.split}",
                    disable=not progress or not todo, smoothing=0.1)
