@@ -86,7 +86,7 @@ class Data(Section):
     train_split: str
     val_split: str
     coco_val_images: Literal["annotated", "all"] = Field(
-        description="COCO val images: annotated (val2014 40,137, the authors' run) or all (40,504)")
+        description="COCO val images: annotated (val2014 40,137, the authors' code) or all (40,504)")
     synthetic: Synthetic
 
 
