@@ -351,7 +351,8 @@ def test_best_epoch_is_chosen_on_fp32_scores_when_training_in_bf16() -> None:
     loader = [_Batch(np.arange(4), torch.eye(4)[:, None, :], labels)]  # tokens (N, T=1, N)
     text = {"negative": torch.randn(2, 8), "positive": torch.randn(2, 8)}
     merit = {"plain": torch.randn(2, 8), "positive": torch.randn(2, 8)}
-    params = {"evaluate": {"text_bn": {"mlr": "running", "mfi": "running"}}}
+    evaluate = updated(load_params(Path(__file__).resolve().parents[1] / "configs" / "params.yaml"),
+                       {"evaluate.text_bn": {"mlr": "running", "mfi": "running", "seg": "running"}}).evaluate
 
     bf16_map = {}
     for epoch, head in epochs.items():  # what a bf16 validation would score
@@ -364,7 +365,7 @@ def test_best_epoch_is_chosen_on_fp32_scores_when_training_in_bf16() -> None:
     history = []
     for epoch, head in epochs.items():
         with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside the training's autocast
-            row = validation_metrics(head, loader, text, merit, params, amp=torch.bfloat16)
+            row = validation_metrics(head, loader, text, merit, evaluate, amp=torch.bfloat16)
         history.append({"epoch": epoch, **row})
     assert [r["val_map"] for r in history] == pytest.approx([100.0, 275 / 3])
     assert train.best_row(history)["epoch"] == 1
