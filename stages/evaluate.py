@@ -30,6 +30,7 @@ from pipeline.evaluation.sources import (
     load_head,
     source_line,
 )
+from pipeline.evaluation.variants import method_variant, resolve
 from pipeline.evaluation.zsmlr import zero_shot_mlr
 from pipeline.extraction.expected import open_checked
 from pipeline.model.build import resolve_device
@@ -71,7 +72,10 @@ def evaluate_mlr(params: Params) -> tuple[dict, str]:
     ours, labels = evaluate_head(head, loader, text, stats=stats)  # non-finite scores: named, not scored
     clip = zero_shot_scores(loader, unit, recorded_model(meta["model"]).softmax)
     aps = {"clip": average_precision(clip, labels), "ours": average_precision(ours, labels)}
+    # the val view's resize as the store records it (extract.eval_interpolation)
+    view = (cache.fingerprint.get("augment") or {}).get("interpolation", "not recorded")
     metrics: dict[str, Any] = {"source": src, "text_input": text_input, "text_bn": stats,
+               "eval_interpolation": view,
                "num_images": len(labels), **{m: {"map": float(np.nanmean(ap))} for m, ap in aps.items()},
                "per_class": {m: {"ap": dict(zip(cache.classnames, ap))} for m, ap in aps.items()}}
     labels_ = {"clip": "CLIP", "ours": "ours (Unmix-CLIP)"}
@@ -80,7 +84,8 @@ def evaluate_mlr(params: Params) -> tuple[dict, str]:
                        source_line(src), "",
                        (f"CLIP = region aggregation on the raw tokens and prompts, no projectors. Text "
                        f"into the projector: {text_input} (train.text_input), BatchNorm {stats} "
-                       "statistics."), "", "| method | mAP (%) |", "|---|---|", *rows])
+                       f"statistics. Val view resize: {view} (extract.eval_interpolation, as the store "
+                       "records it)."), "", "| method | mAP (%) |", "|---|---|", *rows])
     return metrics, table
 
 
@@ -90,20 +95,24 @@ def evaluate_zs_mlr(params: Params) -> tuple[dict, str]:
     dataset = load_multilabel(cfg.dataset, dataset_root(params.paths, cfg.dataset), cfg.split)
     backbone, head, _, src = backbone_and_head(params)
     ev = params.evaluate
+    variant = resolve(seg, cfg.dataset)  # the seg rules on this dataset (variants.py: by its family)
     res = zero_shot_mlr(backbone, head, dataset, image_size=cfg.image_size,
                         batch_size=ev.batch_size, region_weight=cfg.region_weight,
                         threshold=seg.threshold, pos_interpolation=seg.pos_interpolation,
                         min_area=cfg.min_area, region_mode=cfg.region_mode,
-                        prompt=ev.prompt, interpolation=seg.interpolation,
+                        prompt=ev.prompt, interpolation=variant.interpolation,
                         text_input=ev.text_input, text_bn=ev.text_bn.seg,
-                        voc_names=ev.voc_names)
+                        voc_names=ev.voc_names, ours_norm=variant.ours_norm)
     print(f"zs-mlr {cfg.dataset}: {res['num_images']} images, {res['seconds_per_image']:.3f} s/image")
     metrics = {"source": src, **{k: res[k] for k in ("map", "num_images", "seconds_per_image")},
-               "region_weight": cfg.region_weight, "per_class": {"ap": res["per_class_ap"]}}
+               "region_weight": cfg.region_weight, "interpolation": variant.interpolation,
+               "ours_norm": variant.ours_norm, "per_class": {"ap": res["per_class_ap"]}}
     labels = {"clip": "CLIP (global)", "regions": "CLIP on segmented regions (ours)",
               "combined": f"global + regions, w = {cfg.region_weight} (ours)"}
     table = "\n".join([(f"## Segment-driven zero-shot MLR (paper Table 3), {cfg.dataset} {cfg.split} "
-                       f"({res['num_images']} images)"), "", source_line(src), "", "| method | mAP (%) |", "|---|---|",
+                       f"({res['num_images']} images)"), "", source_line(src), "",
+                       (f"Regions from {method_variant('ours', {cfg.dataset: variant.ours_norm}, seg.cs_ours_norm)}"
+                        f"; {variant.interpolation} resize."), "", "| method | mAP (%) |", "|---|---|",
                        *[f"| {labels[k]} | {fmt(v)} |" for k, v in res["map"].items()]])
     return metrics, table
 

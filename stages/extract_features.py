@@ -1,7 +1,8 @@
 """Stage `extract-features`: the frozen CLIP runs once; everything downstream reads the cache.
 
 Train split: K augmented views per image (extract.views, seeded per image and view). Eval split:
-one plain resized view. Parameters read: data.*, backbone.*, extract.*, paths.{data,cache}.
+one plain view resized with extract.eval_interpolation. Parameters read: data.*, backbone.*,
+extract.*, paths.{data,cache}.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def run(params: Params, split: str = "all", restart_on_change: bool = False,
             num_workers=ex.num_workers, on_bad_image=ex.on_bad_image, augment=as_dict(ex.augment),
             restart_on_change=restart_on_change, workers=ex.workers, scheduler=ex.scheduler,
             stats=stats, break_lock=break_lock, transforms=ex.transforms,
+            eval_interpolation=ex.eval_interpolation,
             record=expected_fingerprint(params, role).record)  # role and params record
         info = cache.summary()
         summary[role] = {

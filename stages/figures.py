@@ -5,7 +5,9 @@ Per class one PNG in results/figures/: rows = images of the first segmentation d
 (evaluate.seg.datasets[0], split val), preferring images whose mask contains the class;
 columns = the image, then the class's score map of each method (computed against the whole
 class set: feature surgery needs it), min-max normalised over the tokens and upsampled
-bilinearly to the image. The title names the projectors file (best | last) and the recipe.
+bilinearly to the image. The title names the projectors file (best | last) and the recipe. The
+image resize, `ours`' normalisation and the COCO masks follow evaluate.seg's rules on that dataset,
+as `evaluate seg` computes them (pipeline/evaluation/variants.py).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pipeline.evaluation.segmentation import (
     upsample,
 )
 from pipeline.evaluation.sources import SEG_SPLIT, backbone_and_head, dataset_root
+from pipeline.evaluation.variants import resolve
 from pipeline.results.outputs import stamp as stamp_run
 from pipeline.results.plots import activation_grid
 from pipeline.results.skips import for_evaluation
@@ -66,7 +69,8 @@ def run(params: Params) -> dict[str, Any]:
     provenance.require_current(params, val=False)  # projectors of this run's backbone and params
     cfg, seg = params.figures, params.evaluate.seg
     name = seg.datasets[0]
-    dataset = load_segmentation(name, dataset_root(params.paths, name), SEG_SPLIT)
+    variant = resolve(seg, name)
+    dataset = load_segmentation(name, dataset_root(params.paths, name), SEG_SPLIT, coco_masks=variant.masks())
     ev = params.evaluate
     backbone, head, _, src = backbone_and_head(params)
     names = object_classes(dataset)
@@ -84,9 +88,10 @@ def run(params: Params) -> dict[str, Any]:
         with_class = sum(bool((dataset.mask(i) == value).any()) for i in indices)
         shown = "" if with_class == len(indices) else f" ({with_class} of {len(indices)} images contain it)"
         pictures = [np.asarray(dataset.image(i)) for i in indices]  # (H, W, 3) uint8 each
-        images = torch.stack([seg_view(dataset.image(i), seg.image_size, seg.interpolation)
+        images = torch.stack([seg_view(dataset.image(i), seg.image_size, variant.interpolation)
                               for i in indices])  # (N, 3, S, S)
-        maps = score_maps(backbone, head, images, texts, seg.pos_interpolation)  # (N, C, h, w) each
+        maps = score_maps(backbone, head, images, texts, seg.pos_interpolation, ours_norm=variant.ours_norm,
+                          cs_ours_norm=variant.cs_ours_norm)  # (N, C, h, w) each
         overlays = {METHOD_LABELS[m]: [upsample(normalise_minmax(maps[m][i, k:k + 1]), p.shape[:2])[0]
                                        .cpu().numpy() for i, p in enumerate(pictures)] for m in methods}
         path = paths.results_dir(params.paths, "figures", f"activation_{_slug(cls)}.png")
@@ -94,4 +99,5 @@ def run(params: Params) -> dict[str, Any]:
         written.append(str(path))
         print(f"figures: {path}", flush=True)
     stamp_run(params, paths.results_dir(params.paths, "figures"))  # the report checks which run drew them
-    return {"figures": written, "classes": classes, "dataset": name, "methods": methods, "source": src}
+    return {"figures": written, "classes": classes, "dataset": name, "methods": methods, "source": src,
+            "variant": variant.record()}

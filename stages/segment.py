@@ -4,7 +4,9 @@ Per image, in --out: <name>_overlay.png (image | CLIP | CLIP-VV | ours, one row 
 <name>_labels.png (palette PNG: 0 background, 1..C the classes in the given order) and
 <name>.json (image-level scores, pixel fractions, the model used). Everything is computed by
 pipeline.api.unmix.UnmixCLIP, configured from params: backbone.* (weights), evaluate.seg.* (image
-size, background rule and threshold), evaluate.text_bn.{seg,mlr}, evaluate.text_input.
+size, resize (the rule `released` is bicubic here: no dataset, as the VOC and COCO scripts), background
+rule and threshold), evaluate.text_bn.{seg,mlr}, evaluate.text_input. `ours` is normalised after
+the image projector (the paper's cosine), whatever evaluate.seg.ours_norm says.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from pipeline.data.images import BadImageError, load_image
 from pipeline.data.synthetic import voc_palette
 from pipeline.evaluation.segment_maps import LABELS, METHODS
 from pipeline.evaluation.segmentation import PROMPTS
+from pipeline.evaluation.variants import seg_interpolation
 from pipeline.files import atomic_write, atomic_write_text
 from pipeline.results.plots import activation_grid
 
@@ -79,7 +82,8 @@ def model_from_params(params: Params, projectors: str | Path | None = None) -> U
         device=b.device, sha256=b.sha256, init_seed=b.init_seed, precision=b.precision,
         channels_last=b.channels_last, image_size=ev.seg.image_size, text_bn=ev.text_bn.seg,
         score_text_bn=ev.text_bn.mlr, text_input=ev.text_input,
-        pos_interpolation=ev.seg.pos_interpolation, interpolation=ev.seg.interpolation,
+        pos_interpolation=ev.seg.pos_interpolation,
+        interpolation=seg_interpolation(ev.seg.interpolation),  # released: bicubic (no dataset)
         batch_size=ev.batch_size)
 
 

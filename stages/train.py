@@ -97,7 +97,8 @@ def online_tokens(params: Params, cache: FeatureCache, device: torch.device) -> 
 
     Everything that decides a view (dataset, image size, augmentation, view seeds) is read from
     the cache's fingerprint, and the view recipe is the extraction's: image i, view k is
-    train_view(seed = view_seed(seed, i, k)) when augmented, else eval_view; made on the
+    train_view(seed = view_seed(seed, i, k)) when augmented, else eval_view with the store's
+    recorded resize (extract.eval_interpolation; bicubic in stores that predate it); made on the
     backbone's device when the store's views were (fingerprint "transforms": "device").
     """
     from pipeline.data.augment import eval_view, normalise_pixels, train_view, view_seed
@@ -132,7 +133,7 @@ def online_tokens(params: Params, cache: FeatureCache, device: torch.device) -> 
         image = data.image(i)
         if enabled:
             return train_view(image, size, view_seed(fp["seed"], i, k), **augment)
-        return eval_view(image, size)
+        return eval_view(image, size, augment.get("interpolation", "bicubic"))
 
     def tokens(batch: Batch) -> torch.Tensor:
         images = torch.stack([view(int(i), int(k)) for i, k in zip(batch.index, batch.view)])  # (B, 3, S, S)

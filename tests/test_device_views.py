@@ -215,4 +215,5 @@ def test_package_randaugment_on_the_device_is_refused_naming_both_keys(coco, tmp
     # an eval store has no RandAugment: any recipe may make it on the device
     plain = extract(dataset, tmp_path / "e.zarr", backbone, **{**KW, "views": 1, "train_augment": False},
                     augment=package, transforms="device")
-    assert plain.complete.all() and plain.fingerprint["augment"] == {"enabled": False}
+    assert plain.complete.all()
+    assert plain.fingerprint["augment"] == {"enabled": False, "interpolation": "bicubic"}

@@ -378,12 +378,24 @@ def test_seg_ours_beats_no_projector_baselines_on_object_pixels(world, world64):
     assert headline == "per-image-positive-pred" and metrics["background"] == "none"
     assert synthetic["headline"]["ours"]["bkgd"] == result["ours"]["bkgd"][headline]
     assert set(metrics["per_class"]["iou_dataset"]["synthetic"]["ours"]) == {"bkgd", "no_bkgd"}
-    for row in ("| CLIP (q-k) |", "| CLIP v-proj (DualCoOp tokens) |", "| CLIP Surgery |", "| CLIP-VV |",
-                "| ours (Unmix-CLIP) |", "| CLIP Surgery + ours |", "protocol `dataset`",
+    # every row names its variant and the paper's Table 2 row (authors recipe: "ours" released on
+    # the synthetic data = normalised after; CS_Ours before)
+    surgery = ("| clip-surgery (released: CLIP Surgery's ResNet pool, feature surgery weighted "
+               "from token 0) | CLIP Surgery |")
+    ours = ("| ours (image normalised after the projector: a cosine, as the paper and the VOC / "
+            "Context scripts) | Ours |")
+    cs_ours = ("| clip-surgery+ours (image normalised before the projector, not after: the "
+               "released CS_Ours) | - |")
+    for row in ("| clip (q-k tokens, cosine) | CLIP |", "| clip-vproj (DualCoOp's spatial tokens, cosine) | - |",
+                surgery, "| clip-vv (v-v tokens, cosine) | CLIP-VV |", ours, cs_ours, "protocol `dataset`",
                 "protocol `per-image-positive-pred` (headline)", "protocol `per-image-positive-only`",
                 "protocol `per-image-predicted`", "synthetic (bkgd)", "synthetic (no bkgd)", "Projectors: best"):
         assert row in table
     assert table.index("(headline)") < table.index("protocol `dataset`")
+    assert synthetic["variant"] == {"interpolation": "bicubic", "ours_norm": "after",
+                                    "cs_ours_norm": "before", "coco_masks": None}
+    assert metrics["method_variants"]["ours"]["table2"] == "Ours"
+    assert (metrics["interpolation"], metrics["ours_norm"], metrics["coco_masks"]) == ("released",) * 3
 
 
 def test_zs_mlr_reports_clip_regions_and_combination(world):

@@ -108,7 +108,7 @@ def test_voc_store_matches_annotations_with_plain_eval_view(tmp_path: Path) -> N
     assert np.array_equal(cache.labels, expected)
     assert list(cache.ids) == [f"2007_{i:06d}" for i in range(4, 8)]
     assert cache.classnames == list(VOC_CLASSES)
-    assert cache.fingerprint["augment"] == {"enabled": False}
+    assert cache.fingerprint["augment"] == {"enabled": False, "interpolation": "bicubic"}
     from pipeline.model.backbone import load_backbone
     plain = torch.stack([eval_view(load_image(r.path), SIZE) for r in dataset.records[3:4]])
     expected_tokens = load_backbone("tiny-RN", pretrained=None).spatial_tokens(plain)  # (1, T, D)

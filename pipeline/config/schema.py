@@ -42,9 +42,17 @@ MultilabelDataset = Literal["coco2014", "coco2017", "voc2007", "synthetic"]
 SegDataset = Literal["voc2012", "coco2017", "context59", "synthetic"]
 MfiClassSet = Literal["voc", "coco", "context59", "context_unseen", "synthetic"]
 MfiForm = Literal["paper", "authors-classes", "authors-features"]
-SegMethod = Literal["clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours"]
+SegMethod = Literal["clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours",
+                    "clip-surgery-per-token"]
 SegBackground = Literal["none", "softmax", "max-score"]
 MiouProtocol = Literal["dataset", "per-image-positive-pred", "per-image-positive-only", "per-image-predicted"]
+Interpolation = Literal["bilinear", "bicubic"]
+# ZS3 rules naming a choice per dataset: "released" = what each released script did (the
+# resolution per dataset is pipeline/evaluation/variants.py), any other word = every dataset alike
+SegInterpolation = Literal["released", "bilinear", "bicubic"]
+OursNorm = Literal["released", "after", "before"]
+ImageNorm = Literal["after", "before"]
+CocoMasks = Literal["official", "released"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
 MULTILABEL_DATASETS: tuple[str, ...] = get_args(MultilabelDataset)
 SEG_DATASETS: tuple[str, ...] = get_args(SegDataset)
@@ -78,7 +86,7 @@ class Data(Section):
     train_split: str
     val_split: str
     coco_val_images: Literal["annotated", "all"] = Field(
-        description="COCO val images: annotated (val2014 40,137, the authors' run) or all (40,504)")
+        description="COCO val images: annotated (val2014 40,137, the authors' code) or all (40,504)")
     synthetic: Synthetic
 
 
@@ -104,7 +112,7 @@ class Augment(Section):
     magnitude: Annotated[int, Field(ge=0, le=30)]
     randaugment: Literal["package", "torchvision"] = Field(
         description="RandAugment of the `randaugment` PyPI package (authors) or torchvision's")
-    interpolation: Literal["bilinear", "bicubic"] = Field(description="resize of training views")
+    interpolation: Interpolation = Field(description="resize of training views")
 
 
 class Extract(Section):
@@ -118,6 +126,10 @@ class Extract(Section):
     workers: NonNegInt = Field(description="Dask local cluster size; 0 = in-process")
     scheduler: str | None
     on_bad_image: Literal["error", "skip"]
+    eval_interpolation: Interpolation = Field(
+        description="resize of the val / test store's un-augmented view (the MLR evaluation view): "
+                    "bilinear (the authors' loader, torchvision's default) or bicubic; recorded in "
+                    "the eval store's fingerprint")
     transforms: Literal["workers", "device"] = Field(
         description="where images are decoded and augmented: workers (PIL, in the decode processes) "
                     "or device (the backbone's, e.g. nvJPEG + torchvision on a GPU; ~1 grey level "
@@ -220,9 +232,20 @@ class Seg(Section):
                                                 "softmax (GEM rule) or max-score")
     threshold: Fraction
     protocol: MiouProtocol = Field(description="the headline mIoU; all are computed")
-    interpolation: Literal["bilinear", "bicubic"] = Field(
-        description="image resize for ZS3 and `pipeline segment` / `query`")
-    pos_interpolation: Literal["bilinear", "bicubic"]
+    interpolation: SegInterpolation = Field(
+        description="ZS3 image resize: released (per dataset as each released script: bilinear on "
+                    "context59, bicubic elsewhere) or one kernel everywhere; `pipeline segment` / "
+                    "`query` use it too (released: bicubic)")
+    ours_norm: OursNorm = Field(
+        description="`ours`' image side: after (h(z) / |h(z)|, the paper's cosine), before (h(z / |z|), "
+                    "not normalised after) or released (per dataset as each released script: before "
+                    "on COCO, after on VOC / Context)")
+    cs_ours_norm: ImageNorm = Field(
+        description="`clip-surgery+ours`' image side: before (the released CS_Ours) or after the projector")
+    coco_masks: CocoMasks = Field(
+        description="COCO-2017 ZS3 masks: official (crowd ignored, small objects on top) or released "
+                    "(as the authors' cocoper.py rendered them)")
+    pos_interpolation: Interpolation
     image_size: ImageSize
 
 
@@ -272,7 +295,7 @@ class Ablate(Section):
 
 
 class Params(Section):
-    recipe: Recipe = Field(description="authors (the released run) or paper (as written)")
+    recipe: Recipe = Field(description="authors (the released code's choices) or paper (as written)")
     paths: Paths
     data: Data
     backbone: Backbone

@@ -10,7 +10,7 @@ Choices:
   only images with at least one annotation (train2014: 82,081 of 82,783 images, the paper's count);
   evaluation splits keep every image, unannotated ones with all-zero labels (val2014: 40,504), or
   with ``val_images="annotated"`` (param data.coco_val_images) only the annotated ones, as the
-  authors' run did (val2014: 40,137). Images are sorted by id.
+  authors' code does (val2014: 40,137). Images are sorted by id.
 - VOC2007 difficult objects are skipped: a class present only as difficult is 0 (negative), as
   docs/METHOD.md "Datasets and labels" says; a class with any non-difficult instance is 1. No -1 labels are produced.
 - COCO masks: crowd regions 255 (ignore) first, then objects painted in order of decreasing area

@@ -91,8 +91,9 @@ def zero_shot_mlr(backbone: FrozenCLIP, head: UnmixHead, dataset: Any, *, image_
                   pos_interpolation: str = "bilinear", min_area: float = 0.01, region_mode: str = "mask",
                   limit: int | None = None, progress: bool = True, prompt: str = "plain",
                   interpolation: str = "bicubic", text_input: str = "normalised",
-                  text_bn: str = "running", voc_names: str = "official") -> dict:
+                  text_bn: str = "running", voc_names: str = "official", ours_norm: str = "after") -> dict:
     """mAP of CLIP global alone, of the regions alone and of the combination on a MultiLabelDataset.
+    The regions are those of "ours" with its image side normalised `ours_norm` (segmentation.IMAGE_NORMS).
 
     Returns {"map": {"clip", "regions", "combined"}, "per_class_ap": {...}, "scores": {name: (N, C)},
     "labels" (N, C), "num_images", "seconds_per_image", "classnames"}.
@@ -111,7 +112,8 @@ def zero_shot_mlr(backbone: FrozenCLIP, head: UnmixHead, dataset: Any, *, image_
         indices = range(first, min(first + batch_size, num))
         images = torch.stack([seg_view(dataset.image(i), image_size, interpolation)
                               for i in indices])  # (B, 3, S, S)
-        maps = score_maps(backbone, head, images, texts, pos_interpolation)["ours"]  # (B, C, h, w)
+        maps = score_maps(backbone, head, images, texts, pos_interpolation,
+                          ours_norm=ours_norm)["ours"]  # (B, C, h, w)
         labels = torch.stack([predict(m, (image_size, image_size), "max-score", threshold).cpu()
                               for m in maps])  # (B, S, S): 0 background, k + 1 class k
         glob.append(global_probabilities(backbone, images, raw).numpy())

@@ -126,17 +126,18 @@ def batch_views(spec: Any, index: Sequence[int], payloads: Sequence[torch.Tensor
             seeds = [view_seed(spec.seed, i, k) for k in range(spec.views)]
             pixels[row] = train_device_views(image, s, seeds, **spec.augment)
         else:
-            pixels[row] = eval_device_view(image, s)  # broadcast over the K (= 1) views
+            pixels[row] = eval_device_view(image, s, spec.eval_interpolation)  # broadcast over K (= 1)
     return pixels, reasons
 
 
 def file_view(path: str, size: int, seed: int | None, augment: dict[str, Any],
               device: torch.device) -> torch.Tensor:
     """One view of one file as batch_views makes it -> (3, S, S) uint8 on ``device``; seed None is
-    the eval view. For recomputing cached views (train --online). Raises BadImageError."""
+    the eval view, resized with ``augment["interpolation"]`` (bicubic if absent). For recomputing
+    cached views (train --online) from a store's recorded augment. Raises BadImageError."""
     images, reasons = decode_images([read_payload(path)], [path], [""], device)
     if images[0] is None:
         raise BadImageError(path, reasons[0])
     if seed is None:
-        return eval_device_view(images[0], size)
+        return eval_device_view(images[0], size, augment.get("interpolation", "bicubic"))
     return train_device_views(images[0], size, [seed], **augment)[0]

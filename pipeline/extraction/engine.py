@@ -70,7 +70,7 @@ def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
                 train_augment: bool, seed: int, image_size: int, dtype: str,
                 augment: dict[str, Any], precision: str, batch_images: int,
                 transforms: str = "workers", record: dict[str, Any] | None = None,
-                annotations: str | None = None) -> dict[str, Any]:
+                annotations: str | None = None, eval_interpolation: str = "bicubic") -> dict[str, Any]:
     """Everything that changes the stored numbers; a store built otherwise is refused, not mixed.
 
     Besides the weights and the views this includes what changes the last bits of the forward:
@@ -80,6 +80,8 @@ def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
     (pipeline/extraction/expected.py; readers compare them; None from the Python API: readers
     then refuse the store). ``inputs`` holds the annotation files' digest and, once every shard
     is written, the images' (pipeline/store/inputs.py); they are not part of the store id.
+    An un-augmented (eval) store records its resize, ``augment: {enabled: False, interpolation}``;
+    train stores' fingerprints do not change with it.
     """
     made_on_device = {"transforms": "device"} if transforms == "device" else {}
     return {
@@ -89,7 +91,8 @@ def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
                      "batch_images": batch_images},
         "image_size": image_size,
         "views": views,
-        "augment": {"enabled": True, **augment} if train_augment else {"enabled": False},
+        "augment": ({"enabled": True, **augment} if train_augment
+                    else {"enabled": False, "interpolation": eval_interpolation}),
         **made_on_device,
         "seed": seed if train_augment else None,
         "dtype": dtype,
@@ -109,7 +112,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             progress: bool = True, workers: int = 0, scheduler: str | None = None,
             fail_after_shards: int | None = None, stats: dict[str, Any] | None = None,
             backbone: FrozenCLIP | None = None, break_lock: bool = False,
-            transforms: str = "workers", record: dict[str, Any] | None = None) -> FeatureCache:
+            transforms: str = "workers", record: dict[str, Any] | None = None,
+            eval_interpolation: str = "bicubic") -> FeatureCache:
     """Extract (or resume) the spatial tokens of ``dataset`` into the store at ``store_path``.
 
     ``backbone_params`` is the params' backbone section (Dask workers rebuild the model from it;
@@ -127,6 +131,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
     under the same settings are brought up to date, not refused: images added or removed redo the
     shards from the first changed one, a changed image file redoes its shard, changed annotations
     rewrite the labels only (pipeline/store/update.py, pipeline/extraction/inputs.py).
+    ``eval_interpolation`` (bicubic | bilinear) resizes the un-augmented views of an eval store.
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
@@ -153,7 +158,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
                                 seed=seed, image_size=image_size, dtype=dtype, augment=augment,
                                 precision=backbone.precision,
                                 batch_images=max(1, batch_size // views), transforms=transforms,
-                                record=record, annotations=records_digest(annotation_files)),
+                                record=record, annotations=records_digest(annotation_files),
+                                eval_interpolation=eval_interpolation),
         "annotation_files": annotation_files, "update": True}
     with StoreLock(store_path, break_lock=break_lock):  # one writer per store, for the whole run
         try:
@@ -181,7 +187,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         todo = sum(b - a for a, b in map(cache.shard_range, shards))
         # absolute paths: Dask workers on other hosts may run in another working directory
         spec = ViewSpec(tuple(str(r.path.resolve()) for r in dataset.records), views, train_augment, seed,
-                        image_size, augment, transforms=transforms)
+                        image_size, augment, transforms=transforms,
+                        eval_interpolation=eval_interpolation)
         batch_images = max(1, batch_size // views)
         bar = tqdm(total=todo, unit="img", desc=f"extract {dataset.name}/{dataset.split}",
                    disable=not progress or not todo, smoothing=0.1)

@@ -44,7 +44,7 @@ NOT_VALUES = (
 )
 # Keys of one role only: val/test stores hold one plain view of the evaluation split.
 ROLE_KEYS = {"train": ("data.train_split", "extract.views", "extract.seed", "extract.augment"),
-             "val": ("data.val_split", "data.coco_val_images")}
+             "val": ("data.val_split", "data.coco_val_images", "extract.eval_interpolation")}
 ABSENT = "<absent>"
 
 

@@ -43,6 +43,7 @@ class ViewSpec:
     augment: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_AUGMENT))
     first: int = 0
     transforms: str = "workers"
+    eval_interpolation: str = "bicubic"  # the un-augmented view's resize (extract.eval_interpolation)
 
     def path(self, index: int) -> str:
         return self.paths[index - self.first]
@@ -51,7 +52,7 @@ class ViewSpec:
         """The spec restricted to images [start, stop) (what one shard task needs)."""
         return ViewSpec(self.paths[start - self.first:stop - self.first], self.views,
                         self.train_augment, self.seed, self.image_size, self.augment, start,
-                        self.transforms)
+                        self.transforms, self.eval_interpolation)
 
 
 class _Images(Dataset):
@@ -78,7 +79,7 @@ class ImageViews(_Images):
             views = [train_pil_view(image, s.image_size, view_seed(s.seed, index, k), **s.augment)
                      for k in range(s.views)]
         else:
-            views = [eval_pil_view(image, s.image_size)] * s.views
+            views = [eval_pil_view(image, s.image_size, s.eval_interpolation)] * s.views
         return index, torch.stack([pil_to_tensor(v) for v in views]), ""  # (K, 3, S, S) uint8
 
 

@@ -149,7 +149,7 @@ class UnmixHead(nn.Module):
         self.image_projector = ImageProjector(embed_dim, self.proj_dim, kind=image_projector)
 
     def train(self, mode: bool = True) -> UnmixHead:
-        """text_bn "eval" (the authors' run: the whole model in eval mode while training) keeps the
+        """text_bn "eval" (the released training loop: the whole model in eval mode while training) keeps the
         text projector's BatchNorm at its running statistics, which are then never updated; its
         weight and bias still learn, so it acts as a per-feature affine."""
         super().train(mode)

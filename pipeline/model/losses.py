@@ -56,7 +56,7 @@ def _diag_offdiag_penalty(c: Tensor, lam: float | Tensor) -> Tensor:
 
 def _mfi_batchnorm(t: Tensor, bn: str) -> Tensor:
     """BatchNorm1d(D', affine=False) over the rows of t: batch statistics ("train") or its initial
-    running statistics mean 0, var 1 ("eval", the authors' run: the identity up to eps)."""
+    running statistics mean 0, var 1 ("eval", as in the released training loop: the identity up to eps)."""
     if bn == "train":
         return F.batch_norm(t, None, None, training=True, eps=BN_EPS)
     if bn == "eval":
@@ -92,7 +92,7 @@ def mfi_loss(text_pos: Tensor, text_neg: Tensor | None = None, lam: float | Tens
     "authors-features" (what the authors' training imports): the 2C rows [negatives; positives]
     normalised, z = BatchNorm1d(D', affine=False)(t), c = z^T z (D' x D'), same penalty (lam 0.0051).
     bn: the BatchNorm's mode, following the text projector's (`model.text_bn`): "eval" in the
-    authors' run, where it is the identity up to its eps.
+    released training loop, where it is the identity up to its eps.
     """
     if form == "paper":
         return _mfi_paper(text_pos, lam)

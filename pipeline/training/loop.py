@@ -47,7 +47,7 @@ def lr_at(epoch: float, train: Train) -> float:
     That is Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs), which DualCoOp
     and the authors use: the wrapper holds the cosine back during the warm-up, so the cosine
     starts at lr0 on epoch W and the last epoch ends above 0. `lr_schedule` "epoch" steps it once
-    per epoch as Dassl does (the authors' run); "step" evaluates the same curve at every step.
+    per epoch as Dassl does (the released code); "step" evaluates the same curve at every step.
     """
     if train.lr_schedule == "epoch":
         epoch = math.floor(epoch)
@@ -73,7 +73,7 @@ def mask_identity(masked: np.ndarray, fraction: float, seed: int) -> dict[str, A
 
 def partial_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Keep each (image, class) label with probability `fraction`, else -1 (unknown, ignored by
-    ASL): the authors' logged 85.09 mAP run trained on 90% of the labels. The mask is a function of
+    ASL): the authors' 84.52 and 85.09 mAP logs trained on 90% of the labels. The mask is a function of
     (seed, shape) only, drawn once, so every epoch, a resumed run and an ablation point see the same."""
     labels = np.asarray(labels, dtype=np.int8)
     if fraction >= 1.0:
