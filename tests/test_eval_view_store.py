@@ -20,6 +20,7 @@ from pipeline.data.datasets import load_multilabel
 from pipeline.data.images import load_image
 from pipeline.data.synthetic import make_planted_coco
 from pipeline.extraction.engine import extract
+from pipeline.extraction.expected import expected_fingerprint
 from pipeline.extraction.views import ImageViews, ViewSpec
 from pipeline.model.backbone import load_backbone
 from pipeline.store.cache import FeatureCache, FingerprintMismatch
@@ -79,8 +80,12 @@ def test_val_stores_of_the_two_recipes_differ_and_refuse_each_other(base):
     a, b = stores["authors"], stores["paper"]
     assert a.fingerprint["augment"] == {"enabled": False, "interpolation": "bilinear"}
     assert b.fingerprint["augment"] == {"enabled": False, "interpolation": "bicubic"}
-    assert {k: v for k, v in a.fingerprint.items() if k != "augment"} == \
-        {k: v for k, v in b.fingerprint.items() if k != "augment"}  # nothing else tells them apart
+    assert {k: v for k, v in a.fingerprint.items() if k not in ("augment", "params")} == \
+        {k: v for k, v in b.fingerprint.items() if k not in ("augment", "params")}  # nothing else
+    record = {k for k in a.fingerprint["params"].keys() | b.fingerprint["params"].keys()
+              if a.fingerprint["params"].get(k) != b.fingerprint["params"].get(k)}
+    assert record <= {"extract.eval_interpolation", "data.coco_val_images"}  # the recipes' val keys
+    assert "extract.eval_interpolation" in record
     tokens = {r: s.tokens[:].astype(np.float32) for r, s in stores.items()}  # (N, 1, T, D)
     between_images = np.abs(tokens["authors"] - np.roll(tokens["authors"], 1, axis=0)).mean()
     assert np.abs(tokens["authors"] - tokens["paper"]).mean() > 0.01 * between_images
@@ -89,7 +94,8 @@ def test_val_stores_of_the_two_recipes_differ_and_refuse_each_other(base):
     paper_params = _params(base, "paper")
     dataset = load_multilabel("synthetic", paths.dataset_root(paper_params.paths, "synthetic"), "val")
     kw = {"views": 1, "train_augment": False, "image_size": SIZE, "shard_size": paper_params.extract.shard_size,
-              "batch_size": paper_params.extract.batch_size, "progress": False}
+              "batch_size": paper_params.extract.batch_size, "progress": False,
+          "record": expected_fingerprint(paper_params, "val").record}  # as the stage records it
     copy = shutil.copytree(a.path, base / "authors-copy.zarr")
     with pytest.raises(FingerprintMismatch, match=r"fingerprint\.augment\.interpolation: stored "
                                                   r"'bilinear', requested 'bicubic'"):
