@@ -39,8 +39,8 @@ def _construct_int(loader: yaml.SafeLoader, node: Node) -> int:
         raise ConstructorError(None, None, f"{text!r} is not a YAML 1.2 integer", node.start_mark) from None
 
 
-class DuplicateKey(ConstructorError):
-    """A key written twice in one mapping (turned into a ParamError naming the file)."""
+class DuplicateKey(ConstructorError, ParamError):
+    """A key written twice in one mapping (yaml_load re-raises it as a ParamError naming the file)."""
 
     def __init__(self, key: Any, first: int, line: int) -> None:
         self.key, self.first, self.line = key, first, line
