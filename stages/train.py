@@ -19,6 +19,7 @@ from pipeline.config.params import as_dict
 from pipeline.config.schema import Params, Train
 from pipeline.evaluation.metrics import mean_average_precision
 from pipeline.files import atomic_write_text
+from pipeline.locks import one_writer
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import UnmixHead
 from pipeline.model.objective import build_objective, clip_alignment_mi, trainable_parameters
@@ -174,6 +175,7 @@ NOT_EVALUATED = dict.fromkeys(("val_map", "mfi_before", "mfi_after", "mfi_reduct
                                "mfi_pos_after", "val_mi_clip"), float("nan"))
 
 
+@one_writer(lambda params, *_, **__: paths.models_dir(params.paths), "`pipeline train`")  # one run per output
 def run(params: Params, resume: bool = False, online: bool = False) -> dict[str, Any]:
     cfg = params.train
     device = resolve_device(cfg.device)
