@@ -145,6 +145,20 @@ def test_full_disk_while_creating_a_store_is_one_line(tmp_path: Path,
     assert FeatureCache.open(store).incomplete_shards() == []
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (ENOSPC on every write)")
+def test_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_last_pt(world: Path, tmp_path: Path) -> None:
+    """torch.save on a full disk raised its own RuntimeError (a 54-line traceback)."""
+    run = run_copy(world, tmp_path)
+    ckpt = run / "cache" / "models" / "last.pt"
+    before = ckpt.read_bytes()
+    (ckpt.parent / f".last.tmp-{os.getpid()}.pt").symlink_to("/dev/full")  # atomic_write's temp name
+    result = cli("train", *args(world, run))
+    assert_clear_error(result, f"{ckpt}: {os.strerror(errno.ENOSPC)}", "free some space",
+                       "completed work is kept")
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.pt"]  # no temporary file left
+
+
 def test_every_project_error_type_becomes_one_line() -> None:
     """Each exception class defined in pipeline/ is a UserError the CLI prints as one line (or a
     declared internal one), so a new error type cannot escape as a traceback unnoticed."""

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pipeline.config.schema import Model
 from pipeline.errors import TrainingError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_save
 from pipeline.model.build import head_from_params
 from pipeline.model.heads import UnmixHead
 
@@ -43,7 +43,7 @@ def save_projectors(path: str | Path, head: UnmixHead | Mapping[str, Tensor], me
     Python values, so the file loads with weights_only=True)."""
     state = head.state_dict() if isinstance(head, torch.nn.Module) else head
     state = {k: v.detach().cpu().clone() for k, v in state.items()}
-    atomic_write(path, lambda tmp: torch.save({"head": state, "meta": dict(meta)}, tmp))
+    atomic_save({"head": state, "meta": dict(meta)}, path)
 
 
 def load_projectors(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
