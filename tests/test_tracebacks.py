@@ -21,7 +21,7 @@ import pytest
 import torch
 import zarr
 from test_faults import BACKBONE, CLASSES, SIZE, assert_clear_error, cli, sets
-from test_provenance import args, trained_world
+from test_provenance import args, params_of, trained_world
 
 import pipeline
 from pipeline.cli import app as cli_module
@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.extraction.engine import extract
 from pipeline.model.backbone import load_backbone
 from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.training import provenance
 from pipeline.training.loop import TrainingError, load_projectors
 
 POISONED = 5  # val image whose tokens the backbone returns as NaN
@@ -76,6 +77,47 @@ def test_damaged_projectors_are_named_by_evaluate(world: Path, tmp_path: Path, h
     with pytest.raises(TrainingError, match="damaged"):
         load_projectors(path)
     assert not (run / "results" / "metrics" / "mlr.json").exists()
+
+
+def segment_args(world: Path, run: Path) -> list[str]:
+    image = sorted((world / "data" / "synthetic" / "val2017").glob("*.jpg"))[0]
+    return ["segment", str(image), "--classes", "person,car", "--out", str(run / "seg"), *args(world, run)]
+
+
+def test_projectors_copied_over_the_best_are_refused_naming_the_file(world: Path, tmp_path: Path) -> None:
+    """projectors.pt copied over projectors-best.pt: `evaluate` reported "best (epoch N)" for the
+    last epoch's weights."""
+    run = run_copy(world, tmp_path)
+    models = run / "cache" / "models"
+    shutil.copyfile(models / "projectors.pt", models / "projectors-best.pt")
+    for command in (["evaluate", "mlr", *args(world, run)], segment_args(world, run)):
+        assert_clear_error(cli(*command), models / "projectors-best.pt", "of the last epoch (epoch 2)",
+                           "not the best one", "pipeline train")
+    assert not (run / "results" / "metrics" / "mlr.json").exists()
+    with pytest.raises(TrainingError, match="not the best one that its name says"):
+        load_projectors(models / "projectors-best.pt")  # the API's and `segment --projectors`' loader
+    with pytest.raises(TrainingError, match="not the best one that evaluate.projectors says"):
+        load_projectors(models / "projectors.pt", which="best")
+    lines = provenance.check(params_of(world, run))  # `report` lists it
+    assert any("projectors-best.pt holds the projectors of the last epoch" in line for line in lines)
+
+
+def test_non_finite_projector_weights_are_named_as_the_damaged_file(world: Path, tmp_path: Path) -> None:
+    """NaN weights were blamed on the val store ("non-finite tokens ... delete the store"), and by
+    `segment` on fp16 overflow."""
+    run = run_copy(world, tmp_path)
+    path = run / "cache" / "models" / "projectors-best.pt"
+    blob = torch.load(path, weights_only=True)
+    name = next(k for k, v in blob["head"].items() if v.is_floating_point())
+    blob["head"][name][0] = float("nan")
+    torch.save(blob, path)
+    for command in (["evaluate", "mlr", *args(world, run)], segment_args(world, run)):
+        result = cli(*command)
+        assert_clear_error(result, path, "is damaged: non-finite values in its weights", name,
+                           "delete it and re-run `pipeline train`")
+        assert "val.zarr" not in result.output and "fp16" not in result.output
+    with pytest.raises(TrainingError, match=f"{path} is damaged"):
+        load_projectors(path)
 
 
 def test_nan_tokens_stop_extraction_naming_the_store_and_image(world: Path, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def load_head(params: Params, device: torch.device, embed_dim: int | None = None
     """(head in eval mode, its meta, its source) for evaluate.projectors (best | last).
     Refuses a head trained for another backbone width."""
     path = paths.projectors(params.paths, params.evaluate.projectors)
-    head, meta = load_projectors(path, device)
+    head, meta = load_projectors(path, device, which=params.evaluate.projectors)
     if embed_dim is not None and meta["embed_dim"] != embed_dim:
         raise TrainingError(f"projectors at {path} were trained on {meta['embed_dim']}-d tokens but "
                             f"backbone {params.backbone.name} gives {embed_dim}-d: retrain them")

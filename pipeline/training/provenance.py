@@ -22,7 +22,7 @@ from pipeline.config import paths
 from pipeline.config.params import as_dict
 from pipeline.config.schema import Backbone, Params, Paths
 from pipeline.errors import TrainingError
-from pipeline.model.projectors import read_state
+from pipeline.model.projectors import check_which, read_state
 from pipeline.store.cache import CacheError, FeatureCache
 
 # train keys that decide where and how fast a run goes, not what is learnt
@@ -234,6 +234,7 @@ def check(params: Params) -> list[str]:
     for path in files:
         try:
             meta = read_state(path).get("meta", {})
+            check_which(path, meta)  # not a file copied over another
         except TrainingError as err:
             out.append(str(err))
             continue
