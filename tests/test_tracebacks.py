@@ -142,6 +142,23 @@ def test_nan_tokens_stop_extraction_naming_the_store_and_image(world: Path, tmp_
     assert not FeatureCache.open(store).complete.any()
 
 
+@pytest.mark.parametrize("command", [["download"], ["download", "--dataset", "synthetic"],
+                                     ["extract-features", "--split", "val"], ["evaluate", "seg"]])
+@pytest.mark.parametrize("link", ["loop", "dangling"])
+def test_a_dataset_folder_behind_a_broken_symbolic_link_is_one_line(tmp_path: Path, command: list[str],
+                                                                   link: str) -> None:
+    """data/synthetic -> itself: `download` ended in an OSError traceback (mkdir), `extract-features`
+    said the annotations were "not found"."""
+    (tmp_path / "data").mkdir()
+    root = tmp_path / "data" / "synthetic"
+    root.symlink_to("synthetic" if link == "loop" else tmp_path / "gone")
+    result = cli(*command, *sets(tmp_path, evaluate__seg__datasets="[synthetic]",
+                                 evaluate__zs_mlr__dataset="synthetic", evaluate__zs_mlr__split="val"))
+    what = "is a symbolic link that loops (-> synthetic)" if link == "loop" else \
+        f"is a symbolic link to {tmp_path / 'gone'}, which does not exist"
+    assert_clear_error(result, f"{root} {what}", "point at the dataset's folder, or remove it")
+
+
 def test_coco_category_without_a_name_is_named(tmp_path: Path) -> None:
     root = make_planted_coco(tmp_path / "data" / "synthetic", 2, 2, num_classes=CLASSES, image_size=SIZE)
     ann = root / "annotations" / "instances_val2017.json"

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import paths
 from pipeline.config.schema import Params, Paths
+from pipeline.data.datasets import require_reachable
 from pipeline.errors import DatasetError, TrainingError
 from pipeline.model.backbone import FrozenCLIP
 from pipeline.model.build import backbone_from_params, resolve_device
@@ -41,6 +42,7 @@ def backbone_and_head(params: Params) -> tuple[FrozenCLIP, UnmixHead, dict, dict
 def dataset_root(paths_: Paths, name: str) -> Path:
     """The dataset's root, or a DatasetError naming it and how to get the data."""
     root = paths.dataset_root(paths_, name)
+    require_reachable(root)
     if not root.exists():
         how = CONTEXT59_HELP.format(root=root) if name == "context59" else \
             f"run `pipeline download --dataset {name}`"
