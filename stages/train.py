@@ -67,7 +67,7 @@ def open_data(params: Params, device: torch.device) -> tuple[TokenLoader, TokenL
     caches = {}
     for role in ("train", "val"):
         caches[role] = FeatureCache.open(paths.feature_store(params.paths, role))
-        caches[role].require_complete()
+        provenance.require_images(caches[role], role, "train on" if role == "train" else "evaluate on")
     train, val = caches["train"], caches["val"]
     if train.classnames != val.classnames or train.dim != val.dim:
         raise CacheError(f"{train.path} and {val.path} disagree on classes or token dim: "

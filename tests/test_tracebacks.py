@@ -159,6 +159,38 @@ def test_a_dataset_folder_behind_a_broken_symbolic_link_is_one_line(tmp_path: Pa
     assert_clear_error(result, f"{root} {what}", "point at the dataset's folder, or remove it")
 
 
+@pytest.fixture(scope="module")
+def all_bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """role -> a run whose `role` images are all undecodable, extracted with --on-bad-image skip."""
+    runs = {}
+    for role in ("train", "val"):
+        run = tmp_path_factory.mktemp(f"all-bad-{role}")
+        make_planted_coco(run / "data" / "synthetic", 8, 4, num_classes=CLASSES, image_size=SIZE)
+        for image in (run / "data" / "synthetic" / f"{role}2017").glob("*.jpg"):
+            image.write_bytes(b"not a jpeg")
+        result = cli("extract-features", "--on-bad-image", "skip", *sets(run))
+        assert result.exit_code == 0, result.output
+        runs[role] = run
+    return runs
+
+
+@pytest.mark.parametrize("role, command", [
+    ("train", ["train"]), ("val", ["train"]), ("train", ["ablate"]), ("val", ["ablate"]),
+    ("val", ["evaluate", "mlr"])])
+def test_every_image_skipped_as_bad_is_one_line(all_bad: dict[str, Path], role: str,
+                                                command: list[str]) -> None:
+    """All train images skipped: `train` died on an unset learning rate (UnboundLocalError), `ablate`
+    exited 0 with a table of untrained heads; all val images: an empty numpy concatenate."""
+    run = all_bad[role]
+    result = cli(*command, *sets(run, train__epochs=2, train__batch_size=4, train__warmup_epochs=0,
+                                 ablate__epochs=1, ablate__lambdas="[0.2]", ablate__alphas="[0.0]"))
+    purpose = "train on" if role == "train" else "evaluate"
+    assert_clear_error(result, run / "cache" / "features" / f"{role}.zarr",
+                       f"all {8 if role == 'train' else 4} {role} images were skipped as bad",
+                       f"nothing to {purpose}", "pipeline extract-features")
+    assert not (run / "results" / "ablation" / "ablation.md").exists()
+
+
 def test_coco_category_without_a_name_is_named(tmp_path: Path) -> None:
     root = make_planted_coco(tmp_path / "data" / "synthetic", 2, 2, num_classes=CLASSES, image_size=SIZE)
     ann = root / "annotations" / "instances_val2017.json"
