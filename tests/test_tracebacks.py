@@ -80,7 +80,7 @@ def test_damaged_projectors_are_named_by_evaluate(world: Path, tmp_path: Path, h
 
 
 def segment_args(world: Path, run: Path) -> list[str]:
-    image = sorted((world / "data" / "synthetic" / "val2017").glob("*.jpg"))[0]
+    image = min((world / "data" / "synthetic" / "val2017").glob("*.jpg"))
     return ["segment", str(image), "--classes", "person,car", "--out", str(run / "seg"), *args(world, run)]
 
 
