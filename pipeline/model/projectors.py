@@ -74,7 +74,8 @@ def check_which(path: str | Path, meta: Mapping[str, Any], which: str | None = N
             raise TrainingError(f"{path} holds the projectors of the {recorded} epoch (epoch {epoch}), not "
                                 f"the {wanted} one that {by} says (copied over?): re-run `pipeline train`, "
                                 f"or put back the file `pipeline train` wrote")
-    epochs = meta.get("provenance", {}).get("params", {}).get("train", {}).get("epochs")
+    trained = ((meta.get("provenance") or {}).get("params") or {}).get("train") or {}
+    epochs = trained.get("epochs")
     if isinstance(epoch, int) and isinstance(epochs, int) and not (
             epoch == epochs if recorded == "last" else 1 <= epoch <= epochs):
         raise TrainingError(f"{path} records the {recorded} epoch as epoch {epoch} of a {epochs}-epoch "
