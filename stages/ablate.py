@@ -22,6 +22,7 @@ from pipeline.config import paths
 from pipeline.config.params import ParamError, as_dict
 from pipeline.config.schema import Params
 from pipeline.files import atomic_write_text
+from pipeline.locks import one_writer
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import UnmixHead
 from pipeline.model.objective import build_objective, uses_infoclip
@@ -61,6 +62,7 @@ def validate(head: UnmixHead, val_loader: TokenLoader, text: dict, merit: dict, 
             "val_mi_clip": mi}
 
 
+@one_writer(lambda params, *_, **__: paths.results_dir(params.paths, "ablation"), "`pipeline ablate`")
 def run(params: Params, lambdas: list[float] | None = None, alphas: list[float] | None = None,
         lambda1s: list[float] | None = None, lambda2s: list[float] | None = None,
         stacked: bool | None = None) -> dict[str, Any]:

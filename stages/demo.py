@@ -15,10 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.config.params import PACKAGED_PARAMS, as_dict, load_params
 from pipeline.config.schema import Params
+from pipeline.config.yaml12 import yaml_dump
 from pipeline.files import atomic_write_text
 
 
@@ -68,7 +67,7 @@ def run(workdir: str | Path = "demo", recipe: str | None = None) -> dict[str, An
     params = load_params(_base_params(), [f"recipe={recipe}"] if recipe else [], profile="smoke")
     workdir = Path(workdir).resolve()
     (workdir / "configs").mkdir(parents=True, exist_ok=True)
-    (workdir / "configs" / "params.yaml").write_text(yaml.safe_dump(as_dict(params), sort_keys=False))
+    (workdir / "configs" / "params.yaml").write_text(yaml_dump(as_dict(params)))
     steps: list[tuple[str, Callable[[], object]]] = [
         ("data", lambda: download.run(params, params.data.dataset)),
         ("extract", lambda: extract_features.run(params, split="all", restart_on_change=True)),

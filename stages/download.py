@@ -15,15 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.config import paths
 from pipeline.config.schema import Params
 from pipeline.data.datacheck import check_datasets, require_datasets
-from pipeline.data.datasets import load_multilabel
+from pipeline.data.datasets import load_multilabel, require_reachable
 from pipeline.data.download import download_dataset
 from pipeline.data.synthetic import make_planted_coco
-from pipeline.files import atomic_write
+from pipeline.files import atomic_save
 from pipeline.model.backbone import load_backbone
 from pipeline.model.recalibrate import RECALIBRATION_IMAGES, recalibrate_on_images
 
@@ -32,13 +30,14 @@ def write_random_backbone(out: Path, name: str, init_seed: int, image_size: int,
     """Random-init `name`, BatchNorm recalibrated on `images`, saved as a plain state dict."""
     backbone = load_backbone(name, pretrained=None, init_seed=init_seed)
     recalibrate_on_images(backbone, images, image_size)
-    return atomic_write(out, lambda tmp: torch.save(backbone.model.state_dict(), tmp))
+    return atomic_save(backbone.model.state_dict(), out)  # the same bytes every run: DVC rebuilds nothing
 
 
 def run(params: Params, dataset: str | None = None) -> dict[str, Any]:
     if dataset is None:
         return check_and_fetch(params)
     root = paths.dataset_root(params.paths, dataset)
+    require_reachable(root)  # a symbolic link loop: one line, not mkdir's FileExistsError
     if dataset != "synthetic":
         return {"dataset": dataset, "files": [str(p) for p in download_dataset(dataset, root)]}
     return generate(params, root)
@@ -48,6 +47,7 @@ def check_and_fetch(params: Params) -> dict[str, Any]:
     """The DVC `data` stage: evaluation datasets checked first, then the training one in place
     (verified), fetched (only missing archives) or generated."""
     name = params.data.dataset
+    require_reachable(paths.dataset_root(params.paths, name))
     skipped = require_datasets(params, whats=("seg", "zs-mlr"), training=False,  # before any work
                                generated_ok=name == "synthetic")
     root = paths.dataset_root(params.paths, name)

@@ -58,6 +58,7 @@ def zero_shot_scores(loader: TokenLoader, text: dict[str, torch.Tensor], softmax
 def evaluate_mlr(params: Params) -> tuple[dict, str]:
     device = resolve_device(params.backbone.device)
     cache = open_checked(params, "val")  # the store the current params would extract
+    provenance.require_images(cache, "val", "evaluate")
     head, meta, src = load_head(params, device, cache.dim)
     if list(meta["classnames"]) != list(cache.classnames):
         raise TrainingError(f"projectors at {src['projectors']['path']} were trained on other classes "

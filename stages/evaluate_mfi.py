@@ -139,7 +139,7 @@ def control_head(params: Params, device: torch.device, fingerprint: dict | None
         head, meta = load_projectors(path, device)
         return head, meta, "train", path
     path, blob = found  # already read: build the head from it rather than reading the file again
-    return *head_from_blob(blob, device), "ablation", path
+    return *head_from_blob(blob, device, source=path), "ablation", path
 
 
 @torch.no_grad()

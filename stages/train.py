@@ -20,6 +20,7 @@ from pipeline.config.schema import Params, Train
 from pipeline.evaluation.metrics import mean_average_precision
 from pipeline.extraction.expected import open_checked
 from pipeline.files import atomic_write_text
+from pipeline.locks import one_writer
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import UnmixHead
 from pipeline.model.objective import build_objective, clip_alignment_mi, trainable_parameters
@@ -68,6 +69,7 @@ def open_data(params: Params, device: torch.device) -> tuple[TokenLoader, TokenL
     for role in ("train", "val"):
         caches[role] = open_checked(params, role)  # the store the current params would extract
         caches[role].require_complete()
+        provenance.require_images(caches[role], role, "train on" if role == "train" else "evaluate on")
     train, val = caches["train"], caches["val"]
     if train.classnames != val.classnames or train.dim != val.dim:
         raise CacheError(f"{train.path} and {val.path} disagree on classes or token dim: "
@@ -176,6 +178,7 @@ NOT_EVALUATED = dict.fromkeys(("val_map", "mfi_before", "mfi_after", "mfi_reduct
                                "mfi_pos_after", "val_mi_clip"), float("nan"))
 
 
+@one_writer(lambda params, *_, **__: paths.models_dir(params.paths), "`pipeline train`")  # one run per output
 def run(params: Params, resume: bool = False, online: bool = False) -> dict[str, Any]:
     cfg = params.train
     device = resolve_device(cfg.device)

@@ -163,10 +163,23 @@ def test_a_corrupt_image_names_the_file(world, model, tmp_path):
         model.segment([world["files"][0], bad], CLASSES, template=TEMPLATE)
 
 
-@pytest.mark.parametrize("classes", [[], "", ["person", " "], ["dog", "dog"]])
+@pytest.mark.parametrize("classes", [[], "", ["person", " "], ["dog", "dog"], ["person", "Person"],
+                                     ["traffic light", "traffic  light"]])
 def test_bad_class_lists_are_clear_errors(world, model, classes):
     with pytest.raises(ParamError, match="class"):
         model.segment(world["files"][:1], classes, template=TEMPLATE)
+
+
+def test_classes_the_tokenizer_reads_alike_are_one_class(model):
+    """open_clip's tokenizer lower-cases and collapses whitespace: "Person" would get the feature
+    of "person", and its label would never be assigned (argmax takes the first)."""
+    tokens = model.backbone.tokenizer
+    assert torch.equal(tokens(["a photo of a Person."]), tokens(["a photo of a person."]))
+    with pytest.raises(ParamError, match=r"'person' and 'Person' are the same text to CLIP's tokenizer"):
+        model.text_features(["person", "Person"])
+    with pytest.raises(ParamError, match=r"'a dog' and 'A  Dog'"):
+        class_list(["a dog", "A  Dog"])
+    assert class_list(["person", "persons"]) == ["person", "persons"]
 
 
 def test_class_list_and_templates_are_validated():

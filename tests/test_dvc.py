@@ -1,6 +1,8 @@
 """The real user's path, end to end: a fresh `git clone`, the README's set-up (`pipeline configure
 --profile smoke`), a COCO-layout dataset placed by hand, then `dvc repro` with no download, an
-experiment that re-runs only what is downstream of its parameter, and metrics a terminal can show."""
+experiment that re-runs only what is downstream of its parameter, and metrics a terminal can show.
+And on the smoke profile as it comes (generated data and backbone): the data stage run again
+writes the same bytes, so nothing downstream of it is rebuilt."""
 from __future__ import annotations
 
 import json
@@ -58,9 +60,8 @@ def _count(d) -> int:
     return sum(_count(v) for v in d.values()) if isinstance(d, dict) else 1
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory) -> Path:
-    """`git clone` of the committed tree, configured as the README says, data placed by hand."""
+def fresh_clone(tmp_path_factory, *settings: str) -> Path:
+    """`git clone` of the committed tree, `pipeline configure --profile smoke` with `settings`."""
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=False,
                       capture_output=True).returncode:
         pytest.skip("not a git checkout")
@@ -68,8 +69,14 @@ def clone(tmp_path_factory) -> Path:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
     for key, value in (("user.email", "ci@example.com"), ("user.name", "ci")):
         subprocess.run(["git", "-C", str(repo), "config", key, value], check=True)
-    _sh(repo, "pipeline", "configure", "--profile", "smoke",
-        *[a for s in SETTINGS for a in ("--set", s)])
+    _sh(repo, "pipeline", "configure", "--profile", "smoke", *[a for s in settings for a in ("--set", s)])
+    return repo
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Path:
+    """`git clone` of the committed tree, configured as the README says, data placed by hand."""
+    repo = fresh_clone(tmp_path_factory, *SETTINGS)
     make_planted_coco(repo / "data" / "coco2017", n_train=32, n_val=16, num_classes=80,
                       image_size=64)  # the COCO-2017 reader wants all 80 categories
     return repo
@@ -111,3 +118,22 @@ def test_fresh_clone_repro_then_experiment_then_readable_metrics(clone):
     assert widest < 200, f"dvc exp show --only-changed is {widest} characters wide:\n{table}"
     assert "train.mfi.lambda" in table and "val_map" in table
     print("\nwall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in TIMES.items()))
+
+
+@pytest.mark.slow
+def test_smoke_data_stage_run_again_rebuilds_nothing(tmp_path_factory) -> None:
+    """The generated data and backbone.pt are the same bytes when the data stage runs again (a
+    dependency edited, `pipeline download`, `dvc repro -f data`): before, backbone.pt's torch
+    archive carried the PID-named temporary file's name, and both stores were rebuilt."""
+    repo = fresh_clone(tmp_path_factory, "data.synthetic.n_train=16", "data.synthetic.n_val=8",
+                       "data.synthetic.image_size=64", "backbone.image_size=64", "extract.views=1",
+                       "extract.shard_size=8")
+    stores = ["extract@train", "extract@val"]
+    assert _ran(_sh(repo, DVC, "repro", *stores, step="dvc repro data + stores")) == {"data", *stores}
+    backbone = repo / "data" / "synthetic" / "backbone.pt"
+    before = backbone.read_bytes()
+    assert _ran(_sh(repo, DVC, "repro", "-f", "data", step="dvc repro -f data")) == {"data"}
+    assert backbone.read_bytes() == before
+    again = _sh(repo, DVC, "repro", *stores, step="dvc repro (after data)")
+    assert _ran(again) == set(), again
+    assert "up to date" in _sh(repo, DVC, "status", *stores)

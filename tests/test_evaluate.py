@@ -269,7 +269,8 @@ def test_mfi_without_control_says_so(world):
 def test_mfi_loads_the_evaluated_projectors_once(world, monkeypatch):
     params = updated(world["params"], {"evaluate.mfi": {"class_sets": ["synthetic"], "control": "none"}})
     loaded, load = [], evaluation.load_projectors
-    monkeypatch.setattr(evaluation, "load_projectors", lambda path, device: loaded.append(path) or load(path, device))
+    monkeypatch.setattr(evaluation, "load_projectors",
+                        lambda path, device, **kw: loaded.append(path) or load(path, device, **kw))
     evaluate.run(params, what="mfi")
     assert loaded == [paths.projectors(params.paths, params.evaluate.projectors)]
 

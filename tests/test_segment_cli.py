@@ -3,6 +3,7 @@ and turn wrong inputs into one line naming what to fix."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from pipeline.model.backbone import load_backbone
 from stages.segment import expand_images, read_label_png
 
 QUERIED = ["person", "car", "bus"]
+PARAMS = Path(__file__).resolve().parents[1] / "configs" / "params.yaml"
 
 
 def _invoke(world, *args: str) -> object:
@@ -119,3 +121,18 @@ def test_chunks_shrink_when_many_classes_would_not_fit_in_memory():
     per_image = 4 * 80 * 3 * TYPICAL_PIXELS
     assert chunk_size(16, 80) == MAP_BUDGET_BYTES // per_image and 1 <= chunk_size(16, 80) < 16
     assert chunk_size(16, 254) >= 1
+
+
+@pytest.mark.parametrize("args", [
+    ["segment", "x.png", "--classes", "person, Person"],
+    ["segment", "x.png", "--classes", "dog", "--classes", "traffic light,Traffic  Light"],
+    ["query", "x.png", "--text", "person", "--against", "car,PERSON"]])
+def test_class_names_the_tokenizer_reads_alike_are_refused_before_any_model(args, tmp_path):
+    """`segment --classes "person, Person"` exited 0 with label 2 never assigned: both names are
+    one prompt to open_clip's tokenizer (lower case, whitespace collapsed)."""
+    result = CliRunner().invoke(main, [*args, "--params", str(PARAMS), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "the same text to CLIP's tokenizer" in errors[0] and "keep one" in errors[0]
+    assert not list(tmp_path.iterdir())

@@ -21,7 +21,7 @@ import pytest
 import torch
 import zarr
 from test_faults import BACKBONE, CLASSES, SIZE, assert_clear_error, cli, sets
-from test_provenance import args, trained_world
+from test_provenance import args, params_of, trained_world
 
 import pipeline
 from pipeline.cli import app as cli_module
@@ -32,6 +32,7 @@ from pipeline.errors import UserError
 from pipeline.extraction.engine import extract
 from pipeline.model.backbone import load_backbone
 from pipeline.store.cache import CacheError, FeatureCache
+from pipeline.training import provenance
 from pipeline.training.loop import TrainingError, load_projectors
 
 POISONED = 5  # val image whose tokens the backbone returns as NaN
@@ -78,6 +79,47 @@ def test_damaged_projectors_are_named_by_evaluate(world: Path, tmp_path: Path, h
     assert not (run / "results" / "metrics" / "mlr.json").exists()
 
 
+def segment_args(world: Path, run: Path) -> list[str]:
+    image = min((world / "data" / "synthetic" / "val2017").glob("*.jpg"))
+    return ["segment", str(image), "--classes", "person,car", "--out", str(run / "seg"), *args(world, run)]
+
+
+def test_projectors_copied_over_the_best_are_refused_naming_the_file(world: Path, tmp_path: Path) -> None:
+    """projectors.pt copied over projectors-best.pt: `evaluate` reported "best (epoch N)" for the
+    last epoch's weights."""
+    run = run_copy(world, tmp_path)
+    models = run / "cache" / "models"
+    shutil.copyfile(models / "projectors.pt", models / "projectors-best.pt")
+    for command in (["evaluate", "mlr", *args(world, run)], segment_args(world, run)):
+        assert_clear_error(cli(*command), models / "projectors-best.pt", "of the last epoch (epoch 2)",
+                           "not the best one", "pipeline train")
+    assert not (run / "results" / "metrics" / "mlr.json").exists()
+    with pytest.raises(TrainingError, match="not the best one that its name says"):
+        load_projectors(models / "projectors-best.pt")  # the API's and `segment --projectors`' loader
+    with pytest.raises(TrainingError, match="not the best one that evaluate.projectors says"):
+        load_projectors(models / "projectors.pt", which="best")
+    lines = provenance.check(params_of(world, run))  # `report` lists it
+    assert any("projectors-best.pt holds the projectors of the last epoch" in line for line in lines)
+
+
+def test_non_finite_projector_weights_are_named_as_the_damaged_file(world: Path, tmp_path: Path) -> None:
+    """NaN weights were blamed on the val store ("non-finite tokens ... delete the store"), and by
+    `segment` on fp16 overflow."""
+    run = run_copy(world, tmp_path)
+    path = run / "cache" / "models" / "projectors-best.pt"
+    blob = torch.load(path, weights_only=True)
+    name = next(k for k, v in blob["head"].items() if v.is_floating_point())
+    blob["head"][name][0] = float("nan")
+    torch.save(blob, path)
+    for command in (["evaluate", "mlr", *args(world, run)], segment_args(world, run)):
+        result = cli(*command)
+        assert_clear_error(result, path, "is damaged: non-finite values in its weights", name,
+                           "delete it and re-run `pipeline train`")
+        assert "val.zarr" not in result.output and "fp16" not in result.output
+    with pytest.raises(TrainingError, match=f"{path} is damaged"):
+        load_projectors(path)
+
+
 def test_nan_tokens_stop_extraction_naming_the_store_and_image(world: Path, tmp_path: Path) -> None:
     """A backbone that returns NaN for one image (as fp16 overflow would): extraction stops naming the
     store and the image before anything of the shard is stored, so no later stage sees the NaN
@@ -98,6 +140,55 @@ def test_nan_tokens_stop_extraction_naming_the_store_and_image(world: Path, tmp_
         extract(data, store, BACKBONE, backbone=backbone, image_size=SIZE, shard_size=8,
                 dtype="float32", progress=False)
     assert not FeatureCache.open(store).complete.any()
+
+
+@pytest.mark.parametrize("command", [["download"], ["download", "--dataset", "synthetic"],
+                                     ["extract-features", "--split", "val"], ["evaluate", "seg"]])
+@pytest.mark.parametrize("link", ["loop", "dangling"])
+def test_a_dataset_folder_behind_a_broken_symbolic_link_is_one_line(tmp_path: Path, command: list[str],
+                                                                   link: str) -> None:
+    """data/synthetic -> itself: `download` ended in an OSError traceback (mkdir), `extract-features`
+    said the annotations were "not found"."""
+    (tmp_path / "data").mkdir()
+    root = tmp_path / "data" / "synthetic"
+    root.symlink_to("synthetic" if link == "loop" else tmp_path / "gone")
+    result = cli(*command, *sets(tmp_path, evaluate__seg__datasets="[synthetic]",
+                                 evaluate__zs_mlr__dataset="synthetic", evaluate__zs_mlr__split="val"))
+    what = "is a symbolic link that loops (-> synthetic)" if link == "loop" else \
+        f"is a symbolic link to {tmp_path / 'gone'}, which does not exist"
+    assert_clear_error(result, f"{root} {what}", "point at the dataset's folder, or remove it")
+
+
+@pytest.fixture(scope="module")
+def all_bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """role -> a run whose `role` images are all undecodable, extracted with --on-bad-image skip."""
+    runs = {}
+    for role in ("train", "val"):
+        run = tmp_path_factory.mktemp(f"all-bad-{role}")
+        make_planted_coco(run / "data" / "synthetic", 8, 4, num_classes=CLASSES, image_size=SIZE)
+        for image in (run / "data" / "synthetic" / f"{role}2017").glob("*.jpg"):
+            image.write_bytes(b"not a jpeg")
+        result = cli("extract-features", "--on-bad-image", "skip", *sets(run))
+        assert result.exit_code == 0, result.output
+        runs[role] = run
+    return runs
+
+
+@pytest.mark.parametrize("role, command", [
+    ("train", ["train"]), ("val", ["train"]), ("train", ["ablate"]), ("val", ["ablate"]),
+    ("val", ["evaluate", "mlr"])])
+def test_every_image_skipped_as_bad_is_one_line(all_bad: dict[str, Path], role: str,
+                                                command: list[str]) -> None:
+    """All train images skipped: `train` died on an unset learning rate (UnboundLocalError), `ablate`
+    exited 0 with a table of untrained heads; all val images: an empty numpy concatenate."""
+    run = all_bad[role]
+    result = cli(*command, *sets(run, train__epochs=2, train__batch_size=4, train__warmup_epochs=0,
+                                 ablate__epochs=1, ablate__lambdas="[0.2]", ablate__alphas="[0.0]"))
+    purpose = "train on" if role == "train" else "evaluate"
+    assert_clear_error(result, run / "cache" / "features" / f"{role}.zarr",
+                       f"all {8 if role == 'train' else 4} {role} images were skipped as bad",
+                       f"nothing to {purpose}", "pipeline extract-features")
+    assert not (run / "results" / "ablation" / "ablation.md").exists()
 
 
 def test_coco_category_without_a_name_is_named(tmp_path: Path) -> None:
@@ -143,6 +234,20 @@ def test_full_disk_while_creating_a_store_is_one_line(tmp_path: Path,
     assert not store.exists()  # no half-created store
     assert cli("extract-features", "--split", "val", *sets(tmp_path)).exit_code == 0
     assert FeatureCache.open(store).incomplete_shards() == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (ENOSPC on every write)")
+def test_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_last_pt(world: Path, tmp_path: Path) -> None:
+    """torch.save on a full disk raised its own RuntimeError (a 54-line traceback)."""
+    run = run_copy(world, tmp_path)
+    ckpt = run / "cache" / "models" / "last.pt"
+    before = ckpt.read_bytes()
+    (ckpt.parent / f".last.tmp-{os.getpid()}.pt").symlink_to("/dev/full")  # atomic_write's temp name
+    result = cli("train", *args(world, run))
+    assert_clear_error(result, f"{ckpt}: {os.strerror(errno.ENOSPC)}", "free some space",
+                       "completed work is kept")
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.pt"]  # no temporary file left
 
 
 def test_every_project_error_type_becomes_one_line() -> None:

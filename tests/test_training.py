@@ -384,7 +384,7 @@ def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path: Path, monkeyp
     save_checkpoint(path, {"epoch": 1})
 
     def torch_save_dies(obj, f):
-        Path(f).write_bytes(b"half a file")
+        f.write(b"half a file")  # atomic_save hands torch a file object
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", torch_save_dies)

@@ -110,8 +110,17 @@ class SegmentationResult:
                 "pixel_fractions": self.pixel_fractions(index)}
 
 
+def as_tokenized(name: str) -> str:
+    """The text CLIP's tokenizer encodes for `name`: open_clip's own cleaning (ftfy, HTML entities,
+    runs of whitespace to one space, lower case), so names that differ only there are one class."""
+    from open_clip.tokenizer import basic_clean, whitespace_clean
+
+    return str(whitespace_clean(basic_clean(name)).lower())
+
+
 def class_list(classes: str | Iterable[str]) -> list[str]:
-    """Validated class names: stripped, non-empty, unique, at most MAX_CLASSES."""
+    """Validated class names: stripped, non-empty, unique as the tokenizer reads them, at most
+    MAX_CLASSES."""
     names = [classes] if isinstance(classes, str) else list(classes)
     names = [str(c).strip() for c in names]
     if not names or not any(names):
@@ -120,6 +129,13 @@ def class_list(classes: str | Iterable[str]) -> list[str]:
         raise ParamError(f"empty class name in {names}: remove the extra comma")
     if len(set(names)) != len(names):
         raise ParamError(f"class names repeat in {names}: each label needs one name")
+    seen: dict[str, str] = {}
+    for name in names:
+        first = seen.setdefault(as_tokenized(name), name)
+        if first != name:  # the same token ids: one text feature, so the later label never wins
+            raise ParamError(f"class names {first!r} and {name!r} are the same text to CLIP's tokenizer "
+                             f"(it lower-cases and collapses spaces: {as_tokenized(name)!r}): each label "
+                             "needs one name, so keep one")
     if len(names) > MAX_CLASSES - 1:
         raise ParamError(f"{len(names)} classes: at most {MAX_CLASSES - 1} fit a label PNG")
     return names

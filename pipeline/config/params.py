@@ -17,17 +17,18 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib.util
-import re
+import io
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config.schema import RECIPES, Params
+from pipeline.config.yaml12 import read_yaml, yaml11_number, yaml_load
 from pipeline.errors import ParamError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write_text
 
 DEFAULT_PARAMS = Path("configs/params.yaml")
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -36,34 +37,6 @@ RECIPES_DIR = PACKAGE_DIR / "recipes"
 PACKAGED_PARAMS = PACKAGE_DIR / "params.yaml"  # a link to the repository's params.yaml (a copy in a wheel)
 MODEL_CONFIGS_DIR = PACKAGE_DIR.parent / "model" / "model_configs"  # read as files: no torch import
 FROM_RECIPE = "recipe"  # a value in the params file meaning "as the recipe says"
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` as a number (YAML 1.2), not the string YAML 1.1 makes of it."""
-
-
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
-               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-def yaml_load(text: str) -> Any:
-    """YAML with 1.2 number rules (`1e-3` is a float), safe tags only."""
-    return yaml.load(text, Loader=_Yaml12Loader)
-
-
-def read_yaml(path: Path) -> dict:
-    try:
-        data = yaml_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamError(f"{path}: not valid YAML: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ParamError(f"{path}: must hold a mapping of parameters, got {type(data).__name__}")
-    return data
 
 
 # -- key names ------------------------------------------------------------------------------------
@@ -136,11 +109,7 @@ def parse_override(item: str) -> dict:
         raise ParamError(f"override '{item}' must look like key.path=value")
     key, raw = item.split("=", 1)
     key = key.strip()
-    try:
-        value = yaml_load(raw) if raw != "" else None
-    except yaml.YAMLError as err:
-        first = str(err).splitlines()[0]
-        raise ParamError(f"override '{item}': the value of '{key}' is not valid YAML ({first})") from None
+    value = yaml_load(raw, f"override '{item}': the value of '{key}'") if raw != "" else None
     nested: dict = {}
     _set(nested, key, value)
     return nested
@@ -222,7 +191,11 @@ def _first_error(err: ValidationError) -> ParamError:
     msg = e["msg"].removeprefix("Value error, ")
     if not dotted or msg.startswith("parameter '"):  # a check across keys names them itself
         return ParamError(msg)
-    return ParamError(f"parameter '{dotted}': {msg}, got {e.get('input')!r}")
+    value = e.get("input")
+    old = yaml11_number(value)
+    hint = (f" (YAML 1.2 reads {value} as text, where YAML 1.1 read the number {old}: write the number "
+            "in decimal)") if old is not None else ""
+    return ParamError(f"parameter '{dotted}': {msg}, got {value!r}{hint}")
 
 
 def validate(params: Mapping[str, Any]) -> Params:
@@ -274,7 +247,11 @@ def recipe_summary(params: Params) -> dict[str, Any]:
 def configure(path: str | Path, profile: str | None = None, recipe: str | None = None,
               overrides: Iterable[str] = ()) -> list[str]:
     """Write a profile's values (and a recipe name, and overrides) into a params file, keeping its
-    comments, so `dvc repro` runs what `--profile` would. Returns the changed dotted keys."""
+    comments, so `dvc repro` runs what `--profile` would. Returns the changed dotted keys.
+
+    The file is read as every command reads it (yaml12: YAML 1.2, duplicate keys refused), the
+    values are validated before anything is written, and the edited text (ruamel.yaml's round trip,
+    YAML 1.2 as well) must read back as exactly the validated values, or nothing is written."""
     from ruamel.yaml import YAML
 
     path = Path(path).resolve()  # configs/params.yaml is a symlink to params.yaml: write the target
@@ -285,12 +262,8 @@ def configure(path: str | Path, profile: str | None = None, recipe: str | None =
         changes["recipe"] = recipe
     for item in overrides:
         changes.update(flatten(parse_override(item)))
-    rt = YAML()
-    rt.preserve_quotes = True
-    rt.width = 4096  # never re-wrap a line
-    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = rt.load(path.read_text())
-    candidate = copy.deepcopy(read_yaml(path))
+    before = read_yaml(path)
+    candidate = copy.deepcopy(before)
     for key, value in changes.items():
         try:
             get(candidate, key)
@@ -298,14 +271,30 @@ def configure(path: str | Path, profile: str | None = None, recipe: str | None =
             raise unknown_key(key) from None
         _set(candidate, key, value)
     validate(resolve_recipe(candidate))  # refuse before writing anything
+    rt = YAML()  # round trip, YAML 1.2 (ruamel.yaml's default for a file without a %YAML line)
+    rt.preserve_quotes = True
+    rt.width = 4096  # never re-wrap a line
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(path.read_text())
     changed = []
     for key, value in changes.items():
         parent = doc
         for part in key.split(".")[:-1]:
             parent = parent[part]
-        leaf = key.split(".")[-1]
-        if parent[leaf] != value:
-            parent[leaf] = value
+        if not _same(get(before, key), value):
+            parent[key.split(".")[-1]] = value
             changed.append(key)
-    atomic_write(path, lambda tmp: rt.dump(doc, Path(tmp)))
+    out = io.StringIO()
+    rt.dump(doc, out)
+    differ = [k for k, v in flatten(yaml_load(out.getvalue(), str(path))).items()
+              if not _same(v, get(candidate, k))]
+    if differ:  # a value ruamel.yaml would write in a form that reads back as something else
+        raise ParamError(f"{path}: '{differ[0]}' would not read back as the value set; nothing written "
+                         "(edit the file by hand)")
+    atomic_write_text(path, out.getvalue())
     return changed
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of equal types (1 is not 1.0 nor true): as JSON."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.config import paths
 from pipeline.config.schema import Params
-from pipeline.data.datasets import DatasetError
+from pipeline.data.datasets import DatasetError, link_problem
 
 _COCO_YEARS = {"coco2014": "2014", "coco2017": "2017", "synthetic": "2017"}
 _VOC = {  # name -> (year, split-file folder, extra folder the reader opens)
@@ -61,7 +61,7 @@ def needs(params: Params) -> list[Need]:
 def layout_problem(name: str, root: Path, split: str) -> str | None:
     """None when `root` has what the reader of `name` opens for `split`, else what is missing."""
     if not root.exists():
-        return f"{root} not found"
+        return link_problem(root) or f"{root} not found"
     if name in _COCO_YEARS:
         year = _COCO_YEARS[name]
         ann, images = root / "annotations" / f"instances_{split}{year}.json", root / f"{split}{year}"
@@ -105,7 +105,7 @@ def check_datasets(params: Params, *, generated_ok: bool = False) -> list[Proble
             continue
         seen.add((need.dataset, need.split))
         root = paths.dataset_root(params.paths, need.dataset)
-        if generated_ok and need.dataset == "synthetic" and not root.exists():
+        if generated_ok and need.dataset == "synthetic" and not root.exists() and not link_problem(root):
             continue
         problem = layout_problem(need.dataset, root, need.split)
         if problem:

@@ -20,6 +20,8 @@ Choices:
 """
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 from pipeline.data.coco import COCO_YEARS, coco_annotation_file, coco_multilabel, coco_segmentation
@@ -34,6 +36,32 @@ from pipeline.errors import DatasetError
 COCO_VAL_IMAGES = ("annotated", "all")
 
 
+def link_problem(path: str | Path) -> str | None:
+    """What makes `path` unreachable through a symbolic link on the way (a link that loops, or that
+    points at nothing), or None; a path that is simply absent is the callers' "not found"."""
+    path = Path(path)
+    for p in [*reversed(path.parents), path]:  # the outermost broken link first
+        if not p.is_symlink():
+            continue
+        try:
+            os.stat(p)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                return f"{p} is a symbolic link that loops (-> {os.readlink(p)})"
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                return f"{p} is a symbolic link to {os.readlink(p)}, which does not exist"
+    return None
+
+
+def require_reachable(root: str | Path) -> None:
+    """DatasetError naming the broken link on the way to a dataset root (see link_problem)."""
+    problem = link_problem(root)
+    if problem:
+        on_the_way = "" if problem.startswith(f"{root} ") else f", on the way to dataset folder {root}"
+        raise DatasetError(f"{problem}{on_the_way}: make it point at the dataset's folder, or remove it "
+                           "(`pipeline download` then fetches or generates the data there)")
+
+
 def load_multilabel(name: str, root: str | Path, split: str, val_images: str = "all") -> MultiLabelDataset:
     """Image-level labels of ``split``: coco2014, coco2017, synthetic (COCO-2017), voc2007.
 
@@ -42,6 +70,7 @@ def load_multilabel(name: str, root: str | Path, split: str, val_images: str = "
     if val_images not in COCO_VAL_IMAGES:
         raise ValueError(f"val_images must be one of {COCO_VAL_IMAGES}, got {val_images!r}")
     root = Path(root)
+    require_reachable(root)
     if name in COCO_YEARS:
         return coco_multilabel(name, root, split, val_images)
     if name == "voc2007":
@@ -69,6 +98,7 @@ def load_segmentation(name: str, root: str | Path, split: str, coco_masks: str =
     coco_masks (COCO layouts only; other datasets ignore it): "official" or "released", see
     pipeline/data/coco.py _CocoMasks."""
     root = Path(root)
+    require_reachable(root)
     if name in ("coco2017", "synthetic"):
         return coco_segmentation(name, root, split, coco_masks)
     if name in ("voc2012", "context59"):

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import paths
 from pipeline.config.schema import Params, Paths
+from pipeline.data.datasets import require_reachable
 from pipeline.errors import DatasetError, TrainingError
 from pipeline.model.backbone import FrozenCLIP
 from pipeline.model.build import backbone_from_params, resolve_device
@@ -41,6 +42,7 @@ def backbone_and_head(params: Params) -> tuple[FrozenCLIP, UnmixHead, dict, dict
 def dataset_root(paths_: Paths, name: str) -> Path:
     """The dataset's root, or a DatasetError naming it and how to get the data."""
     root = paths.dataset_root(paths_, name)
+    require_reachable(root)
     if not root.exists():
         how = CONTEXT59_HELP.format(root=root) if name == "context59" else \
             f"run `pipeline download --dataset {name}`"
@@ -57,7 +59,7 @@ def load_head(params: Params, device: torch.device, embed_dim: int | None = None
     """(head in eval mode, its meta, its source) for evaluate.projectors (best | last).
     Refuses a head trained for another backbone width."""
     path = paths.projectors(params.paths, params.evaluate.projectors)
-    head, meta = load_projectors(path, device)
+    head, meta = load_projectors(path, device, which=params.evaluate.projectors)
     if embed_dim is not None and meta["embed_dim"] != embed_dim:
         raise TrainingError(f"projectors at {path} were trained on {meta['embed_dim']}-d tokens but "
                             f"backbone {params.backbone.name} gives {embed_dim}-d: retrain them")

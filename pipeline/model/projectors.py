@@ -1,6 +1,7 @@
 """The projectors file: the trained head and the record of what made it, read by every evaluation,
 `segment`, `query` and the API. Written atomically, loadable with weights_only=True; a damaged file
-is one TrainingError naming it.
+is one TrainingError naming it, and so is one whose weights are not finite, or one that is not the
+epoch its name (projectors.pt: last, projectors-best.pt: best) or evaluate.projectors asks for.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.config.paths import PROJECTORS
 from pipeline.config.schema import Model
 from pipeline.errors import TrainingError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_save
 from pipeline.model.build import head_from_params
 from pipeline.model.heads import UnmixHead
 
@@ -43,15 +45,41 @@ def save_projectors(path: str | Path, head: UnmixHead | Mapping[str, Tensor], me
     Python values, so the file loads with weights_only=True)."""
     state = head.state_dict() if isinstance(head, torch.nn.Module) else head
     state = {k: v.detach().cpu().clone() for k, v in state.items()}
-    atomic_write(path, lambda tmp: torch.save({"head": state, "meta": dict(meta)}, tmp))
+    atomic_save({"head": state, "meta": dict(meta)}, path)
 
 
-def load_projectors(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
-    """(head in eval mode on `device`, meta) from a save_projectors file."""
+def load_projectors(path: str | os.PathLike, device: torch.device | str = "cpu",
+                    which: str | None = None) -> tuple[UnmixHead, dict]:
+    """(head in eval mode on `device`, meta) from a save_projectors file; `which` ("last" | "best",
+    evaluate.projectors) is the epoch the caller asks for (check_which)."""
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"no trained projectors at {path}: run `pipeline train` first")
-    return head_from_blob(read_state(path), device)
+    blob = read_state(path)
+    check_which(path, blob.get("meta", {}), which)
+    return head_from_blob(blob, device, source=path)
+
+
+def check_which(path: str | Path, meta: Mapping[str, Any], which: str | None = None) -> None:
+    """Refuse a file whose record (meta "which" and "epoch", as `pipeline train` writes them) is not
+    what its name says (projectors.pt: last, projectors-best.pt: best) or `which` asks for: a file
+    copied over another would report one epoch and hold another's weights. Files that record no
+    "which" (ablation points, older files) are not checked."""
+    recorded, epoch = meta.get("which"), meta.get("epoch")
+    if recorded is None:
+        return
+    named = {name: kind for kind, name in PROJECTORS.items()}.get(Path(path).name)
+    for wanted, by in ((named, "its name"), (which, "evaluate.projectors")):
+        if wanted is not None and recorded != wanted:
+            raise TrainingError(f"{path} holds the projectors of the {recorded} epoch (epoch {epoch}), not "
+                                f"the {wanted} one that {by} says (copied over?): re-run `pipeline train`, "
+                                f"or put back the file `pipeline train` wrote")
+    trained = ((meta.get("provenance") or {}).get("params") or {}).get("train") or {}
+    epochs = trained.get("epochs")
+    if isinstance(epoch, int) and isinstance(epochs, int) and not (
+            epoch == epochs if recorded == "last" else 1 <= epoch <= epochs):
+        raise TrainingError(f"{path} records the {recorded} epoch as epoch {epoch} of a {epochs}-epoch "
+                            "run: the file was edited or mixed up; re-run `pipeline train`")
 
 
 def recorded_model(model: Mapping[str, Any]) -> Model:
@@ -60,9 +88,15 @@ def recorded_model(model: Mapping[str, Any]) -> Model:
     return Model.model_validate({"text_bn": "train", **model})
 
 
-def head_from_blob(blob: dict, device: torch.device | str = "cpu") -> tuple[UnmixHead, dict]:
-    """(head in eval mode on `device`, meta) from a save_projectors file's contents."""
+def head_from_blob(blob: dict, device: torch.device | str = "cpu",
+                   source: str | Path = "the projectors file") -> tuple[UnmixHead, dict]:
+    """(head in eval mode on `device`, meta) from a save_projectors file's contents (read from
+    `source`); non-finite weights are refused naming it, before any score is computed."""
     meta = blob["meta"]
+    bad = [k for k, v in blob["head"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingError(f"{source} is damaged: non-finite values in its weights ({', '.join(bad[:3])}"
+                            f"{' ...' if len(bad) > 3 else ''}); delete it and re-run `pipeline train`")
     head = head_from_params(recorded_model(meta["model"]), meta["embed_dim"])
     head.load_state_dict(blob["head"])
     return head.to(device).eval(), meta

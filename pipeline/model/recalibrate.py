@@ -73,7 +73,7 @@ def recalibrate_on_dataset(backbone: FrozenCLIP, params: Params) -> None:
     every stage (and every Dask worker) gets the same statistics without recomputing them."""
     from pipeline.config import paths
     from pipeline.data.datasets import load_multilabel
-    from pipeline.files import atomic_write
+    from pipeline.files import atomic_save
 
     b, d = params.backbone, params.data
     key = f"{b.name}-seed{b.init_seed}-{b.image_size}px-{d.dataset}-{d.train_split}"
@@ -101,7 +101,6 @@ def recalibrate_on_dataset(backbone: FrozenCLIP, params: Params) -> None:
     recalibrate_on_images(backbone, [r.path for r in records], b.image_size)
     stats = {f"{n}.{k}": getattr(m, f"running_{k}").detach().cpu().clone()
              for n, m in norms.items() for k in ("mean", "var")}
-    atomic_write(stats_file, lambda tmp: torch.save(
-        {"stats": stats, "weights_digest": backbone.weights_digest, "identity": identity}, tmp))
+    atomic_save({"stats": stats, "weights_digest": backbone.weights_digest, "identity": identity}, stats_file)
     print(f"backbone {b.name}: BatchNorm statistics recalibrated on {len(records)} "
           f"{d.dataset} {d.train_split} images -> {stats_file}", file=sys.stderr, flush=True)

@@ -8,12 +8,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.config.params import as_dict
 from pipeline.config.schema import Evaluate, Params
 from pipeline.errors import TrainingError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_save
 from pipeline.model.projectors import (  # noqa: F401  (re-exported: the training API in one import)
     head_from_blob,
     load_projectors,
@@ -28,7 +26,7 @@ _RESUMABLE_CHANGES = ("epochs", *SPEED_KEYS)
 
 
 def _atomic_save(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_save(obj, path)
 
 
 def cache_identity(cache: Any) -> dict[str, Any]:

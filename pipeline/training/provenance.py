@@ -6,7 +6,8 @@ fingerprint, the backbone weights digest and the model/train params (and recipe)
 with. `pipeline train` deletes old projectors files before its first epoch (`invalidate`), so an
 interrupted retrain leaves nothing stale to evaluate. `evaluate` and `figures` refuse projectors
 whose inputs or params differ from the current ones (`require_current`, one line naming the key);
-`report` lists the differences instead (`check`). Also here: refusing non-finite scores before sklearn sees them (`require_finite`).
+`report` lists the differences instead (`check`). Also here: refusing non-finite scores before sklearn sees them (`require_finite`),
+and a store with no image left to use (`require_images`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pipeline.config.params import as_dict
 from pipeline.config.schema import Params, Paths
 from pipeline.errors import TrainingError
 from pipeline.extraction.expected import expected_fingerprint, mismatch, require_expected
-from pipeline.model.projectors import read_state
+from pipeline.model.projectors import check_which, read_state
 from pipeline.model.weights import declared_digest, weights_digest_of  # noqa: F401  (re-exported)
 from pipeline.store.cache import CacheError, FeatureCache
 
@@ -53,6 +54,18 @@ def require_finite(scores: np.ndarray, index: np.ndarray, cache: Any = None) -> 
     raise CacheError(f"{where}: non-finite tokens for {len(rows)} images (ids {', '.join(ids)}{more}); "
                      "delete the store and re-run `pipeline extract-features`; if they come back, "
                      "extract with backbone.precision=fp32")
+
+
+def require_images(cache: Any, role: str, purpose: str) -> None:
+    """Refuse a complete store whose every image was skipped as bad (`--on-bad-image skip`): there
+    is nothing to `purpose`, and the loops would end in an unrelated error (an empty concatenate,
+    a learning rate never set) or, for a grid, in a table of untrained heads."""
+    cache.require_complete()
+    valid = cache.valid  # (N,) bool
+    if len(valid) and not valid.any():
+        raise CacheError(f"{cache.path}: all {len(valid)} {role} images were skipped as bad (extract "
+                         f"--on-bad-image skip): nothing to {purpose}; fix or replace the image files "
+                         "and re-run `pipeline extract-features`")
 
 
 # -- recording -----------------------------------------------------------------------------------
@@ -225,6 +238,7 @@ def check(params: Params) -> list[str]:
     for path in files:
         try:
             meta = read_state(path).get("meta", {})
+            check_which(path, meta)  # not a file copied over another
         except TrainingError as err:
             out.append(str(err))
             continue
