@@ -68,7 +68,6 @@ def open_data(params: Params, device: torch.device) -> tuple[TokenLoader, TokenL
     caches = {}
     for role in ("train", "val"):
         caches[role] = open_checked(params, role)  # the store the current params would extract
-        caches[role].require_complete()
         provenance.require_images(caches[role], role, "train on" if role == "train" else "evaluate on")
     train, val = caches["train"], caches["val"]
     if train.classnames != val.classnames or train.dim != val.dim:
