@@ -65,6 +65,16 @@ def _square(x, y, s):
     return [[x, y, x + s, y, x + s, y + s, x, y + s]]
 
 
+def _write_coco_val(root: Path, images: list[dict], anns: list[dict]) -> Path:
+    """A COCO-2017 layout under `root` whose val annotation file holds `images` and `anns`."""
+    cats = [{"id": c, "name": n} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
+    (root / "annotations").mkdir()
+    (root / "val2017").mkdir()
+    (root / "annotations" / "instances_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
 @pytest.fixture
 def coco_root(tmp_path):
     """Ids out of order, a crowd (uncompressed RLE) car, an image without annotations."""
@@ -85,12 +95,7 @@ def coco_root(tmp_path):
             _ann(6, 30, "dog", _square(9, 9, 4), 16)]
     images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 20, "width": 30}
               for i in (30, 10, 20)]
-    cats = [{"id": c, "name": n} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
-    (tmp_path / "annotations").mkdir()
-    (tmp_path / "val2017").mkdir()
-    (tmp_path / "annotations" / "instances_val2017.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return tmp_path
+    return _write_coco_val(tmp_path, images, anns)
 
 
 def _rle_counts(binary: np.ndarray) -> list[int]:
@@ -176,12 +181,7 @@ def coco_paint_order_root(tmp_path):
             _ann(5, 9, "bird", _square(2, 2, 4), 16)]
     sizes = {7: (6, 8), 5: (10, 12), 3: (8, 8), 9: (10, 12), 1: (6, 6)}
     images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": h, "width": w} for i, (h, w) in sizes.items()]
-    cats = [{"id": c, "name": n} for c, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)]
-    (tmp_path / "annotations").mkdir()
-    (tmp_path / "val2017").mkdir()
-    (tmp_path / "annotations" / "instances_val2017.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return tmp_path
+    return _write_coco_val(tmp_path, images, anns)
 
 
 def test_coco_masks_released_paint_in_file_order_and_carry_the_previous_mask(coco_paint_order_root):

@@ -47,10 +47,10 @@ def _base(digest: str) -> str:
     return digest.strip().lower()
 
 
-def declared_digest(name: str, checkpoint: str | os.PathLike | None, pretrained: str | None,
-                    sha256: str | None, init_seed: int) -> str:
-    """The digest load_backbone gives these weights, without loading them (provenance's, which
-    says None for a missing file: here that is an error naming it)."""
+def require_declared_digest(name: str, checkpoint: str | os.PathLike | None, pretrained: str | None,
+                            sha256: str | None, init_seed: int) -> str:
+    """The digest load_backbone gives these weights, without loading them (model.weights'
+    weights_digest_of, which says None for a missing file: here that is an error naming it)."""
     digest = weights_digest_of(name, checkpoint, pretrained, sha256, init_seed)
     if digest is None:
         raise WeightsError(f"weights file not found: {checkpoint}")
@@ -82,7 +82,7 @@ def resolve_backbone(meta: dict[str, Any], path: str | os.PathLike, *, checkpoin
         if recorded is None:
             raise WeightsError(f"{path} records no backbone weights: pass checkpoint=... or pretrained=...")
         pretrained, init_seed = _from_record(recorded, name, path)
-    declared = declared_digest(name, checkpoint, pretrained, sha256, init_seed)
+    declared = require_declared_digest(name, checkpoint, pretrained, sha256, init_seed)
     if recorded is not None and _base(declared) != _base(recorded):
         raise WeightsError(f"backbone weights {declared} differ from {recorded} that {path} "
                            f"was trained on: {FIX}")
