@@ -24,7 +24,7 @@ from pipeline.config.schema import Params, Paths
 from pipeline.errors import TrainingError
 from pipeline.extraction.expected import expected_fingerprint, mismatch, require_expected
 from pipeline.model.projectors import check_which, read_state
-from pipeline.model.weights import declared_digest, weights_digest_of  # noqa: F401  (re-exported)
+from pipeline.model.weights import declared_digest
 from pipeline.store.cache import CacheError, FeatureCache
 
 # train keys that decide where and how fast a run goes, not what is learnt
