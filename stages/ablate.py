@@ -52,11 +52,10 @@ from stages.train import evaluated, open_data
 from stages.train import validate as solo_validate
 
 
-def validate(head: UnmixHead, val_loader: TokenLoader, text: dict, merit: dict, params: Params,
-             amp: torch.dtype | None) -> dict:
+def validate(head: UnmixHead, val_loader: TokenLoader, text: dict, merit: dict, params: Params) -> dict:
     """The solo run's per-epoch validation figures of one head (train.validate) and the positive
     prompts' MFI reduction."""
-    row = solo_validate(head, val_loader, text, merit, params, amp)
+    row = solo_validate(head, val_loader, text, merit, params)
     mi = row.pop("val_mi_clip")  # listed last in history.json, as before
     return {**row, "mfi_pos_reduction_pct": 100.0 * (1.0 - row["mfi_pos_after"] / row["mfi_pos_before"]),
             "val_mi_clip": mi}
@@ -123,7 +122,7 @@ def run(params: Params, lambdas: list[float] | None = None, alphas: list[float] 
                 continue
             for k, head in enumerate(trainer.unstacked()):
                 row = {"epoch": epoch + 1, **dict(zip(trainer.parts, means[k].tolist()))}
-                history[k].append({**row, **validate(head, val_loader, text, merit, runs[reps[k]], amp)})
+                history[k].append({**row, **validate(head, val_loader, text, merit, runs[reps[k]])})
 
     # -- outputs: one row and one projectors file per grid point --------------------------------
     out = paths.results_dir(params.paths, "ablation")

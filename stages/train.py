@@ -164,10 +164,10 @@ def best_row(history: list[dict]) -> dict:
 
 
 def validate(head: UnmixHead, val_loader: TokenLoader, text: dict, figure_text: dict,
-             params: Params, amp: torch.dtype | None) -> dict[str, float]:
+             params: Params) -> dict[str, float]:
     """training.validation_metrics plus val MI CLIP-projected (objective.clip_alignment_mi)."""
     cfg = params.train
-    row = validation_metrics(head, val_loader, text, figure_text, params.evaluate, amp,
+    row = validation_metrics(head, val_loader, text, figure_text, params.evaluate,
                              mean_ap=mean_average_precision)
     row["val_mi_clip"] = clip_alignment_mi(head, val_loader.epoch(0), text, cfg.infoclip, seed=cfg.seed)
     return row
@@ -241,7 +241,7 @@ def run(params: Params, resume: bool = False, online: bool = False) -> dict[str,
 
             # -- evaluation -----------------------------------------------------------------------
             t0 = time.perf_counter()
-            row.update(validate(head, val_loader, text, figure_text, params, amp) if evaluated(epoch + 1, cfg)
+            row.update(validate(head, val_loader, text, figure_text, params) if evaluated(epoch + 1, cfg)
                        else NOT_EVALUATED)
             row["val_seconds"] = time.perf_counter() - t0
             history.append(row)

@@ -371,7 +371,7 @@ def test_best_epoch_is_chosen_on_fp32_scores_when_training_in_bf16() -> None:
     history = []
     for epoch, head in epochs.items():
         with torch.autocast("cpu", dtype=torch.bfloat16):  # even inside the training's autocast
-            row = validation_metrics(head, loader, text, merit, evaluate, amp=torch.bfloat16)
+            row = validation_metrics(head, loader, text, merit, evaluate)
         history.append({"epoch": epoch, **row})
     assert [r["val_map"] for r in history] == pytest.approx([100.0, 275 / 3])
     assert train.best_row(history)["epoch"] == 1

@@ -263,15 +263,14 @@ def merit_text(cache: Any, evaluate: Evaluate) -> dict[str, Tensor]:
 
 def validation_metrics(head: UnmixHead, val_loader: Any, text: Mapping[str, Tensor],
                        merit: Mapping[str, Tensor], evaluate: Evaluate,
-                       amp: torch.dtype | None = None, mean_ap: Callable = mean_average_precision
-                       ) -> dict[str, float]:
+                       mean_ap: Callable = mean_average_precision) -> dict[str, float]:
     """One validation as every trainer reports it (train.json, the ablation grid): val mAP with the
     training text and the text BatchNorm statistics evaluate.text_bn.mlr, and paper Table 4 on the
     plain and the positive prompts of `merit` (merit_text) with evaluate.text_bn.mfi.
 
-    Everything here runs in float32 whatever the training precision: `amp` (the trainers' autocast
-    dtype) is accepted for their call and not used, so the best epoch by val mAP is the best epoch
-    of the final fp32 evaluation (evaluate_head)."""
+    Everything here runs in float32 whatever the training precision (also inside a trainer's
+    autocast), so the best epoch by val mAP is the best epoch of the final fp32 evaluation
+    (evaluate_head)."""
     bn = evaluate.text_bn
     scores, labels = evaluate_head(head, val_loader, text, stats=bn.mlr)
     plain = text_figure_of_merit(head, merit["plain"], stats=bn.mfi)
