@@ -17,7 +17,12 @@ from pipeline.api.unmix import UnmixCLIP
 from pipeline.config.params import ParamError
 from pipeline.data.augment import eval_view
 from pipeline.data.dense_view import MAX_ASPECT, dense_view, keep_ratio_size
-from pipeline.evaluation.segment_maps import label_map, method_maps, normalised_maps, token_paths_for
+from pipeline.evaluation.segment_maps import (
+    label_map,
+    method_maps,
+    normalised_maps,
+    token_paths_for,
+)
 from pipeline.model.attention_pool import resize_positional_embedding
 
 METHODS = ("clip", "clip-vv", "clip-surgery", "clip-surgery+ours", "ours")
@@ -30,7 +35,7 @@ def _bilinear_1d(n_in: int, n_out: int) -> np.ndarray:
     w = np.zeros((n_out, n_in))
     for i in range(n_out):
         src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = int(math.floor(src))
+        i0 = math.floor(src)
         frac = src - i0
         w[i, min(i0, n_in - 1)] += 1.0 - frac
         w[i, min(i0 + 1, n_in - 1)] += frac
@@ -49,7 +54,7 @@ def _bicubic_1d(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
     w = np.zeros((n_out, n_in))
     for i in range(n_out):
         src = (i + 0.5) * n_in / n_out - 0.5
-        i0 = int(math.floor(src))
+        i0 = math.floor(src)
         t = src - i0
         for offset, weight in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
             w[i, min(max(i0 + offset, 0), n_in - 1)] += weight
