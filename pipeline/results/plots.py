@@ -39,11 +39,10 @@ def _save(fig: plt.Figure, path: str | Path, dpi: int) -> None:
         plt.close(fig)
 
 
-def _title(fig: plt.Figure, title: str, width_inches: float, fontsize: float = 11.0) -> None:
-    """The figure's title, wrapped to its width (a long file name must not widen the PNG)."""
-    if title:
-        chars = max(20, int(width_inches * 72 / (0.55 * fontsize)))
-        fig.suptitle("\n".join(textwrap.wrap(title, chars)), fontsize=fontsize)
+def _wrapped(title: str, width_inches: float, fontsize: float = 11.0) -> str:
+    """The title in lines that fit the figure's width (a long file name must not widen the PNG)."""
+    chars = max(20, int(width_inches * 72 / (0.65 * fontsize)))  # DejaVu Sans: ~0.6 em a glyph
+    return "\n".join(textwrap.wrap(title, chars))
 
 
 def cosine_matrix(features: np.ndarray) -> np.ndarray:
@@ -51,6 +50,11 @@ def cosine_matrix(features: np.ndarray) -> np.ndarray:
     f = np.asarray(features, dtype=np.float64)
     f = f / np.linalg.norm(f, axis=1, keepdims=True)
     return f @ f.T
+
+
+def _label_margin(points: float) -> float:
+    """Inches beside a heat-map for its class names: ~14 characters (most COCO names fit)."""
+    return 0.1 + 14 * 0.6 * points / 72
 
 
 def heatmap_layout(num: int, panels: int, dpi: int = 100) -> tuple[float, float, int, int]:
@@ -62,7 +66,7 @@ def heatmap_layout(num: int, panels: int, dpi: int = 100) -> tuple[float, float,
     spacing = side * 72 / num  # points per class along an axis
     step = max(1, math.ceil(MIN_TICK_POINTS / spacing))
     points = min(MAX_TICK_POINTS, max(MIN_TICK_POINTS, spacing * step * 0.85))
-    margin = 0.1 + 14 * 0.6 * points / 72  # a y-axis label of ~14 characters
+    margin = _label_margin(points)
     per_row = max(1, min(panels, int((MAX_WIDTH_PX / dpi - 1.2) // (side + margin))))
     return side, points, step, per_row
 
@@ -80,11 +84,10 @@ def similarity_heatmaps(panels: Mapping[str, np.ndarray], classnames: Sequence[s
 def similarity_figure(panels: Mapping[str, np.ndarray], classnames: Sequence[str], title: str = "",
                       dpi: int = 100) -> plt.Figure:
     mats = {name: cosine_matrix(f) for name, f in panels.items()}
-    assert mats, "similarity_heatmaps needs at least one panel"
     num = len(classnames)
     side, points, step, per_row = heatmap_layout(num, len(mats), dpi)
     rows = math.ceil(len(mats) / per_row)
-    margin = 0.1 + 14 * 0.6 * points / 72
+    margin = _label_margin(points)
     size = (per_row * (side + margin) + 1.2, rows * (side + margin + 0.5) + 0.6)
     fig, axes = plt.subplots(rows, per_row, figsize=size, squeeze=False, layout="constrained", dpi=dpi)
     off = ~np.eye(num, dtype=bool)
@@ -97,8 +100,10 @@ def similarity_figure(panels: Mapping[str, np.ndarray], classnames: Sequence[str
         ax.set_yticks(ticks, [classnames[i] for i in ticks], fontsize=points)
     for ax in axes.ravel()[len(mats):]:
         ax.set_axis_off()
+    assert image is not None, "similarity_heatmaps needs at least one panel"
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="cosine similarity")
-    _title(fig, title, size[0], 12.0)
+    if title:
+        fig.suptitle(_wrapped(title, size[0], 12.0), fontsize=12.0)
     return fig
 
 
@@ -113,7 +118,8 @@ def panel_inches(aspect: float, cols: int, dpi: int = 100, extra: float = 1.6) -
 
 def label_legend(colours: Mapping[str, Sequence[int]]) -> list[Patch]:
     """Legend entries: a patch of each label's colour (0-255 RGB) with its name."""
-    return [Patch(facecolor=np.asarray(rgb) / 255.0, edgecolor="0.5", label=name) for name, rgb in colours.items()]
+    return [Patch(facecolor=(rgb[0] / 255, rgb[1] / 255, rgb[2] / 255), edgecolor="0.5", label=name)
+            for name, rgb in colours.items()]
 
 
 def activation_figure(images: Sequence[np.ndarray], maps: Mapping[str, Sequence[np.ndarray]], title: str = "",
@@ -129,8 +135,13 @@ def activation_figure(images: Sequence[np.ndarray], maps: Mapping[str, Sequence[
     """
     cols = 1 + len(maps) + (label_panel is not None)
     aspect = max(p.shape[0] / p.shape[1] for p in images)
-    width, height = panel_inches(aspect, cols, dpi, extra=2.2 if label_panel is not None else 0.8)
-    size = (cols * width + (2.2 if label_panel is not None else 0.8), len(images) * height + 1.2)
+    extra = 2.2 if label_panel is not None else 0.8  # inches for the legend / the row labels
+    width, height = panel_inches(aspect, cols, dpi, extra)
+    title = _wrapped(title, cols * width + extra)
+    # the panels, then room enough for the column titles, the colourbar, the title's lines and the
+    # legend: with less, constrained layout squeezes the title onto the column titles
+    entries = len(label_panel[2]) + 1 if label_panel is not None else 0
+    size = (cols * width + extra, max(len(images) * height + 1.6 + 0.25 * title.count("\n"), 0.22 * entries + 1.0))
     fig, axes = plt.subplots(len(images), cols, figsize=size, squeeze=False, layout="constrained", dpi=dpi)
     for i, picture in enumerate(images):
         axes[i, 0].imshow(picture)
@@ -158,7 +169,8 @@ def activation_figure(images: Sequence[np.ndarray], maps: Mapping[str, Sequence[
                    frameon=False)
     fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), ax=axes[:, 1:1 + len(maps)].ravel().tolist(),
                  location="bottom", shrink=0.8, aspect=40, label=SCORE_LABEL)
-    _title(fig, title, size[0])
+    if title:
+        fig.suptitle(title, fontsize=11.0)
     return fig
 
 
