@@ -1,13 +1,15 @@
 """`pipeline query`: the paper's Figure 1 view for one image and one free-text class.
 
-Writes query_<text>.png (the image, then the class's activation under CLIP and under ours: the
-min-max normalised score map at the image's size) and query_<text>.json, and prints the cosine
-of the query's text feature to each --against class before (CLIP) and after the text projector.
+Writes <image stem>_query_<text>.png (the image, then the class's activation under CLIP and under
+ours: the min-max normalised score map at the image's size, with a colourbar; with --against, the
+label map among the query and those classes, and its legend) and the same name .json, and prints
+the cosine of the query's text feature to each --against class before (CLIP) and after the text
+projector. The name is never another image's (pipeline/results/names.py); the photo keeps its
+aspect ratio unless --resize square.
 """
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,25 +19,24 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.api.unmix import class_list
+from pipeline.api.views import resize_rule
 from pipeline.config import paths
 from pipeline.config.schema import Params
 from pipeline.data.images import load_image
 from pipeline.evaluation.segment_maps import LABELS
 from pipeline.files import atomic_write_text
+from pipeline.results.names import free_name, image_digest, slug
+from pipeline.results.overlays import panel_view
 from pipeline.results.plots import activation_grid
 from stages.segment import (
+    label_panel,
     model_from_params,
     note_batch_stats,
-    panel_view,
     split_classes,
     templates_or_default,
 )
 
 QUERY_METHODS = ("clip", "ours")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "query"
 
 
 def query_cosines(raw: torch.Tensor, projected: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -47,24 +48,30 @@ def query_cosines(raw: torch.Tensor, projected: torch.Tensor) -> tuple[np.ndarra
 
 
 def run(params: Params, image: str, text: str, against: Sequence[str] = (), projectors: str | None = None,
-        templates: Sequence[str] = (), out: str | None = None) -> dict[str, Any]:
+        templates: Sequence[str] = (), out: str | None = None, resize: str = "keep") -> dict[str, Any]:
     classes = class_list([text, *split_classes(against)])
+    resize = resize_rule(resize)
     query, others = classes[0], classes[1:]
     prompts = templates_or_default(templates, params.evaluate)
     model = model_from_params(params, projectors)
+    model.resize = resize  # the network's view: keep the aspect ratio, or the evaluation's square
     note_batch_stats(model, classes)
     features = model.text_features(classes, prompts)  # raw (C, D), projected (C, D')
     before, after = query_cosines(features.raw, features.projected)
     result = model.segment([image], classes, template=prompts, methods=QUERY_METHODS)
     out_dir = Path(out) if out else paths.results_dir(params.paths, "query")
-    png = out_dir / f"query_{_slug(query)}.png"
+    digest = image_digest(image)
+    name = free_name(out_dir, f"{slug(Path(image).stem)}_query_{slug(query, 'text')}", digest)
+    png = out_dir / f"{name}.png"  # and <name>.json
     picture = load_image(image)
     views = {LABELS[m]: panel_view(picture, result.method_score_maps[m][0][:1]) for m in QUERY_METHODS}
-    maps = {label: [small[0]] for label, (_, small) in views.items()}  # (h, w) of the query class
-    activation_grid([next(iter(views.values()))[0]], maps, png, row_labels=[query],
-                    title=f"\"{query}\" in {Path(image).name}")
-    record = {"image": str(image), "query": query, "against": others, "templates": prompts,
-              "text_bn": features.stats,
+    small = next(iter(views.values()))[0]  # (h, w, 3) uint8
+    maps = {label: [view[0]] for label, (_, view) in views.items()}  # (h, w) of the query class
+    activation_grid([small], maps, png, row_labels=[query], title=f"\"{query}\" in {Path(image).name}",
+                    label_panel=label_panel(result, 0, small.shape[:2]) if others else None)
+    record = {"image": str(image), "image_sha256": digest, "query": query, "against": others,
+              "templates": prompts, "text_bn": features.stats, "resize": result.resize,
+              "input_size": list(result.input_sizes[0]),
               "cosine": {c: {"clip": float(b), "ours": float(a)} for c, b, a in zip(others, before, after)},
               "image_score": float(result.image_scores[0, 0]), "png": png.name, "model": model.describe()}
     if others:

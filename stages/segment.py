@@ -1,29 +1,31 @@
 """`pipeline segment`: trained projectors on any images and any class words (no DVC stage).
 
-Per image, in --out: <name>_overlay.png (image | CLIP | CLIP-VV | ours, one row per class),
+Per image, in --out: <name>_overlay.png (image | CLIP | CLIP-VV | ours, one row per class, one
+colourbar; the label map in the label PNG's colours with a legend of class and pixel share),
 <name>_labels.png (palette PNG: 0 background, 1..C the classes in the given order) and
-<name>.json (image-level scores, pixel fractions, the model used). Everything is computed by
-pipeline.api.unmix.UnmixCLIP, configured from params: backbone.* (weights), evaluate.seg.* (image
-size, resize (the rule `released` is bicubic here: no dataset, as the VOC and COCO scripts), background
-rule and threshold), evaluate.text_bn.{seg,mlr}, evaluate.text_input. `ours` is normalised after
-the image projector (the paper's cosine), whatever evaluate.seg.ours_norm says.
+<name>.json (image-level scores, pixel fractions, the view's resize and size, the image's sha256,
+the model used). <name> is the image's file stem, never another image's (pipeline/results/names.py).
+The photo keeps its aspect ratio (--resize keep, data/dense_view.py) unless --resize square asks
+for the evaluation's view. Everything is computed by pipeline.api.unmix.UnmixCLIP, configured from
+params: backbone.* (weights), evaluate.seg.* (image size, resize interpolation (the rule `released`
+is bicubic here: no dataset, as the VOC and COCO scripts), background rule and threshold),
+evaluate.text_bn.{seg,mlr}, evaluate.text_input. `ours` is normalised after the image projector
+(the paper's cosine), whatever evaluate.seg.ours_norm says.
 """
 from __future__ import annotations
 
 import glob
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.api.unmix import SegmentationResult, UnmixCLIP, class_list, template_list
+from pipeline.api.views import resize_rule
 from pipeline.config import paths
 from pipeline.config.params import ParamError
 from pipeline.config.schema import Evaluate, Params
@@ -33,11 +35,12 @@ from pipeline.evaluation.segment_maps import LABELS, METHODS
 from pipeline.evaluation.segmentation import PROMPTS
 from pipeline.evaluation.variants import seg_interpolation
 from pipeline.files import atomic_write, atomic_write_text
+from pipeline.results.names import image_digest, output_names
+from pipeline.results.overlays import label_colours, legend_colours, panel_view
 from pipeline.results.plots import activation_grid
 
 MAP_BUDGET_BYTES = 1 << 30  # score maps held per chunk: C x methods x pixels x 4 bytes per image
 TYPICAL_PIXELS = 640 * 480  # a COCO image
-PANEL_SIDE = 480  # pixels: overlays are drawn from images shrunk to this (twice a panel's width)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -100,17 +103,6 @@ def note_batch_stats(model: UnmixCLIP, classes: list[str]) -> None:
               "(--set evaluate.text_bn.seg=running for class-independent scores)", flush=True)
 
 
-def output_stems(files: Sequence[Path]) -> list[str]:
-    """A file-name stem per image, unique even when two folders hold the same name."""
-    stems: list[str] = []
-    seen: dict[str, int] = {}
-    for f in files:
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", f.stem) or "image"
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
-    return stems
-
-
 def chunk_size(batch_size: int, num_classes: int, num_methods: int = len(METHODS)) -> int:
     """Images per API call: evaluate.batch_size, fewer when many classes' full-size maps would
     not fit MAP_BUDGET_BYTES (80 classes: 3 typical images)."""
@@ -130,19 +122,19 @@ def read_label_png(path: str | Path) -> np.ndarray:
         return np.asarray(image)  # P mode: the label values themselves
 
 
-def panel_view(picture: Image.Image, maps: np.ndarray, max_side: int = PANEL_SIDE
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Picture (h, w, 3) uint8 and maps (C, h, w) shrunk to at most `max_side` pixels a side: a
-    panel is ~240 px wide, and drawing full-size images costs seconds per figure."""
-    scale = min(1.0, max_side / max(picture.size))
-    size = (max(1, round(picture.height * scale)), max(1, round(picture.width * scale)))
-    small = F.interpolate(torch.from_numpy(maps)[None], size=size, mode="bilinear",
-                          align_corners=False, antialias=scale < 1.0)[0]  # (C, h, w)
-    return np.asarray(picture.resize(size[::-1], Image.Resampling.BILINEAR)), small.numpy()
+def label_panel(result: SegmentationResult, index: int, size: tuple[int, int]
+                ) -> tuple[str, np.ndarray, dict[str, tuple[int, int, int]]]:
+    """The overlay's label-map panel: title, (h, w, 3) colours of the label PNG, legend entries
+    "name (share of pixels)" -> colour."""
+    shares = result.pixel_fractions(index)
+    names = {v: f"{name} ({shares[name]:.0%})" for v, name in result.legend().items() if name in shares}
+    return "labels (ours)", label_colours(result.label_maps[index], size), legend_colours(names)
 
 
 def write_image_outputs(result: SegmentationResult, index: int, out: Path, stem: str, model: UnmixCLIP,
-                        methods: Sequence[str] = METHODS) -> dict:
+                        methods: Sequence[str] = METHODS, digest: str = "") -> dict:
+    """<stem>_overlay.png (per class row: image | each method's score map; the label map and
+    its legend; one colourbar), <stem>_labels.png and <stem>.json (with the image's sha256)."""
     classes = result.classes
     overlay, labels, summary = out / f"{stem}_overlay.png", out / f"{stem}_labels.png", out / f"{stem}.json"
     image = load_image(result.sources[index])
@@ -150,18 +142,20 @@ def write_image_outputs(result: SegmentationResult, index: int, out: Path, stem:
     picture = next(iter(views.values()))[0]  # (h, w, 3) uint8
     maps = {label: list(small) for label, (_, small) in views.items()}  # C x (h, w) each
     activation_grid([picture] * len(classes), maps, overlay, row_labels=classes,
-                    title=f"{Path(result.sources[index]).name}: {', '.join(classes)}")
+                    title=f"{Path(result.sources[index]).name}: {', '.join(classes)}",
+                    label_panel=label_panel(result, index, picture.shape[:2]))
     write_label_png(labels, result.label_maps[index])
-    record = {**result.summary(index), "label_png": labels.name, "overlay_png": overlay.name,
-              "model": model.describe()}
+    record = {**result.summary(index), "image_sha256": digest or image_digest(result.sources[index]),
+              "label_png": labels.name, "overlay_png": overlay.name, "model": model.describe()}
     atomic_write_text(summary, json.dumps(record, indent=2) + "\n")
     return record
 
 
 def run(params: Params, images: Sequence[str], classes: Sequence[str], projectors: str | None = None,
         background: str | None = None, threshold: float | None = None, templates: Sequence[str] = (),
-        out: str | None = None, progress: bool = True) -> dict[str, Any]:
+        out: str | None = None, progress: bool = True, resize: str = "keep") -> dict[str, Any]:
     names = class_list(split_classes(classes))  # argument errors before any model is loaded
+    resize = resize_rule(resize)
     prompts = templates_or_default(templates, params.evaluate)
     files = expand_images(images)
     seg = params.evaluate.seg
@@ -169,8 +163,10 @@ def run(params: Params, images: Sequence[str], classes: Sequence[str], projector
     threshold = seg.threshold if threshold is None else threshold
     out_dir = Path(out) if out else paths.results_dir(params.paths, "segment")
     model = model_from_params(params, projectors)
+    model.resize = resize  # the network's view: keep the aspect ratio, or the evaluation's square
     note_batch_stats(model, names)
-    stems, records = output_stems(files), []
+    digests = [image_digest(f) for f in files]
+    stems, records = output_names(files, out_dir, digests), []
     bar = tqdm(total=len(files), unit="img", desc="segment", disable=not progress)
     step = chunk_size(model.batch_size, len(names))
     for first in range(0, len(files), step):
@@ -178,10 +174,12 @@ def run(params: Params, images: Sequence[str], classes: Sequence[str], projector
         result = model.segment(chunk, names, background=rule, threshold=threshold, template=prompts,
                                methods=METHODS)
         for j in range(len(chunk)):
-            records.append(write_image_outputs(result, j, out_dir, stems[first + j], model))
+            records.append(write_image_outputs(result, j, out_dir, stems[first + j], model,
+                                               digest=digests[first + j]))
         bar.update(len(chunk))
     bar.close()
-    print(f"segment: {len(records)} images, classes {', '.join(names)}, background {rule} -> {out_dir}",
+    print(f"segment: {len(records)} images, classes {', '.join(names)}, background {rule}, "
+          f"resize {resize} -> {out_dir}",
           flush=True)
     return {"out": str(out_dir), "images": records}
 

@@ -68,7 +68,8 @@ def test_query_reports_text_cosines_before_and_after_projection(world, tmp_path)
     run = _invoke(world, "query", str(world["files"][1]), "--text", "person", "--against", "car,zebra",
                   "--template", TEMPLATE, "--out", str(tmp_path))
     assert run.exit_code == 0, run.output
-    record = json.loads((tmp_path / "query_person.json").read_text())
+    stem = world["files"][1].stem  # <image stem>_query_<text>: another image's query never overwrites it
+    record = json.loads((tmp_path / f"{stem}_query_person.json").read_text())
     raw = F.normalize(world["backbone"].text_features([TEMPLATE.format(c) for c in
                                                       ("person", "car", "zebra")]), dim=-1)
     with torch.no_grad():
@@ -77,7 +78,7 @@ def test_query_reports_text_cosines_before_and_after_projection(world, tmp_path)
         assert record["cosine"][c]["clip"] == pytest.approx(float(raw[0] @ raw[k]), abs=1e-5)
         assert record["cosine"][c]["ours"] == pytest.approx(float(projected[0] @ projected[k]), abs=1e-5)
         assert c in run.output
-    with Image.open(tmp_path / "query_person.png") as png:
+    with Image.open(tmp_path / f"{stem}_query_person.png") as png:
         assert png.format == "PNG" and png.width > png.height  # image | CLIP | ours
 
 

@@ -13,9 +13,10 @@ in training work too. The backbone is the one the projectors record (meta), with
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +26,15 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pipeline.api.views import maps_by_shape, resize_rule, view_grid
 from pipeline.api.weights import recorded_image_size, recorded_train_text_input, resolve_backbone
 from pipeline.config.params import ParamError
-from pipeline.data.augment import INTERPOLATIONS, eval_view
+from pipeline.data.augment import INTERPOLATIONS
+from pipeline.data.dense_view import dense_view
 from pipeline.data.images import load_image
 from pipeline.evaluation.segment_maps import (
     BACKGROUND_RULES,
-    image_scores,
     label_map,
-    method_maps,
-    normalised_maps,
-    token_paths_for,
 )
 from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
 from pipeline.model.build import resolve_device
@@ -61,6 +60,7 @@ class ImageTokens:
     spatial: Tensor  # (B, 1+hw, D) DualCoOp tokens (what the projectors were trained on)
     vv: Tensor  # (B, 1+hw, D) CLIP Surgery v-v tokens (segmentation)
     projected: Tensor  # (B, 1+hw, D') v-v tokens through the image projector, L2-normalised
+    grid: tuple[int, int] = (0, 0)  # (h, w) tokens: the view's sides / the backbone's stride
 
 
 @dataclass
@@ -75,6 +75,8 @@ class SegmentationResult:
     image_scores: np.ndarray  # (N, C) the head's region scores with the pos/neg prompts
     method_label_maps: dict[str, list[np.ndarray]]  # method -> per image (H, W) uint8
     method_score_maps: dict[str, list[np.ndarray]]  # method -> per image (C, H, W) float32 in [0, 1]
+    resize: str = "keep"  # the network's view: keep (aspect ratio) | square (the evaluation's)
+    input_sizes: list[tuple[int, int]] = field(default_factory=list)  # per image (H, W) of that view
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -105,7 +107,8 @@ class SegmentationResult:
         return {"image": self.sources[index], "height": height, "width": width,
                 "classes": list(self.classes), "labels": {str(k): v for k, v in self.legend().items()},
                 "background": self.background, "threshold": self.threshold,
-                "templates": list(self.templates), "text_bn": self.text_bn,
+                "templates": list(self.templates), "text_bn": self.text_bn, "resize": self.resize,
+                "input_size": list(self.input_sizes[index]) if self.input_sizes else None,
                 "image_scores": {c: float(s) for c, s in zip(self.classes, self.image_scores[index])},
                 "pixel_fractions": self.pixel_fractions(index)}
 
@@ -172,7 +175,7 @@ class UnmixCLIP:
                  image_size: int | None = None, text_bn: str = "running",
                  score_text_bn: str = "running", text_input: str = "normalised",
                  pos_interpolation: str = "bilinear", interpolation: str = "bicubic", batch_size: int = 8,
-                 source: str = "") -> None:
+                 source: str = "", resize: str = "keep") -> None:
         for name, value in (("text_bn", text_bn), ("score_text_bn", score_text_bn)):
             if value not in BN_STATS:
                 raise ParamError(f"{name} must be one of {BN_STATS}, got {value!r}")
@@ -186,6 +189,7 @@ class UnmixCLIP:
         self.text_bn, self.score_text_bn, self.text_input = text_bn, score_text_bn, text_input
         self.pos_interpolation, self.batch_size, self.source = pos_interpolation, batch_size, source
         self.interpolation = interpolation  # the image resize (evaluate.seg.interpolation)
+        self.resize = resize_rule(resize)  # keep the aspect ratio, or the evaluation's square
         # (classes, templates, normalise) -> (C, D): the frozen text tower gives the same features
         # every time, so `segment` called per chunk (and `query`) encodes each prompt set once
         self._text_memo: dict[tuple, Tensor] = {}
@@ -239,26 +243,38 @@ class UnmixCLIP:
         return TextFeatures(classes, templates, raw, projected, stats)
 
     # -- images ----------------------------------------------------------------------------------
-    def _inputs(self, pictures: list[Image.Image]) -> Tensor:
-        """(B, 3, S, S): the evaluation's view (segmentation.seg_view is the same eval_view)."""
-        return torch.stack([eval_view(p, self.image_size, self.interpolation) for p in pictures])
+    def _view(self, picture: Image.Image, resize: str) -> Tensor:
+        """(3, H, W): the aspect ratio kept, short side image_size (data.dense_view), or the
+        evaluation's (3, S, S) (resize "square": segmentation.seg_view is the same eval_view)."""
+        return dense_view(picture, self.image_size, self.backbone.stride, resize, self.interpolation)
 
     @torch.no_grad()
-    def image_tokens(self, images: ImageLike | Sequence[ImageLike]) -> ImageTokens:
-        """Spatial, v-v and projected v-v tokens of the images (one trunk pass), at image_size."""
-        pictures = [_load(item, i)[0] for i, item in enumerate(_image_list(images))]
-        tokens = self.backbone.token_paths(self._inputs(pictures), ("vproj", "vv"), self.pos_interpolation)
+    def image_tokens(self, images: ImageLike | Sequence[ImageLike], resize: str | None = None) -> ImageTokens:
+        """Spatial, v-v and projected v-v tokens of the images (one trunk pass) at image_size, in
+        one batch: with resize "keep" the images must share their view's size (one shape)."""
+        resize = resize_rule(resize or self.resize)
+        views = [self._view(_load(item, i)[0], resize) for i, item in enumerate(_image_list(images))]
+        shapes = sorted({tuple(v.shape[1:]) for v in views})
+        if len(shapes) > 1:
+            raise ParamError(f"images of different shapes make views of sizes {shapes}: call image_tokens "
+                             "once per shape, or use resize='square'")
+        batch = torch.stack(views)  # (B, 3, H, W)
+        tokens = self.backbone.token_paths(batch, ("vproj", "vv"), self.pos_interpolation)
         projected = self.head.project_tokens(tokens["vv"].to(next(self.head.parameters()).device))
-        return ImageTokens(tokens["vproj"], tokens["vv"], projected)
+        grid = view_grid(batch, self.backbone, resize) or (math.isqrt(tokens["vv"].shape[1] - 1),) * 2
+        return ImageTokens(tokens["vproj"], tokens["vv"], projected, grid)
 
     @torch.no_grad()
     def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Iterable[str],
                 background: str = "none", threshold: float = 0.85,
                 template: str | Iterable[str] = PLAIN_TEMPLATE, methods: Sequence[str] = ("ours",),
-                progress: bool = False) -> SegmentationResult:
+                progress: bool = False, resize: str | None = None) -> SegmentationResult:
         """Label and score maps at each image's own size, and image-level scores, for free-text
         classes. `methods` adds baselines (any of segmentation.METHODS) beside "ours" (always computed).
-        `background`: none | softmax | max-score with `threshold` (see pipeline/evaluation/segment_maps.py)."""
+        `background`: none | softmax | max-score with `threshold` (see pipeline/evaluation/segment_maps.py).
+        `resize` (None: the model's): "keep" the aspect ratio (data/dense_view.py; images of one
+        view size share a batch) or "square", the released evaluation's view."""
+        resize = resize_rule(resize or self.resize)
         if background not in BACKGROUND_RULES:
             raise ParamError(f"background must be one of {', '.join(BACKGROUND_RULES)}, got {background!r}")
         if not 0.0 <= threshold <= 1.0:
@@ -269,33 +285,33 @@ class UnmixCLIP:
         pos = self._prompt_features(text.classes, [POSITIVE_TEMPLATE], trained_on)  # (C, D)
         neg = self._prompt_features(text.classes, [NEGATIVE_TEMPLATE], trained_on)  # (C, D)
         items = _image_list(images)
-        sources, scores = [], []
+        sources, scores, sizes = [], [], []
         labels: dict[str, list[np.ndarray]] = {m: [] for m in methods}
         normalised: dict[str, list[np.ndarray]] = {m: [] for m in methods}
         bar = tqdm(total=len(items), unit="img", desc="segment", disable=not progress)
         for first in range(0, len(items), self.batch_size):
             loaded = [_load(item, first + j) for j, item in enumerate(items[first:first + self.batch_size])]
             sources += [s for _, s in loaded]
-            tokens = self.backbone.token_paths(self._inputs([p for p, _ in loaded]), token_paths_for(methods),
-                                               self.pos_interpolation)  # each (B, 1+hw, D), one trunk pass
-            maps = method_maps(tokens, self.head, text.raw, text.projected, methods)  # (B, C, h, w)
-            scores.append(image_scores(self.head, tokens["vproj"], neg, pos, self.score_text_bn).cpu().numpy())
-            for j, (picture, _) in enumerate(loaded):
-                for m in methods:
-                    n = normalised_maps(maps[m][j], (picture.height, picture.width))  # (C, H, W)
-                    labels[m].append(label_map(n, background, threshold).to(torch.uint8).cpu().numpy())
-                    normalised[m].append(n.cpu().numpy())
+            views = [self._view(p, resize) for p, _ in loaded]  # (3, H, W) each
+            sizes += [(int(v.shape[1]), int(v.shape[2])) for v in views]
+            chunk_scores, chunk = maps_by_shape(
+                self.backbone, self.head, views, [(p.height, p.width) for p, _ in loaded],
+                (text.raw, text.projected, neg, pos), methods, resize, self.pos_interpolation, self.score_text_bn)
+            scores.append(chunk_scores.cpu().numpy())
+            for m in methods:  # (C, H, W) at the picture's own size -> its (H, W) labels
+                labels[m] += [label_map(n, background, threshold).to(torch.uint8).cpu().numpy() for n in chunk[m]]
+                normalised[m] += [n.cpu().numpy() for n in chunk[m]]
             bar.update(len(loaded))
         bar.close()
         image_level = np.concatenate(scores) if scores else np.zeros((0, len(text.classes)), np.float32)
         return SegmentationResult(text.classes, sources, background, float(threshold), text.templates,
-                                  text.stats, image_level, labels, normalised)
+                                  text.stats, image_level, labels, normalised, resize, sizes)
 
     def describe(self) -> dict[str, Any]:
         """Which model this is, for output files."""
         return {"projectors": self.source, "backbone": self.backbone.name,
                 "weights_digest": self.backbone.weights_digest, "image_size": self.image_size,
-                "interpolation": self.interpolation,
+                "interpolation": self.interpolation, "resize": self.resize,
                 "text_bn": self.text_bn, "score_text_bn": self.score_text_bn,
                 "text_input": self.text_input, "trained_classes": list(self.meta.get("classnames", []))}
 

@@ -151,6 +151,9 @@ def demo(workdir: str, recipe: str | None) -> None:
     run_stage("demo", workdir=workdir, recipe=recipe)
 
 
+_RESIZE_HELP = ("keep: the photo's aspect ratio, short side evaluate.seg.image_size (long side at most 4x, "
+                "both rounded up to the backbone's stride; mmsegmentation's rule); square: the released "
+                "evaluation's squashed square view.")
 _TEMPLATE_HELP = ("Prompt template with {} for the class name (repeatable: the templates' text features "
                   "are averaged). Default: evaluate.prompt's template.")
 
@@ -168,13 +171,15 @@ _TEMPLATE_HELP = ("Prompt template with {} for the class name (repeatable: the t
 @click.option("--template", "templates", multiple=True, help=_TEMPLATE_HELP)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: results/segment).")
+@click.option("--resize", type=click.Choice(["keep", "square"]), default="keep", show_default=True,
+              help=_RESIZE_HELP)
 @params_options
 def segment(params: Params, images: tuple[str, ...], classes: tuple[str, ...], projectors: str | None,
             background: str | None, threshold: float | None, templates: tuple[str, ...],
-            out: str | None) -> None:
+            out: str | None, resize: str) -> None:
     """Segment image files, folders or globs into free-text classes: overlay, label PNG, JSON each."""
     run_stage("segment", params=params, images=list(images), classes=list(classes), projectors=projectors,
-              background=background, threshold=threshold, templates=list(templates), out=out)
+              background=background, threshold=threshold, templates=list(templates), out=out, resize=resize)
 
 
 @main.command("query")
@@ -186,9 +191,11 @@ def segment(params: Params, images: tuple[str, ...], classes: tuple[str, ...], p
 @click.option("--template", "templates", multiple=True, help=_TEMPLATE_HELP)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: results/query).")
+@click.option("--resize", type=click.Choice(["keep", "square"]), default="keep", show_default=True,
+              help=_RESIZE_HELP)
 @params_options
 def query(params: Params, image: str, text: str, against: tuple[str, ...], projectors: str | None,
-          templates: tuple[str, ...], out: str | None) -> None:
+          templates: tuple[str, ...], out: str | None, resize: str) -> None:
     """One image, one class: CLIP vs ours activation, and text cosines to --against before/after."""
     run_stage("query", params=params, image=image, text=text, against=list(against),
-              projectors=projectors, templates=list(templates), out=out)
+              projectors=projectors, templates=list(templates), out=out, resize=resize)

@@ -7,6 +7,7 @@ CLIP Surgery + ours), its min-max normalisation and upsampling, and its backgrou
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -48,12 +49,31 @@ def token_paths_for(methods: Sequence[str]) -> list[str]:
 
 
 def method_maps(tokens: dict[str, Tensor], head: UnmixHead, raw_text: Tensor, projected_text: Tensor,
-                methods: Sequence[str], *, ours_norm: str = "after", cs_ours_norm: str = "before"
-                ) -> dict[str, Tensor]:
+                methods: Sequence[str], *, ours_norm: str = "after", cs_ours_norm: str = "before",
+                grid: tuple[int, int] | None = None) -> dict[str, Tensor]:
     """Score maps (B, C, h, w) float32 per method from one trunk pass's token paths (B, 1+hw, D):
-    the evaluation's own maps_from_tokens, with the projected text for the projected methods."""
+    the evaluation's own maps_from_tokens, with the projected text for the projected methods.
+    `grid` (h, w): the token grid of a view that kept its aspect ratio; None: square.
+
+    maps_from_tokens reads a square grid (the evaluation's views are square). Every method's
+    score at a token depends only on that token and token 0 (cosines, the projector per token,
+    feature surgery's class weights from token 0), so a non-square grid's h x w tokens are laid
+    out on the smallest square that holds them, padded with copies of the last token, and the
+    first h x w scores read back as (h, w): the same numbers as a grid-aware computation."""
     texts = {m: projected_text if m in PROJECTED else raw_text for m in methods}
-    return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm)
+    if grid is None or grid[0] == grid[1]:
+        return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm)
+    height, width = grid
+    count = height * width
+    side = math.isqrt(count - 1) + 1  # the smallest square with side^2 >= count
+    padded = {}
+    for path, t in tokens.items():  # (B, 1+hw, D) -> (B, 1+side^2, D)
+        if t.shape[1] != 1 + count:
+            raise ValueError(f"{path} tokens {tuple(t.shape)} do not make a {height} x {width} grid")
+        padded[path] = torch.cat([t, t[:, -1:].expand(-1, side * side - count, -1)], dim=1)
+    maps = maps_from_tokens(padded, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm)
+    return {m: s.flatten(2)[:, :, :count].unflatten(2, (height, width)).contiguous()  # (B, C, h, w)
+            for m, s in maps.items()}
 
 
 @torch.no_grad()
