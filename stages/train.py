@@ -28,7 +28,6 @@ from pipeline.results.outputs import write_results
 from pipeline.store.cache import CacheError, FeatureCache
 from pipeline.store.loader import Batch, TokenLoader, resolve_read_threads
 from pipeline.training import provenance
-from pipeline.training.usage import use_record
 from pipeline.training.loop import (
     TrainingError,
     amp_dtype,
@@ -50,6 +49,7 @@ from pipeline.training.loop import (
     validation_identity,
     validation_metrics,
 )
+from pipeline.training.usage import use_record
 
 # mfi_*: paper Table 4 on the plain prompts "A photo of a {class}."; mfi_pos_*: the same figure on
 # the positive training prompts, the ones the MFI loss sees. val_mi_clip: I(CLIP alignment; projected

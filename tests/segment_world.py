@@ -15,6 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
+from pipeline.config import paths
 from pipeline.config.params import as_dict, load_params, updated
 from pipeline.config.schema import Params
 from pipeline.data.augment import eval_view
@@ -23,7 +24,6 @@ from pipeline.data.synthetic import planted_sample
 from pipeline.model.backbone import POSITIVE_TEMPLATE, load_backbone
 from pipeline.model.recalibrate import bn_state_file, recalibrate_batchnorm, save_bn_state
 from pipeline.model.weights import sha256_file
-from pipeline.config import paths
 from pipeline.training.loop import build_optimizer, new_head, save_projectors, train_step
 from pipeline.training.usage import use_record
 

@@ -211,3 +211,29 @@ def test_the_api_takes_a_list_of_names_and_refuses_a_comma_string(world):
     with pytest.raises(ParamError, match="one string with commas"):
         model.segment(world["files"][:1], "person,dog")
     assert model.segment(world["files"][:1], "person").classes == ["person"]
+
+
+@pytest.mark.slow
+def test_after_the_demo_its_projectors_segment_a_photo_from_anywhere(tmp_path, monkeypatch):
+    """`pipeline demo`, then from another directory `segment --projectors
+    demo/cache/models/projectors-best.pt` alone (no params file, no --checkpoint), and `--run demo`."""
+    from PIL import Image
+
+    from pipeline.data.synthetic import planted_sample
+    from stages import demo
+
+    demo.run(tmp_path / "demo")
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(planted_sample(7, "val", 0, 120, 8)[0]).resize((160, 120)).save(photo, quality=90)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    projectors = Path("..") / "demo" / "cache" / "models" / "projectors-best.pt"
+    run = cli("segment", "../photo.jpg", "--classes", "person,car", "--projectors", str(projectors),
+              "--out", "out")
+    assert run.exit_code == 0, run.output
+    record = json.loads((elsewhere / "out" / "photo.json").read_text())
+    assert (record["height"], record["width"]) == (120, 160) and record["classes"] == ["person", "car"]
+    query = cli("query", "../photo.jpg", "--text", "person", "--run", "../demo")
+    assert query.exit_code == 0, query.output
+    assert (tmp_path / "demo" / "results" / "query" / "query_person.json").is_file()

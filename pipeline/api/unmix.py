@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pipeline.api.names import check_background, class_list, template_list
 from pipeline.api.record import record_options, use_of
 from pipeline.api.weights import (
     backbone_from_use,
@@ -44,7 +45,6 @@ from pipeline.config.params import ParamError
 from pipeline.data.augment import INTERPOLATIONS, eval_view
 from pipeline.data.images import load_image
 from pipeline.evaluation.segment_maps import (
-    BACKGROUND_RULES,
     image_scores,
     label_map,
     method_maps,
@@ -57,7 +57,6 @@ from pipeline.model.heads import BN_STATS, UnmixHead
 from pipeline.model.projectors import load_projectors
 
 ImageLike = str | os.PathLike | Image.Image
-MAX_CLASSES = 255  # labels 1..C and background 0 in one uint8 palette PNG
 TEXT_MEMO = 16  # prompt sets whose CLIP features a model keeps (each a few (C, D) tensors)
 
 
@@ -124,59 +123,6 @@ class SegmentationResult:
                 "pixel_fractions": self.pixel_fractions(index)}
 
 
-def as_tokenized(name: str) -> str:
-    """The text CLIP's tokenizer encodes for `name`: open_clip's own cleaning (ftfy, HTML entities,
-    runs of whitespace to one space, lower case), so names that differ only there are one class."""
-    from open_clip.tokenizer import basic_clean, whitespace_clean
-
-    return str(whitespace_clean(basic_clean(name)).lower())
-
-
-def class_list(classes: str | Iterable[str]) -> list[str]:
-    """Validated class names (a list; one name alone may be a string): stripped, non-empty, unique
-    as the tokenizer reads them, at most MAX_CLASSES. A string with commas is refused: "person,dog"
-    would be one class name."""
-    if isinstance(classes, str) and "," in classes:
-        raise ParamError(f"classes {classes!r} is one string with commas: pass a list of names, e.g. "
-                         f"{[c.strip() for c in classes.split(',') if c.strip()]}")
-    names = [classes] if isinstance(classes, str) else list(classes)
-    names = [str(c).strip() for c in names]
-    if not names or not any(names):
-        raise ParamError("no classes given: name at least one, e.g. --classes \"person,dog\"")
-    if not all(names):
-        raise ParamError(f"empty class name in {names}: remove the extra comma")
-    if len(set(names)) != len(names):
-        raise ParamError(f"class names repeat in {names}: each label needs one name")
-    seen: dict[str, str] = {}
-    for name in names:
-        first = seen.setdefault(as_tokenized(name), name)
-        if first != name:  # the same token ids: one text feature, so the later label never wins
-            raise ParamError(f"class names {first!r} and {name!r} are the same text to CLIP's tokenizer "
-                             f"(it lower-cases and collapses spaces: {as_tokenized(name)!r}): each label "
-                             "needs one name, so keep one")
-    if len(names) > MAX_CLASSES - 1:
-        raise ParamError(f"{len(names)} classes: at most {MAX_CLASSES - 1} fit a label PNG")
-    return names
-
-
-def template_list(template: str | Iterable[str]) -> list[str]:
-    """Prompt templates, each with one "{}" where the class name goes."""
-    templates = [template] if isinstance(template, str) else list(template)
-    if not templates:
-        raise ParamError("no prompt template given, e.g. --template \"A photo of a {}.\"")
-    for t in templates:
-        if t.count("{}") != 1:
-            raise ParamError(f"prompt template {t!r} must contain '{{}}' once, where the class name goes")
-    return templates
-
-
-def _check_background(background: str, threshold: float) -> None:
-    if background not in BACKGROUND_RULES:
-        raise ParamError(f"background must be one of {', '.join(BACKGROUND_RULES)}, got {background!r}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ParamError(f"background threshold must be in [0, 1], got {threshold}")
-
-
 def _image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     if isinstance(images, (str, os.PathLike, Image.Image)):
         return [images]
@@ -206,7 +152,7 @@ class UnmixCLIP:
             raise ParamError(f"text_input must be raw or normalised, got {text_input!r}")
         if interpolation not in INTERPOLATIONS:
             raise ParamError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
-        _check_background(background, threshold)
+        check_background(background, threshold)
         self.templates, self.background, self.threshold = template_list(templates), background, float(threshold)
         self.backbone, self.head = backbone, head.eval()
         self.meta = dict(meta or {})
@@ -300,7 +246,7 @@ class UnmixCLIP:
         pipeline/evaluation/segment_maps.py); None: the model's (the record's), as `template`."""
         background = self.background if background is None else background
         threshold = self.threshold if threshold is None else threshold
-        _check_background(background, threshold)
+        check_background(background, threshold)
         text = self.text_features(classes, template)
         methods = list(dict.fromkeys([*methods, "ours"]))
         trained_on = recorded_train_text_input(self.meta)  # the region scores see the training text

@@ -6,7 +6,13 @@ from collections.abc import Callable
 
 import click
 
-from pipeline.cli.app import _with_overrides, main, optional_params_options, params_options, run_stage
+from pipeline.cli.app import (
+    _with_overrides,
+    main,
+    optional_params_options,
+    params_options,
+    run_stage,
+)
 from pipeline.config.params import DEFAULT_PARAMS
 from pipeline.config.schema import Params
 

@@ -23,7 +23,6 @@ from pipeline.files import atomic_save
 from pipeline.model.build import head_from_params
 from pipeline.model.heads import UnmixHead
 
-
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 

@@ -77,9 +77,9 @@ def use_record(params: Params, projectors: str | os.PathLike, weights_digest: st
     the working directory, which the run's paths.* are relative to)."""
     b, ev = params.backbone, params.evaluate
     checkpoint = as_recorded(b.checkpoint, root) if b.checkpoint else None
-    sha256 = b.sha256 or None
-    if b.checkpoint and Path(b.checkpoint).is_file():
-        sha256 = sha256_file(b.checkpoint)
+    sha256 = None
+    if b.checkpoint:  # a checkpoint's digest is its sha256: the store's is the one trained on
+        sha256 = (weights_digest or "").split("+bn:")[0] or declared_digest(b)
     return {
         "version": USE_VERSION,
         "projectors": as_recorded(projectors, root),
