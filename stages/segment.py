@@ -81,7 +81,7 @@ def default_projectors(params: Params) -> Path:
 
 def run_params(run_dir: str | Path) -> Params:
     """The params of a run directory (e.g. demo/, which `pipeline demo` writes), with its relative
-    paths made relative to it."""
+    paths (paths.*, backbone.checkpoint) made relative to it."""
     run = Path(run_dir)
     file = run / "configs" / "params.yaml"
     if not file.is_file():
@@ -89,7 +89,10 @@ def run_params(run_dir: str | Path) -> Params:
                          "`pipeline demo` writes it); pass the projectors file with --projectors instead")
     params = load_params(file)
     rooted = {k: v if Path(v).is_absolute() else str(run / v) for k, v in params.paths.model_dump().items()}
-    return params.model_copy(update={"paths": params.paths.model_copy(update=rooted)})
+    b = params.backbone
+    checkpoint = b.checkpoint if not b.checkpoint or Path(b.checkpoint).is_absolute() else str(run / b.checkpoint)
+    return params.model_copy(update={"paths": params.paths.model_copy(update=rooted),
+                                     "backbone": b.model_copy(update={"checkpoint": checkpoint})})
 
 
 def projectors_and_params(params: Params | None, projectors: str | Path | None,
