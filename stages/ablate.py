@@ -48,6 +48,7 @@ from pipeline.training.loop import (
     torch_threads,
 )
 from pipeline.training.stacked import LoopTrainer, StackedTrainer
+from pipeline.training.usage import use_record
 from stages.train import evaluated, open_data
 from stages.train import validate as solo_validate
 
@@ -143,7 +144,8 @@ def run(params: Params, lambdas: list[float] | None = None, alphas: list[float] 
                 "embed_dim": cache.dim, "classnames": cache.classnames, "fingerprint": cache.fingerprint,
                 "epoch": last["epoch"], "val_map": last["val_map"], "point": labels[i],
                 "trained_as": row["trained_as"],
-                "provenance": provenance.record(p, cache, val_loader.cache)}
+                "provenance": provenance.record(p, cache, val_loader.cache),
+                "use": use_record(p, folder / "projectors.pt", cache.fingerprint["backbone"]["weights_digest"])}
         save_projectors(folder / "projectors.pt", final[k], meta)
         atomic_write_text(folder / "history.json", json.dumps(history[k], indent=2) + "\n")
     write_csv(rows, out / "ablation.csv")

@@ -5,7 +5,9 @@ ours: the min-max normalised score map at the image's size, with a colourbar; wi
 label map among the query and those classes, and its legend) and the same name .json, and prints
 the cosine of the query's text feature to each --against class before (CLIP) and after the text
 projector. The name is never another image's (pipeline/results/names.py); the photo keeps its
-aspect ratio unless --resize square.
+aspect ratio unless --resize square. The model and its defaults are `segment`'s (stages/segment.py:
+the projectors file's record, flags over it); with the default running text BatchNorm statistics
+the query's map and score do not depend on --against, and --against may be left out.
 """
 from __future__ import annotations
 
@@ -18,9 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.api.unmix import class_list
+from pipeline.api.unmix import class_list, template_list
 from pipeline.api.views import resize_rule
-from pipeline.config import paths
 from pipeline.config.schema import Params
 from pipeline.data.images import load_image
 from pipeline.evaluation.segment_maps import LABELS
@@ -32,8 +33,8 @@ from stages.segment import (
     label_panel,
     model_from_params,
     note_batch_stats,
+    output_dir,
     split_classes,
-    templates_or_default,
 )
 
 QUERY_METHODS = ("clip", "ours")
@@ -47,19 +48,23 @@ def query_cosines(raw: torch.Tensor, projected: torch.Tensor) -> tuple[np.ndarra
     return cos(raw), cos(projected)
 
 
-def run(params: Params, image: str, text: str, against: Sequence[str] = (), projectors: str | None = None,
-        templates: Sequence[str] = (), out: str | None = None, resize: str = "keep") -> dict[str, Any]:
+def run(params: Params | None, image: str, text: str, against: Sequence[str] = (),
+         projectors: str | None = None, templates: Sequence[str] = (), out: str | None = None,
+         run_dir: str | None = None, checkpoint: str | None = None, text_bn: str | None = None,
+         device: str | None = None, resize: str = "keep") -> dict[str, Any]:
     classes = class_list([text, *split_classes(against)])
     resize = resize_rule(resize)
     query, others = classes[0], classes[1:]
-    prompts = templates_or_default(templates, params.evaluate)
-    model = model_from_params(params, projectors)
+    given = template_list(templates) if templates else None  # argument errors before the model loads
+    model = model_from_params(params, projectors, run_dir=run_dir, checkpoint=checkpoint, text_bn=text_bn,
+                              device=device)
     model.resize = resize  # the network's view: keep the aspect ratio, or the evaluation's square
+    prompts = given or model.templates
     note_batch_stats(model, classes)
     features = model.text_features(classes, prompts)  # raw (C, D), projected (C, D')
     before, after = query_cosines(features.raw, features.projected)
     result = model.segment([image], classes, template=prompts, methods=QUERY_METHODS)
-    out_dir = Path(out) if out else paths.results_dir(params.paths, "query")
+    out_dir = output_dir(out, params, run_dir, "query")
     digest = image_digest(image)
     name = free_name(out_dir, f"{slug(Path(image).stem)}_query_{slug(query, 'text')}", digest)
     png = out_dir / f"{name}.png"  # and <name>.json

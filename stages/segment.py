@@ -6,10 +6,15 @@ colourbar; the label map in the label PNG's colours with a legend of class and p
 <name>.json (image-level scores, pixel fractions, the view's resize and size, the image's sha256,
 the model used). <name> is the image's file stem, never another image's (pipeline/results/names.py).
 The photo keeps its aspect ratio (--resize keep, data/dense_view.py) unless --resize square asks
-for the evaluation's view. Everything is computed by pipeline.api.unmix.UnmixCLIP, configured from
-params: backbone.* (weights), evaluate.seg.* (image size, resize interpolation (the rule `released`
-is bicubic here: no dataset, as the VOC and COCO scripts), background rule and threshold),
-evaluate.text_bn.{seg,mlr}, evaluate.text_input. `ours` is normalised after the image projector
+for the evaluation's view. Everything is computed by pipeline.api.unmix.UnmixCLIP.from_files with
+the API's defaults: those of the projectors file's record (backbone weights, image size and resize
+interpolation, prompt, text input, background rule and threshold; pipeline/api/record.py),
+overridden only by flags given (--checkpoint, --text-bn, --background, --threshold, --template,
+--device). The projectors: --projectors FILE, --run DIR (its evaluate.projectors file), else the
+params' evaluate.projectors file; no params file is needed with either flag. params' evaluate.seg.*
+are the evaluation's, not segment's: they are read only for projectors files written before the
+record (and backbone.* for their weights). The maps use the text projector's running BatchNorm
+statistics (open vocabulary) unless --text-bn batch. `ours` is normalised after the image projector
 (the paper's cosine), whatever evaluate.seg.ours_norm says.
 """
 from __future__ import annotations
@@ -27,14 +32,15 @@ from tqdm.auto import tqdm
 from pipeline.api.unmix import SegmentationResult, UnmixCLIP, class_list, template_list
 from pipeline.api.views import resize_rule
 from pipeline.config import paths
-from pipeline.config.params import ParamError
-from pipeline.config.schema import Evaluate, Params
+from pipeline.config.params import ParamError, load_params
+from pipeline.config.schema import Params
 from pipeline.data.images import BadImageError, load_image
 from pipeline.data.synthetic import voc_palette
 from pipeline.evaluation.segment_maps import LABELS, METHODS
 from pipeline.evaluation.segmentation import PROMPTS
 from pipeline.evaluation.variants import seg_interpolation
 from pipeline.files import atomic_write, atomic_write_text
+from pipeline.model.projectors import read_state
 from pipeline.results.names import image_digest, output_names
 from pipeline.results.overlays import label_colours, legend_colours, panel_view
 from pipeline.results.plots import activation_grid
@@ -75,32 +81,87 @@ def default_projectors(params: Params) -> Path:
     return paths.projectors(params.paths, params.evaluate.projectors)
 
 
-def model_from_params(params: Params, projectors: str | Path | None = None) -> UnmixCLIP:
-    """UnmixCLIP with the backbone weights of params (checkpoint wins; pretrained null = random)."""
+def run_params(run_dir: str | Path) -> Params:
+    """The params of a run directory (e.g. demo/, which `pipeline demo` writes), with its relative
+    paths (paths.*, backbone.checkpoint) made relative to it."""
+    run = Path(run_dir)
+    file = run / "configs" / "params.yaml"
+    if not file.is_file():
+        raise ParamError(f"--run {run_dir}: no {file} (a run directory holds configs/params.yaml, as "
+                         "`pipeline demo` writes it); pass the projectors file with --projectors instead")
+    params = load_params(file)
+    rooted = {k: v if Path(v).is_absolute() else str(run / v) for k, v in params.paths.model_dump().items()}
+    b = params.backbone
+    checkpoint = b.checkpoint if not b.checkpoint or Path(b.checkpoint).is_absolute() else str(run / b.checkpoint)
+    return params.model_copy(update={"paths": params.paths.model_copy(update=rooted),
+                                     "backbone": b.model_copy(update={"checkpoint": checkpoint})})
+
+
+def projectors_and_params(params: Params | None, projectors: str | Path | None,
+                          run_dir: str | Path | None) -> tuple[Path, Params | None]:
+    """(projectors file, params of its run or the project's): --projectors, else --run DIR's
+    evaluate.projectors, else the params' (no silent fallback)."""
+    if run_dir is not None:
+        params = run_params(run_dir)
+    if projectors:
+        return Path(projectors), params
+    if params is None:
+        raise ParamError("which projectors? pass --projectors FILE (e.g. cache/models/projectors-best.pt) "
+                         "or --run DIR (e.g. demo), or run from a project with configs/params.yaml")
+    return default_projectors(params), params
+
+
+def unrecorded_options(params: Params) -> dict[str, Any]:
+    """Defaults for a projectors file written before the record (pipeline/training/usage.py):
+    the params' backbone weights and evaluation values, as `segment` read them then."""
     b, ev = params.backbone, params.evaluate
-    path = Path(projectors) if projectors else default_projectors(params)
+    return {"checkpoint": b.checkpoint, "pretrained": None if b.checkpoint else (b.pretrained or "random"),
+            "sha256": b.sha256, "init_seed": b.init_seed, "image_size": ev.seg.image_size,
+            "score_text_bn": ev.text_bn.mlr, "text_input": ev.text_input,
+            "pos_interpolation": ev.seg.pos_interpolation,
+            "interpolation": seg_interpolation(ev.seg.interpolation),  # released: bicubic (no dataset)
+            "batch_size": ev.batch_size, "templates": [PROMPTS[ev.prompt]],
+            "background": ev.seg.background, "threshold": ev.seg.threshold}
+
+
+def model_from_params(params: Params | None, projectors: str | Path | None = None, *,
+                      run_dir: str | Path | None = None, checkpoint: str | None = None,
+                      text_bn: str | None = None, device: str | None = None) -> UnmixCLIP:
+    """UnmixCLIP.from_files with the API's defaults (the file's record) and the flags given; the
+    params (when there are any) choose the file, the device and the precision, and for files
+    without a record also the weights and evaluation values (unrecorded_options)."""
+    path, params = projectors_and_params(params, projectors, run_dir)
     print(f"projectors: {path}", flush=True)
-    return UnmixCLIP.from_files(
-        path, checkpoint=b.checkpoint, pretrained=None if b.checkpoint else (b.pretrained or "random"),
-        device=b.device, sha256=b.sha256, init_seed=b.init_seed, precision=b.precision,
-        channels_last=b.channels_last, image_size=ev.seg.image_size, text_bn=ev.text_bn.seg,
-        score_text_bn=ev.text_bn.mlr, text_input=ev.text_input,
-        pos_interpolation=ev.seg.pos_interpolation,
-        interpolation=seg_interpolation(ev.seg.interpolation),  # released: bicubic (no dataset)
-        batch_size=ev.batch_size)
+    options: dict[str, Any] = {}
+    if params is not None:
+        b = params.backbone
+        options.update(device=b.device, precision=b.precision, channels_last=b.channels_last)
+        if path.is_file() and "use" not in read_state(path).get("meta", {}):
+            options.update(unrecorded_options(params))
+    given = {"checkpoint": checkpoint, "text_bn": text_bn, "device": device}
+    if checkpoint is not None:
+        options.pop("pretrained", None)
+        options.pop("sha256", None)
+    options.update({k: v for k, v in given.items() if v is not None})
+    return UnmixCLIP.from_files(path, **options)
 
 
-def templates_or_default(templates: Sequence[str], evaluate: Evaluate) -> list[str]:
-    return template_list(list(templates) or [PROMPTS[evaluate.prompt]])
+def output_dir(out: str | None, params: Params | None, run_dir: str | None, name: str) -> Path:
+    """--out, else <run>/results/<name> (--run), the params' results folder, or results/<name>."""
+    if out:
+        return Path(out)
+    if run_dir is None and params is not None:
+        return paths.results_dir(params.paths, name)
+    return Path(run_dir or ".") / "results" / name
 
 
 def note_batch_stats(model: UnmixCLIP, classes: list[str]) -> None:
     if model.text_bn == "batch":
         if len(classes) < 2:
-            model.text_features(classes, PROMPTS["plain"])  # raises the API's one-line error
-        print("note: evaluate.text_bn.seg = batch: the text projector's BatchNorm uses the statistics "
-              "of the queried classes, so every score depends on the whole class list "
-              "(--set evaluate.text_bn.seg=running for class-independent scores)", flush=True)
+            model.text_features(classes)  # raises the API's one-line error
+        print("note: --text-bn batch: the text projector's BatchNorm uses the statistics of the queried "
+              "classes, so every score depends on the whole class list (as the released ZS3 scripts; "
+              "the default, running, gives class-independent maps)", flush=True)
 
 
 def chunk_size(batch_size: int, num_classes: int, num_methods: int = len(METHODS)) -> int:
@@ -151,19 +212,21 @@ def write_image_outputs(result: SegmentationResult, index: int, out: Path, stem:
     return record
 
 
-def run(params: Params, images: Sequence[str], classes: Sequence[str], projectors: str | None = None,
+def run(params: Params | None, images: Sequence[str], classes: Sequence[str], projectors: str | None = None,
         background: str | None = None, threshold: float | None = None, templates: Sequence[str] = (),
-        out: str | None = None, progress: bool = True, resize: str = "keep") -> dict[str, Any]:
+        out: str | None = None, progress: bool = True, run_dir: str | None = None,
+        checkpoint: str | None = None, text_bn: str | None = None, device: str | None = None,
+        resize: str = "keep") -> dict[str, Any]:
     names = class_list(split_classes(classes))  # argument errors before any model is loaded
     resize = resize_rule(resize)
-    prompts = templates_or_default(templates, params.evaluate)
+    prompts = template_list(templates) if templates else None  # None: the model's (record's)
     files = expand_images(images)
-    seg = params.evaluate.seg
-    rule = background or seg.background
-    threshold = seg.threshold if threshold is None else threshold
-    out_dir = Path(out) if out else paths.results_dir(params.paths, "segment")
-    model = model_from_params(params, projectors)
+    model = model_from_params(params, projectors, run_dir=run_dir, checkpoint=checkpoint, text_bn=text_bn,
+                              device=device)
     model.resize = resize  # the network's view: keep the aspect ratio, or the evaluation's square
+    out_dir = output_dir(out, params, run_dir, "segment")
+    rule = background or model.background
+    threshold = model.threshold if threshold is None else threshold
     note_batch_stats(model, names)
     digests = [image_digest(f) for f in files]
     stems, records = output_names(files, out_dir, digests), []

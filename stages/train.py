@@ -49,6 +49,7 @@ from pipeline.training.loop import (
     validation_identity,
     validation_metrics,
 )
+from pipeline.training.usage import use_record
 
 # mfi_*: paper Table 4 on the plain prompts "A photo of a {class}."; mfi_pos_*: the same figure on
 # the positive training prompts, the ones the MFI loss sees. val_mi_clip: I(CLIP alignment; projected
@@ -274,10 +275,13 @@ def run(params: Params, resume: bool = False, online: bool = False) -> dict[str,
     meta = {"model": as_dict(params.model), "embed_dim": cache.dim, "classnames": cache.classnames,
             "fingerprint": cache.fingerprint, "provenance": provenance.record(params, cache, val_loader.cache)}
     files = {"last": paths.projectors(params.paths, "last"), "best": paths.projectors(params.paths, "best")}
+    digest = cache.fingerprint["backbone"]["weights_digest"]
     save_projectors(files["best"], best_head, {**meta, "which": "best", "epoch": best["epoch"],
-                                               "val_map": best["val_map"]})
+                                               "val_map": best["val_map"],
+                                               "use": use_record(params, files["best"], digest)})
     save_projectors(files["last"], head, {**meta, "which": "last", "epoch": last["epoch"],
-                                          "val_map": last["val_map"]})
+                                          "val_map": last["val_map"],
+                                          "use": use_record(params, files["last"], digest)})
     summary = {
         "device": str(device), "online": online, "objective": cfg.objective, "epochs": last["epoch"],
         "val_map": last["val_map"],

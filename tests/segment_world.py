@@ -1,6 +1,9 @@
 """Shared fixture of test_api.py and test_segment_cli.py: a tiny random CLIP (BatchNorm
 recalibrated, saved as a checkpoint), smoke projectors trained in the fixture on planted-signal
 images, and planted test images on disk with their ground-truth masks (as tests/test_evaluate.py).
+The same head is also saved as `pipeline train` writes it, with its record (meta["use"]), in two
+run layouts: "recorded" names the checkpoint (base/backbone.pt, project root base), "recorded_bn"
+a random backbone with its recalibrated BatchNorm statistics file (project root base/random-run).
 """
 from __future__ import annotations
 
@@ -12,15 +15,17 @@ import torch
 import yaml
 from PIL import Image
 
+from pipeline.config import paths
 from pipeline.config.params import as_dict, load_params, updated
 from pipeline.config.schema import Params
 from pipeline.data.augment import eval_view
 from pipeline.data.classes import COCO_CLASSES
 from pipeline.data.synthetic import planted_sample
 from pipeline.model.backbone import POSITIVE_TEMPLATE, load_backbone
-from pipeline.model.recalibrate import recalibrate_batchnorm
+from pipeline.model.recalibrate import bn_state_file, recalibrate_batchnorm, save_bn_state
 from pipeline.model.weights import sha256_file
 from pipeline.training.loop import build_optimizer, new_head, save_projectors, train_step
+from pipeline.training.usage import use_record
 
 REPO = Path(__file__).resolve().parents[1]
 # lr 1e-3: at 3e-3 the trained head changed with the floating-point order (object mIoU 0.264
@@ -91,6 +96,17 @@ def _build(base: Path) -> dict:
     save_projectors(projectors, head, meta)
     params_file = base / "params.yaml"
     params_file.write_text(yaml.safe_dump(as_dict(params), sort_keys=False))
+    recorded = paths.projectors(params.paths, "best")  # base/cache/models/projectors-best.pt
+    save_projectors(recorded, head, {**meta, "use": use_record(params, recorded, digest, root=base)})
+    run = base / "random-run"  # a random backbone with backbone.recalibrate_bn, as the README's CPU trial
+    random = updated(params, {"paths": {"data": str(run / "data"), "cache": str(run / "cache"),
+                                        "results": str(run / "results")},
+                              "backbone.checkpoint": None, "backbone.pretrained": None,
+                              "backbone.recalibrate_bn": True})
+    save_bn_state(backbone, bn_state_file(random), identity={})
+    recorded_bn = paths.projectors(random.paths, "best")
+    save_projectors(recorded_bn, head, {**meta, "use": use_record(random, recorded_bn, backbone.weights_digest,
+                                                                  root=run)})
     wide: dict = {}
 
     def float64() -> dict:
@@ -101,7 +117,7 @@ def _build(base: Path) -> dict:
         return wide
 
     return {"base": base, "files": files, "masks": masks, "checkpoint": checkpoint, "digest": digest,
-            "projectors": projectors, "params": params, "params_file": params_file,
+            "projectors": projectors, "params": params, "recorded": recorded, "recorded_bn": recorded_bn, "params_file": params_file,
             "backbone": backbone, "head": head, "images_dir": images, "meta": meta,
             "float64": float64}
 

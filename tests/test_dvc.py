@@ -121,6 +121,25 @@ def test_fresh_clone_repro_then_experiment_then_readable_metrics(clone):
 
 
 @pytest.mark.slow
+def test_the_runs_projectors_segment_a_photo_from_another_directory(clone, tmp_path):
+    """After the DVC run (random backbone, recalibrated BatchNorm), `pipeline segment --projectors`
+    alone works from elsewhere: the projectors record the BatchNorm statistics file."""
+    from PIL import Image
+
+    from pipeline.data.synthetic import planted_sample
+
+    _sh(clone, DVC, "repro", "train")  # nothing to do after the test above
+    projectors = clone / "cache" / "models" / "projectors-best.pt"
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(planted_sample(3, "val", 0, 96, 8)[0]).save(photo, quality=90)
+    done = subprocess.run(["pipeline", "segment", str(photo), "--classes", "person,dog", "--projectors",
+                           str(projectors), "--out", "out"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, check=False, env=_env(clone))  # the clone's code, run elsewhere
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "out" / "photo.json").read_text())["classes"] == ["person", "dog"]
+
+
+@pytest.mark.slow
 def test_smoke_data_stage_run_again_rebuilds_nothing(tmp_path_factory) -> None:
     """The generated data and backbone.pt are the same bytes when the data stage runs again (a
     dependency edited, `pipeline download`, `dvc repro -f data`): before, backbone.pt's torch

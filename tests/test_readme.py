@@ -61,10 +61,9 @@ def test_readme_python_blocks_run(world, tmp_path: Path, monkeypatch: pytest.Mon
     assert scope["scores"].shape == (2, 3) and bool(scope["loss"].isfinite())
 
     monkeypatch.chdir(tmp_path)
-    api = api.replace('"cache/models/projectors-best.pt"', repr(str(world["projectors"])))
-    api = api.replace('checkpoint="RN101.pt"', f'checkpoint={str(world["checkpoint"])!r}')
+    api = api.replace('"cache/models/projectors-best.pt"', repr(str(world["recorded"])))  # with its record
     api = api.replace('["a.jpg"]', repr([str(world["files"][0])]))
-    assert str(world["projectors"]) in api and str(world["checkpoint"]) in api
+    assert str(world["recorded"]) in api
     scope = {}
     exec(compile(api, "README.md", "exec"), scope)  # noqa: S102
     result = scope["result"]

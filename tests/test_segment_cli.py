@@ -56,7 +56,7 @@ def test_cli_writes_exactly_what_the_api_computes(world, tmp_path):
 
 def test_batch_statistics_print_that_scores_depend_on_the_class_list(world, tmp_path):
     args = ("segment", str(world["files"][0]), "--template", TEMPLATE, "--out", str(tmp_path),
-            "--set", "evaluate.text_bn.seg=batch")
+            "--text-bn", "batch")
     one = _invoke(world, *args, "--classes", "person")
     assert one.exit_code == 1 and "at least 2" in one.output
     two = _invoke(world, *args, "--classes", "person", "--classes", "car")

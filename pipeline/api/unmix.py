@@ -1,6 +1,6 @@
 """Python API: trained Unmix-CLIP projectors on any image and any words.
 
-    model = UnmixCLIP.from_files("cache/models/projectors.pt", checkpoint="RN101.pt")
+    model = UnmixCLIP.from_files("cache/models/projectors-best.pt")  # every default from its record
     result = model.segment(["a.jpg", "b.jpg"], ["person", "dog", "horse"], background="max-score")
     result.label_maps[0]        # (H, W) uint8: 0 background, 1..C the classes in the given order
     result.score_maps[0]        # (C, H, W) float32 normalised scores in [0, 1]
@@ -8,8 +8,16 @@
 
 Class names are free text: the text projector applies to any CLIP text feature, so words unseen
 in training work too. The backbone is the one the projectors record (meta), with weights from
-`checkpoint` / `pretrained` (or inferred from the record); other weights are refused. The
-`segment` and `query` commands call this API.
+`checkpoint` / `pretrained` (or where the record says); other weights are refused. Every other
+default (image size and resize, prompt templates, text input, background rule and threshold) comes
+from the file's record (pipeline/api/record.py) unless given: the `segment` and `query` commands
+call this API with the same defaults.
+
+Open vocabulary by default: the text projector's BatchNorm uses its running statistics
+(text_bn="running"), so one class works and a class's score maps (clip, clip-vv, ours) do not
+depend on the other names asked; text_bn="batch" takes the statistics of the queried classes, as
+the released ZS3 scripts do. Feature surgery (the clip-surgery methods), the softmax background,
+the label map and class-aggregated image scores compare the classes asked by definition.
 """
 from __future__ import annotations
 
@@ -26,23 +34,26 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pipeline.api.names import check_background, class_list, template_list
+from pipeline.api.record import record_options, use_of
 from pipeline.api.views import maps_by_shape, resize_rule, view_grid
-from pipeline.api.weights import recorded_image_size, recorded_train_text_input, resolve_backbone
+from pipeline.api.weights import (
+    backbone_from_use,
+    recorded_image_size,
+    recorded_train_text_input,
+    resolve_backbone,
+)
 from pipeline.config.params import ParamError
 from pipeline.data.augment import INTERPOLATIONS
 from pipeline.data.dense_view import dense_view
 from pipeline.data.images import load_image
-from pipeline.evaluation.segment_maps import (
-    BACKGROUND_RULES,
-    label_map,
-)
+from pipeline.evaluation.segment_maps import label_map
 from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import BN_STATS, UnmixHead
 from pipeline.model.projectors import load_projectors
 
 ImageLike = str | os.PathLike | Image.Image
-MAX_CLASSES = 255  # labels 1..C and background 0 in one uint8 palette PNG
 TEXT_MEMO = 16  # prompt sets whose CLIP features a model keeps (each a few (C, D) tensors)
 
 
@@ -113,48 +124,6 @@ class SegmentationResult:
                 "pixel_fractions": self.pixel_fractions(index)}
 
 
-def as_tokenized(name: str) -> str:
-    """The text CLIP's tokenizer encodes for `name`: open_clip's own cleaning (ftfy, HTML entities,
-    runs of whitespace to one space, lower case), so names that differ only there are one class."""
-    from open_clip.tokenizer import basic_clean, whitespace_clean
-
-    return str(whitespace_clean(basic_clean(name)).lower())
-
-
-def class_list(classes: str | Iterable[str]) -> list[str]:
-    """Validated class names: stripped, non-empty, unique as the tokenizer reads them, at most
-    MAX_CLASSES."""
-    names = [classes] if isinstance(classes, str) else list(classes)
-    names = [str(c).strip() for c in names]
-    if not names or not any(names):
-        raise ParamError("no classes given: name at least one, e.g. --classes \"person,dog\"")
-    if not all(names):
-        raise ParamError(f"empty class name in {names}: remove the extra comma")
-    if len(set(names)) != len(names):
-        raise ParamError(f"class names repeat in {names}: each label needs one name")
-    seen: dict[str, str] = {}
-    for name in names:
-        first = seen.setdefault(as_tokenized(name), name)
-        if first != name:  # the same token ids: one text feature, so the later label never wins
-            raise ParamError(f"class names {first!r} and {name!r} are the same text to CLIP's tokenizer "
-                             f"(it lower-cases and collapses spaces: {as_tokenized(name)!r}): each label "
-                             "needs one name, so keep one")
-    if len(names) > MAX_CLASSES - 1:
-        raise ParamError(f"{len(names)} classes: at most {MAX_CLASSES - 1} fit a label PNG")
-    return names
-
-
-def template_list(template: str | Iterable[str]) -> list[str]:
-    """Prompt templates, each with one "{}" where the class name goes."""
-    templates = [template] if isinstance(template, str) else list(template)
-    if not templates:
-        raise ParamError("no prompt template given, e.g. --template \"A photo of a {}.\"")
-    for t in templates:
-        if t.count("{}") != 1:
-            raise ParamError(f"prompt template {t!r} must contain '{{}}' once, where the class name goes")
-    return templates
-
-
 def _image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     if isinstance(images, (str, os.PathLike, Image.Image)):
         return [images]
@@ -175,7 +144,8 @@ class UnmixCLIP:
                  image_size: int | None = None, text_bn: str = "running",
                  score_text_bn: str = "running", text_input: str = "normalised",
                  pos_interpolation: str = "bilinear", interpolation: str = "bicubic", batch_size: int = 8,
-                 source: str = "", resize: str = "keep") -> None:
+                 templates: str | Sequence[str] = PLAIN_TEMPLATE, background: str = "none",
+                 threshold: float = 0.85, source: str = "", resize: str = "keep") -> None:
         for name, value in (("text_bn", text_bn), ("score_text_bn", score_text_bn)):
             if value not in BN_STATS:
                 raise ParamError(f"{name} must be one of {BN_STATS}, got {value!r}")
@@ -183,6 +153,8 @@ class UnmixCLIP:
             raise ParamError(f"text_input must be raw or normalised, got {text_input!r}")
         if interpolation not in INTERPOLATIONS:
             raise ParamError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
+        check_background(background, threshold)
+        self.templates, self.background, self.threshold = template_list(templates), background, float(threshold)
         self.backbone, self.head = backbone, head.eval()
         self.meta = dict(meta or {})
         self.image_size = image_size or recorded_image_size(self.meta) or backbone.image_size
@@ -197,19 +169,27 @@ class UnmixCLIP:
     @classmethod
     def from_files(cls, projectors: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                    pretrained: str | None = None, device: str = "auto", *, sha256: str | None = None,
-                   init_seed: int = 0, name: str | None = None, precision: str = "fp32",
+                   init_seed: int | None = None, name: str | None = None, precision: str = "fp32",
                    channels_last: bool = False, **options: Any) -> UnmixCLIP:
-        """Projectors file + the backbone it records. Weights: `checkpoint` (a local file) or
-        `pretrained` (an open_clip tag, "random" for a seeded random init); both None: the
-        recorded ones when they can be named (a tag or a random seed). Refuses weights whose
-        digest differs from the recorded one (WeightsError). `name` is only for projectors
-        that record no backbone. `options` go to the constructor (image_size, text_bn, ...)."""
+        """Projectors file + the backbone it records. Weights: `checkpoint` (a local file, or the
+        recorded BatchNorm statistics of a random backbone) or `pretrained` (an open_clip tag,
+        "random" for a seeded random init); both None: the recorded ones (from where the record
+        says; older files: a tag or a random seed). Refuses weights whose digest differs from the
+        recorded one (WeightsError naming the expected file). `name` is only for projectors that
+        record no backbone. `options` go to the constructor (image_size, text_bn, templates,
+        background, ...); those not given come from the file's record (record_options)."""
         dev = resolve_device(device)
         head, meta = load_projectors(projectors, dev)
-        backbone = resolve_backbone(meta, projectors, checkpoint=checkpoint, pretrained=pretrained,
-                                    sha256=sha256, init_seed=init_seed, name=name, device=dev,
-                                    precision=precision, channels_last=channels_last)
-        return cls(backbone, head, meta, source=str(Path(projectors).resolve()), **options)
+        if use_of(meta) is not None:
+            backbone = backbone_from_use(meta, projectors, checkpoint=checkpoint, pretrained=pretrained,
+                                         sha256=sha256, init_seed=init_seed, device=dev, precision=precision,
+                                         channels_last=channels_last)
+        else:
+            backbone = resolve_backbone(meta, projectors, checkpoint=checkpoint, pretrained=pretrained,
+                                        sha256=sha256, init_seed=init_seed or 0, name=name, device=dev,
+                                        precision=precision, channels_last=channels_last)
+        return cls(backbone, head, meta, source=str(Path(projectors).resolve()),
+                   **{**record_options(meta), **options})
 
     # -- text ------------------------------------------------------------------------------------
     def _prompt_features(self, classes: list[str], templates: list[str], text_input: str | None = None
@@ -229,15 +209,17 @@ class UnmixCLIP:
         return self._text_memo[key].clone()  # the caller's to change
 
     @torch.no_grad()
-    def text_features(self, classes: str | Iterable[str], template: str | Iterable[str] = PLAIN_TEMPLATE,
+    def text_features(self, classes: str | Iterable[str], template: str | Iterable[str] | None = None,
                       stats: str | None = None) -> TextFeatures:
-        """Raw (ensembled) CLIP features of the class prompts and their projection (C, D')."""
-        classes, templates = class_list(classes), template_list(template)
+        """Raw (ensembled) CLIP features of the class prompts and their projection (C, D').
+        template None: the model's templates (the record's)."""
+        classes = class_list(classes)
+        templates = template_list(self.templates if template is None else template)
         stats = stats or self.text_bn
         if stats == "batch" and len(classes) < 2:
-            raise ParamError(f"text BatchNorm statistics 'batch' (params evaluate.text_bn.seg) are taken "
+            raise ParamError(f"text BatchNorm statistics 'batch' (--text-bn, API text_bn) are taken "
                              f"over the queried classes and need at least 2, got {classes}: query more "
-                             "classes or use 'running'")
+                             "classes or use 'running' (the default)")
         raw = self._prompt_features(classes, templates)
         projected = self.head.project_text(raw.to(next(self.head.parameters()).device), stats=stats)
         return TextFeatures(classes, templates, raw, projected, stats)
@@ -266,19 +248,19 @@ class UnmixCLIP:
 
     @torch.no_grad()
     def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Iterable[str],
-                background: str = "none", threshold: float = 0.85,
-                template: str | Iterable[str] = PLAIN_TEMPLATE, methods: Sequence[str] = ("ours",),
+                background: str | None = None, threshold: float | None = None,
+                template: str | Iterable[str] | None = None, methods: Sequence[str] = ("ours",),
                 progress: bool = False, resize: str | None = None) -> SegmentationResult:
         """Label and score maps at each image's own size, and image-level scores, for free-text
-        classes. `methods` adds baselines (any of segmentation.METHODS) beside "ours" (always computed).
-        `background`: none | softmax | max-score with `threshold` (see pipeline/evaluation/segment_maps.py).
+        classes (a list of names). `methods` adds baselines (any of segmentation.METHODS) beside
+        "ours" (always computed). `background`: none | softmax | max-score with `threshold` (see
+        pipeline/evaluation/segment_maps.py); None: the model's (the record's), as `template`.
         `resize` (None: the model's): "keep" the aspect ratio (data/dense_view.py; images of one
         view size share a batch) or "square", the released evaluation's view."""
         resize = resize_rule(resize or self.resize)
-        if background not in BACKGROUND_RULES:
-            raise ParamError(f"background must be one of {', '.join(BACKGROUND_RULES)}, got {background!r}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ParamError(f"background threshold must be in [0, 1], got {threshold}")
+        background = self.background if background is None else background
+        threshold = self.threshold if threshold is None else threshold
+        check_background(background, threshold)
         text = self.text_features(classes, template)
         methods = list(dict.fromkeys([*methods, "ours"]))
         trained_on = recorded_train_text_input(self.meta)  # the region scores see the training text
@@ -311,7 +293,8 @@ class UnmixCLIP:
         """Which model this is, for output files."""
         return {"projectors": self.source, "backbone": self.backbone.name,
                 "weights_digest": self.backbone.weights_digest, "image_size": self.image_size,
-                "interpolation": self.interpolation, "resize": self.resize,
+                "interpolation": self.interpolation, "pos_interpolation": self.pos_interpolation,
+                "resize": self.resize, "recipe": (use_of(self.meta) or {}).get("recipe"),
                 "text_bn": self.text_bn, "score_text_bn": self.score_text_bn,
                 "text_input": self.text_input, "trained_classes": list(self.meta.get("classnames", []))}
 

@@ -48,6 +48,33 @@ def params_options(func: Callable) -> Callable:
     return wrapper
 
 
+def optional_params_options(func: Callable) -> Callable:
+    """params_options for commands that also work without a params file (`segment`, `query` with
+    --projectors or --run): `params` is None when --params is not given and configs/params.yaml
+    is not there (and no --profile, --recipe or --set asks for one)."""
+
+    @click.option("--params", "params_path", default=None, type=click.Path(dir_okay=False),
+                  help=f"Parameter file [default: {DEFAULT_PARAMS} when it exists; not needed with "
+                       "--projectors or --run].")
+    @click.option("--profile", default=None, help="Overlay a dataset profile: smoke, coco or voc.")
+    @click.option("--recipe", default=None, help="Shortcut for --set recipe=... (the params' recipe).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override a parameter of the params file (repeatable).")
+    @functools.wraps(func)
+    def wrapper(params_path: str | None, profile: str | None, recipe: str | None, overrides: tuple[str, ...],
+                **kwargs: Any) -> Any:
+        wanted = [f"recipe={recipe}"] if recipe else []
+        if params_path is None and not DEFAULT_PARAMS.exists() and not (profile or wanted or overrides):
+            return func(params=None, **kwargs)
+        try:
+            params = load_params(params_path or DEFAULT_PARAMS, [*wanted, *overrides], profile)
+        except ParamError as err:
+            raise click.ClickException(str(err)) from err
+        return func(params=params, **kwargs)
+
+    return wrapper
+
+
 def run_stage(module: str, function: str = "run", **kwargs: Any) -> Any:
     """Import `stages.<module>` lazily (torch imports are slow) and map user errors to one line."""
     try:

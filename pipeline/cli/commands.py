@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import click
 
-from pipeline.cli.app import _with_overrides, main, params_options, run_stage
+from pipeline.cli.app import (
+    _with_overrides,
+    main,
+    optional_params_options,
+    params_options,
+    run_stage,
+)
 from pipeline.config.params import DEFAULT_PARAMS
 from pipeline.config.schema import Params
 
@@ -151,51 +158,92 @@ def demo(workdir: str, recipe: str | None) -> None:
     run_stage("demo", workdir=workdir, recipe=recipe)
 
 
-_RESIZE_HELP = ("keep: the photo's aspect ratio, short side evaluate.seg.image_size (long side at most 4x, "
+_RESIZE_HELP = ("keep: the photo's aspect ratio, short side the model's image size (long side at most 4x, "
                 "both rounded up to the backbone's stride; mmsegmentation's rule); square: the released "
                 "evaluation's squashed square view.")
 _TEMPLATE_HELP = ("Prompt template with {} for the class name (repeatable: the templates' text features "
-                  "are averaged). Default: evaluate.prompt's template.")
+                  "are averaged). Default: the projectors' record (evaluate.prompt when trained).")
+_MODEL_HELP = """
+
+Every default comes from the projectors file's record (backbone weights, image size and resize,
+prompt, background rule): a flag given overrides it, and the params' evaluate.seg values are the
+evaluation's, not this command's. No params file is needed with --projectors or --run.
+
+Open vocabulary by default: the text projector's running BatchNorm statistics, so one class works
+and a class's score maps (CLIP, CLIP-VV, ours) do not depend on the other names asked;
+--text-bn batch takes the statistics of the names asked, as the released ZS3 scripts do. Feature
+surgery (the API's clip-surgery methods), the softmax background, the label map and
+class-aggregated image scores compare the classes asked by definition."""
+
+
+def _model_options(func: Callable) -> Callable:
+    """--projectors, --run, --checkpoint, --text-bn, --device: which trained model, from where."""
+    for option in reversed([
+        click.option("--projectors", type=click.Path(dir_okay=False), default=None,
+                     help="Trained projectors file (default: --run's or the params' evaluate.projectors)."),
+        click.option("--run", "run_dir", type=click.Path(file_okay=False), default=None,
+                     help="A run directory (e.g. demo/, from `pipeline demo`): its configs/params.yaml's "
+                          "evaluate.projectors file; outputs go under its results/."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                     help="Backbone weights file, when not where the projectors' record says (or the "
+                          "recorded BatchNorm statistics file of a random backbone)."),
+        click.option("--text-bn", type=click.Choice(["running", "batch"]), default=None,
+                     help="Text projector BatchNorm statistics [default: running; batch: of the names "
+                          "asked, as the released ZS3 scripts]."),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1, auto [default: backbone.device, else auto]."),
+    ]):
+        func = option(func)
+    return func
 
 
 @main.command("segment")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--classes", required=True, multiple=True,
               help="Comma-separated class names, any words (repeatable); labels 1..C in this order.")
-@click.option("--projectors", type=click.Path(dir_okay=False), default=None,
-              help="Trained projectors file (default: the run's, per evaluate.projectors).")
+@_model_options
 @click.option("--background", type=click.Choice(["none", "softmax", "max-score"]), default=None,
-              help="Background rule (label 0); default evaluate.seg.background.")
+              help="Background rule (label 0); default: the projectors' record (evaluate.seg.background "
+                   "when trained).")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Background threshold; default evaluate.seg.threshold.")
+              help="Background threshold; default: the projectors' record.")
 @click.option("--template", "templates", multiple=True, help=_TEMPLATE_HELP)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: results/segment).")
 @click.option("--resize", type=click.Choice(["keep", "square"]), default="keep", show_default=True,
               help=_RESIZE_HELP)
-@params_options
-def segment(params: Params, images: tuple[str, ...], classes: tuple[str, ...], projectors: str | None,
+@optional_params_options
+def segment(params: Params | None, images: tuple[str, ...], classes: tuple[str, ...], projectors: str | None,
+            run_dir: str | None, checkpoint: str | None, text_bn: str | None, device: str | None,
             background: str | None, threshold: float | None, templates: tuple[str, ...],
             out: str | None, resize: str) -> None:
-    """Segment image files, folders or globs into free-text classes: overlay, label PNG, JSON each."""
     run_stage("segment", params=params, images=list(images), classes=list(classes), projectors=projectors,
-              background=background, threshold=threshold, templates=list(templates), out=out, resize=resize)
+              background=background, threshold=threshold, templates=list(templates), out=out,
+              run_dir=run_dir, checkpoint=checkpoint, text_bn=text_bn, device=device, resize=resize)
+
+
+segment.help = ("Segment image files, folders or globs into free-text classes: overlay, label PNG, JSON each."
+                + _MODEL_HELP)
 
 
 @main.command("query")
 @click.argument("image")
 @click.option("--text", required=True, help="The queried class, any words.")
-@click.option("--against", multiple=True, help="Comma-separated classes to compare its text feature with.")
-@click.option("--projectors", type=click.Path(dir_okay=False), default=None,
-              help="Trained projectors file (default: the run's, per evaluate.projectors).")
+@click.option("--against", multiple=True,
+              help="Comma-separated classes to compare its text feature with (optional).")
+@_model_options
 @click.option("--template", "templates", multiple=True, help=_TEMPLATE_HELP)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: results/query).")
 @click.option("--resize", type=click.Choice(["keep", "square"]), default="keep", show_default=True,
               help=_RESIZE_HELP)
-@params_options
-def query(params: Params, image: str, text: str, against: tuple[str, ...], projectors: str | None,
+@optional_params_options
+def query(params: Params | None, image: str, text: str, against: tuple[str, ...], projectors: str | None,
+          run_dir: str | None, checkpoint: str | None, text_bn: str | None, device: str | None,
           templates: tuple[str, ...], out: str | None, resize: str) -> None:
-    """One image, one class: CLIP vs ours activation, and text cosines to --against before/after."""
     run_stage("query", params=params, image=image, text=text, against=list(against),
-              projectors=projectors, templates=list(templates), out=out, resize=resize)
+              projectors=projectors, templates=list(templates), out=out, run_dir=run_dir,
+              checkpoint=checkpoint, text_bn=text_bn, device=device, resize=resize)
+
+
+query.help = ("One image, one class: CLIP vs ours activation, and text cosines to --against before/after."
+              + _MODEL_HELP)

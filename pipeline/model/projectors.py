@@ -23,20 +23,43 @@ from pipeline.files import atomic_save
 from pipeline.model.build import head_from_params
 from pipeline.model.heads import UnmixHead
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
-def read_state(path: str | Path) -> Any:
+
+def read_state(path: str | Path, what: str = "projectors file") -> Any:
     """torch.load(path) on CPU with weights_only; a truncated or garbled file is a TrainingError.
 
     torch raises EOFError (empty), RuntimeError (zip directory missing), OSError 22 (truncated
-    inside a record) or UnpicklingError (not a torch file) for the same cause: a damaged file.
+    inside a record) or UnpicklingError (not a torch file). "Damaged" is said only of files that
+    are what they claim to be (empty, or a zip archive as torch.save writes: truncated or garbled);
+    any other file (README.md passed as --projectors) is not a `what` at all.
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
         if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):
             raise  # missing, unreadable: not damage (the CLI names disk errors itself)
+        if not _looks_like_torch(Path(path)):
+            raise TrainingError(f"{path} is not a {what} (not a file torch.save writes): check the "
+                                "path") from err
         raise TrainingError(f"{path} is damaged (truncated?): delete it and re-run "
                             "`pipeline train`") from err
+
+
+def _looks_like_torch(path: Path) -> bool:
+    """Empty (a write cut short) or a zip whose records are torch's (<name>/data.pkl), or a zip
+    too truncated to list: what torch.save leaves behind when damaged."""
+    with open(path, "rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if not head:
+        return True
+    if head != ZIP_MAGIC:
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return True  # the zip's central directory is gone: truncated
 
 
 def save_projectors(path: str | Path, head: UnmixHead | Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:

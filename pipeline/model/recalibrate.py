@@ -73,13 +73,9 @@ def recalibrate_on_dataset(backbone: FrozenCLIP, params: Params) -> None:
     every stage (and every Dask worker) gets the same statistics without recomputing them."""
     from pipeline.config import paths
     from pipeline.data.datasets import load_multilabel
-    from pipeline.files import atomic_save
 
     b, d = params.backbone, params.data
-    key = f"{b.name}-seed{b.init_seed}-{b.image_size}px-{d.dataset}-{d.train_split}"
-    stats_file = Path(params.paths.cache) / "backbone" / f"bn-{key}.pt"
-    norms = {n: m for n, m in backbone.model.visual.named_modules()
-             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    stats_file = bn_state_file(params)
 
     dataset = load_multilabel(d.dataset, paths.dataset_root(params.paths, d.dataset), d.train_split)
     records = dataset.records[:RECALIBRATION_IMAGES]
@@ -92,15 +88,47 @@ def recalibrate_on_dataset(backbone: FrozenCLIP, params: Params) -> None:
     if stats_file.exists():
         saved = torch.load(stats_file, map_location="cpu", weights_only=True)
         if saved.get("identity") == identity:
-            for name, m in norms.items():
-                assert m.running_mean is not None and m.running_var is not None
-                m.running_mean.copy_(saved["stats"][f"{name}.mean"])
-                m.running_var.copy_(saved["stats"][f"{name}.var"])
-            backbone.weights_digest = saved["weights_digest"]
+            apply_bn_state(backbone, saved)
             return
     recalibrate_on_images(backbone, [r.path for r in records], b.image_size)
-    stats = {f"{n}.{k}": getattr(m, f"running_{k}").detach().cpu().clone()
-             for n, m in norms.items() for k in ("mean", "var")}
-    atomic_save({"stats": stats, "weights_digest": backbone.weights_digest, "identity": identity}, stats_file)
+    save_bn_state(backbone, stats_file, identity)
     print(f"backbone {b.name}: BatchNorm statistics recalibrated on {len(records)} "
           f"{d.dataset} {d.train_split} images -> {stats_file}", file=sys.stderr, flush=True)
+
+
+def bn_state_file(params: Params) -> Path:
+    """Where recalibrate_on_dataset keeps the statistics of params' random backbone (a projectors
+    file records it, with its sha256, so `segment` and the API rebuild exactly that backbone)."""
+    b, d = params.backbone, params.data
+    key = f"{b.name}-seed{b.init_seed}-{b.image_size}px-{d.dataset}-{d.train_split}"
+    return Path(params.paths.cache) / "backbone" / f"bn-{key}.pt"
+
+
+def _norms(backbone: FrozenCLIP) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {n: m for n, m in backbone.model.visual.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def is_bn_state(saved: object) -> bool:
+    """A file recalibrate_on_dataset wrote: {"stats", "weights_digest", "identity"}."""
+    return isinstance(saved, dict) and isinstance(saved.get("stats"), dict) and "weights_digest" in saved
+
+
+def apply_bn_state(backbone: FrozenCLIP, saved: dict) -> None:
+    """Put a bn_state_file's statistics (read with weights_only) into the random backbone they were
+    computed for; its weights_digest becomes the recorded "...+bn:<hash>" one."""
+    for name, m in _norms(backbone).items():
+        assert m.running_mean is not None and m.running_var is not None  # CLIP's BatchNorms track them
+        m.running_mean.copy_(saved["stats"][f"{name}.mean"])
+        m.running_var.copy_(saved["stats"][f"{name}.var"])
+    backbone.weights_digest = saved["weights_digest"]
+
+
+def save_bn_state(backbone: FrozenCLIP, path: Path, identity: dict) -> None:
+    """The image tower's BatchNorm statistics and weights digest, atomically (apply_bn_state reads
+    them back); `identity` says which images and weights they were computed from."""
+    from pipeline.files import atomic_save
+
+    stats = {f"{n}.{k}": getattr(m, f"running_{k}").detach().cpu().clone()
+             for n, m in _norms(backbone).items() for k in ("mean", "var")}
+    atomic_save({"stats": stats, "weights_digest": backbone.weights_digest, "identity": identity}, path)

@@ -60,7 +60,7 @@ def load_checkpoint(path: str | Path, cache: Any, params: Params,
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; train without --resume first")
-    state = read_state(path)
+    state = read_state(path, "training checkpoint")
     differ = [k for k, _, _ in differences(state["cache"], cache_identity(cache))]
     if differ:
         raise TrainingError(
