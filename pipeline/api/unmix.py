@@ -37,7 +37,7 @@ from pipeline.evaluation.segment_maps import (
     normalised_maps,
     token_paths_for,
 )
-from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
+from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTowers
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import BN_STATS, UnmixHead
 from pipeline.model.projectors import load_projectors
@@ -168,7 +168,7 @@ def _load(item: ImageLike, index: int) -> tuple[Image.Image, str]:
 class UnmixCLIP:
     """A frozen CLIP and trained projectors, ready for free-text queries on images."""
 
-    def __init__(self, backbone: FrozenCLIP, head: UnmixHead, meta: dict | None = None, *,
+    def __init__(self, backbone: FrozenTowers, head: UnmixHead, meta: dict | None = None, *,
                  image_size: int | None = None, text_bn: str = "running",
                  score_text_bn: str = "running", text_input: str = "normalised",
                  pos_interpolation: str = "bilinear", interpolation: str = "bicubic", batch_size: int = 8,
@@ -182,7 +182,9 @@ class UnmixCLIP:
             raise ParamError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}")
         self.backbone, self.head = backbone, head.eval()
         self.meta = dict(meta or {})
-        self.image_size = image_size or recorded_image_size(self.meta) or backbone.image_size
+        native = backbone.image_size  # a ViT's may be (H, W): the square view takes its longer side
+        self.image_size = image_size or recorded_image_size(self.meta) or (
+            native if isinstance(native, int) else max(native))
         self.text_bn, self.score_text_bn, self.text_input = text_bn, score_text_bn, text_input
         self.pos_interpolation, self.batch_size, self.source = pos_interpolation, batch_size, source
         self.interpolation = interpolation  # the image resize (evaluate.seg.interpolation)

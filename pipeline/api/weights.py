@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from pipeline.model.backbone import FrozenCLIP, load_backbone
+from pipeline.model.backbone import FrozenTowers
+from pipeline.model.vit import load_any_backbone
 from pipeline.model.weights import WeightsError, weights_digest_of
 
 FIX = "set backbone.checkpoint (a local file) or backbone.pretrained (a tag) to those weights"
@@ -71,7 +72,7 @@ def _from_record(digest: str, name: str, path: str | os.PathLike) -> tuple[str, 
 def resolve_backbone(meta: dict[str, Any], path: str | os.PathLike, *, checkpoint: str | os.PathLike | None,
                      pretrained: str | None, sha256: str | None, init_seed: int, name: str | None,
                      device: torch.device, precision: str = "fp32",
-                     channels_last: bool = False) -> FrozenCLIP:
+                     channels_last: bool = False) -> FrozenTowers:
     """The frozen backbone the projectors at `path` were trained on, with the given weights
     (checked against the recorded digest before loading) or the recorded ones."""
     recorded_name, recorded = recorded_backbone(meta)
@@ -86,7 +87,7 @@ def resolve_backbone(meta: dict[str, Any], path: str | os.PathLike, *, checkpoin
     if recorded is not None and _base(declared) != _base(recorded):
         raise WeightsError(f"backbone weights {declared} differ from {recorded} that {path} "
                            f"was trained on: {FIX}")
-    backbone = load_backbone(name, pretrained=None if checkpoint else pretrained,
+    backbone = load_any_backbone(name, pretrained=None if checkpoint else pretrained,
                              checkpoint=None if checkpoint is None else os.fspath(checkpoint),
                              sha256=sha256, device=str(device), precision=precision,
                              channels_last=channels_last, init_seed=init_seed)

@@ -31,7 +31,7 @@ from pipeline.evaluation.segmentation import (
     score_maps,
     seg_view,
 )
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.backbone import FrozenTowers
 from pipeline.model.heads import UnmixHead
 
 
@@ -62,7 +62,7 @@ def object_classes(dataset: Any) -> list[str]:
     return names[1:] if dataset.has_background else names
 
 
-def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset: Any, *,
+def evaluate_segmentation(backbone: FrozenTowers, head: UnmixHead | None, dataset: Any, *,
                           image_size: int, batch_size: int = 16, background: str = "none",
                           threshold: float = 0.85, pos_interpolation: str = "bilinear",
                           interpolation: str = "bicubic", methods: Sequence[str] = METHODS,

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from pipeline.config.params import ParamError
 from pipeline.data.augment import eval_view
-from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
+from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTowers
 from pipeline.model.heads import UnmixHead
 
 METHODS = ("clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours",
@@ -132,7 +132,7 @@ def project_image_tokens(head: UnmixHead, tokens: Tensor, norm: str) -> Tensor:
 PROMPTS = {"plain": PLAIN_TEMPLATE, "positive": POSITIVE_TEMPLATE}
 
 
-def plain_text(backbone: FrozenCLIP, classnames: Sequence[str], prompt: str = "plain",
+def plain_text(backbone: FrozenTowers, classnames: Sequence[str], prompt: str = "plain",
                normalise: bool = True) -> Tensor:
     """CLIP text features (C, D) of the evaluation prompt (default: the paper's ZS3 / MFI prompt);
     `normalise` False gives the raw encode_text output (evaluate.text_input raw)."""
@@ -163,7 +163,7 @@ def method_text(raw_text: Tensor, head: UnmixHead | None, methods: Sequence[str]
 
 
 @torch.no_grad()
-def score_maps(backbone: FrozenCLIP, head: UnmixHead | None, images: Tensor, texts: dict[str, Tensor],
+def score_maps(backbone: FrozenTowers, head: UnmixHead | None, images: Tensor, texts: dict[str, Tensor],
                pos_interpolation: str = "bilinear", *, ours_norm: str = "after",
                cs_ours_norm: str = "before") -> dict[str, Tensor]:
     """Per method in `texts`: score maps (B, C, h, w) on the token grid, float32 on the backbone's

@@ -15,7 +15,7 @@ from pipeline.config import paths
 from pipeline.config.schema import Params, Paths
 from pipeline.data.datasets import require_reachable
 from pipeline.errors import DatasetError, TrainingError
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.backbone import FrozenTowers
 from pipeline.model.build import backbone_from_params, resolve_device
 from pipeline.model.heads import UnmixHead
 from pipeline.model.projectors import load_projectors
@@ -30,7 +30,7 @@ CONTEXT59_HELP = (
     "with --set 'evaluate.seg.datasets=[voc2012,coco2017]'")
 
 
-def backbone_and_head(params: Params) -> tuple[FrozenCLIP, UnmixHead, dict, dict]:
+def backbone_and_head(params: Params) -> tuple[FrozenTowers, UnmixHead, dict, dict]:
     """The frozen backbone, the evaluated projectors, their meta and their source
     (pipeline.evaluation.sources.source)."""
     device = resolve_device(params.backbone.device)

@@ -23,7 +23,7 @@ from pipeline.model.attention_pool import multi_head_attention, resize_positiona
 VIT_METHODS = ("qk", "maskclip", "clearclip", "clip-surgery")
 # FrozenCLIP's path names (ResNet attention pool) -> their ViT counterparts, so that callers asking
 # for ("vproj", "vv", "qk") get the value path and the v-v path of whichever tower they hold.
-PATH_ALIASES = {"vproj": "maskclip", "vv": "clip-surgery"}
+PATH_ALIASES = {"vproj": "maskclip", "vv": "clip-surgery", "surgery": "clip-surgery"}
 SURGERY_BLOCKS = 6  # CLIP Surgery's dual path runs through the last 6 blocks
 
 
