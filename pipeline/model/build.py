@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from pipeline.config.backbones import backbone_kind
 from pipeline.config.schema import Backbone, Model, Params
 from pipeline.model.backbone import FrozenTowers
 from pipeline.model.heads import UnmixHead
@@ -34,7 +35,8 @@ def is_random(b: Backbone) -> bool:
 
 
 def random_warning(b: Backbone) -> str:
-    fix = "" if b.recalibrate_bn else "; set 'backbone.recalibrate_bn: true' at least"
+    resnet = backbone_kind(b.name) == "resnet"  # a ViT has no BatchNorm statistics to recalibrate
+    fix = "" if b.recalibrate_bn or not resnet else "; set 'backbone.recalibrate_bn: true' at least"
     return (f"WARNING: backbone {b.name} has RANDOM weights (backbone.pretrained: null, no "
             f"backbone.checkpoint): every number of this run means nothing{fix}")
 
