@@ -91,7 +91,7 @@ def run(params: Params) -> dict[str, Any]:
         images = torch.stack([seg_view(dataset.image(i), seg.image_size, variant.interpolation)
                               for i in indices])  # (N, 3, S, S)
         maps = score_maps(backbone, head, images, texts, seg.pos_interpolation, ours_norm=variant.ours_norm,
-                          cs_ours_norm=variant.cs_ours_norm)  # (N, C, h, w) each
+                          cs_ours_norm=variant.cs_ours_norm, ours_tokens=seg.tokens)  # (N, C, h, w) each
         overlays = {METHOD_LABELS[m]: [upsample(normalise_minmax(maps[m][i, k:k + 1]), p.shape[:2])[0]
                                        .cpu().numpy() for i, p in enumerate(pictures)] for m in methods}
         path = paths.results_dir(params.paths, "figures", f"activation_{_slug(cls)}.png")

@@ -25,7 +25,12 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.api.weights import recorded_image_size, recorded_train_text_input, resolve_backbone
+from pipeline.api.weights import (
+    recorded_image_size,
+    recorded_tokens,
+    recorded_train_text_input,
+    resolve_backbone,
+)
 from pipeline.config.params import ParamError
 from pipeline.data.augment import INTERPOLATIONS, eval_view
 from pipeline.data.images import load_image
@@ -188,6 +193,7 @@ class UnmixCLIP:
         self.text_bn, self.score_text_bn, self.text_input = text_bn, score_text_bn, text_input
         self.pos_interpolation, self.batch_size, self.source = pos_interpolation, batch_size, source
         self.interpolation = interpolation  # the image resize (evaluate.seg.interpolation)
+        self.tokens = recorded_tokens(self.meta)  # {"train": image-level scores, "seg": "ours"}
         # (classes, templates, normalise) -> (C, D): the frozen text tower gives the same features
         # every time, so `segment` called per chunk (and `query`) encodes each prompt set once
         self._text_memo: dict[tuple, Tensor] = {}
@@ -249,9 +255,10 @@ class UnmixCLIP:
     def image_tokens(self, images: ImageLike | Sequence[ImageLike]) -> ImageTokens:
         """Spatial, v-v and projected v-v tokens of the images (one trunk pass), at image_size."""
         pictures = [_load(item, i)[0] for i, item in enumerate(_image_list(images))]
-        tokens = self.backbone.token_paths(self._inputs(pictures), ("vproj", "vv"), self.pos_interpolation)
-        projected = self.head.project_tokens(tokens["vv"].to(next(self.head.parameters()).device))
-        return ImageTokens(tokens["vproj"], tokens["vv"], projected)
+        train, seg = self.tokens["train"], self.tokens["seg"]
+        tokens = self.backbone.token_paths(self._inputs(pictures), (train, seg), self.pos_interpolation)
+        projected = self.head.project_tokens(tokens[seg].to(next(self.head.parameters()).device))
+        return ImageTokens(tokens[train], tokens[seg], projected)
 
     @torch.no_grad()
     def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Iterable[str],
@@ -278,10 +285,13 @@ class UnmixCLIP:
         for first in range(0, len(items), self.batch_size):
             loaded = [_load(item, first + j) for j, item in enumerate(items[first:first + self.batch_size])]
             sources += [s for _, s in loaded]
-            tokens = self.backbone.token_paths(self._inputs([p for p, _ in loaded]), token_paths_for(methods),
+            paths = token_paths_for(methods, self.tokens["seg"], self.tokens["train"])
+            tokens = self.backbone.token_paths(self._inputs([p for p, _ in loaded]), paths,
                                                self.pos_interpolation)  # each (B, 1+hw, D), one trunk pass
-            maps = method_maps(tokens, self.head, text.raw, text.projected, methods)  # (B, C, h, w)
-            scores.append(image_scores(self.head, tokens["vproj"], neg, pos, self.score_text_bn).cpu().numpy())
+            maps = method_maps(tokens, self.head, text.raw, text.projected, methods,
+                               ours_tokens=self.tokens["seg"])  # (B, C, h, w)
+            scores.append(image_scores(self.head, tokens[self.tokens["train"]], neg, pos,
+                                       self.score_text_bn).cpu().numpy())
             for j, (picture, _) in enumerate(loaded):
                 for m in methods:
                     n = normalised_maps(maps[m][j], (picture.height, picture.width))  # (C, H, W)
@@ -297,7 +307,7 @@ class UnmixCLIP:
         """Which model this is, for output files."""
         return {"projectors": self.source, "backbone": self.backbone.name,
                 "weights_digest": self.backbone.weights_digest, "image_size": self.image_size,
-                "interpolation": self.interpolation,
+                "interpolation": self.interpolation, "tokens": dict(self.tokens),
                 "text_bn": self.text_bn, "score_text_bn": self.score_text_bn,
                 "text_input": self.text_input, "trained_classes": list(self.meta.get("classnames", []))}
 

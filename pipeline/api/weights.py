@@ -37,6 +37,18 @@ def recorded_image_size(meta: dict[str, Any]) -> int | None:
     return int(size) if size else None
 
 
+def recorded_tokens(meta: dict[str, Any]) -> dict[str, str]:
+    """{"train": the token method the projectors were trained on, "seg": the one `ours` scores}:
+    meta["use"]["tokens"] where recorded, else the train store's fingerprint (backbone.tokens, absent
+    for the ResNet's vproj), else the ResNet names "vproj" / "vv", which a ViT reads as its own
+    defaults (MaskCLIP's value path, CLIP Surgery's v-v path)."""
+    use = (meta.get("use") or {}).get("tokens") or {}
+    prov = meta.get("provenance") or {}
+    fingerprint = ((prov.get("train_store") or {}).get("fingerprint")) or meta.get("fingerprint") or {}
+    stored = (fingerprint.get("backbone") or {}).get("tokens")
+    return {"train": use.get("train") or stored or "vproj", "seg": use.get("seg") or "vv"}
+
+
 def recorded_train_text_input(meta: dict[str, Any]) -> str:
     """The text the projectors were trained on (train.text_input): their image-level scores need it.
     Projectors from before the recipes record none and were trained on normalised features."""

@@ -17,6 +17,7 @@ from pipeline.evaluation.segmentation import (
     PROJECTED,
     TOKEN_PATH,
     maps_from_tokens,
+    method_path,
     normalised_maps,
 )
 from pipeline.evaluation.segmentation import (
@@ -39,21 +40,25 @@ __all__ = [
 METHODS = ("clip", "clip-vv", "ours")  # the overlay's columns: the paper's Figure 1 / 7 comparison
 
 
-def token_paths_for(methods: Sequence[str]) -> list[str]:
-    """Backbone token paths the methods need, plus "vproj" (the head's image-level scores)."""
+def token_paths_for(methods: Sequence[str], ours_tokens: str | None = None,
+                    train_tokens: str = "vproj") -> list[str]:
+    """Backbone token paths the methods need ("ours" on `ours_tokens` when given), plus
+    `train_tokens` (the head's image-level scores: the tokens it was trained on; a ViT reads
+    "vproj" as MaskCLIP's)."""
     unknown = [m for m in methods if m not in TOKEN_PATH]
     if unknown:
         raise ValueError(f"methods must be among {tuple(TOKEN_PATH)}, got {unknown}")
-    return sorted({"vproj", *(TOKEN_PATH[m] for m in methods)})
+    return sorted({train_tokens, *(method_path(m, ours_tokens) for m in methods)})
 
 
 def method_maps(tokens: dict[str, Tensor], head: UnmixHead, raw_text: Tensor, projected_text: Tensor,
-                methods: Sequence[str], *, ours_norm: str = "after", cs_ours_norm: str = "before"
-                ) -> dict[str, Tensor]:
+                methods: Sequence[str], *, ours_norm: str = "after", cs_ours_norm: str = "before",
+                ours_tokens: str | None = None) -> dict[str, Tensor]:
     """Score maps (B, C, h, w) float32 per method from one trunk pass's token paths (B, 1+hw, D):
     the evaluation's own maps_from_tokens, with the projected text for the projected methods."""
     texts = {m: projected_text if m in PROJECTED else raw_text for m in methods}
-    return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm)
+    return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm,
+                            ours_tokens=ours_tokens)
 
 
 @torch.no_grad()

@@ -67,14 +67,19 @@ def load_head(params: Params, device: torch.device, embed_dim: int | None = None
 
 
 def source(params: Params, path: Path, meta: dict) -> dict:
-    """What produced a result: the projectors file, which one and its epoch, and the recipe."""
+    """What produced a result: the projectors file, which one and its epoch, the recipe, the
+    backbone and its token methods (trained on: extract.tokens; scored by ZS3 `ours`: evaluate.seg.tokens)."""
     return {"projectors": {"which": params.evaluate.projectors, "path": str(path),
                            "epoch": meta.get("epoch")},
-            "recipe": params.recipe}
+            "recipe": params.recipe, "backbone": params.backbone.name,
+            "tokens": {"train": params.extract.tokens, "seg": params.evaluate.seg.tokens}}
 
 
 def source_line(src: dict) -> str:
     """The provenance sentence every table starts with."""
     p = src["projectors"]
+    tokens = src.get("tokens") or {}
+    backbone = (f"; backbone: {src['backbone']}, tokens: {tokens.get('train')} (trained on), "
+                f"{tokens.get('seg')} (ZS3 ours)") if src.get("backbone") else ""
     return (f"Projectors: {p['which']} ({p['path']}, epoch {p['epoch']}); "
-            f"recipe: {src['recipe']}.")
+            f"recipe: {src['recipe']}{backbone}.")
