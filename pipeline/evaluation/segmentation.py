@@ -57,7 +57,8 @@ from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTow
 from pipeline.model.heads import UnmixHead
 
 METHODS = ("clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours",
-           "clip-surgery-per-token", "clearclip")
+           "clip-surgery-per-token")  # every backbone's
+VIT_ONLY_METHODS = ("clearclip",)  # a ViT's token_paths only
 METHOD_LABELS = {"clip": "CLIP (q-k)", "clip-vproj": "CLIP v-proj (DualCoOp tokens)",
                  "clip-surgery": "CLIP Surgery", "clip-vv": "CLIP-VV", "ours": "ours (Unmix-CLIP)",
                  "clip-surgery+ours": "CLIP Surgery + ours",
