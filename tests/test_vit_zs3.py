@@ -34,7 +34,7 @@ def cosine(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("method, vit_method", [("clip", "qk"), ("clip-vproj", "maskclip"),
                                                 ("clip-vv", "clip-surgery"), ("clearclip", "clearclip")])
 def test_baselines_score_the_vit_token_method_they_name(world, method, vit_method):
-    backbone, head, images, text = world
+    backbone, _, images, text = world
     maps = score_maps(backbone, None, images, {method: text})[method]
     tokens = backbone.token_paths(images, (vit_method,))[vit_method]
     torch.testing.assert_close(maps, cosine(tokens, text), rtol=1e-5, atol=1e-6)

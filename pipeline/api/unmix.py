@@ -42,7 +42,12 @@ from pipeline.evaluation.segment_maps import (
     normalised_maps,
     token_paths_for,
 )
-from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTowers
+from pipeline.model.backbone import (
+    NEGATIVE_TEMPLATE,
+    PLAIN_TEMPLATE,
+    POSITIVE_TEMPLATE,
+    FrozenTowers,
+)
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import BN_STATS, UnmixHead
 from pipeline.model.projectors import load_projectors

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ def _config_dirs() -> list[Path]:
     return dirs
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_configs() -> dict[str, dict[str, Any]]:
     """{name: open_clip config} of ours and open_clip's JSON configs (ours win a clash)."""
     out: dict[str, dict[str, Any]] = {}
