@@ -50,8 +50,9 @@ def encode_shards(backbone: FrozenTowers, cache: FeatureCache, shards: Sequence[
     """Compute and write every shard in ``shards``; returns the skipped (path, reason) pairs.
 
     on_bad_image "error" raises BadImageError before the shard is written (it stays incomplete);
-    "skip" stores zero tokens with status 1. ``tokens``: the token method stored (encode_views). ``fail_after_shards`` (tests) writes the first batch
-    of the next shard straight into the tokens array, as a crash mid-write would, then raises.
+    "skip" stores zero tokens with status 1. ``tokens``: the token method stored (encode_views).
+    ``fail_after_shards`` (tests) writes the first batch of the next shard straight into the tokens
+    array, as a crash mid-write would, then raises.
     """
     batches = view_batches(spec, shard_batches(cache, shards, batch_images), backbone.device,
                            num_workers)
