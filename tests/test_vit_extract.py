@@ -82,6 +82,7 @@ def test_a_reader_asking_for_another_token_method_is_refused(tmp_path: Path):
                        "extract.tokens", "'maskclip'", "'clearclip'")
     assert "train.zarr" in line
     ok(cli("train", *run))  # the tokens it was extracted with are accepted
+    ok(cli("train", *run, "--set", "train.objective=unmix+infoclip"))  # InfoCLIP on ViT tokens too
 
 
 def test_extraction_prints_the_size_and_refuses_a_disk_too_small(data: Path, tmp_path: Path, capsys,
