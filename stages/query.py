@@ -20,7 +20,7 @@ from pipeline.api.unmix import class_list
 from pipeline.config import paths
 from pipeline.config.schema import Params
 from pipeline.data.images import load_image
-from pipeline.evaluation.segment_maps import LABELS
+from pipeline.evaluation.segmentation import method_labels
 from pipeline.files import atomic_write_text
 from pipeline.results.plots import activation_grid
 from stages.segment import (
@@ -59,7 +59,8 @@ def run(params: Params, image: str, text: str, against: Sequence[str] = (), proj
     out_dir = Path(out) if out else paths.results_dir(params.paths, "query")
     png = out_dir / f"query_{_slug(query)}.png"
     picture = load_image(image)
-    views = {LABELS[m]: panel_view(picture, result.method_score_maps[m][0][:1]) for m in QUERY_METHODS}
+    labels_of = method_labels(model.backbone.name)
+    views = {labels_of[m]: panel_view(picture, result.method_score_maps[m][0][:1]) for m in QUERY_METHODS}
     maps = {label: [small[0]] for label, (_, small) in views.items()}  # (h, w) of the query class
     activation_grid([next(iter(views.values()))[0]], maps, png, row_labels=[query],
                     title=f"\"{query}\" in {Path(image).name}")

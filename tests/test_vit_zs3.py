@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from pipeline.api.weights import recorded_tokens
 from pipeline.evaluation.segment_maps import token_paths_for
-from pipeline.evaluation.segmentation import feature_surgery, score_maps, token_grid
+from pipeline.evaluation.segmentation import (
+    METHOD_LABELS,
+    feature_surgery,
+    method_labels,
+    score_maps,
+    token_grid,
+)
 from pipeline.model.heads import UnmixHead
 from pipeline.model.vit import TINY_VIT, load_vit
 
@@ -71,3 +77,9 @@ def test_the_api_reads_the_token_methods_the_projectors_record():
     use = {**store, "use": {"tokens": {"train": "maskclip", "seg": "qk"}}}
     assert recorded_tokens(use) == {"train": "maskclip", "seg": "qk"}
     assert token_paths_for(["ours", "clip"], "qk", "clearclip") == ["clearclip", "qk"]
+
+
+def test_figures_and_panels_name_the_vit_methods():
+    assert method_labels("tiny-ViT")["clip-vproj"].startswith("MaskCLIP")
+    assert method_labels("tiny-RN")["clip-vproj"] == METHOD_LABELS["clip-vproj"]
+    assert set(method_labels("tiny-ViT")) == set(METHOD_LABELS)

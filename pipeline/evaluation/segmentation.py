@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from pipeline.config.backbones import backbone_kind
 from pipeline.config.params import ParamError
 from pipeline.data.augment import eval_view
 from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTowers
@@ -75,6 +76,11 @@ IMAGE_NORMS = ("after", "before")  # projected methods: L2 after the image proje
 BACKGROUND_RULES = ("none", "softmax", "max-score")
 SOFTMAX_SCALE = 100.0  # GEM: softmax over classes of 100 x the normalised maps
 IGNORE_INDEX = 255
+
+
+def method_labels(backbone_name: str) -> dict[str, str]:
+    """Display names of the methods on this backbone: a ViT's say which ViT method they compute."""
+    return VIT_LABELS if backbone_kind(backbone_name) == "vit" else METHOD_LABELS
 
 
 def method_path(method: str, ours_tokens: str | None = None) -> str:
