@@ -91,9 +91,11 @@ def zero_shot_mlr(backbone: FrozenTowers, head: UnmixHead, dataset: Any, *, imag
                   pos_interpolation: str = "bilinear", min_area: float = 0.01, region_mode: str = "mask",
                   limit: int | None = None, progress: bool = True, prompt: str = "plain",
                   interpolation: str = "bicubic", text_input: str = "normalised",
-                  text_bn: str = "running", voc_names: str = "official", ours_norm: str = "after") -> dict:
+                  text_bn: str = "running", voc_names: str = "official", ours_norm: str = "after",
+                  ours_tokens: str | None = None) -> dict:
     """mAP of CLIP global alone, of the regions alone and of the combination on a MultiLabelDataset.
-    The regions are those of "ours" with its image side normalised `ours_norm` (segmentation.IMAGE_NORMS).
+    The regions are those of "ours" on the token method `ours_tokens` (evaluate.seg.tokens; None:
+    segmentation.TOKEN_PATH's) with its image side normalised `ours_norm` (segmentation.IMAGE_NORMS).
 
     Returns {"map": {"clip", "regions", "combined"}, "per_class_ap": {...}, "scores": {name: (N, C)},
     "labels" (N, C), "num_images", "seconds_per_image", "classnames"}.
@@ -113,7 +115,7 @@ def zero_shot_mlr(backbone: FrozenTowers, head: UnmixHead, dataset: Any, *, imag
         images = torch.stack([seg_view(dataset.image(i), image_size, interpolation)
                               for i in indices])  # (B, 3, S, S)
         maps = score_maps(backbone, head, images, texts, pos_interpolation,
-                          ours_norm=ours_norm)["ours"]  # (B, C, h, w)
+                          ours_norm=ours_norm, ours_tokens=ours_tokens)["ours"]  # (B, C, h, w)
         labels = torch.stack([predict(m, (image_size, image_size), "max-score", threshold).cpu()
                               for m in maps])  # (B, S, S): 0 background, k + 1 class k
         glob.append(global_probabilities(backbone, images, raw).numpy())
