@@ -171,7 +171,11 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     if not train_augment and views != 1:
         raise ValueError(f"views={views} without augmentation would store {views} identical copies")
-    stride = token_stride(backbone.name if backbone is not None else backbone_params.name)
+    # the built backbone's own stride when one is given (any name), else the params' name's
+    given = backbone.stride if backbone is not None else token_stride(backbone_params.name)
+    stride = given if isinstance(given, int) else given[0]
+    if not isinstance(given, int) and given[0] != given[1]:
+        raise ValueError(f"square views need square patches; {backbone_params.name} has {given}")
     if image_size % stride:
         raise ValueError(f"image_size must be a multiple of the backbone's token stride {stride}, "
                          f"got {image_size}")
