@@ -16,20 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import paths
+from pipeline.config.backbones import backbone_kind
 from pipeline.config.schema import Params
 from pipeline.data.datacheck import check_datasets, require_datasets
 from pipeline.data.datasets import load_multilabel, require_reachable
 from pipeline.data.download import download_dataset
 from pipeline.data.synthetic import make_planted_coco
 from pipeline.files import atomic_save
-from pipeline.model.backbone import load_backbone
+from pipeline.model.backbone import FrozenCLIP
 from pipeline.model.recalibrate import RECALIBRATION_IMAGES, recalibrate_on_images
+from pipeline.model.vit import load_any_backbone
 
 
 def write_random_backbone(out: Path, name: str, init_seed: int, image_size: int, images: list[Path]) -> Path:
-    """Random-init `name`, BatchNorm recalibrated on `images`, saved as a plain state dict."""
-    backbone = load_backbone(name, pretrained=None, init_seed=init_seed)
-    recalibrate_on_images(backbone, images, image_size)
+    """Random-init `name`, BatchNorm recalibrated on `images` (a ResNet; a ViT has no BatchNorm),
+    saved as a plain state dict."""
+    backbone = load_any_backbone(name, pretrained=None, init_seed=init_seed)
+    if isinstance(backbone, FrozenCLIP):
+        recalibrate_on_images(backbone, images, image_size)
     return atomic_save(backbone.model.state_dict(), out)  # the same bytes every run: DVC rebuilds nothing
 
 
@@ -73,5 +77,6 @@ def generate(params: Params, root: Path) -> dict[str, Any]:
     b = params.backbone
     ckpt = write_random_backbone(root / "backbone.pt", b.name, b.init_seed, b.image_size,
                                  [r.path for r in train.records[:RECALIBRATION_IMAGES]])
-    print(f"generated planted-signal data in {root} and a recalibrated random {b.name} at {ckpt}")
+    how = "a recalibrated" if backbone_kind(b.name) == "resnet" else "a"
+    print(f"generated planted-signal data in {root} and {how} random {b.name} at {ckpt}")
     return {"dataset": "synthetic", "root": str(root), "backbone": str(ckpt)}

@@ -103,7 +103,7 @@ def evaluate_zs_mlr(params: Params) -> tuple[dict, str]:
                         min_area=cfg.min_area, region_mode=cfg.region_mode,
                         prompt=ev.prompt, interpolation=variant.interpolation,
                         text_input=ev.text_input, text_bn=ev.text_bn.seg,
-                        voc_names=ev.voc_names, ours_norm=variant.ours_norm)
+                        voc_names=ev.voc_names, ours_norm=variant.ours_norm, ours_tokens=seg.tokens)
     print(f"zs-mlr {cfg.dataset}: {res['num_images']} images, {res['seconds_per_image']:.3f} s/image")
     metrics = {"source": src, **{k: res[k] for k in ("map", "num_images", "seconds_per_image")},
                "region_weight": cfg.region_weight, "interpolation": variant.interpolation,

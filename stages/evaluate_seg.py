@@ -100,7 +100,7 @@ def evaluate_seg(params: Params) -> tuple[dict, str]:
             pos_interpolation=cfg.pos_interpolation, interpolation=variant.interpolation,
             methods=cfg.methods, prompt=ev.prompt, text_input=ev.text_input,
             text_bn=ev.text_bn.seg, voc_names=ev.voc_names, ours_norm=variant.ours_norm,
-            cs_ours_norm=variant.cs_ours_norm)
+            cs_ours_norm=variant.cs_ours_norm, ours_tokens=cfg.tokens)
         per_class[name] = res.pop("per_class")
         res["variant"] = variant.record()
         res["headline"] = {m: {v: r[cfg.protocol] for v, r in by_v.items()}

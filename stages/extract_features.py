@@ -56,7 +56,7 @@ def run(params: Params, split: str = "all", restart_on_change: bool = False,
             num_workers=ex.num_workers, on_bad_image=ex.on_bad_image, augment=as_dict(ex.augment),
             restart_on_change=restart_on_change, workers=ex.workers, scheduler=ex.scheduler,
             stats=stats, break_lock=break_lock, transforms=ex.transforms,
-            eval_interpolation=ex.eval_interpolation,
+            eval_interpolation=ex.eval_interpolation, tokens=ex.tokens,
             record=expected_fingerprint(params, role).record)  # role and params record
         info = cache.summary()
         summary[role] = {

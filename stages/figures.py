@@ -23,7 +23,7 @@ from pipeline.data.classes import prompt_names
 from pipeline.data.datasets import SegmentationDataset, load_segmentation
 from pipeline.evaluation.seg_eval import object_classes
 from pipeline.evaluation.segmentation import (
-    METHOD_LABELS,
+    method_labels,
     method_text,
     normalise_minmax,
     plain_text,
@@ -91,8 +91,8 @@ def run(params: Params) -> dict[str, Any]:
         images = torch.stack([seg_view(dataset.image(i), seg.image_size, variant.interpolation)
                               for i in indices])  # (N, 3, S, S)
         maps = score_maps(backbone, head, images, texts, seg.pos_interpolation, ours_norm=variant.ours_norm,
-                          cs_ours_norm=variant.cs_ours_norm)  # (N, C, h, w) each
-        overlays = {METHOD_LABELS[m]: [upsample(normalise_minmax(maps[m][i, k:k + 1]), p.shape[:2])[0]
+                          cs_ours_norm=variant.cs_ours_norm, ours_tokens=seg.tokens)  # (N, C, h, w) each
+        overlays = {method_labels(params.backbone.name)[m]: [upsample(normalise_minmax(maps[m][i, k:k + 1]), p.shape[:2])[0]
                                        .cpu().numpy() for i, p in enumerate(pictures)] for m in methods}
         path = paths.results_dir(params.paths, "figures", f"activation_{_slug(cls)}.png")
         activation_grid(pictures, overlays, path, title=f"activation maps: {cls} ({name}){shown}; {stamp}")

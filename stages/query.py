@@ -24,7 +24,7 @@ from pipeline.api.unmix import class_list, template_list
 from pipeline.api.views import resize_rule
 from pipeline.config.schema import Params
 from pipeline.data.images import load_image
-from pipeline.evaluation.segment_maps import LABELS
+from pipeline.evaluation.segmentation import method_labels
 from pipeline.files import atomic_write_text
 from pipeline.results.names import free_name, image_digest, slug
 from pipeline.results.overlays import panel_view
@@ -69,7 +69,8 @@ def run(params: Params | None, image: str, text: str, against: Sequence[str] = (
     name = free_name(out_dir, f"{slug(Path(image).stem)}_query_{slug(query, 'text')}", digest)
     png = out_dir / f"{name}.png"  # and <name>.json
     picture = load_image(image)
-    views = {LABELS[m]: panel_view(picture, result.method_score_maps[m][0][:1]) for m in QUERY_METHODS}
+    labels_of = method_labels(model.backbone.name)
+    views = {labels_of[m]: panel_view(picture, result.method_score_maps[m][0][:1]) for m in QUERY_METHODS}
     small = next(iter(views.values()))[0]  # (h, w, 3) uint8
     maps = {label: [view[0]] for label, (_, view) in views.items()}  # (h, w) of the query class
     activation_grid([small], maps, png, row_labels=[query], title=f"\"{query}\" in {Path(image).name}",

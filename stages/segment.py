@@ -36,8 +36,8 @@ from pipeline.config.params import ParamError, load_params
 from pipeline.config.schema import Params
 from pipeline.data.images import BadImageError, load_image
 from pipeline.data.synthetic import voc_palette
-from pipeline.evaluation.segment_maps import LABELS, METHODS
-from pipeline.evaluation.segmentation import PROMPTS
+from pipeline.evaluation.segment_maps import METHODS
+from pipeline.evaluation.segmentation import PROMPTS, method_labels
 from pipeline.evaluation.variants import seg_interpolation
 from pipeline.files import atomic_write, atomic_write_text
 from pipeline.model.projectors import read_state
@@ -199,7 +199,8 @@ def write_image_outputs(result: SegmentationResult, index: int, out: Path, stem:
     classes = result.classes
     overlay, labels, summary = out / f"{stem}_overlay.png", out / f"{stem}_labels.png", out / f"{stem}.json"
     image = load_image(result.sources[index])
-    views = {LABELS[m]: panel_view(image, result.method_score_maps[m][index]) for m in methods}
+    labels_of = method_labels(model.backbone.name)
+    views = {labels_of[m]: panel_view(image, result.method_score_maps[m][index]) for m in methods}
     picture = next(iter(views.values()))[0]  # (h, w, 3) uint8
     maps = {label: list(small) for label, (_, small) in views.items()}  # C x (h, w) each
     activation_grid([picture] * len(classes), maps, overlay, row_labels=classes,

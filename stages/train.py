@@ -139,7 +139,7 @@ def online_tokens(params: Params, cache: FeatureCache, device: torch.device) -> 
 
     def tokens(batch: Batch) -> torch.Tensor:
         images = torch.stack([view(int(i), int(k)) for i, k in zip(batch.index, batch.view)])  # (B, 3, S, S)
-        return backbone.spatial_tokens(images).to(device)  # (B, T, D)
+        return backbone.tokens(images, fp["backbone"].get("tokens")).to(device)  # (B, T, D), as stored
 
     return tokens
 

@@ -91,7 +91,7 @@ def test_dataset_profiles(profile, dataset):
     [
         ("train.lr=-1", "train.lr"),
         ("extract.views=0", "extract.views"),
-        ("backbone.name=ViT-B-32", "backbone.name"),
+        ("backbone.name=ViT-B-16-SigLIP", "backbone.name"),
         ("backbone.image_size=100", "backbone.image_size"),
         ("train.mfi.form=other", "train.mfi.form"),
         ("train.mfi.form=authors", "train.mfi.form"),  # the old name: the error lists the new forms

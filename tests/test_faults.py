@@ -396,7 +396,7 @@ def test_malformed_voc_xml_is_one_error_naming_the_file(tmp_path: Path, how: str
 @pytest.mark.parametrize("command, extra, key", [
     (["train"], ["--set", "train.lr=-0.002"], "train.lr"),
     (["ablate"], ["--set", "train.lr=-1"], "train.lr"),
-    (["extract-features"], ["--set", "backbone.name=ViT-B-32"], "backbone.name"),
+    (["extract-features"], ["--set", "backbone.name=coca_ViT-B-32"], "backbone.name"),
     (["train"], ["--set", "backbone.name=RN102"], "backbone.name"),
     (["extract-features", "--views", "0"], [], "extract.views"),
     (["extract-features"], ["--set", "extract.views=0"], "extract.views"),

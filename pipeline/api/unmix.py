@@ -40,6 +40,7 @@ from pipeline.api.views import maps_by_shape, resize_rule, view_grid
 from pipeline.api.weights import (
     backbone_from_use,
     recorded_image_size,
+    recorded_tokens,
     recorded_train_text_input,
     resolve_backbone,
 )
@@ -48,7 +49,7 @@ from pipeline.data.augment import INTERPOLATIONS
 from pipeline.data.dense_view import dense_view
 from pipeline.data.images import load_image
 from pipeline.evaluation.segment_maps import label_map
-from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
+from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTowers
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import BN_STATS, UnmixHead
 from pipeline.model.projectors import load_projectors
@@ -140,7 +141,7 @@ def _load(item: ImageLike, index: int) -> tuple[Image.Image, str]:
 class UnmixCLIP:
     """A frozen CLIP and trained projectors, ready for free-text queries on images."""
 
-    def __init__(self, backbone: FrozenCLIP, head: UnmixHead, meta: dict | None = None, *,
+    def __init__(self, backbone: FrozenTowers, head: UnmixHead, meta: dict | None = None, *,
                  image_size: int | None = None, text_bn: str = "running",
                  score_text_bn: str = "running", text_input: str = "normalised",
                  pos_interpolation: str = "bilinear", interpolation: str = "bicubic", batch_size: int = 8,
@@ -157,11 +158,14 @@ class UnmixCLIP:
         self.templates, self.background, self.threshold = template_list(templates), background, float(threshold)
         self.backbone, self.head = backbone, head.eval()
         self.meta = dict(meta or {})
-        self.image_size = image_size or recorded_image_size(self.meta) or backbone.image_size
+        native = backbone.image_size  # a ViT's may be (H, W): the square view takes its longer side
+        self.image_size = image_size or recorded_image_size(self.meta) or (
+            native if isinstance(native, int) else max(native))
         self.text_bn, self.score_text_bn, self.text_input = text_bn, score_text_bn, text_input
         self.pos_interpolation, self.batch_size, self.source = pos_interpolation, batch_size, source
         self.interpolation = interpolation  # the image resize (evaluate.seg.interpolation)
         self.resize = resize_rule(resize)  # keep the aspect ratio, or the evaluation's square
+        self.tokens = recorded_tokens(self.meta)  # {"train": image-level scores, "seg": "ours"}
         # (classes, templates, normalise) -> (C, D): the frozen text tower gives the same features
         # every time, so `segment` called per chunk (and `query`) encodes each prompt set once
         self._text_memo: dict[tuple, Tensor] = {}
@@ -241,10 +245,11 @@ class UnmixCLIP:
             raise ParamError(f"images of different shapes make views of sizes {shapes}: call image_tokens "
                              "once per shape, or use resize='square'")
         batch = torch.stack(views)  # (B, 3, H, W)
-        tokens = self.backbone.token_paths(batch, ("vproj", "vv"), self.pos_interpolation)
-        projected = self.head.project_tokens(tokens["vv"].to(next(self.head.parameters()).device))
-        grid = view_grid(batch, self.backbone, resize) or (math.isqrt(tokens["vv"].shape[1] - 1),) * 2
-        return ImageTokens(tokens["vproj"], tokens["vv"], projected, grid)
+        train, seg = self.tokens["train"], self.tokens["seg"]
+        tokens = self.backbone.token_paths(batch, (train, seg), self.pos_interpolation)
+        projected = self.head.project_tokens(tokens[seg].to(next(self.head.parameters()).device))
+        grid = view_grid(batch, self.backbone, resize) or (math.isqrt(tokens[seg].shape[1] - 1),) * 2
+        return ImageTokens(tokens[train], tokens[seg], projected, grid)
 
     @torch.no_grad()
     def segment(self, images: ImageLike | Sequence[ImageLike], classes: str | Iterable[str],
@@ -278,7 +283,7 @@ class UnmixCLIP:
             sizes += [(int(v.shape[1]), int(v.shape[2])) for v in views]
             chunk_scores, chunk = maps_by_shape(
                 self.backbone, self.head, views, [(p.height, p.width) for p, _ in loaded],
-                (text.raw, text.projected, neg, pos), methods, resize, self.pos_interpolation, self.score_text_bn)
+                (text.raw, text.projected, neg, pos), methods, resize, self.pos_interpolation, self.score_text_bn, self.tokens)
             scores.append(chunk_scores.cpu().numpy())
             for m in methods:  # (C, H, W) at the picture's own size -> its (H, W) labels
                 labels[m] += [label_map(n, background, threshold).to(torch.uint8).cpu().numpy() for n in chunk[m]]
@@ -294,7 +299,8 @@ class UnmixCLIP:
         return {"projectors": self.source, "backbone": self.backbone.name,
                 "weights_digest": self.backbone.weights_digest, "image_size": self.image_size,
                 "interpolation": self.interpolation, "pos_interpolation": self.pos_interpolation,
-                "resize": self.resize, "recipe": (use_of(self.meta) or {}).get("recipe"),
+                "resize": self.resize, "tokens": dict(self.tokens),
+                "recipe": (use_of(self.meta) or {}).get("recipe"),
                 "text_bn": self.text_bn, "score_text_bn": self.score_text_bn,
                 "text_input": self.text_input, "trained_classes": list(self.meta.get("classnames", []))}
 

@@ -4,7 +4,7 @@ shape, results back in the images' order.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from pipeline.evaluation.segment_maps import (
     normalised_maps,
     token_paths_for,
 )
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.backbone import FrozenTowers
 from pipeline.model.heads import UnmixHead
 
 
@@ -35,29 +35,33 @@ def shape_groups(views: Sequence[Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def view_grid(views: Tensor, backbone: FrozenCLIP, resize: str) -> tuple[int, int] | None:
+def view_grid(views: Tensor, backbone: FrozenTowers, resize: str) -> tuple[int, int] | None:
     """The token grid (h, w) of a batch of "keep" views; None for "square" (the evaluation's
     square grid, read from the token count as evaluate seg reads it)."""
     return token_grid_size(views, backbone.stride) if resize == "keep" else None
 
 
 @torch.no_grad()
-def maps_by_shape(backbone: FrozenCLIP, head: UnmixHead, views: Sequence[Tensor],
+def maps_by_shape(backbone: FrozenTowers, head: UnmixHead, views: Sequence[Tensor],
                   sizes: Sequence[tuple[int, int]], texts: tuple[Tensor, Tensor, Tensor, Tensor],
-                  methods: Sequence[str], resize: str, pos_interpolation: str, score_text_bn: str
-                  ) -> tuple[Tensor, dict[str, list[Tensor]]]:
+                  methods: Sequence[str], resize: str, pos_interpolation: str, score_text_bn: str,
+                  tokens_used: Mapping[str, str] | None = None) -> tuple[Tensor, dict[str, list[Tensor]]]:
     """Views (3, H, W) of one chunk -> image-level scores (N, C) and per method the normalised maps
     (C, H_i, W_i) at each picture's own size `sizes[i]`. texts: raw and projected class features,
-    negative and positive prompt features. One trunk pass per view shape ("square": one batch)."""
+    negative and positive prompt features. tokens_used: {"train": the token path the head was trained
+    on (its image-level scores), "seg": the one `ours` scores}; None: the ResNet's vproj / vv. One
+    trunk pass per view shape ("square": one batch)."""
     raw, projected, neg, pos = texts
+    train, seg = (tokens_used or {}).get("train", "vproj"), (tokens_used or {}).get("seg", "vv")
     scores: list[Tensor] = [torch.empty(0)] * len(views)
     maps: dict[str, list[Tensor]] = {m: [torch.empty(0)] * len(views) for m in methods}
     for group in shape_groups(views):
         batch = torch.stack([views[j] for j in group])  # (b, 3, H, W)
-        tokens = backbone.token_paths(batch, token_paths_for(methods), pos_interpolation)  # (b, 1+hw, D) each
+        paths = token_paths_for(methods, seg, train)
+        tokens = backbone.token_paths(batch, paths, pos_interpolation)  # (b, 1+hw, D) each
         grid = view_grid(batch, backbone, resize)
-        method = method_maps(tokens, head, raw, projected, methods, grid=grid)  # (b, C, h, w) each
-        group_scores = image_scores(head, tokens["vproj"], neg, pos, score_text_bn)  # (b, C)
+        method = method_maps(tokens, head, raw, projected, methods, grid=grid, ours_tokens=seg)  # (b, C, h, w)
+        group_scores = image_scores(head, tokens[train], neg, pos, score_text_bn)  # (b, C)
         for k, j in enumerate(group):
             scores[j] = group_scores[k]
             for m in methods:

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from pipeline.api.record import describe_backbone, locate, project_root
-from pipeline.model.backbone import FrozenCLIP, load_backbone
+from pipeline.model.backbone import FrozenCLIP, FrozenTowers
 from pipeline.model.recalibrate import apply_bn_state, is_bn_state
+from pipeline.model.vit import load_any_backbone
 from pipeline.model.weights import WeightsError, sha256_file, weights_digest_of
 
 FIX = "set backbone.checkpoint (a local file) or backbone.pretrained (a tag) to those weights"
@@ -46,6 +47,18 @@ def recorded_image_size(meta: dict[str, Any]) -> int | None:
     fingerprint = ((prov.get("train_store") or {}).get("fingerprint")) or meta.get("fingerprint") or {}
     size = fingerprint.get("image_size")
     return int(size) if size else None
+
+
+def recorded_tokens(meta: dict[str, Any]) -> dict[str, str]:
+    """{"train": the token method the projectors were trained on, "seg": the one `ours` scores}:
+    meta["use"]["tokens"] where recorded, else the train store's fingerprint (backbone.tokens, absent
+    for the ResNet's vproj), else the ResNet names "vproj" / "vv", which a ViT reads as its own
+    defaults (MaskCLIP's value path, CLIP Surgery's v-v path)."""
+    use = (meta.get("use") or {}).get("tokens") or {}
+    prov = meta.get("provenance") or {}
+    fingerprint = ((prov.get("train_store") or {}).get("fingerprint")) or meta.get("fingerprint") or {}
+    stored = (fingerprint.get("backbone") or {}).get("tokens")
+    return {"train": use.get("train") or stored or "vproj", "seg": use.get("seg") or "vv"}
 
 
 def recorded_train_text_input(meta: dict[str, Any]) -> str:
@@ -83,7 +96,7 @@ def _from_record(digest: str, name: str, path: str | os.PathLike) -> tuple[str, 
 def resolve_backbone(meta: dict[str, Any], path: str | os.PathLike, *, checkpoint: str | os.PathLike | None,
                      pretrained: str | None, sha256: str | None, init_seed: int, name: str | None,
                      device: torch.device, precision: str = "fp32",
-                     channels_last: bool = False) -> FrozenCLIP:
+                     channels_last: bool = False) -> FrozenTowers:
     """The frozen backbone the projectors at `path` were trained on, with the given weights
     (checked against the recorded digest before loading) or the recorded ones."""
     recorded_name, recorded = recorded_backbone(meta)
@@ -98,7 +111,7 @@ def resolve_backbone(meta: dict[str, Any], path: str | os.PathLike, *, checkpoin
     if recorded is not None and _base(declared) != _base(recorded):
         raise WeightsError(f"backbone weights {declared} differ from {recorded} that {path} "
                            f"was trained on: {FIX}")
-    backbone = load_backbone(name, pretrained=None if checkpoint else pretrained,
+    backbone = load_any_backbone(name, pretrained=None if checkpoint else pretrained,
                              checkpoint=None if checkpoint is None else os.fspath(checkpoint),
                              sha256=sha256, device=str(device), precision=precision,
                              channels_last=channels_last, init_seed=init_seed)
@@ -127,7 +140,7 @@ def _bn_file(use: dict[str, Any], root: Path | None, path: str | os.PathLike, gi
 
 def backbone_from_use(meta: dict[str, Any], path: str | os.PathLike, *, checkpoint: str | os.PathLike | None,
                       pretrained: str | None, sha256: str | None, init_seed: int | None, device: torch.device,
-                      precision: str = "fp32", channels_last: bool = False) -> FrozenCLIP:
+                      precision: str = "fp32", channels_last: bool = False) -> FrozenTowers:
     """The backbone a recorded projectors file was trained on: the weights given (`checkpoint`,
     which may also be the recorded BatchNorm statistics file; `pretrained`), else the recorded ones
     from where the record says. Weights that are not there, or give another digest, are one
@@ -159,11 +172,11 @@ def backbone_from_use(meta: dict[str, Any], path: str | os.PathLike, *, checkpoi
         stats = torch.load(_bn_file(use, root, path, given_bn), map_location="cpu", weights_only=True)
         if not is_bn_state(stats):
             raise WeightsError(f"{given_bn or bn['path']} is not a BatchNorm statistics file: {SUPPLY}")
-    backbone = load_backbone(name, pretrained=None if checkpoint else pretrained,
-                             checkpoint=None if checkpoint is None else os.fspath(checkpoint),
-                             sha256=sha256, device=str(device), precision=precision,
-                             channels_last=channels_last, init_seed=init_seed)
-    if stats is not None:
+    backbone = load_any_backbone(name, pretrained=None if checkpoint else pretrained,
+                                 checkpoint=None if checkpoint is None else os.fspath(checkpoint),
+                                 sha256=sha256, device=str(device), precision=precision,
+                                 channels_last=channels_last, init_seed=init_seed)
+    if stats is not None and isinstance(backbone, FrozenCLIP):  # a ViT has no BatchNorm (no file)
         apply_bn_state(backbone, stats)
     if recorded is not None and _base(backbone.weights_digest) != _base(recorded):
         raise WeightsError(mismatch.format(backbone.weights_digest))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib.util
 import io
 import json
 from collections.abc import Iterable, Mapping
@@ -25,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from pipeline.config.backbones import check_backbone
 from pipeline.config.schema import RECIPES, Params
 from pipeline.config.yaml12 import read_yaml, yaml11_number, yaml_load
 from pipeline.errors import ParamError
@@ -35,7 +35,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PROFILES_DIR = PACKAGE_DIR / "profiles"
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 PACKAGED_PARAMS = PACKAGE_DIR / "params.yaml"  # a link to the repository's params.yaml (a copy in a wheel)
-MODEL_CONFIGS_DIR = PACKAGE_DIR.parent / "model" / "model_configs"  # read as files: no torch import
 FROM_RECIPE = "recipe"  # a value in the params file meaning "as the recipe says"
 
 
@@ -171,15 +170,6 @@ def load_params(
 
 
 # -- validation -----------------------------------------------------------------------------------
-def known_backbones() -> set[str]:
-    """ModifiedResNet CLIP configs of open_clip plus ours, found without importing torch."""
-    dirs = [MODEL_CONFIGS_DIR]
-    spec = importlib.util.find_spec("open_clip")
-    if spec and spec.origin:
-        dirs.append(Path(spec.origin).parent / "model_configs")
-    return {p.stem for d in dirs for p in d.glob("RN*.json")} | {p.stem for p in dirs[0].glob("*.json")}
-
-
 def _first_error(err: ValidationError) -> ParamError:
     errors = err.errors()
     e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo explains a "missing"
@@ -204,12 +194,7 @@ def validate(params: Mapping[str, Any]) -> Params:
         checked = Params.model_validate(params)
     except ValidationError as err:
         raise _first_error(err) from None
-    name = checked.backbone.name
-    known = known_backbones()
-    if name not in known:
-        raise ParamError(f"parameter 'backbone.name' must be a ModifiedResNet CLIP "
-                         f"({', '.join(sorted(known))}), got {name!r}")
-    return checked
+    return check_backbone(checked)
 
 
 def as_dict(section: BaseModel) -> dict[str, Any]:

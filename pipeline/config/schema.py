@@ -20,9 +20,9 @@ NonNegNumber = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
-def _multiple_of_32(v: int) -> int:
-    if v < 32 or v % 32:
-        raise ValueError("must be a positive multiple of 32")
+def _at_least_8(v: int) -> int:
+    if v < 8:  # a multiple of the backbone's token stride too: checked with the backbone (params.validate)
+        raise ValueError("must be at least 8 (and a multiple of the backbone's token stride)")
     return v
 
 
@@ -32,7 +32,7 @@ def _device(v: str) -> str:
     raise ValueError("must be auto, cpu, cuda or cuda:N")
 
 
-ImageSize = Annotated[int, AfterValidator(_multiple_of_32)]
+ImageSize = Annotated[int, AfterValidator(_at_least_8)]
 Device = Annotated[str, AfterValidator(_device)]
 Auto = Literal["auto"]
 
@@ -43,7 +43,10 @@ SegDataset = Literal["voc2012", "coco2017", "context59", "synthetic"]
 MfiClassSet = Literal["voc", "coco", "context59", "context_unseen", "synthetic"]
 MfiForm = Literal["paper", "authors-classes", "authors-features"]
 SegMethod = Literal["clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours",
-                    "clip-surgery-per-token"]
+                    "clip-surgery-per-token", "clearclip"]
+# Token methods of the backbones (pipeline/config/backbones.py): ResNet vproj | vv | qk | surgery,
+# ViT maskclip | clip-surgery | qk | clearclip; auto = the backbone's default for the role.
+TokenMethod = Literal["auto", "vproj", "vv", "qk", "surgery", "maskclip", "clip-surgery", "clearclip"]
 SegBackground = Literal["none", "softmax", "max-score"]
 MiouProtocol = Literal["dataset", "per-image-positive-pred", "per-image-positive-only", "per-image-predicted"]
 Interpolation = Literal["bilinear", "bicubic"]
@@ -91,7 +94,8 @@ class Data(Section):
 
 
 class Backbone(Section):
-    name: str = Field(description="open_clip ModifiedResNet config: RN50, RN101, RN50x4, tiny-RN")
+    name: str = Field(description="open_clip ModifiedResNet or OpenAI-style ViT config: RN50, RN101, "
+                      "RN50x4, ViT-B-16, ViT-B-32, ViT-L-14, ViT-L-14-336, tiny-RN, tiny-ViT")
     pretrained: str | None = Field(description="open_clip tag (openai); null = random init")
     checkpoint: str | None = Field(description="local weights file; wins over `pretrained`")
     sha256: str | None = Field(description="expected sha256 of `checkpoint`")
@@ -130,6 +134,10 @@ class Extract(Section):
         description="resize of the val / test store's un-augmented view (the MLR evaluation view): "
                     "bilinear (the authors' loader, torchvision's default) or bicubic; recorded in "
                     "the eval store's fingerprint")
+    tokens: TokenMethod = Field(
+        description="the tokens stored and trained on: auto (vproj, DualCoOp's value path, for a "
+                    "ResNet; maskclip, MaskCLIP's value path, for a ViT) or a token method of the "
+                    "backbone; in the store's fingerprint")
     transforms: Literal["workers", "device"] = Field(
         description="where images are decoded and augmented: workers (PIL, in the decode processes) "
                     "or device (the backbone's, e.g. nvJPEG + torchvision on a GPU; ~1 grey level "
@@ -247,6 +255,9 @@ class Seg(Section):
                     "(as the authors' cocoper.py rendered them)")
     pos_interpolation: Interpolation
     image_size: ImageSize
+    tokens: TokenMethod = Field(
+        description="the tokens `ours` scores (projected by projectors trained on extract.tokens): "
+                    "auto (vv for a ResNet, clip-surgery's v-v path for a ViT) or a token method")
 
 
 class ZsMlr(Section):

@@ -31,7 +31,7 @@ from pipeline.evaluation.segmentation import (
     score_maps,
     seg_view,
 )
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.backbone import FrozenTowers
 from pipeline.model.heads import UnmixHead
 
 
@@ -62,7 +62,7 @@ def object_classes(dataset: Any) -> list[str]:
     return names[1:] if dataset.has_background else names
 
 
-def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset: Any, *,
+def evaluate_segmentation(backbone: FrozenTowers, head: UnmixHead | None, dataset: Any, *,
                           image_size: int, batch_size: int = 16, background: str = "none",
                           threshold: float = 0.85, pos_interpolation: str = "bilinear",
                           interpolation: str = "bicubic", methods: Sequence[str] = METHODS,
@@ -70,7 +70,7 @@ def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset:
                           keep_predictions: bool = False, prompt: str = "plain",
                           text_input: str = "normalised", text_bn: str = "running",
                           voc_names: str = "official", ours_norm: str = "after",
-                          cs_ours_norm: str = "before") -> dict:
+                          cs_ours_norm: str = "before", ours_tokens: str | None = None) -> dict:
     """mIoU of every method, variant and protocol on a SegmentationDataset.
 
     Returns {"methods": {method: {variant: {protocol: mIoU %}}}, "per_class": {method: {variant:
@@ -80,7 +80,8 @@ def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset:
     Projected methods need `head`; their text enters the projector `text_input` (raw or
     L2-normalised) with BatchNorm statistics `text_bn` (running, or batch = of these C prompts);
     their image side is normalised after or before the image projector per `ours_norm` ("ours")
-    and `cs_ours_norm` ("clip-surgery+ours"), segmentation.IMAGE_NORMS.
+    and `cs_ours_norm` ("clip-surgery+ours"), segmentation.IMAGE_NORMS; "ours" scores the token
+    method `ours_tokens` (evaluate.seg.tokens; None: segmentation.TOKEN_PATH's).
     """
     names = object_classes(dataset)
     words = prompt_names(names, dataset.name, voc_names)
@@ -97,7 +98,7 @@ def evaluate_segmentation(backbone: FrozenCLIP, head: UnmixHead | None, dataset:
         indices = list(range(first, min(first + batch_size, num)))
         images = torch.stack([seg_view(dataset.image(i), image_size, interpolation) for i in indices])
         maps = score_maps(backbone, head, images, texts, pos_interpolation, ours_norm=ours_norm,
-                          cs_ours_norm=cs_ours_norm)  # (B, C, h, w) each
+                          cs_ours_norm=cs_ours_norm, ours_tokens=ours_tokens)  # (B, C, h, w) each
         for j, i in enumerate(indices):
             mask = dataset.mask(i)  # (H, W), its own size: the maps are upsampled to it
             targets = {v: variant_target(mask, v) for v in variants(dataset.has_background)}

@@ -18,6 +18,7 @@ from pipeline.evaluation.segmentation import (
     PROJECTED,
     TOKEN_PATH,
     maps_from_tokens,
+    method_path,
     normalised_maps,
 )
 from pipeline.evaluation.segmentation import (
@@ -40,17 +41,20 @@ __all__ = [
 METHODS = ("clip", "clip-vv", "ours")  # the overlay's columns: the paper's Figure 1 / 7 comparison
 
 
-def token_paths_for(methods: Sequence[str]) -> list[str]:
-    """Backbone token paths the methods need, plus "vproj" (the head's image-level scores)."""
+def token_paths_for(methods: Sequence[str], ours_tokens: str | None = None,
+                    train_tokens: str = "vproj") -> list[str]:
+    """Backbone token paths the methods need ("ours" on `ours_tokens` when given), plus
+    `train_tokens` (the head's image-level scores: the tokens it was trained on; a ViT reads
+    "vproj" as MaskCLIP's)."""
     unknown = [m for m in methods if m not in TOKEN_PATH]
     if unknown:
         raise ValueError(f"methods must be among {tuple(TOKEN_PATH)}, got {unknown}")
-    return sorted({"vproj", *(TOKEN_PATH[m] for m in methods)})
+    return sorted({train_tokens, *(method_path(m, ours_tokens) for m in methods)})
 
 
 def method_maps(tokens: dict[str, Tensor], head: UnmixHead, raw_text: Tensor, projected_text: Tensor,
                 methods: Sequence[str], *, ours_norm: str = "after", cs_ours_norm: str = "before",
-                grid: tuple[int, int] | None = None) -> dict[str, Tensor]:
+                grid: tuple[int, int] | None = None, ours_tokens: str | None = None) -> dict[str, Tensor]:
     """Score maps (B, C, h, w) float32 per method from one trunk pass's token paths (B, 1+hw, D):
     the evaluation's own maps_from_tokens, with the projected text for the projected methods.
     `grid` (h, w): the token grid of a view that kept its aspect ratio; None: square.
@@ -62,7 +66,8 @@ def method_maps(tokens: dict[str, Tensor], head: UnmixHead, raw_text: Tensor, pr
     first h x w scores read back as (h, w): the same numbers as a grid-aware computation."""
     texts = {m: projected_text if m in PROJECTED else raw_text for m in methods}
     if grid is None or grid[0] == grid[1]:
-        return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm)
+        return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm,
+                                ours_tokens=ours_tokens)
     height, width = grid
     count = height * width
     side = math.isqrt(count - 1) + 1  # the smallest square with side^2 >= count
@@ -71,7 +76,8 @@ def method_maps(tokens: dict[str, Tensor], head: UnmixHead, raw_text: Tensor, pr
         if t.shape[1] != 1 + count:
             raise ValueError(f"{path} tokens {tuple(t.shape)} do not make a {height} x {width} grid")
         padded[path] = torch.cat([t, t[:, -1:].expand(-1, side * side - count, -1)], dim=1)
-    maps = maps_from_tokens(padded, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm)
+    maps = maps_from_tokens(padded, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm,
+                            ours_tokens=ours_tokens)
     return {m: s.flatten(2)[:, :, :count].unflatten(2, (height, width)).contiguous()  # (B, C, h, w)
             for m, s in maps.items()}
 

@@ -15,8 +15,14 @@ released"), each a pair (image tokens, class text features) compared per token:
   "clip-surgery-per-token"  this project's own variant: v-v tokens and CLIP text through feature
                       surgery whose class weights come from every token's own similarities
                       (`feature_surgery_per_token`; as the first public version of CLIP Surgery's
-                      clip.py did), not the released computation.
-All token sets come from one trunk pass (FrozenCLIP.token_paths). The mean token (position 0)
+                      clip.py did), not the released computation;
+  "clearclip"         a ViT only: ClearCLIP's last block (q-q attention, no residual, no MLP) vs
+                      raw CLIP text (cosine).
+On a ViT (model/vit.py) the same names take its token methods: "clip" its ordinary output tokens,
+"clip-vproj" MaskCLIP's value path, "clip-surgery" / "clip-vv" CLIP Surgery's ViT v-v dual path
+(with and without feature surgery). "ours" scores the token method `ours_tokens` (params
+evaluate.seg.tokens: vv for a ResNet, clip-surgery for a ViT by default), `method_path`.
+All token sets come from one trunk pass (FrozenTowers.token_paths). The mean token (position 0)
 is dropped from the maps (feature surgery uses it for its class weights); the H x W grid gives a
 (C, h, w) map per image.
 
@@ -45,25 +51,41 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from pipeline.config.backbones import backbone_kind
 from pipeline.config.params import ParamError
 from pipeline.data.augment import eval_view
-from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenCLIP
+from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTowers
 from pipeline.model.heads import UnmixHead
 
 METHODS = ("clip", "clip-vproj", "clip-surgery", "clip-vv", "ours", "clip-surgery+ours",
-           "clip-surgery-per-token")
+           "clip-surgery-per-token")  # every backbone's
+VIT_ONLY_METHODS = ("clearclip",)  # a ViT's token_paths only
 METHOD_LABELS = {"clip": "CLIP (q-k)", "clip-vproj": "CLIP v-proj (DualCoOp tokens)",
                  "clip-surgery": "CLIP Surgery", "clip-vv": "CLIP-VV", "ours": "ours (Unmix-CLIP)",
                  "clip-surgery+ours": "CLIP Surgery + ours",
-                 "clip-surgery-per-token": "CLIP Surgery, per-token weights (this project's)"}
+                 "clip-surgery-per-token": "CLIP Surgery, per-token weights (this project's)",
+                 "clearclip": "ClearCLIP (ViT: q-q last block)"}
+VIT_LABELS = {**METHOD_LABELS, "clip": "CLIP (ViT output tokens)", "clip-vproj": "MaskCLIP (value path)",
+              "clip-surgery": "CLIP Surgery (ViT v-v path)", "clip-vv": "CLIP Surgery's v-v tokens (cosine)"}
 PROJECTED = ("ours", "clip-surgery+ours")  # methods that need the trained head
 SURGERY = ("clip-surgery", "clip-surgery+ours")  # feature surgery as released (weights from token 0)
 TOKEN_PATH = {"clip": "qk", "clip-vproj": "vproj", "clip-surgery": "surgery", "clip-vv": "vv",
-              "ours": "vv", "clip-surgery+ours": "surgery", "clip-surgery-per-token": "vv"}
+              "ours": "vv", "clip-surgery+ours": "surgery", "clip-surgery-per-token": "vv",
+              "clearclip": "clearclip"}  # a ViT's token_paths reads vproj / vv / surgery as its own
 IMAGE_NORMS = ("after", "before")  # projected methods: L2 after the image projector, or before it
 BACKGROUND_RULES = ("none", "softmax", "max-score")
 SOFTMAX_SCALE = 100.0  # GEM: softmax over classes of 100 x the normalised maps
 IGNORE_INDEX = 255
+
+
+def method_labels(backbone_name: str) -> dict[str, str]:
+    """Display names of the methods on this backbone: a ViT's say which ViT method they compute."""
+    return VIT_LABELS if backbone_kind(backbone_name) == "vit" else METHOD_LABELS
+
+
+def method_path(method: str, ours_tokens: str | None = None) -> str:
+    """The backbone token path a method scores: TOKEN_PATH, with "ours" on `ours_tokens` when given."""
+    return ours_tokens if method == "ours" and ours_tokens else TOKEN_PATH[method]
 
 
 def seg_view(image: Image.Image, size: int, interpolation: str = "bicubic") -> Tensor:
@@ -132,7 +154,7 @@ def project_image_tokens(head: UnmixHead, tokens: Tensor, norm: str) -> Tensor:
 PROMPTS = {"plain": PLAIN_TEMPLATE, "positive": POSITIVE_TEMPLATE}
 
 
-def plain_text(backbone: FrozenCLIP, classnames: Sequence[str], prompt: str = "plain",
+def plain_text(backbone: FrozenTowers, classnames: Sequence[str], prompt: str = "plain",
                normalise: bool = True) -> Tensor:
     """CLIP text features (C, D) of the evaluation prompt (default: the paper's ZS3 / MFI prompt);
     `normalise` False gives the raw encode_text output (evaluate.text_input raw)."""
@@ -163,20 +185,24 @@ def method_text(raw_text: Tensor, head: UnmixHead | None, methods: Sequence[str]
 
 
 @torch.no_grad()
-def score_maps(backbone: FrozenCLIP, head: UnmixHead | None, images: Tensor, texts: dict[str, Tensor],
+def score_maps(backbone: FrozenTowers, head: UnmixHead | None, images: Tensor, texts: dict[str, Tensor],
                pos_interpolation: str = "bilinear", *, ours_norm: str = "after",
-               cs_ours_norm: str = "before") -> dict[str, Tensor]:
+               cs_ours_norm: str = "before", ours_tokens: str | None = None) -> dict[str, Tensor]:
     """Per method in `texts`: score maps (B, C, h, w) on the token grid, float32 on the backbone's
     device (where the post-processing runs too). One trunk pass gives every token path needed;
     images are square (seg_view), so the grid is square. ours_norm / cs_ours_norm: the image-side
-    normalisation of "ours" / "clip-surgery+ours" (IMAGE_NORMS)."""
-    tokens = backbone.token_paths(images, sorted({TOKEN_PATH[m] for m in texts}), pos_interpolation)
-    return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm)
+    normalisation of "ours" / "clip-surgery+ours" (IMAGE_NORMS); ours_tokens: the token method
+    "ours" scores (None: TOKEN_PATH's)."""
+    tokens = backbone.token_paths(images, sorted({method_path(m, ours_tokens) for m in texts}),
+                                  pos_interpolation)
+    return maps_from_tokens(tokens, head, texts, ours_norm=ours_norm, cs_ours_norm=cs_ours_norm,
+                            ours_tokens=ours_tokens)
 
 
 @torch.no_grad()
 def maps_from_tokens(tokens: dict[str, Tensor], head: UnmixHead | None, texts: dict[str, Tensor], *,
-                     ours_norm: str = "after", cs_ours_norm: str = "before") -> dict[str, Tensor]:
+                     ours_norm: str = "after", cs_ours_norm: str = "before",
+                     ours_tokens: str | None = None) -> dict[str, Tensor]:
     """score_maps on token paths already computed (B, 1+hw, D) each: the one place that decides a
     method's features (tokens, or their projection, once per token path and normalisation) and its
     similarity (released feature surgery, the per-token variant, cosine, or the projected dot product).
@@ -188,7 +214,7 @@ def maps_from_tokens(tokens: dict[str, Tensor], head: UnmixHead | None, texts: d
     projected: dict[tuple[str, str], Tensor] = {}
     maps: dict[str, Tensor] = {}
     for m, text in texts.items():
-        path = TOKEN_PATH[m]
+        path = method_path(m, ours_tokens)
         if m in PROJECTED:
             norm = ours_norm if m == "ours" else cs_ours_norm
             if (path, norm) not in projected:

@@ -15,7 +15,7 @@ from pipeline.config import paths
 from pipeline.config.schema import Params, Paths
 from pipeline.data.datasets import require_reachable
 from pipeline.errors import DatasetError, TrainingError
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.backbone import FrozenTowers
 from pipeline.model.build import backbone_from_params, resolve_device
 from pipeline.model.heads import UnmixHead
 from pipeline.model.projectors import load_projectors
@@ -30,7 +30,7 @@ CONTEXT59_HELP = (
     "with --set 'evaluate.seg.datasets=[voc2012,coco2017]'")
 
 
-def backbone_and_head(params: Params) -> tuple[FrozenCLIP, UnmixHead, dict, dict]:
+def backbone_and_head(params: Params) -> tuple[FrozenTowers, UnmixHead, dict, dict]:
     """The frozen backbone, the evaluated projectors, their meta and their source
     (pipeline.evaluation.sources.source)."""
     device = resolve_device(params.backbone.device)
@@ -67,14 +67,19 @@ def load_head(params: Params, device: torch.device, embed_dim: int | None = None
 
 
 def source(params: Params, path: Path, meta: dict) -> dict:
-    """What produced a result: the projectors file, which one and its epoch, and the recipe."""
+    """What produced a result: the projectors file, which one and its epoch, the recipe, the
+    backbone and its token methods (trained on: extract.tokens; scored by ZS3 `ours`: evaluate.seg.tokens)."""
     return {"projectors": {"which": params.evaluate.projectors, "path": str(path),
                            "epoch": meta.get("epoch")},
-            "recipe": params.recipe}
+            "recipe": params.recipe, "backbone": params.backbone.name,
+            "tokens": {"train": params.extract.tokens, "seg": params.evaluate.seg.tokens}}
 
 
 def source_line(src: dict) -> str:
     """The provenance sentence every table starts with."""
     p = src["projectors"]
+    tokens = src.get("tokens") or {}
+    backbone = (f"; backbone: {src['backbone']}, tokens: {tokens.get('train')} (trained on), "
+                f"{tokens.get('seg')} (ZS3 ours)") if src.get("backbone") else ""
     return (f"Projectors: {p['which']} ({p['path']}, epoch {p['epoch']}); "
-            f"recipe: {src['recipe']}.")
+            f"recipe: {src['recipe']}{backbone}.")

@@ -47,6 +47,7 @@ FIXED_WORDS = {
     "clip-vv": "clip-vv (v-v tokens, cosine)",
     "clip-surgery-per-token": "clip-surgery-per-token (this project's variant: v-v tokens, feature "
                               "surgery weighted per token)",
+    "clearclip": "clearclip (ViT: ClearCLIP's last block, q-q attention without residual or MLP, cosine)",
 }
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pipeline.data.classes import prompt_names
 from pipeline.evaluation.metrics import average_precision
 from pipeline.evaluation.segmentation import method_text, plain_text, predict, score_maps, seg_view
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.backbone import FrozenTowers
 from pipeline.model.heads import UnmixHead
 
 CLIP_LOGIT_SCALE = 100.0  # exp(logit_scale) of the pretrained OpenAI models (clamped at 100)
@@ -34,7 +34,7 @@ REGION_MODES = ("mask", "crop")
 
 
 @torch.no_grad()
-def global_probabilities(backbone: FrozenCLIP, images: Tensor, text: Tensor, chunk: int = 32) -> Tensor:
+def global_probabilities(backbone: FrozenTowers, images: Tensor, text: Tensor, chunk: int = 32) -> Tensor:
     """CLIP zero-shot class probabilities (N, C) of images (N, 3, S, S) against text (C, D)."""
     out = []
     for start in range(0, images.shape[0], chunk):
@@ -70,7 +70,7 @@ def region_views(images: Tensor, labels: Tensor, min_area: float = 0.01,
     return owners, stacked
 
 
-def region_probabilities(backbone: FrozenCLIP, images: Tensor, labels: Tensor, text: Tensor,
+def region_probabilities(backbone: FrozenTowers, images: Tensor, labels: Tensor, text: Tensor,
                          min_area: float = 0.01, mode: str = "mask") -> Tensor:
     """r (B, C): class c's CLIP probability on the view of its own region; 0 where not segmented."""
     owners, views = region_views(images, labels, min_area, mode)
@@ -86,14 +86,16 @@ def combine(global_scores: np.ndarray, region_scores: np.ndarray, weight: float)
     return (1.0 - weight) * global_scores + weight * region_scores
 
 
-def zero_shot_mlr(backbone: FrozenCLIP, head: UnmixHead, dataset: Any, *, image_size: int,
+def zero_shot_mlr(backbone: FrozenTowers, head: UnmixHead, dataset: Any, *, image_size: int,
                   batch_size: int = 16, region_weight: float = 0.5, threshold: float = 0.85,
                   pos_interpolation: str = "bilinear", min_area: float = 0.01, region_mode: str = "mask",
                   limit: int | None = None, progress: bool = True, prompt: str = "plain",
                   interpolation: str = "bicubic", text_input: str = "normalised",
-                  text_bn: str = "running", voc_names: str = "official", ours_norm: str = "after") -> dict:
+                  text_bn: str = "running", voc_names: str = "official", ours_norm: str = "after",
+                  ours_tokens: str | None = None) -> dict:
     """mAP of CLIP global alone, of the regions alone and of the combination on a MultiLabelDataset.
-    The regions are those of "ours" with its image side normalised `ours_norm` (segmentation.IMAGE_NORMS).
+    The regions are those of "ours" on the token method `ours_tokens` (evaluate.seg.tokens; None:
+    segmentation.TOKEN_PATH's) with its image side normalised `ours_norm` (segmentation.IMAGE_NORMS).
 
     Returns {"map": {"clip", "regions", "combined"}, "per_class_ap": {...}, "scores": {name: (N, C)},
     "labels" (N, C), "num_images", "seconds_per_image", "classnames"}.
@@ -113,7 +115,7 @@ def zero_shot_mlr(backbone: FrozenCLIP, head: UnmixHead, dataset: Any, *, image_
         images = torch.stack([seg_view(dataset.image(i), image_size, interpolation)
                               for i in indices])  # (B, 3, S, S)
         maps = score_maps(backbone, head, images, texts, pos_interpolation,
-                          ours_norm=ours_norm)["ours"]  # (B, C, h, w)
+                          ours_norm=ours_norm, ours_tokens=ours_tokens)["ours"]  # (B, C, h, w)
         labels = torch.stack([predict(m, (image_size, image_size), "max-score", threshold).cpu()
                               for m in maps])  # (B, S, S): 0 background, k + 1 class k
         glob.append(global_probabilities(backbone, images, raw).numpy())

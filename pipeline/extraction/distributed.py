@@ -21,16 +21,16 @@ from typing import Any
 from pipeline.config.schema import Backbone
 from pipeline.data.images import BadImageError
 from pipeline.extraction.encode import encode_shards
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.backbone import FrozenTowers
 from pipeline.model.build import backbone_from_params
 from pipeline.store.cache import FeatureCache
 
 log = logging.getLogger(__name__)
 
-_BACKBONES: dict[str, FrozenCLIP] = {}  # per worker process: backbone params (JSON) -> model
+_BACKBONES: dict[str, FrozenTowers] = {}  # per worker process: backbone params (JSON) -> model
 
 
-def worker_backbone(backbone_params: Backbone) -> FrozenCLIP:
+def worker_backbone(backbone_params: Backbone) -> FrozenTowers:
     """The backbone for these params, built on first use in this process and kept."""
     key = backbone_params.model_dump_json()
     if key not in _BACKBONES:
@@ -39,7 +39,8 @@ def worker_backbone(backbone_params: Backbone) -> FrozenCLIP:
 
 
 def extract_shard_task(store_path: str, shard: int, spec: Any, backbone_params: Backbone,
-                       weights_digest: str, batch_images: int, on_bad_image: str) -> dict[str, Any]:
+                       weights_digest: str, batch_images: int, on_bad_image: str,
+                       tokens: str | None = None) -> dict[str, Any]:
     """Encode and write one shard; returns {"shard", "images", "bad"} or {"shard", "error"}.
 
     A bad image in "error" mode comes back as data (path, reason), not as an exception:
@@ -54,7 +55,8 @@ def extract_shard_task(store_path: str, shard: int, spec: Any, backbone_params: 
     start, stop = cache.shard_range(shard)
     try:
         bad = encode_shards(backbone, cache, [shard], spec.subset(start, stop),
-                            batch_images=batch_images, num_workers=0, on_bad_image=on_bad_image)
+                            batch_images=batch_images, num_workers=0, on_bad_image=on_bad_image,
+                            tokens=tokens)
     except BadImageError as err:
         return {"shard": shard, "error": (str(err.path), err.reason)}
     return {"shard": shard, "images": stop - start, "bad": bad}
@@ -71,7 +73,8 @@ def extract_distributed(cache: FeatureCache, shards: Sequence[int], spec: Any,
                         backbone_params: Backbone, weights_digest: str, *,
                         batch_images: int, on_bad_image: str, workers: int = 0,
                         scheduler: str | None = None,
-                        on_images: Callable[[int], None] = lambda n: None) -> list[tuple[str, str]]:
+                        on_images: Callable[[int], None] = lambda n: None,
+                        tokens: str | None = None) -> list[tuple[str, str]]:
     """Run ``shards`` as tasks on a LocalCluster of ``workers`` processes (one thread each) or on
     the scheduler at ``scheduler``; returns the skipped (path, reason) pairs."""
     from dask.distributed import Client, LocalCluster, as_completed
@@ -90,7 +93,7 @@ def extract_distributed(cache: FeatureCache, shards: Sequence[int], spec: Any,
             client = Client(cluster)
         params, store = _absolute(backbone_params), str(cache.path.resolve())
         futures = [client.submit(extract_shard_task, store, s, spec.subset(*cache.shard_range(s)),
-                                 params, weights_digest, batch_images, on_bad_image, pure=False)
+                                 params, weights_digest, batch_images, on_bad_image, tokens, pure=False)
                    for s in shards]
         for future in as_completed(futures):
             result = future.result()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.config.backbones import token_stride
 from pipeline.config.schema import Backbone
 from pipeline.data.datasets import MultiLabelDataset
 from pipeline.extraction.encode import (  # noqa: F401  (InjectedFailure: re-exported for tests)
@@ -28,7 +30,7 @@ from pipeline.extraction.encode import (  # noqa: F401  (InjectedFailure: re-exp
 )
 from pipeline.extraction.inputs import recheck_inputs
 from pipeline.extraction.views import DEFAULT_AUGMENT, TRANSFORMS, ViewSpec
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.backbone import FrozenTowers
 from pipeline.model.build import backbone_from_params
 from pipeline.store.cache import CacheError, FeatureCache, FingerprintMismatch
 from pipeline.store.create import create_or_open
@@ -37,8 +39,6 @@ from pipeline.store.integrity import unsound_shards
 from pipeline.store.lock import StoreLock
 
 log = logging.getLogger(__name__)
-
-BACKBONE_STRIDE = 32  # ModifiedResNet: layer4 is 1/32 of the input side
 
 
 def package_version() -> str:
@@ -55,6 +55,32 @@ def resolve_num_workers(value: int | str) -> int:
     return int(value)
 
 
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def require_disk_space(cache: FeatureCache, todo: int) -> int:
+    """Print the store's size and what `todo` images still add, and refuse (CacheError naming both
+    numbers) when the store's disk has less free space than that; returns the bytes to write.
+    Tokens only (labels, status and metadata are kilobytes); uncompressed, an upper bound under zstd.
+    A ViT-L/14 at 448 px with 4 views is about 0.5 TB for COCO-14's 82,783 images."""
+    per_image = cache.views * cache.num_tokens * cache.dim * cache.dtype.itemsize
+    needed = todo * per_image
+    free = shutil.disk_usage(cache.path).free
+    print(f"{cache.path}: {cache.num_images} images x {cache.views} views x {cache.num_tokens} tokens x "
+          f"{cache.dim} {cache.dtype.name} = {_size(cache.num_images * per_image)}; "
+          f"{_size(needed)} still to write, {_size(free)} free there", flush=True)
+    if needed > free:
+        raise CacheError(f"{cache.path}: the store needs {needed} bytes ({_size(needed)}) more but its "
+                         f"disk has {free} bytes ({_size(free)}) free: free space, or set paths.cache "
+                         "to a larger disk (or lower extract.views / backbone.image_size)")
+    return needed
+
+
 def recheck_complete(cache: FeatureCache) -> list[int]:
     """Un-mark (and return) the shards whose completion mark is damaged or that fail the cheap
     soundness check (pipeline/store/integrity.py: status chunk 0/1, shard file, index crc32c and chunk
@@ -66,11 +92,12 @@ def recheck_complete(cache: FeatureCache) -> list[int]:
     return list(damaged)
 
 
-def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
+def fingerprint(dataset: MultiLabelDataset, backbone: FrozenTowers, *, views: int,
                 train_augment: bool, seed: int, image_size: int, dtype: str,
                 augment: dict[str, Any], precision: str, batch_images: int,
                 transforms: str = "workers", record: dict[str, Any] | None = None,
-                annotations: str | None = None, eval_interpolation: str = "bicubic") -> dict[str, Any]:
+                annotations: str | None = None, eval_interpolation: str = "bicubic",
+                tokens: str = "vproj") -> dict[str, Any]:
     """Everything that changes the stored numbers; a store built otherwise is refused, not mixed.
 
     Besides the weights and the views this includes what changes the last bits of the forward:
@@ -81,14 +108,17 @@ def fingerprint(dataset: MultiLabelDataset, backbone: FrozenCLIP, *, views: int,
     then refuse the store). ``inputs`` holds the annotation files' digest and, once every shard
     is written, the images' (pipeline/store/inputs.py); they are not part of the store id.
     An un-augmented (eval) store records its resize, ``augment: {enabled: False, interpolation}``;
-    train stores' fingerprints do not change with it.
+    train stores' fingerprints do not change with it. ``tokens``, the token method stored, is
+    recorded as backbone.tokens unless it is "vproj" (the ResNet tokens every store held before
+    the key existed: their fingerprints stay as they were).
     """
     made_on_device = {"transforms": "device"} if transforms == "device" else {}
+    method = {} if tokens == "vproj" else {"tokens": tokens}
     return {
         "backbone": {"name": backbone.name, "weights_digest": backbone.weights_digest,
                      "precision": precision, "channels_last": backbone.channels_last,
                      "compile": backbone.compiled, "device": backbone.device.type,
-                     "batch_images": batch_images},
+                     "batch_images": batch_images, **method},
         "image_size": image_size,
         "views": views,
         "augment": ({"enabled": True, **augment} if train_augment
@@ -111,9 +141,9 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             augment: dict[str, Any] | None = None, restart_on_change: bool = False,
             progress: bool = True, workers: int = 0, scheduler: str | None = None,
             fail_after_shards: int | None = None, stats: dict[str, Any] | None = None,
-            backbone: FrozenCLIP | None = None, break_lock: bool = False,
+            backbone: FrozenTowers | None = None, break_lock: bool = False,
             transforms: str = "workers", record: dict[str, Any] | None = None,
-            eval_interpolation: str = "bicubic") -> FeatureCache:
+            eval_interpolation: str = "bicubic", tokens: str | None = None) -> FeatureCache:
     """Extract (or resume) the spatial tokens of ``dataset`` into the store at ``store_path``.
 
     ``backbone_params`` is the params' backbone section (Dask workers rebuild the model from it;
@@ -132,13 +162,23 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
     shards from the first changed one, a changed image file redoes its shard, changed annotations
     rewrite the labels only (pipeline/store/update.py, pipeline/extraction/inputs.py).
     ``eval_interpolation`` (bicubic | bilinear) resizes the un-augmented views of an eval store.
+    ``tokens`` is the backbone's token method stored (None: its default, `spatial_tokens`); the
+    store is (N, K, 1 + h*w, D), h, w = image_size / the backbone's token stride, token 0 the
+    class (ViT) or mean (ResNet) token. Before encoding, the bytes still to write are printed and
+    compared with the free space of the store's disk (`require_disk_space`).
     """
     if on_bad_image not in ("error", "skip"):
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     if not train_augment and views != 1:
         raise ValueError(f"views={views} without augmentation would store {views} identical copies")
-    if image_size % BACKBONE_STRIDE:
-        raise ValueError(f"image_size must be a multiple of {BACKBONE_STRIDE}, got {image_size}")
+    # the built backbone's own stride when one is given (any name), else the params' name's
+    given = backbone.stride if backbone is not None else token_stride(backbone_params.name)
+    stride = given if isinstance(given, int) else given[0]
+    if not isinstance(given, int) and given[0] != given[1]:
+        raise ValueError(f"square views need square patches; {backbone_params.name} has {given}")
+    if image_size % stride:
+        raise ValueError(f"image_size must be a multiple of the backbone's token stride {stride}, "
+                         f"got {image_size}")
     augment = {**DEFAULT_AUGMENT, **(augment or {})}
     if transforms not in TRANSFORMS:
         raise ValueError(f"transforms must be one of {TRANSFORMS}, got {transforms!r}")
@@ -147,7 +187,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
                          "(the `randaugment` package works on PIL images only): use transforms "
                          "workers or randaugment torchvision")
     backbone = backbone or backbone_from_params(backbone_params)
-    grid = image_size // BACKBONE_STRIDE
+    tokens = tokens or backbone.default_tokens
+    grid = image_size // stride
     annotation_files = annotation_records(dataset.sources, dataset.root) if dataset.root else {}
     layout: dict[str, Any] = {
         "ids": [r.image_id for r in dataset.records], "labels": dataset.labels,
@@ -159,7 +200,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
                                 precision=backbone.precision,
                                 batch_images=max(1, batch_size // views), transforms=transforms,
                                 record=record, annotations=records_digest(annotation_files),
-                                eval_interpolation=eval_interpolation),
+                                eval_interpolation=eval_interpolation, tokens=tokens),
         "annotation_files": annotation_files, "update": True}
     with StoreLock(store_path, break_lock=break_lock):  # one writer per store, for the whole run
         try:
@@ -185,6 +226,7 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
 
         shards = cache.incomplete_shards()
         todo = sum(b - a for a, b in map(cache.shard_range, shards))
+        require_disk_space(cache, todo)
         # absolute paths: Dask workers on other hosts may run in another working directory
         spec = ViewSpec(tuple(str(r.path.resolve()) for r in dataset.records), views, train_augment, seed,
                         image_size, augment, transforms=transforms,
@@ -198,11 +240,13 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
                 from pipeline.extraction.distributed import extract_distributed
                 bad = extract_distributed(cache, shards, spec, backbone_params, backbone.weights_digest,
                                           batch_images=batch_images, on_bad_image=on_bad_image,
-                                          workers=workers, scheduler=scheduler, on_images=bar.update)
+                                          workers=workers, scheduler=scheduler, on_images=bar.update,
+                                          tokens=tokens)
             elif shards:
                 bad = encode_shards(backbone, cache, shards, spec, batch_images=batch_images,
                                     num_workers=resolve_num_workers(num_workers), on_bad_image=on_bad_image,
-                                    on_images=bar.update, fail_after_shards=fail_after_shards)
+                                    on_images=bar.update, fail_after_shards=fail_after_shards,
+                                    tokens=tokens)
             else:
                 bad = []
         finally:

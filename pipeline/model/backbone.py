@@ -41,13 +41,42 @@ TOKEN_PATHS = ("vproj", "vv", "qk", "surgery")  # per-token paths of the attenti
 
 class FrozenTowers(nn.Module):
     """What every frozen CLIP wrapper shares (FrozenCLIP for ResNets, model.vit.FrozenViT for ViTs):
-    eval mode for good, the precision's autocast, and the text tower. Subclasses set `model`,
-    `device`, `precision` and `tokenizer`."""
+    eval mode for good, the precision's autocast, and the text tower. Subclasses set the attributes
+    below and give the token methods (`spatial_tokens`, `token_paths`, `global_embedding`): every
+    stage types its backbone as FrozenTowers and so runs either tower."""
 
     model: Any
     device: torch.device
     precision: str
     tokenizer: Any
+    name: str
+    weights_digest: str
+    embed_dim: int
+    image_size: int | tuple[int, int]
+    stride: int | tuple[int, int]  # input pixels per token side
+    channels_last: bool
+    compiled: bool
+
+    @property
+    def default_tokens(self) -> str:
+        """The token path `spatial_tokens` gives (what the projectors train on by default)."""
+        raise NotImplementedError
+
+    def spatial_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_paths(self, images: torch.Tensor, paths: Iterable[str] = (),
+                    pos_interpolation: str = "bilinear") -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def global_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokens(self, images: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        """One token method's tokens (B, 1+hw, D) float32; None: `spatial_tokens` (the default)."""
+        if method is None or method == self.default_tokens:
+            return self.spatial_tokens(images)
+        return self.token_paths(images, (method,))[method]
 
     def train(self, mode: bool = True) -> FrozenTowers:
         """Stay in eval mode: BatchNorm statistics of a frozen backbone must not drift, and a ViT's
@@ -112,6 +141,10 @@ class FrozenCLIP(FrozenTowers):
         self.image_size: int = model.visual.image_size
         self.stride: int = 32  # input pixels per token side: layer4 is 1/32 of the input
         self.eval()
+
+    @property
+    def default_tokens(self) -> str:
+        return "vproj"
 
     def _trunk_eager(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.model.visual

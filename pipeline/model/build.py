@@ -4,7 +4,9 @@ The backbone is where a run can silently mean nothing: random weights print one 
 pretrained tag that is neither cached nor reachable fails in seconds naming `backbone.checkpoint`
 and `backbone.pretrained: null`, and `backbone.recalibrate_bn` (random init only) re-estimates the
 BatchNorm statistics on the training dataset's own images (else a random ModifiedResNet maps every
-image to nearly the same tokens; docs/TESTING.md, trap 1).
+image to nearly the same tokens; docs/TESTING.md, trap 1). Either tower: a ModifiedResNet gives a
+FrozenCLIP, an OpenAI-style ViT a FrozenViT (model.vit.load_any_backbone); a ViT has LayerNorms,
+no BatchNorm, so recalibrating one is refused.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import sys
 
 import torch
 
+from pipeline.config.backbones import backbone_kind
 from pipeline.config.schema import Backbone, Model, Params
-from pipeline.model.backbone import FrozenCLIP, load_backbone
+from pipeline.model.backbone import FrozenTowers
 from pipeline.model.heads import UnmixHead
+from pipeline.model.vit import FrozenViT, load_any_backbone
 from pipeline.model.weights import check_pretrained_available
 
 
@@ -31,13 +35,14 @@ def is_random(b: Backbone) -> bool:
 
 
 def random_warning(b: Backbone) -> str:
-    fix = "" if b.recalibrate_bn else "; set 'backbone.recalibrate_bn: true' at least"
+    resnet = backbone_kind(b.name) == "resnet"  # a ViT has no BatchNorm statistics to recalibrate
+    fix = "" if b.recalibrate_bn or not resnet else "; set 'backbone.recalibrate_bn: true' at least"
     return (f"WARNING: backbone {b.name} has RANDOM weights (backbone.pretrained: null, no "
             f"backbone.checkpoint): every number of this run means nothing{fix}")
 
 
 def backbone_from_params(b: Backbone, device: torch.device | None = None, *,
-                         params: Params | None = None) -> FrozenCLIP:
+                         params: Params | None = None) -> FrozenTowers:
     """The frozen backbone of the backbone section (BatchNorm recalibrated when asked, which needs
     the whole `params` too: the statistics come from the training images of data and paths)."""
     from pipeline.config.params import ParamError
@@ -48,10 +53,13 @@ def backbone_from_params(b: Backbone, device: torch.device | None = None, *,
     pretrained = None if b.checkpoint else b.pretrained
     if pretrained not in (None, "random"):
         check_pretrained_available(b.name, pretrained)
-    backbone = load_backbone(
+    backbone = load_any_backbone(
         b.name, pretrained=pretrained, checkpoint=b.checkpoint, sha256=b.sha256,
         device=str(device or resolve_device(b.device)), precision=b.precision,
         channels_last=b.channels_last, compile=b.compile, init_seed=b.init_seed)
+    if b.recalibrate_bn and isinstance(backbone, FrozenViT):
+        raise ParamError(f"'backbone.recalibrate_bn': {b.name} is a ViT, whose LayerNorms have no running "
+                         "statistics to recalibrate: set it false")
     if is_random(b):
         print(random_warning(b), file=sys.stderr, flush=True)
         if b.recalibrate_bn:  # imported only then: it reads the dataset

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.config.schema import Params
-from pipeline.model.backbone import FrozenCLIP
+from pipeline.model.backbone import FrozenCLIP, FrozenTowers
 
 RECALIBRATION_IMAGES = 128  # first training images (sorted by id), one un-augmented view each
 RECALIBRATION_BATCH = 32
@@ -68,12 +68,14 @@ def recalibrate_on_images(backbone: FrozenCLIP, images: Sequence[str | Path], im
     recalibrate_batchnorm(backbone, batches)
 
 
-def recalibrate_on_dataset(backbone: FrozenCLIP, params: Params) -> None:
+def recalibrate_on_dataset(backbone: FrozenTowers, params: Params) -> None:
     """BatchNorm statistics from the first training images; cached under paths.cache/backbone so
     every stage (and every Dask worker) gets the same statistics without recomputing them."""
     from pipeline.config import paths
     from pipeline.data.datasets import load_multilabel
 
+    if not isinstance(backbone, FrozenCLIP):  # build.backbone_from_params refuses a ViT before this
+        raise TypeError(f"{backbone.name}: only a ModifiedResNet has BatchNorm statistics to recalibrate")
     b, d = params.backbone, params.data
     stats_file = bn_state_file(params)
 

@@ -67,6 +67,10 @@ class FrozenViT(FrozenTowers):
         self.tokenizer = open_clip.get_tokenizer(name)
         self.eval()
 
+    @property
+    def default_tokens(self) -> str:
+        return "maskclip"
+
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, torch.float32, non_blocking=True)
 

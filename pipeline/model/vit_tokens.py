@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
+from pipeline.config.backbones import vit_config_refusal  # noqa: F401  (the torch-free check, re-exported)
 from pipeline.model.attention_pool import multi_head_attention, resize_positional_embedding
 
 VIT_METHODS = ("qk", "maskclip", "clearclip", "clip-surgery")
 # FrozenCLIP's path names (ResNet attention pool) -> their ViT counterparts, so that callers asking
 # for ("vproj", "vv", "qk") get the value path and the v-v path of whichever tower they hold.
-PATH_ALIASES = {"vproj": "maskclip", "vv": "clip-surgery"}
+PATH_ALIASES = {"vproj": "maskclip", "vv": "clip-surgery", "surgery": "clip-surgery"}
 SURGERY_BLOCKS = 6  # CLIP Surgery's dual path runs through the last 6 blocks
 
 
@@ -50,31 +51,6 @@ def vit_refusal(visual: Any) -> str | None:
     gh, gw = visual.grid_size
     if visual.positional_embedding.shape[0] != 1 + gh * gw:
         return f"its positional embedding has {visual.positional_embedding.shape[0]} rows, not 1 + {gh}x{gw}"
-    return None
-
-
-_CUSTOM_BLOCK_KEYS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn",
-                      "scale_fc")
-
-
-def vit_config_refusal(vision_cfg: dict) -> str | None:
-    """`vit_refusal` read from an open_clip config's "vision_cfg" (JSON, no torch, no model built):
-    None when open_clip builds an OpenAI-style VisionTransformer from it. For the params check
-    of backbone names, which must not import torch (it belongs in the config layer)."""
-    if vision_cfg.get("timm_model_name"):
-        return "its image tower is a timm model, not open_clip's VisionTransformer"
-    if isinstance(vision_cfg.get("layers"), (list, tuple)):
-        return "its image tower is a ModifiedResNet, not open_clip's VisionTransformer"
-    if vision_cfg.get("attentional_pool"):
-        return "it pools with an attentional pooler (attn_pool, CoCa-style), not the class token"
-    pool = vision_cfg.get("pool_type", "tok")
-    if pool != "tok":
-        return f"it pools by {pool!r} (e.g. global average pooling), not the class token"
-    if vision_cfg.get("block_type", "default") not in (None, "default") or any(
-            vision_cfg.get(k) for k in _CUSTOM_BLOCK_KEYS):
-        return "its blocks are custom (qk-norm / scaled-cosine attention), not plain blocks"
-    if vision_cfg.get("ls_init_value") is not None:
-        return "its blocks have layer scale (ls_init_value), which OpenAI's blocks do not"
     return None
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pipeline.config.backbones import resolve_tokens
 from pipeline.config.schema import Params
 from pipeline.evaluation.segmentation import PROMPTS
 from pipeline.evaluation.variants import seg_interpolation
@@ -27,7 +28,6 @@ from pipeline.model.recalibrate import bn_state_file, is_bn_state
 from pipeline.model.weights import declared_digest, sha256_file
 
 USE_VERSION = 1
-TOKEN_PATHS = {"train": "vproj", "seg": "vv"}  # what the projectors train on / ZS3 and segment score
 
 
 def as_recorded(path: str | os.PathLike, root: Path | None = None) -> str:
@@ -88,7 +88,8 @@ def use_record(params: Params, projectors: str | os.PathLike, weights_digest: st
             "checkpoint": checkpoint, "sha256": sha256, "init_seed": b.init_seed,
             "weights_digest": weights_digest or declared_digest(b),
             "bn_file": bn_file_record(params, weights_digest, root)},
-        "tokens": dict(TOKEN_PATHS),
+        "tokens": {"train": resolve_tokens(b.name, "train", params.extract.tokens),  # trained on
+                   "seg": resolve_tokens(b.name, "seg", ev.seg.tokens)},  # ZS3 `ours`, segment, query
         "image_size": ev.seg.image_size,
         "interpolation": seg_interpolation(ev.seg.interpolation),  # released: bicubic (no dataset)
         "pos_interpolation": ev.seg.pos_interpolation,
