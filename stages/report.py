@@ -23,7 +23,7 @@ from pipeline.results.report import (
 )
 from pipeline.training import provenance
 
-TABLE_ORDER = ("mlr", "mfi", "seg", "zs-mlr")
+TABLE_ORDER = ("mlr", "mfi", "seg", "seg-baselines", "zs-mlr")
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -47,6 +47,8 @@ def run(params: Params) -> dict[str, Any]:
                   for which in ("last", "best") if which in trained]
     tables = sorted((results / "tables").glob("*.md"),
                     key=lambda p: (TABLE_ORDER.index(p.stem) if p.stem in TABLE_ORDER else 99, p.stem))
+    if (results / "tables" / "seg.md").exists():  # the projector methods' table has the baselines too
+        tables = [t for t in tables if t.stem != "seg-baselines"]
     for table in tables:
         lines += ["", table.read_text().strip()]  # each stage's table carries its own heading
     figures = [png for folder in ("figures", "heatmaps")

@@ -66,10 +66,14 @@ def train(params: Params, resume: bool, online: bool) -> None:
 
 @main.command("evaluate")
 @click.argument("what", type=click.Choice(["mlr", "mfi", "seg", "zs-mlr", "all"]))
+@click.option("--methods", type=click.Choice(["all", "baselines", "projectors"]), default="all",
+              show_default=True,
+              help="seg only: the methods without projectors (results/*/seg-baselines.*), those with "
+                   "projectors (merging seg-baselines into seg.*), or all in one pass.")
 @params_options
-def evaluate(params: Params, what: str) -> None:
+def evaluate(params: Params, what: str, methods: str) -> None:
     """Evaluate: multi-label mAP, MFI figure of merit, zero-shot segmentation, segment-driven ZS-MLR."""
-    run_stage("evaluate", params=params, what=what)
+    run_stage("evaluate", params=params, what=what, methods=methods)
 
 
 @main.command("figures")
