@@ -2,8 +2,8 @@
 
   results/details/<what>.json   everything (per-class APs and IoUs under `per_class*` keys), plus
                                 `run`: the recipe and a digest of the params that made the numbers
-  results/metrics/<what>.json   DVC's view (`metrics`): a few flat numbers whose names say which
-                                evaluation they come from (`val_map`, `zs3_voc2012`, `zs_mlr_map`),
+  results/metrics/<what>.json   DVC's view (`metrics`, evaluations only): a few flat numbers whose
+                                names say their evaluation (`val_map`, `zs3_voc2012`, `zs_mlr_map`),
                                 so `dvc metrics show` fits 120 columns for the `coco` profile and
                                 `dvc exp show` columns need no file name; dvc_metrics() lists them
   results/tables/<what>.md      the Markdown table the report quotes
@@ -41,6 +41,7 @@ _DATA_KEYS = ("dataset", "train_split", "val_split", "coco_val_images", "synthet
 # What the projector-free ZS3 methods read (dvc.yaml's evaluate-seg-baselines lists the same): the
 # backbone (its BatchNorm recalibrated on data.dataset for a random one) and these evaluate keys.
 PROJECTOR_FREE = "projector-free"
+DVC_VIEWS = ("mlr", "mfi", "seg", "zs-mlr")  # the stages with a results/metrics/<what>.json
 _FREE_EVALUATE_KEYS = ("batch_size", "missing", "prompt", "text_input", "voc_names", "seg")
 
 
@@ -139,11 +140,11 @@ def dvc_metrics(what: str, full: dict, params: Params) -> dict:
     """DVC's flat view of `full`: one "val mAP" (`val_map`: the projectors evaluate.projectors names,
     on the val split; train.json's per-epoch values are plots), ZS3 mIoU of ours per dataset
     (`zs3_<dataset>`, the headline protocol), the MFI figure after training on the training data's
-    classes (`mfi_<set>`), ZS-MLR mAP of ours (`zs_mlr_map`: global + regions) and the best
-    epoch. Baselines (CLIP, CLIP-VV, ...) do not move with an experiment: tables and details."""
+    classes (`mfi_<set>`) and ZS-MLR mAP of ours (`zs_mlr_map`: global + regions). Nothing more fits
+    120 columns for the coco profile (DVC prints one column per name across all files): baselines
+    (CLIP, CLIP-VV, ...), which no experiment on train.* moves, and training's last epoch are in
+    the tables, the details and the plots. Stages outside DVC_VIEWS write no metrics file."""
     head = headline(what, full, params.evaluate.seg)
-    if what == "train":
-        return {"best_epoch": (full.get("best") or {}).get("epoch")}
     if what == "mlr":
         return {"val_map": head.get("ours")}
     if what == "mfi":
@@ -182,7 +183,7 @@ def write_results(params: Params, what: str, full: dict, headline_: dict | None 
         details["skipped"] = skipped
     atomic_write_text(paths.results_dir(params.paths, "details", f"{what}.json"),
                       project_relative(json.dumps(details, indent=1)) + "\n")
-    if scope != PROJECTOR_FREE:
+    if what in DVC_VIEWS and scope != PROJECTOR_FREE:
         atomic_write_text(paths.results_dir(params.paths, "metrics", f"{what}.json"),
                           json.dumps(head, indent=2) + "\n")
     # beside the metrics, not one: which recipe, every key that differs from the other one, and
