@@ -130,7 +130,7 @@ def download(params: Params, dataset: str | None) -> None:
 @main.command("configure")
 @click.option("--params", "params_path", default=str(DEFAULT_PARAMS), show_default=True,
               type=click.Path(exists=True, dir_okay=False), help="Parameter file to edit.")
-@click.option("--profile", default=None, help="Write this dataset profile's values: smoke, coco, voc.")
+@click.option("--profile", default=None, help="Write this dataset profile's values: smoke, cpu-trial, coco, voc.")
 @click.option("--recipe", default=None, help="Set the recipe: authors or paper.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Also set a key (repeatable).")
 def configure(params_path: str, profile: str | None, recipe: str | None, overrides: tuple[str, ...]) -> None:
