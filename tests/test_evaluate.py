@@ -522,7 +522,7 @@ def test_seg_split_into_baselines_and_projector_methods_gives_the_one_pass_numbe
     params = updated(world["params"], {"paths.results": str(tmp_path / "results")})
     with pytest.raises(TrainingError, match="--methods baselines"):  # nothing to merge yet
         evaluate.run(params, what="seg", methods="projectors")
-    free = evaluate.run(updated(params, {"train.lr": 0.5}), what="seg", methods="baselines")["seg"]
+    free = evaluate.run(updated(params, {"train.lr": 0.5}), what="seg", methods="baselines")[BASELINES]
     assert not {m for m in free["datasets"]["synthetic"]["methods"] if "ours" in m}
     results = paths.results_dir(params.paths)
     assert (results / "details" / f"{BASELINES}.json").is_file()
