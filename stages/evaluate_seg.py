@@ -160,6 +160,7 @@ def evaluate_seg(params: Params, methods: str = "all") -> tuple[dict, str]:
     if not roots:
         raise DatasetError("evaluate seg: none of evaluate.seg.datasets is on disk: " + "; ".join(skipped.values()))
     baselines = read_baselines(params, list(roots)) if methods == "projectors" else None
+    src: dict
     if methods == "baselines":  # no projectors read, none required
         backbone = backbone_from_params(params.backbone, resolve_device(params.backbone.device), params=params)
         head, src = None, {"projectors": None, "recipe": params.recipe}
