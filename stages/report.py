@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.config import paths
 from pipeline.config.schema import Params
 from pipeline.files import atomic_write_text
+from pipeline.results.outputs import project_relative
 from pipeline.results.report import (
     paper_table,
     per_class_sections,
@@ -64,7 +65,7 @@ def run(params: Params) -> dict[str, Any]:
     per_class = per_class_sections(results)
     if per_class:
         lines += ["", "## Per-class values", *per_class]
-    atomic_write_text(out, "\n".join(lines) + "\n")
+    atomic_write_text(out, project_relative("\n".join(lines)) + "\n")  # no machine's paths
     print(f"report: {out}" + (f" ({len(foreign)} input(s) from another run, marked at the top)"
                               if foreign else ""))
     return {"report": str(out), "figures": len(figures), "foreign": foreign}
