@@ -107,10 +107,11 @@ def _trained(v: Any) -> Any:
 
 
 def headline(what: str, full: dict, seg: Seg) -> dict:
-    """The few numbers of `full` that `dvc metrics show` / `dvc exp show` display."""
+    """The key numbers of `full`, nested: every method per dataset, every MFI class set (what the
+    report's paper table and the demo's summary quote; dvc_metrics() picks DVC's few from them)."""
     if what in ("mlr",):
         return {m: _num(r["map"]) for m, r in full.items() if isinstance(r, dict) and "map" in r}
-    if what == "mfi":  # short names: `dvc exp show` prints one column per value
+    if what == "mfi":
         sets = full.get("class_sets", full)
         return {s: {"before": _num(r.get("before")), "after": _num(r.get("after")),
                     "reduction": _num(_trained(r.get("reduction_pct")))}
