@@ -111,9 +111,14 @@ def recipe_lines(results: Path) -> list[str]:
             run = overridden[k]["value"] if k in overridden else mine.get(k)
             by = {"params": "params.yaml / --set"}.get(set_by.get(k, "params"), set_by.get(k, "")) \
                 if k in overridden else "recipe"
-            lines.append(f"| `{k}` | {mine.get(k)} | " + " | ".join(str(theirs[o].get(k)) for o in others)
-                         + f" | {run} | {by} |")
+            lines.append(f"| `{k}` | {_yaml(mine.get(k))} | " + " | ".join(_yaml(theirs[o].get(k)) for o in others)
+                         + f" | {_yaml(run)} | {by} |")
     return lines
+
+
+def _yaml(value: Any) -> str:
+    """A value as params.yaml writes it (true, null), not as Python prints it."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
 def provenance_warnings(results: Path, params: Params) -> list[str]:
