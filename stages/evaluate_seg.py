@@ -20,8 +20,8 @@ from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO
 from pipeline.data.datasets import DatasetError, load_segmentation
 from pipeline.errors import TrainingError
 from pipeline.evaluation.metrics import MIOU_PROTOCOLS
-from pipeline.evaluation.segmentation import PROJECTED
 from pipeline.evaluation.seg_eval import evaluate_segmentation
+from pipeline.evaluation.segmentation import PROJECTED
 from pipeline.evaluation.sources import SEG_SPLIT, backbone_and_head, dataset_root, fmt, source_line
 from pipeline.evaluation.variants import method_records, method_variant, resolve, table2_row
 from pipeline.model.build import backbone_from_params, resolve_device

@@ -13,7 +13,13 @@ from typing import Any
 
 from pipeline.config.params import load_recipe
 from pipeline.config.schema import RECIPES, Params
-from pipeline.results.outputs import PROJECTOR_FREE, RECIPE_FILE, key_numbers, read_run, run_identity
+from pipeline.results.outputs import (
+    PROJECTOR_FREE,
+    RECIPE_FILE,
+    key_numbers,
+    read_run,
+    run_identity,
+)
 
 # docs/METHOD.md "Published numbers" (RN-101, openai weights) and Table 5.
 # (row, paper value, where this run's number is: (metrics file, key path), the dataset it needs)
@@ -100,11 +106,11 @@ def recipe_lines(results: Path) -> list[str]:
     mine, theirs = load_recipe(name), {o: load_recipe(o) for o in others}
     overridden, set_by = summary.get("overridden", {}), summary.get("set_by", {})
     keys = sorted({k for o in others for k in summary.get(f"differs_from_{o}", {})} | set(overridden))
-    lines = ["## Recipe", "", f"Recipe **{name}** (`recipe` in params.yaml; docs/RECIPES.md). "
-             + RECIPE_CLAIM.get(name, "")]
+    claim = f"Recipe **{name}** (`recipe` in params.yaml; docs/RECIPES.md). " + RECIPE_CLAIM.get(name, "")
+    lines = ["## Recipe", "", claim]
     if keys:
-        lines += ["", "Recipe-controlled keys: where the recipes differ, and where this run sets another "
-                  "value than its recipe (set by a profile's value, or by params.yaml / `--set`):", "",
+        lines += ["", ("Recipe-controlled keys: where the recipes differ, and where this run sets another "
+                       "value than its recipe (set by a profile's value, or by params.yaml / `--set`):"), "",
                   f"| key | recipe `{name}` | " + " | ".join(f"recipe `{o}`" for o in others)
                   + " | this run | set by |", "|---" * (4 + len(others)) + "|"]
         for k in keys:
