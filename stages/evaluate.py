@@ -5,7 +5,8 @@
   mfi     MFI figure of merit per class set: CLIP, untrained projector, alpha = 0 control, trained
           (stages/evaluate_mfi.py), plus similarity heat-maps (paper Table 4, Fig. 2).
   seg     zero-shot segmentation, every method / background rule / mIoU protocol, named
-          (stages/evaluate_seg.py, paper Table 2).
+          (stages/evaluate_seg.py, paper Table 2); `methods` "baselines" / "projectors" splits it
+          into the projector-free methods (results/*/seg-baselines.*) and the rest (DVC's two stages).
   zs-mlr  segment-driven zero-shot MLR vs CLIP global alone (paper Table 3).
 Each writes results/metrics/<what>.json and results/tables/<what>.md atomically, naming the
 projectors file (evaluate.projectors: best | last, its epoch) and the recipe. Per-class values sit
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config.params import ParamError
 from pipeline.config.schema import Params
 from pipeline.data.datasets import load_multilabel
 from pipeline.evaluation.metrics import average_precision
@@ -36,7 +38,7 @@ from pipeline.extraction.expected import open_checked
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import positive_scores, region_logits
 from pipeline.model.projectors import recorded_model
-from pipeline.results.outputs import write_results
+from pipeline.results.outputs import PROJECTOR_FREE, write_results
 from pipeline.results.skips import for_evaluation
 from pipeline.store.loader import TokenLoader
 from pipeline.training import provenance
@@ -118,21 +120,31 @@ def evaluate_zs_mlr(params: Params) -> tuple[dict, str]:
     return metrics, table
 
 
-def _evaluations() -> dict[str, Callable[[Params], tuple[dict, str]]]:
+def _evaluations(methods: str) -> dict[str, Callable[[Params], tuple[dict, str]]]:
     from stages.evaluate_mfi import evaluate_mfi
     from stages.evaluate_seg import evaluate_seg
 
-    return {"mlr": evaluate_mlr, "mfi": evaluate_mfi, "seg": evaluate_seg, "zs-mlr": evaluate_zs_mlr}
+    return {"mlr": evaluate_mlr, "mfi": evaluate_mfi, "seg": lambda p: evaluate_seg(p, methods),
+            "zs-mlr": evaluate_zs_mlr}
 
 
-def run(params: Params, what: str = "all") -> dict[str, dict]:
-    """Run one evaluation (or "all" in order), write its JSON and Markdown table, return the metrics."""
-    provenance.require_current(params, val=what in ("mlr", "all"))  # same run as the projectors
+def run(params: Params, what: str = "all", methods: str = "all") -> dict[str, dict]:
+    """Run one evaluation (or "all" in order), write its JSON and Markdown table, return the metrics.
+    `methods` (seg only): "all", "baselines" (no projectors read or required) or "projectors"."""
+    from stages.evaluate_seg import BASELINES
+
+    if methods != "all" and what != "seg":
+        raise ParamError(f"--methods {methods} is for `pipeline evaluate seg`, not {what}")
+    free = methods == "baselines"
+    if not free:
+        provenance.require_current(params, val=what in ("mlr", "all"))  # same run as the projectors
     out = {}
     params, whats = for_evaluation(params, WHATS if what == "all" else (what,))
     for name in whats:
-        metrics, table = _evaluations()[name](params)
-        write_results(params, name, metrics, table=table)
+        metrics, table = _evaluations(methods)[name](params)
+        if free:
+            name = BASELINES
+        write_results(params, name, metrics, table=table, scope=PROJECTOR_FREE if free else "projectors")
         print(table, flush=True)
         out[name] = metrics
     return out

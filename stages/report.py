@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.config import paths
 from pipeline.config.schema import Params
 from pipeline.files import atomic_write_text
+from pipeline.results.outputs import project_relative
 from pipeline.results.report import (
     paper_table,
     per_class_sections,
@@ -23,7 +24,7 @@ from pipeline.results.report import (
 )
 from pipeline.training import provenance
 
-TABLE_ORDER = ("mlr", "mfi", "seg", "zs-mlr")
+TABLE_ORDER = ("mlr", "mfi", "seg", "seg-baselines", "zs-mlr")
 
 
 def run(params: Params) -> dict[str, Any]:
@@ -47,6 +48,8 @@ def run(params: Params) -> dict[str, Any]:
                   for which in ("last", "best") if which in trained]
     tables = sorted((results / "tables").glob("*.md"),
                     key=lambda p: (TABLE_ORDER.index(p.stem) if p.stem in TABLE_ORDER else 99, p.stem))
+    if (results / "tables" / "seg.md").exists():  # the projector methods' table has the baselines too
+        tables = [t for t in tables if t.stem != "seg-baselines"]
     for table in tables:
         lines += ["", table.read_text().strip()]  # each stage's table carries its own heading
     figures = [png for folder in ("figures", "heatmaps")
@@ -62,7 +65,7 @@ def run(params: Params) -> dict[str, Any]:
     per_class = per_class_sections(results)
     if per_class:
         lines += ["", "## Per-class values", *per_class]
-    atomic_write_text(out, "\n".join(lines) + "\n")
+    atomic_write_text(out, project_relative("\n".join(lines)) + "\n")  # no machine's paths
     print(f"report: {out}" + (f" ({len(foreign)} input(s) from another run, marked at the top)"
                               if foreign else ""))
     return {"report": str(out), "figures": len(figures), "foreign": foreign}

@@ -145,12 +145,12 @@ def online_tokens(params: Params, cache: FeatureCache, device: torch.device) -> 
 
 
 def write_metrics(params: Params, history: list[dict], summary: dict | None) -> None:
-    """results/plots/train.tsv (one row per epoch) and, at the end, results/metrics/train.json."""
+    """results/plots/train.tsv (one row per epoch) and, at the end, results/details/train.json."""
     columns = TSV_COLUMNS + tuple(c for c in INFOCLIP_COLUMNS if history and c in history[0])
     lines = ["\t".join(columns)] + ["\t".join(f"{row[c]:.6g}" for c in columns) for row in history]
     atomic_write_text(paths.results_dir(params.paths, "plots", "train.tsv"), "\n".join(lines) + "\n")
     if summary is not None:
-        write_results(params, "train", summary)  # details/train.json + headline metrics/train.json
+        write_results(params, "train", summary)  # details/train.json (DVC's metrics: the evaluations')
 
 
 def evaluated(epoch: int, cfg: Train) -> bool:

@@ -81,7 +81,7 @@ def test_smoke_profile_overlays_defaults():
     assert p.train.momentum == 0.9  # untouched keys keep their defaults
 
 
-@pytest.mark.parametrize("profile, dataset", [("coco", "coco2014"), ("voc", "voc2007")])
+@pytest.mark.parametrize("profile, dataset", [("coco", "coco2014"), ("voc", "voc2007"), ("cpu-trial", "coco2017")])
 def test_dataset_profiles(profile, dataset):
     assert load_params(PARAMS, profile=profile).data.dataset == dataset
 

@@ -30,8 +30,8 @@ SETTINGS = [  # the smoke profile on a hand-placed COCO-2017 layout, tiny: the t
     "evaluate.mfi.class_sets=[coco]", "ablate.epochs=1", "ablate.lambdas=[0.2]",
     "ablate.alphas=[0.0]", "figures.images=1", "figures.classes=[person]",
 ]
-STAGES = {"data", "extract@train", "extract@val", "train", "evaluate@mlr", "evaluate@seg",
-          "evaluate@zs-mlr", "evaluate-mfi", "figures", "ablate", "report"}
+STAGES = {"data", "extract@train", "extract@val", "train", "evaluate@mlr", "evaluate-seg-baselines",
+          "evaluate-seg", "evaluate@zs-mlr", "evaluate-mfi", "figures", "ablate", "report"}
 TIMES: dict[str, float] = {}
 
 
@@ -91,15 +91,25 @@ def test_fresh_clone_repro_then_experiment_then_readable_metrics(clone):
     report = (clone / "results" / "report.md").read_text()
     assert "WARNING: this run used a RANDOM backbone" in report
     assert "inputs from another run" not in report  # every input of this report is this run's
+    seg = (clone / "results" / "tables" / "seg.md").read_text()  # one Table 2: every method
+    assert all(f"| {m} " in seg for m in ("clip", "clip-vv", "clip-surgery", "ours"))
     again = _sh(clone, DVC, "repro", step="dvc repro (no-op)")
     assert _ran(again) == set(), again  # nothing changed, nothing runs
+    assert_no_absolute_paths(clone)
+    plots = json.loads(_sh(clone, DVC, "plots", "show", "--json"))["data"]
+    assert set(plots) == {"loss", "val_map", "mfi_vs_map"}  # not every column of train.tsv
+    _sh(clone, DVC, "plots", "show")  # writes dvc_plots/, which `git add -A` must leave out
     _sh(clone, "git", "add", "-A")  # the README: commit the baseline, then run experiments on it
     _sh(clone, "git", "commit", "-qm", "baseline")
+    assert "dvc_plots" not in _sh(clone, "git", "ls-files")
 
     exp = _sh(clone, DVC, "exp", "run", "-S", "train.mfi.lambda=0.5", step="dvc exp run -S")
     ran = _ran(exp)
-    assert "train" in ran and "report" in ran
-    assert not ran & {"data", "extract@train", "extract@val"}
+    assert "train" in ran and "report" in ran and "evaluate-seg" in ran
+    assert not ran & {"data", "extract@train", "extract@val", "evaluate-seg-baselines"}
+    report = (clone / "results" / "report.md").read_text()
+    assert "inputs from another run" not in report  # the baselines' file is still current
+    assert_no_absolute_paths(clone)
 
     metrics = json.loads(_sh(clone, DVC, "metrics", "show", "--json"))
     values = sum(_count(f.get("data", {})) for w in metrics.values() for f in w.get("data", {}).values())
@@ -111,13 +121,22 @@ def test_fresh_clone_repro_then_experiment_then_readable_metrics(clone):
     trained = json.loads((clone / "results" / "details" / "train.json").read_text())
     which = details["source"]["projectors"]["which"]
     assert details["ours"]["map"] == pytest.approx(trained[which]["val_map"], abs=1e-6)
-    assert _count(json.loads((clone / "results" / "metrics" / "seg.json").read_text())) == 6
+    assert json.loads((clone / "results" / "metrics" / "seg.json").read_text()).keys() == {"zs3_coco2017"}
     # --drop: the dependency columns (a hash per changed folder); metric names keep their ':'
     table = _sh(clone, DVC, "exp", "show", "--only-changed", "--drop", "[^:]*/[^:]*$", "--no-pager")
     widest = max(len(line) for line in table.splitlines())
     assert widest < 200, f"dvc exp show --only-changed is {widest} characters wide:\n{table}"
     assert "train.mfi.lambda" in table and "val_map" in table
     print("\nwall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in TIMES.items()))
+
+
+def assert_no_absolute_paths(repo: Path) -> None:
+    """No file under results/ names where the run happened (the clone's path or its real path)."""
+    roots = {str(repo), str(repo.resolve())}
+    for path in (repo / "results").rglob("*"):
+        if path.is_file() and path.suffix in {".json", ".md", ".csv", ".tsv", ".txt"}:
+            text = path.read_text()
+            assert not any(r in text for r in roots), f"{path} names {repo}"
 
 
 @pytest.mark.slow

@@ -510,3 +510,32 @@ def test_missing_seg_dataset_is_skipped_and_named_when_asked(world):
     params = updated(params, {"evaluate.seg.datasets": ["context59"]})
     with pytest.raises(DatasetError, match="none of evaluate.seg.datasets"):
         evaluate.run(params, what="seg")
+
+
+def test_seg_split_into_baselines_and_projector_methods_gives_the_one_pass_numbers(world, tmp_path):
+    """DVC's two ZS3 stages: `--methods baselines` (no projectors read) then `--methods projectors`
+    (merging the baselines' file) give the numbers and table rows of the one-pass evaluation; a
+    train.* change leaves the baselines current, an evaluate.seg change makes the projector stage
+    refuse them, naming the command that remakes them."""
+    from stages.evaluate_seg import BASELINES
+
+    params = updated(world["params"], {"paths.results": str(tmp_path / "results")})
+    with pytest.raises(TrainingError, match="--methods baselines"):  # nothing to merge yet
+        evaluate.run(params, what="seg", methods="projectors")
+    free = evaluate.run(updated(params, {"train.lr": 0.5}), what="seg", methods="baselines")[BASELINES]
+    assert not {m for m in free["datasets"]["synthetic"]["methods"] if "ours" in m}
+    results = paths.results_dir(params.paths)
+    assert (results / "details" / f"{BASELINES}.json").is_file()
+    assert not (results / "metrics" / f"{BASELINES}.json").exists()  # DVC's view: the seg stage's
+    merged = evaluate.run(params, what="seg", methods="projectors")["seg"]["datasets"]["synthetic"]
+    one_pass = world["metrics"]["seg"]["datasets"]["synthetic"]
+    assert list(merged["methods"]) == list(one_pass["methods"])  # evaluate.seg.methods order
+    for method, variants in one_pass["methods"].items():
+        for variant, protocols in variants.items():
+            assert merged["methods"][method][variant] == pytest.approx(protocols, abs=1e-9), method
+    table = (results / "tables" / "seg.md").read_text()
+    assert all(f"| {m} (" in table for m in one_pass["methods"])
+    details = json.loads((results / "details" / "seg.json").read_text())
+    assert set(details["per_class"]["iou_dataset"]["synthetic"]) == set(one_pass["methods"])
+    with pytest.raises(TrainingError, match="evaluate seg --methods baselines"):
+        evaluate.run(updated(params, {"evaluate.seg.threshold": 0.5}), what="seg", methods="projectors")

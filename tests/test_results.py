@@ -110,7 +110,31 @@ def test_every_result_names_its_recipe_and_what_differs_from_the_other(tmp_path,
     assert summary[f"differs_from_{other}"]["train.alpha"] == {recipe: 0.5, other: theirs["train.alpha"]}
     assert summary["overridden"] == {"train.alpha": {"value": 0.5, "recipe": mine["train.alpha"]}}
     text = "\n".join(recipe_lines(tmp_path / "results"))
-    assert f"Recipe **{recipe}**" in text and "`train.mfi.form`" in text and "| `train.alpha` | 0.5 |" in text
+    assert f"Recipe **{recipe}**" in text and "`train.mfi.form`" in text
+    # the recipe's own value under its name, this run's beside it, and what set it
+    assert (f"| `train.alpha` | {mine['train.alpha']} | {theirs['train.alpha']} | 0.5 | "
+            "params.yaml / --set |") in text
+    form = f"| `train.mfi.form` | {mine['train.mfi.form']} | {theirs['train.mfi.form']} | " \
+        f"{mine['train.mfi.form']} | recipe |"
+    assert form in text
+
+
+def test_recipe_table_tells_a_profiles_value_from_an_override(tmp_path):
+    """The smoke profile sets a recipe key (train.alpha): the table names the profile for it, and
+    params.yaml / --set for a value no profile gives; the recipe column keeps the recipe's value."""
+    from pipeline.config.params import load_profile, load_recipe
+    from pipeline.results.report import recipe_lines
+
+    params = load_params(ROOT / DEFAULT_PARAMS, [f"paths.results={tmp_path / 'results'}", "recipe=authors",
+                                                 "train.mfi.lambda=0.5"], profile="smoke")
+    write_results(params, "mlr", {"ours": {"map": 50.0}}, {"ours": 50.0}, "## mlr")
+    mine, smoke = load_recipe("authors"), load_profile("smoke")["train"]
+    assert mine["train.alpha"] != smoke["alpha"]  # else the profile would not override the recipe
+    text = "\n".join(recipe_lines(tmp_path / "results"))
+    alpha = text.split("| `train.alpha` |")[1].splitlines()[0]
+    assert alpha.startswith(f" {mine['train.alpha']} |") and alpha.endswith(f"| {smoke['alpha']} | profile smoke |")
+    lam = text.split("| `train.mfi.lambda` |")[1].splitlines()[0]
+    assert lam.startswith(f" {mine['train.mfi.lambda']} |") and lam.endswith("| 0.5 | params.yaml / --set |")
 
 
 def test_report_names_the_last_and_best_projectors_and_which_one_evaluations_use(tmp_path):

@@ -29,7 +29,7 @@ def params_options(func: Callable) -> Callable:
 
     @click.option("--params", "params_path", default=str(DEFAULT_PARAMS), show_default=True,
                   type=click.Path(dir_okay=False), help="Parameter file.")
-    @click.option("--profile", default=None, help="Overlay a dataset profile: smoke, coco or voc.")
+    @click.option("--profile", default=None, help="Overlay a dataset profile: smoke, cpu-trial, coco or voc.")
     @click.option("--recipe", default=None, help="authors (default, the released code's choices) or paper: "
                   "shortcut for --set recipe=...")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

@@ -73,10 +73,14 @@ def train(params: Params, resume: bool, online: bool) -> None:
 
 @main.command("evaluate")
 @click.argument("what", type=click.Choice(["mlr", "mfi", "seg", "zs-mlr", "all"]))
+@click.option("--methods", type=click.Choice(["all", "baselines", "projectors"]), default="all",
+              show_default=True,
+              help="seg only: the methods without projectors (results/*/seg-baselines.*), those with "
+                   "projectors (merging seg-baselines into seg.*), or all in one pass.")
 @params_options
-def evaluate(params: Params, what: str) -> None:
+def evaluate(params: Params, what: str, methods: str) -> None:
     """Evaluate: multi-label mAP, MFI figure of merit, zero-shot segmentation, segment-driven ZS-MLR."""
-    run_stage("evaluate", params=params, what=what)
+    run_stage("evaluate", params=params, what=what, methods=methods)
 
 
 @main.command("figures")
@@ -133,7 +137,7 @@ def download(params: Params, dataset: str | None) -> None:
 @main.command("configure")
 @click.option("--params", "params_path", default=str(DEFAULT_PARAMS), show_default=True,
               type=click.Path(exists=True, dir_okay=False), help="Parameter file to edit.")
-@click.option("--profile", default=None, help="Write this dataset profile's values: smoke, coco, voc.")
+@click.option("--profile", default=None, help="Write this dataset profile's values: smoke, cpu-trial, coco, voc.")
 @click.option("--recipe", default=None, help="Set the recipe: authors or paper.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Also set a key (repeatable).")
 def configure(params_path: str, profile: str | None, recipe: str | None, overrides: tuple[str, ...]) -> None:

@@ -11,8 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config.schema import Params
-from pipeline.results.outputs import RECIPE_FILE, read_run, run_identity
+from pipeline.config.params import load_recipe
+from pipeline.config.schema import RECIPES, Params
+from pipeline.results.outputs import (
+    PROJECTOR_FREE,
+    RECIPE_FILE,
+    key_numbers,
+    read_run,
+    run_identity,
+)
 
 # docs/METHOD.md "Published numbers" (RN-101, openai weights) and Table 5.
 # (row, paper value, where this run's number is: (metrics file, key path), the dataset it needs)
@@ -88,24 +95,36 @@ def what_ran(params: Params) -> list[str]:
 
 
 def recipe_lines(results: Path) -> list[str]:
-    """The recipe the results were made with and every recipe-controlled key that differs from the
-    other recipe (results/recipe.json, written with every result) or from its own (overridden)."""
+    """The recipe the results were made with, and one row per recipe-controlled key that the two
+    recipes set differently or that this run sets otherwise: the recipe's value, the other
+    recipe's, this run's, and what set it (results/recipe.json, written with every result)."""
     summary = read_json(results / RECIPE_FILE)
     if not summary:
         return []
     name = summary["recipe"]
-    lines = ["## Recipe", "", f"Recipe **{name}** (`recipe` in params.yaml; docs/RECIPES.md). "
-             + RECIPE_CLAIM.get(name, "")]
-    for key, diffs in summary.items():
-        if key.startswith("differs_from_") and diffs:
-            other = key.removeprefix("differs_from_")
-            lines += ["", f"| differs from `{other}` | {name} | {other} |", "|---|---|---|",
-                      *(f"| `{k}` | {v[name]} | {v[other]} |" for k, v in diffs.items())]
-    if summary.get("overridden"):
-        lines += ["", "Set to other values than the recipe's (params file, profile or --set):", "",
-                  "| key | this run | recipe |", "|---|---|---|",
-                  *(f"| `{k}` | {v['value']} | {v['recipe']} |" for k, v in summary["overridden"].items())]
+    others = [r for r in RECIPES if r != name]
+    mine, theirs = load_recipe(name), {o: load_recipe(o) for o in others}
+    overridden, set_by = summary.get("overridden", {}), summary.get("set_by", {})
+    keys = sorted({k for o in others for k in summary.get(f"differs_from_{o}", {})} | set(overridden))
+    claim = f"Recipe **{name}** (`recipe` in params.yaml; docs/RECIPES.md). " + RECIPE_CLAIM.get(name, "")
+    lines = ["## Recipe", "", claim]
+    if keys:
+        lines += ["", ("Recipe-controlled keys: where the recipes differ, and where this run sets another "
+                       "value than its recipe (set by a profile's value, or by params.yaml / `--set`):"), "",
+                  f"| key | recipe `{name}` | " + " | ".join(f"recipe `{o}`" for o in others)
+                  + " | this run | set by |", "|---" * (4 + len(others)) + "|"]
+        for k in keys:
+            run = overridden[k]["value"] if k in overridden else mine.get(k)
+            by = {"params": "params.yaml / --set"}.get(set_by.get(k, "params"), set_by.get(k, "")) \
+                if k in overridden else "recipe"
+            lines.append(f"| `{k}` | {_yaml(mine.get(k))} | " + " | ".join(_yaml(theirs[o].get(k)) for o in others)
+                         + f" | {_yaml(run)} | {by} |")
     return lines
+
+
+def _yaml(value: Any) -> str:
+    """A value as params.yaml writes it (true, null), not as Python prints it."""
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
 def provenance_warnings(results: Path, params: Params) -> list[str]:
@@ -113,6 +132,7 @@ def provenance_warnings(results: Path, params: Params) -> list[str]:
     current = run_identity(params)["digest"]
     trained = read_run(results / "details" / "train.json")
     reference = trained["digest"] if trained else current
+    free = run_identity(params, PROJECTOR_FREE)["digest"]
     out = []
     if trained and trained["digest"] != current:
         out.append(f"the projectors (results/details/train.json, run `{trained['digest']}`) were "
@@ -121,6 +141,10 @@ def provenance_warnings(results: Path, params: Params) -> list[str]:
         run = read_run(path)
         if run is None:
             out.append(f"{path.relative_to(results)} records no run: origin unknown")
+        elif run.get("scope") == PROJECTOR_FREE:  # no projectors read: made with today's params?
+            if run["digest"] != free:
+                out.append(f"{path.relative_to(results)} (no projectors) comes from run `{run['digest']}`, "
+                           f"not from the current backbone, data and evaluation params (`{free}`)")
         elif run["digest"] != reference:
             out.append(f"{path.relative_to(results)} comes from run `{run['digest']}`, not from the "
                        f"projectors' run `{reference}`")
@@ -161,7 +185,7 @@ def _ablation_rows(results: Path) -> list[dict]:
 def paper_table(results: Path, params: Params) -> list[str]:
     """The paper's Tables 1-5 beside this run: every row, "not run" where this run's configuration
     does not produce it (another dataset, evaluation or class set)."""
-    metrics = {p.stem: read_json(p) for p in (results / "metrics").glob("*.json")}
+    metrics = key_numbers(results, params)  # the details' numbers, every method and class set
     seg = read_json(results / "details" / "seg.json")
     present = {"data.dataset": {params.data.dataset},
                "seg": set(seg.get("datasets", {})),
@@ -195,6 +219,8 @@ def per_class_sections(results: Path) -> list[str]:
     """Every `per_class*` mapping of the details files as a class x column table, collapsed."""
     out = []
     for path in sorted((results / "details").glob("*.json")):
+        if path.stem == "seg-baselines" and (results / "details" / "seg.json").exists():
+            continue  # merged into seg.json by the projector methods' stage
         columns: dict[str, dict] = {}
         _collect(read_json(path), (), columns)
         if not columns:
