@@ -27,6 +27,7 @@ from pipeline.data.images import load_image
 from pipeline.evaluation.segmentation import method_labels
 from pipeline.files import atomic_write_text
 from pipeline.results.names import free_name, image_digest, slug
+from pipeline.results.outputs import project_relative
 from pipeline.results.overlays import panel_view
 from pipeline.results.plots import activation_grid
 from stages.segment import (
@@ -82,7 +83,8 @@ def run(params: Params | None, image: str, text: str, against: Sequence[str] = (
               "image_score": float(result.image_scores[0, 0]), "png": png.name, "model": model.describe()}
     if others:
         record["mean_cosine"] = {"clip": float(before.mean()), "ours": float(after.mean())}
-    atomic_write_text(png.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    text = project_relative(json.dumps(record, indent=2))  # no machine paths in results
+    atomic_write_text(png.with_suffix(".json"), text + "\n")
     width = max([len(c) for c in others] + [7])
     lines = [f"query \"{query}\": image score {record['image_score']:.3f}; activation map -> {png}"]
     if others:

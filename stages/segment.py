@@ -42,6 +42,7 @@ from pipeline.evaluation.variants import seg_interpolation
 from pipeline.files import atomic_write, atomic_write_text
 from pipeline.model.projectors import read_state
 from pipeline.results.names import image_digest, output_names
+from pipeline.results.outputs import project_relative
 from pipeline.results.overlays import label_colours, legend_colours, panel_view
 from pipeline.results.plots import activation_grid
 
@@ -209,7 +210,8 @@ def write_image_outputs(result: SegmentationResult, index: int, out: Path, stem:
     write_label_png(labels, result.label_maps[index])
     record = {**result.summary(index), "image_sha256": digest or image_digest(result.sources[index]),
               "label_png": labels.name, "overlay_png": overlay.name, "model": model.describe()}
-    atomic_write_text(summary, json.dumps(record, indent=2) + "\n")
+    text = project_relative(json.dumps(record, indent=2))  # no machine paths in results
+    atomic_write_text(summary, text + "\n")
     return record
 
 

@@ -25,7 +25,6 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +48,12 @@ from pipeline.data.augment import INTERPOLATIONS
 from pipeline.data.dense_view import dense_view
 from pipeline.data.images import load_image
 from pipeline.evaluation.segment_maps import label_map
-from pipeline.model.backbone import NEGATIVE_TEMPLATE, PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTowers
+from pipeline.model.backbone import (
+    NEGATIVE_TEMPLATE,
+    PLAIN_TEMPLATE,
+    POSITIVE_TEMPLATE,
+    FrozenTowers,
+)
 from pipeline.model.build import resolve_device
 from pipeline.model.heads import BN_STATS, UnmixHead
 from pipeline.model.projectors import load_projectors
@@ -192,7 +196,7 @@ class UnmixCLIP:
             backbone = resolve_backbone(meta, projectors, checkpoint=checkpoint, pretrained=pretrained,
                                         sha256=sha256, init_seed=init_seed or 0, name=name, device=dev,
                                         precision=precision, channels_last=channels_last)
-        return cls(backbone, head, meta, source=str(Path(projectors).resolve()),
+        return cls(backbone, head, meta, source=os.fspath(projectors),  # as given, not resolved
                    **{**record_options(meta), **options})
 
     # -- text ------------------------------------------------------------------------------------
