@@ -75,6 +75,7 @@ class ShardReader:
         self._expected: dict[int, list[int]] = {}  # shard -> (n * K) crc32c each chunk must have
         self._identity: dict[int, tuple[int, ...]] = {}  # shard -> its file's stat when indexed
         self._files: OrderedDict[int, int] = OrderedDict()
+        self._paths: dict[int, str] = {}  # shard -> its file path
         self._lock = threading.Lock()
         if self.compressed:
             from numcodecs import Zstd
@@ -96,6 +97,14 @@ class ShardReader:
     def shard_file(self, s: int) -> Path:
         return self.cache.shard_file(s)
 
+    def _file(self, s: int) -> str:
+        """Shard s's file path as a string, built once (refresh stats every indexed shard's path
+        each epoch; a Path built per call cost as much as the stat)."""
+        path = self._paths.get(s)
+        if path is None:
+            path = self._paths[s] = str(self.shard_file(s))
+        return path
+
     def _where(self, s: int) -> str:
         return f"{self.path}: array tokens, shard {s} ({self.shard_file(s)})"
 
@@ -106,7 +115,7 @@ class ShardReader:
                 self._files.move_to_end(s)
                 return fd
             try:
-                fd = os.open(self.shard_file(s), os.O_RDONLY)
+                fd = os.open(self._file(s), os.O_RDONLY)
             except FileNotFoundError:
                 raise CacheError(f"{self._where(s)} is missing although the shard is marked "
                                  f"complete; {REPAIR}"
@@ -154,7 +163,7 @@ class ShardReader:
         changed = False
         for s in list(self._index):
             try:
-                same = _identity(os.stat(self.shard_file(s))) == self._identity[s]
+                same = _identity(os.stat(self._file(s))) == self._identity[s]
             except FileNotFoundError:
                 same = False
             if not same:
