@@ -14,6 +14,7 @@ under one "per_class" key per JSON.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from pipeline.model.heads import positive_scores, region_logits
 from pipeline.model.projectors import recorded_model
 from pipeline.results.outputs import write_results
 from pipeline.results.skips import for_evaluation
+from pipeline.store.cache import FeatureCache
 from pipeline.store.loader import TokenLoader
 from pipeline.training import provenance
 from pipeline.training.loop import TrainingError, evaluate_head, projector_text
@@ -55,9 +57,11 @@ def zero_shot_scores(loader: TokenLoader, text: dict[str, torch.Tensor], softmax
     return np.concatenate(scores)  # (N, C)
 
 
-def evaluate_mlr(params: Params) -> tuple[dict, str]:
+def evaluate_mlr(params: Params, checked: FeatureCache | None = None) -> tuple[dict, str]:
+    """mAP of the projectors and of CLIP's zero-shot scores on the val store; `checked`: that store
+    as require_current opened and checked it (else it is opened and checked here)."""
     device = resolve_device(params.backbone.device)
-    cache = open_checked(params, "val")  # the store the current params would extract
+    cache = checked or open_checked(params, "val")  # the store the current params would extract
     provenance.require_images(cache, "val", "evaluate")
     head, meta, src = load_head(params, device, cache.dim)
     if list(meta["classnames"]) != list(cache.classnames):
@@ -127,11 +131,13 @@ def _evaluations() -> dict[str, Callable[[Params], tuple[dict, str]]]:
 
 def run(params: Params, what: str = "all") -> dict[str, dict]:
     """Run one evaluation (or "all" in order), write its JSON and Markdown table, return the metrics."""
-    provenance.require_current(params, val=what in ("mlr", "all"))  # same run as the projectors
+    val = provenance.require_current(params, val=what in ("mlr", "all"))  # same run as the projectors
     out = {}
     params, whats = for_evaluation(params, WHATS if what == "all" else (what,))
+    evaluations: dict[str, Callable[[Params], tuple[dict, str]]] = {
+        **_evaluations(), "mlr": partial(evaluate_mlr, checked=val)}  # the val store checked once
     for name in whats:
-        metrics, table = _evaluations()[name](params)
+        metrics, table = evaluations[name](params)
         write_results(params, name, metrics, table=table)
         print(table, flush=True)
         out[name] = metrics
