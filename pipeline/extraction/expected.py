@@ -20,6 +20,7 @@ files, annotations and images, are not checked, silently: there is nothing to co
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from pipeline.errors import CacheError
 from pipeline.extraction.inputs import check_complete_shards
 from pipeline.model.weights import declared_digest
 from pipeline.store.cache import FeatureCache
-from pipeline.store.identity import INPUTS_KEY
+from pipeline.store.identity import INPUTS_KEY, canonical
 from pipeline.store.inputs import annotation_records, changed_annotations, records_digest
 
 # The `extract` stage's params in dvc.yaml, in its order.
@@ -113,6 +114,19 @@ def expected_fingerprint(params: Params, role: str) -> Expected:
                     declared_digest(params.backbone), root,
                     tuple(annotation_files(params.data.dataset, root, split)),
                     params.data.dataset, split, params.data.coco_val_images)
+
+
+def record_differences(record: Mapping[str, Any] | None, role: str, values: Mapping[str, Any]
+                       ) -> list[tuple[str, Any, Any]]:
+    """(key, record value, value used) where a role and params record (`extract(record=...)`)
+    disagrees with what extraction is given: `role`, and `values`, the dotted params keys its
+    arguments stand for (those of the role's record are compared; a key no argument gives, such
+    as data.coco_val_images, is not)."""
+    record = record or {}
+    out = [] if record.get("role") == role else [("role", record.get("role", ABSENT), role)]
+    recorded = record.get("params") or {}
+    used = json.loads(canonical(declared_keys(values, role)))  # as params files spell values
+    return out + [(k, recorded.get(k, ABSENT), v) for k, v in used.items() if recorded.get(k, ABSENT) != v]
 
 
 def _show(value: Any) -> str:
