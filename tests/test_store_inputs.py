@@ -142,3 +142,21 @@ def test_readers_refuse_a_changed_image_and_pass_a_touched_one(store_world: Path
     for command in (("evaluate", "mlr"), ("train",)):
         result = ok(cli(*command, *sets(run)))
         assert "changed since" not in result.output, result.output
+
+
+def test_evaluate_mlr_checks_the_val_store_once(store_world: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its params record and annotation files once, its image files once: require_current hands
+    the store it checked to the evaluation."""
+    from pipeline.extraction import expected
+
+    run = copy(store_world, tmp_path / "run")
+    seen: list[tuple[str, str]] = []
+    params_check, images_check = expected.mismatch, expected.changed_images
+    monkeypatch.setattr(expected, "mismatch", lambda fp, annotations, exp, where: seen.append(
+        ("params", where)) or params_check(fp, annotations, exp, where))
+    monkeypatch.setattr(expected, "changed_images", lambda cache, exp: seen.append(
+        ("images", str(cache.path))) or images_check(cache, exp))
+    ok(cli("evaluate", "mlr", *sets(run)))
+    val = str(store(run, "val"))
+    assert seen.count(("params", val)) == 1 and seen.count(("images", val)) == 1, seen
