@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from pipeline.config.params import as_dict, flatten
 from pipeline.config.schema import Backbone
 from pipeline.data.datasets import MultiLabelDataset
+from pipeline.errors import ParamError
 from pipeline.extraction.encode import (  # noqa: F401  (InjectedFailure: re-exported for tests)
     InjectedFailure,
     encode_shards,
 )
-from pipeline.errors import ParamError
 from pipeline.extraction.expected import record_differences
 from pipeline.extraction.inputs import recheck_inputs
 from pipeline.extraction.views import DEFAULT_AUGMENT, TRANSFORMS, ViewSpec

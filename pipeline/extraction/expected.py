@@ -14,7 +14,8 @@ store whose role, params record, weights or annotation files differ from the cur
 refused in one line: the key, the store's value, the params' value, and the command to run.
 The readers of a store's tokens (`open_checked`: train, ablate, evaluate, export) also check its
 image files (`require_inputs`): a stat per image against the recorded size and mtime, the bytes
-read only where those differ, so a touched file passes and a changed one is refused, naming it.
+read only where those differ, so a touched file passes and a changed one is refused, naming it
+(an image without a record, missing at extraction or in a store made by hand, is not compared).
 Where the dataset folder is absent (stores copied to a machine without the images) the input
 files, annotations and images, are not checked, silently: there is nothing to compare with.
 """
@@ -26,16 +27,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import paths
 from pipeline.config.params import as_dict, flatten
 from pipeline.config.schema import Params
 from pipeline.data.datasets import annotation_files, load_multilabel
 from pipeline.errors import CacheError
-from pipeline.extraction.inputs import check_complete_shards
 from pipeline.model.weights import declared_digest
 from pipeline.store.cache import FeatureCache
 from pipeline.store.identity import INPUTS_KEY, canonical
-from pipeline.store.inputs import annotation_records, changed_annotations, records_digest
+from pipeline.store.inputs import (
+    FIELDS,
+    UNKNOWN,
+    annotation_records,
+    changed_annotations,
+    check_images,
+    records_digest,
+)
 
 # The `extract` stage's params in dvc.yaml, in its order.
 EXTRACT_PARAMS = ("recipe", "data.dataset", "data.train_split", "data.val_split",
@@ -199,7 +208,14 @@ def changed_images(cache: FeatureCache, expected: Expected) -> str | None:
     if [r.image_id for r in dataset.records] != list(cache.ids):
         return (f"{cache.path}: the images of {expected.dataset} split {expected.split!r} are not "
                 f"those the store was extracted from: {run}")
-    index, check = check_complete_shards(cache, [r.path for r in dataset.records])
+    complete = np.flatnonzero(cache.complete)
+    if not complete.size:
+        return None
+    index = np.concatenate([np.arange(*cache.shard_range(int(s))) for s in complete])
+    recorded = np.concatenate([cache.input_records(*cache.shard_range(int(s))) for s in complete])
+    known = recorded[:, FIELDS.index("size")] != UNKNOWN  # unknown: a file missing at extraction
+    index, recorded = index[known], recorded[known]  # (skipped as bad) or no record (a hand-made store)
+    check = check_images([dataset.records[i].path for i in index.tolist()], recorded)
     if not check.changed:
         return None  # a file touched or copied without its times (same bytes) passes
     changed = [int(index[j]) for j in check.changed]

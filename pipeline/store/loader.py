@@ -31,7 +31,7 @@ _VIEWS, _ORDER = range(2)  # independent random streams per (seed, epoch)
 
 def _dead() -> None:
     """A weak reference's answer once its object is gone: a new pool slot is free."""
-    return None
+    return
 
 
 class Batch(NamedTuple):

@@ -22,7 +22,12 @@ from pipeline.config import paths
 from pipeline.config.params import as_dict
 from pipeline.config.schema import Params, Paths
 from pipeline.errors import TrainingError
-from pipeline.extraction.expected import expected_fingerprint, mismatch, require_expected, require_inputs
+from pipeline.extraction.expected import (
+    expected_fingerprint,
+    mismatch,
+    require_expected,
+    require_inputs,
+)
 from pipeline.model.projectors import check_which, read_state
 from pipeline.model.weights import declared_digest
 from pipeline.store.cache import CacheError, FeatureCache
