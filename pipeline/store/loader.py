@@ -4,10 +4,10 @@ An epoch is a global shuffle of the valid images and a view per image, both func
 (seed, epoch) only: any epoch can be replayed directly (resumed training is identical), and the
 two I/O modes serve identical batches. A store that fits the memory budget is loaded once and
 gathered in RAM; a larger one is streamed: each batch reads exactly its sampled (image, view)
-chunks from the shard files (pipeline/store/shards.py, one pread per view, its crc32c checked at the
-first read of the chunk and after its file changes), so memory is
-bounded by the prefetched batches plus 16 bytes of shard index per stored view, whatever the store
-size. Batches hold the store dtype (float16 by default): `Batch.tokens_on(device)` casts to float32
+chunks from the shard files (pipeline/store/shards.py: one copy per view from the mapped file, its
+crc32c and key checked at the first read of the chunk and after its file changes), so the
+process's own memory is bounded by the pooled batch buffers (prefetched, in use) plus 16 bytes of
+shard index per stored view, whatever the store size (the mapped pages are page cache). Batches hold the store dtype (float16 by default): `Batch.tokens_on(device)` casts to float32
 on the device, after a non-blocking copy of half the bytes. A background thread prepares the next
 `prefetch` batches while the consumer computes.
 """
@@ -31,7 +31,6 @@ _VIEWS, _ORDER = range(2)  # independent random streams per (seed, epoch)
 
 def _dead() -> None:
     """A weak reference's answer once its object is gone: a new pool slot is free."""
-    return
 
 
 class Batch(NamedTuple):
@@ -170,10 +169,11 @@ class TokenLoader:
         memory no live batch uses.
 
         Without CUDA the buffers are pooled: a batch of RN-101 tokens is 6 MiB, and one taken
-        from malloc while the previous batch is still held (the consumer's, the prefetched ones)
-        is fresh pages, faulted in by the copy: 0.3x the rate of a gather into reused memory. A
-        pooled buffer is handed out again once nothing references the view given out with it
-        (a weak reference to that view: a batch kept, or any tensor viewing it, keeps it alive)."""
+        from malloc while earlier batches are still held (the consumer's, the prefetched ones)
+        can be fresh pages, faulted in by the copy (with the prefetch thread, bench_reader's
+        shapes: 0.40x a memmap gather, 0.49x pooled). A pooled buffer is handed out again once
+        nothing references the view given out with it (a weak reference to that view: a batch
+        kept, or any tensor viewing it, keeps it alive)."""
         c = self.cache
         if self.pin_memory:  # CUDA's caching host allocator reuses freed pinned blocks
             x = torch.empty((n, c.num_tokens, c.dim), dtype=getattr(torch, c.dtype.name),
