@@ -12,17 +12,13 @@ are cached: 16 bytes per view. The same crc32c, XOR'd with crc32c(store id, i, v
 chunk's key (pipeline/store/identity.py): a chunk moved, swapped, copied from another store, or
 read under an edited fingerprint is refused at no extra cost.
 
-Why a mapping: a copy from mapped page-cache pages is what a NumPy memmap gather does; one
-``os.preadv`` per chunk (this reader until issue 20) paid a system call and the kernel's page
-cache lookups per 4 KiB on every read, 0.45-0.55x the memmap gather on this shared 2-core VM,
-against 0.6-0.7x mapped (bench/bench_reader.py). A mapping's pages are the page cache's: they
-count in the process's RSS as file pages (shared, dropped under memory pressure), not as its own
-memory. Each mapping covers the file's size when indexed, and every batch first compares the
-file's fstat (size included) with that, so a file replaced or rewritten is re-indexed and
-re-mapped before it is read; zarr writes shard files to a temporary name and renames them, so a
-mapped file is never truncated under the reader (only a hand truncating it in place, during the
-microseconds of a copy, could make the mapping fault: SIGBUS). At most as many mappings as open
-files (`_OPEN_FILES`).
+Why a mapping: a copy from mapped page cache is what a NumPy memmap gather does; one ``os.preadv``
+per chunk paid a system call and page-cache lookups per 4 KiB page: 0.45-0.55x the memmap gather
+here against 0.6-0.7x mapped (bench/bench_reader.py). The mapped pages are page cache (file RSS).
+A mapping covers the file as indexed, and every batch first compares the file's fstat (size
+included), so a file rewritten or cut short is re-indexed before its mapping is read. zarr renames
+shard files into place, never truncating one; only a hand truncating it in place during the
+microseconds of a copy could fault the mapping (SIGBUS). At most `_OPEN_FILES` mappings.
 
 Verification (`verify`): "first" (training's default) checks each chunk the first time this
 reader reads it, and again after its shard file changes (every read compares the open file's
