@@ -1,8 +1,9 @@
 """Benchmark 5: the training reader at page-cache speed, and what the store's checksums cost.
 
 Stores of random float16 tokens of RN-101's shape (T=197, D=512) at K=1 and K=4 views are written
-by FeatureCache (format 2: one crc32c-checked chunk per image view). Side by side, in one process,
-on the same tokens, all in the page cache, batches of one random view of randomly ordered images:
+by FeatureCache (format 3: one crc32c-checked chunk per image view, keyed to its place). Side by
+side, in one process, on the same tokens, all in the page cache, batches of one random view of
+randomly ordered images:
 - RAM gather: tokens[index, view] from a NumPy array in memory (the in-memory limit);
 - memmap gather: the same from a NumPy memmap of a .npy of the tokens (the page-cache limit);
 - TokenLoader streaming, forced (in_memory=False, max_memory_bytes=0: it cannot load the store);
@@ -18,7 +19,8 @@ The contenders take turns (`--rounds` rounds), so a change of load on this share
 each ratio is the median of its rounds' ratios to the reference measured in the same round.
 - streaming with `--read-threads` threads reading each batch (train.read_threads);
 - extraction-side write of the same shards with and without the crc32c codec (write cost).
-Peak RSS of a streaming epoch is measured in child processes at two store sizes.
+Peak anonymous RSS (the process's own memory; the mapped shard files' pages are page cache) of a
+streaming epoch is measured in child processes at two store sizes.
 Goals (issue "Feed a GPU"): streaming >= 10,000 views/s and >= 0.5x memmap; in memory >= 0.8x RAM.
 
     python bench/bench_reader.py --images 256 --json results/bench_reader.json
@@ -120,13 +122,18 @@ CHILD = "--rss-child"
 
 
 def _rss() -> int:
-    """Resident bytes now (/proc/self/statm: anonymous and mapped pages of this process)."""
+    """Anonymous resident bytes now (RssAnon of /proc/self/status: the process's own memory). The
+    streaming reader maps the shard files (pipeline/store/shards.py): their pages are the page
+    cache's, shared and dropped under pressure, and count in RssFile, not here."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
 def child_rss(store: Path, batch: int) -> None:
-    """Run two streaming epochs; print the peak RSS growth (MiB) over the state after opening,
-    sampled after every batch."""
+    """Run two streaming epochs; print the peak growth (MiB) of anonymous RSS over the state after
+    opening, sampled after every batch."""
     cache = FeatureCache.open(store)
     loader = TokenLoader(cache, batch, seed=0, in_memory=False, max_memory_bytes=0)
     base = peak = _rss()
@@ -215,7 +222,7 @@ def main() -> None:
                 how = "malloc mmap threshold 1 MiB" if fixed else "default malloc"
                 results["rss_mib"][f"{name}, {how}"] = {"store_mib": c.tokens_nbytes / 2**20,
                                                         "peak_growth_mib": growth}
-                what = f"2 streaming epochs, store {c.tokens_nbytes / 2**20:,.0f} MiB ({how}): peak RSS growth"
+                what = f"2 streaming epochs, store {c.tokens_nbytes / 2**20:,.0f} MiB ({how}): peak anonymous RSS growth"
                 rows.append([what, f"{growth:.1f} MiB",
                              f"{growth / batch_mib:.1f} batches of {batch_mib:.1f} MiB"])
     k4, r4 = results["rates"][f"K={args.views}"], results["ratios"][f"K={args.views}"]

@@ -15,6 +15,7 @@ under one "per_class" key per JSON.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from pipeline.model.heads import positive_scores, region_logits
 from pipeline.model.projectors import recorded_model
 from pipeline.results.outputs import PROJECTOR_FREE, write_results
 from pipeline.results.skips import for_evaluation
+from pipeline.store.cache import FeatureCache
 from pipeline.store.loader import TokenLoader
 from pipeline.training import provenance
 from pipeline.training.loop import TrainingError, evaluate_head, projector_text
@@ -57,9 +59,11 @@ def zero_shot_scores(loader: TokenLoader, text: dict[str, torch.Tensor], softmax
     return np.concatenate(scores)  # (N, C)
 
 
-def evaluate_mlr(params: Params) -> tuple[dict, str]:
+def evaluate_mlr(params: Params, checked: FeatureCache | None = None) -> tuple[dict, str]:
+    """mAP of the projectors and of CLIP's zero-shot scores on the val store; `checked`: that store
+    as require_current opened and checked it (else it is opened and checked here)."""
     device = resolve_device(params.backbone.device)
-    cache = open_checked(params, "val")  # the store the current params would extract
+    cache = checked or open_checked(params, "val")  # the store the current params would extract
     provenance.require_images(cache, "val", "evaluate")
     head, meta, src = load_head(params, device, cache.dim)
     if list(meta["classnames"]) != list(cache.classnames):
@@ -136,12 +140,15 @@ def run(params: Params, what: str = "all", methods: str = "all") -> dict[str, di
     if methods != "all" and what != "seg":
         raise ParamError(f"--methods {methods} is for `pipeline evaluate seg`, not {what}")
     free = methods == "baselines"
+    val = None
     if not free:
-        provenance.require_current(params, val=what in ("mlr", "all"))  # same run as the projectors
+        val = provenance.require_current(params, val=what in ("mlr", "all"))  # same run as the projectors
     out = {}
     params, whats = for_evaluation(params, WHATS if what == "all" else (what,))
+    evaluations: dict[str, Callable[[Params], tuple[dict, str]]] = {
+        **_evaluations(methods), "mlr": partial(evaluate_mlr, checked=val)}  # the val store checked once
     for name in whats:
-        metrics, table = _evaluations(methods)[name](params)
+        metrics, table = evaluations[name](params)
         if free:
             name = BASELINES
         write_results(params, name, metrics, table=table, scope=PROJECTOR_FREE if free else "projectors")

@@ -116,7 +116,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for role in ("train", "val"):
         extract(load_multilabel("synthetic", data, role), tmp / "features" / f"{role}.zarr", BACKBONE,
                 backbone=backbone, image_size=SIZE, shard_size=8, dtype="float32", progress=False,
-                record=record_of(sets(tmp), role))  # what the CLI's params read it as
+                record=record_of(sets(tmp), role), trust_record=True)  # what the CLI's params read it as
     return tmp
 
 

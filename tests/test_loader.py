@@ -94,6 +94,31 @@ def test_memory_and_streaming_serve_identical_epochs(store) -> None:
     assert np.array_equal(ordered[0], ordered[1]) and np.array_equal(ordered[0], np.sort(ordered[0]))
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_kept_batches_are_never_overwritten_and_dropped_ones_reused(store, in_memory: bool,
+                                                                    prefetch: int) -> None:
+    """Batch buffers are pooled: one is filled again only once no batch or tensor views it. A
+    batch and a slice of another kept over three epochs still hold their tokens; once the
+    consumer drops its batches, epochs run in at most prefetch + 3 buffers (none faulted anew)."""
+    cache, tokens = store
+    loader = TokenLoader(cache, batch_size=5, seed=2, in_memory=in_memory, prefetch=prefetch,
+                         pin_memory=False)
+    first = list(loader.epoch(0))
+    kept, part, part_of = first[0], first[1].tokens[1:3], first[1]
+    expected = kept.tokens.clone(), part.clone(), tokens[part_of.index[1:3], part_of.view[1:3]]
+    del first, part_of
+    for e in range(1, 4):
+        for _ in loader.epoch(e):
+            pass
+    assert torch.equal(kept.tokens, expected[0]) and torch.equal(part, expected[1])
+    check_tokens([kept], tokens, cache.labels)
+    assert part.numpy().tobytes() == expected[2].tobytes()
+    del kept, part
+    buffers = {b.tokens.data_ptr() for e in range(4, 8) for b in loader.epoch(e)}
+    assert len(buffers) <= prefetch + 3
+
+
 def test_reader_threads_serve_the_same_batches(store) -> None:
     cache, tokens = store
     one = run_epoch(TokenLoader(cache, batch_size=8, seed=3, in_memory=False), 2)

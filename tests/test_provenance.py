@@ -32,7 +32,8 @@ def build_stores(root: Path, init_seed: int = 0, roles: tuple[str, ...] = ("trai
         extract(load_multilabel("synthetic", root / "data" / "synthetic", role),
                 root / "features" / f"{role}.zarr", BACKBONE.model_copy(update={"init_seed": init_seed}),
                 backbone=backbone, image_size=SIZE, shard_size=8, dtype="float32", progress=False,
-                record=record_of(args(root, root, backbone__init_seed=init_seed), role))
+                record=record_of(args(root, root, backbone__init_seed=init_seed), role),
+                trust_record=True)  # both stores one plain float32 view, read as the params' stores
 
 
 def args(world: Path, run: Path, **extra: object) -> list[str]:
@@ -90,7 +91,8 @@ def test_val_store_rebuilt_with_another_backbone_is_refused(world: Path, tmp_pat
     backbone = load_backbone("tiny-RN", pretrained=None, init_seed=1)
     extract(load_multilabel("synthetic", world / "data" / "synthetic", "val"), val,
             BACKBONE.model_copy(update={"init_seed": 1}), backbone=backbone, image_size=SIZE, shard_size=8,
-            dtype="float32", progress=False, record=record_of(args(world, run, backbone__init_seed=1), "val"))
+            dtype="float32", progress=False, record=record_of(args(world, run, backbone__init_seed=1), "val"),
+            trust_record=True)  # as build_stores: read as the params' store
     result = cli("evaluate", "mlr", *args(world, run))  # the store is not what the params extract
     assert_clear_error(result, val, "backbone.init_seed: store 1, params 0",
                        "pipeline extract-features --split val")
@@ -99,7 +101,7 @@ def test_val_store_rebuilt_with_another_backbone_is_refused(world: Path, tmp_pat
     extract(load_multilabel("synthetic", world / "data" / "synthetic", "val"), val,
             BACKBONE, backbone=load_backbone("tiny-RN", pretrained=None), image_size=SIZE,
             shard_size=8, dtype="float16", progress=False,
-            record=record_of(args(world, run), "val"))
+            record=record_of(args(world, run), "val"), trust_record=True)
     result = cli("evaluate", "mlr", *args(world, run))
     assert_clear_error(result, val, "fingerprint.dtype: 'float32' then", "'float16' now", "pipeline train")
     assert not (run / "results" / "metrics" / "mlr.json").exists()

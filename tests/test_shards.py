@@ -224,3 +224,20 @@ def test_a_batch_over_more_shards_than_files_kept_open_reads_in_groups(
     reader = ShardReader(cache, threads=threads)
     assert reader.gather(index, view).tobytes() == tokens[index, view].tobytes()
     assert len(reader._files) <= 2
+
+
+def test_a_mapped_file_truncated_in_place_is_refused_not_read_past_its_end(tmp_path: Path) -> None:
+    """Uncompressed chunks are copied from a mapping of the shard file: a file cut short in place
+    after it was mapped is seen by the read's fstat (its size) before the mapping is touched, and
+    refused naming it (reading the mapping past the new end would kill the process: SIGBUS)."""
+    cache, tokens = make(tmp_path / "c.zarr")
+    reader = ShardReader(cache)
+    out = np.empty((T, D), np.float16)
+    reader.read_into(5, 1, out)  # shard 1 indexed, mapped, chunk proved
+    assert out.tobytes() == tokens[5, 1].tobytes() and 1 in reader._maps
+    os.truncate(cache.shard_file(1), os.path.getsize(cache.shard_file(1)) // 2)
+    damaged = r"shard 1 \(.*\): the shard index fails its crc32c"  # its end is no index now
+    with pytest.raises(CacheError, match=damaged):
+        reader.read_into(6, 0, out)
+    with pytest.raises(CacheError, match=damaged):
+        reader.gather(np.array([4, 7]), np.array([0, 2]))

@@ -116,3 +116,47 @@ def test_edited_annotations_are_refused_by_readers_and_refresh_the_labels_only(
     labels = json.loads((store(run, "train") / "zarr.json").read_text())["attributes"]["digests"]
     assert labels != json.loads((store(store_world, "train") / "zarr.json").read_text())["attributes"]["digests"]
     ok(cli("train", *sets(run)))
+
+
+def train_image(run: Path, index: int) -> Path:
+    return run / "data" / "synthetic" / "train2017" / f"{1 + index:012d}.jpg"  # train ids 1..8
+
+
+def test_readers_refuse_a_changed_image_and_pass_a_touched_one(store_world: Path, tmp_path: Path) -> None:
+    """train and evaluate check the image files (a stat each, the bytes where it differs): one
+    changed since extraction is refused, naming it and the command; the same bytes with a new
+    mtime pass; without the dataset folder (stores copied to a machine without the images) they
+    read the stores as they are."""
+    run = copy(store_world, tmp_path / "run")
+    for image in (train_image(run, 2), val_image(run, 1)):
+        os.utime(image, ns=(10**18, 10**18))  # touched (or copied without times): same bytes
+    ok(cli("evaluate", "mlr", *sets(run)))
+    for image in (train_image(run, 6), val_image(run, 5)):
+        pixels = np.asarray(Image.open(image))[::-1].copy()
+        Image.fromarray(pixels).save(image, quality=95)
+    clear_error(cli("train", *sets(run)), train_image(run, 6), "changed since",
+                "extract-features --split train")
+    clear_error(cli("evaluate", "mlr", *sets(run)), val_image(run, 5), "changed since",
+                "extract-features --split val")
+    (run / "data" / "synthetic").rename(run / "elsewhere")
+    for command in (("evaluate", "mlr"), ("train",)):
+        result = ok(cli(*command, *sets(run)))
+        assert "changed since" not in result.output, result.output
+
+
+def test_evaluate_mlr_checks_the_val_store_once(store_world: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its params record and annotation files once, its image files once: require_current hands
+    the store it checked to the evaluation."""
+    from pipeline.extraction import expected
+
+    run = copy(store_world, tmp_path / "run")
+    seen: list[tuple[str, str]] = []
+    params_check, images_check = expected.mismatch, expected.changed_images
+    monkeypatch.setattr(expected, "mismatch", lambda fp, annotations, exp, where: seen.append(
+        ("params", where)) or params_check(fp, annotations, exp, where))
+    monkeypatch.setattr(expected, "changed_images", lambda cache, exp: seen.append(
+        ("images", str(cache.path))) or images_check(cache, exp))
+    ok(cli("evaluate", "mlr", *sets(run)))
+    val = str(store(run, "val"))
+    assert seen.count(("params", val)) == 1 and seen.count(("images", val)) == 1, seen

@@ -86,3 +86,33 @@ def test_where_and_how_fast_it_extracts_does_not_count(store_world: Path, tmp_pa
     run = copy(store_world, tmp_path)
     ok(cli("evaluate", "mlr", *sets(run, extract__num_workers=2, extract__shard_size=8,
                                     extract__on_bad_image="skip", backbone__device="auto")))
+
+
+@pytest.mark.parametrize("change, key", [({"views": 1}, "extract.views"),
+                                         ({"train_augment": False, "views": 1}, "role"),
+                                         ({"image_size": 96}, "backbone.image_size"),
+                                         ({"dtype": "float32"}, "extract.dtype")])
+def test_the_python_api_refuses_a_record_of_other_params(store_world: Path, tmp_path: Path,
+                                                         change: dict[str, Any], key: str) -> None:
+    """extract(record=...) checks the record against its own arguments (readers trust it): a
+    record of other params is refused naming the key; trust_record=True records it as given."""
+    from store_world import SIZE
+
+    from pipeline.data.datasets import load_multilabel
+    from pipeline.errors import ParamError
+    from pipeline.extraction.engine import extract
+    from pipeline.extraction.expected import expected_fingerprint
+
+    params = load_params(sets(store_world)[1], sets(store_world)[3::2])
+    dataset = load_multilabel("synthetic", store_world / "data" / "synthetic", "train")
+    args: dict[str, Any] = {"views": 2, "train_augment": True, "image_size": SIZE, "shard_size": 4,
+                            "batch_size": 4, "augment": as_dict(params.extract.augment),
+                            "dtype": params.extract.dtype, "progress": False, **change}
+    record = expected_fingerprint(params, "train").record
+    with pytest.raises(ParamError, match=f"{key} is .* in the record but .* in the arguments"):
+        extract(dataset, tmp_path / "lie.zarr", params.backbone, record=record, **args)
+    assert not (tmp_path / "lie.zarr").exists()  # refused before anything is written
+    if change == {"views": 1}:  # told explicitly: recorded as given
+        cache = extract(dataset, tmp_path / "told.zarr", params.backbone, record=record,
+                        trust_record=True, **args)
+        assert cache.fingerprint["params"] == record["params"] and cache.views == 1

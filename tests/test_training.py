@@ -72,7 +72,7 @@ def build_world(root: Path) -> Params:
     for role, dataset in splits.items():  # recorded as the params' store (which would have K views)
         extract(dataset, paths.feature_store(params.paths, role), params.backbone, backbone=backbone,
                 views=1, train_augment=False, image_size=IMAGE_SIZE, dtype="float32", progress=False,
-                record=expected_fingerprint(params, role).record)
+                record=expected_fingerprint(params, role).record, trust_record=True)
     return params
 
 

@@ -22,12 +22,15 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.config.backbones import token_stride
+from pipeline.config.params import as_dict, flatten
 from pipeline.config.schema import Backbone
 from pipeline.data.datasets import MultiLabelDataset
+from pipeline.errors import ParamError
 from pipeline.extraction.encode import (  # noqa: F401  (InjectedFailure: re-exported for tests)
     InjectedFailure,
     encode_shards,
 )
+from pipeline.extraction.expected import record_differences
 from pipeline.extraction.inputs import recheck_inputs
 from pipeline.extraction.views import DEFAULT_AUGMENT, TRANSFORMS, ViewSpec
 from pipeline.model.backbone import FrozenTowers
@@ -134,6 +137,22 @@ def fingerprint(dataset: MultiLabelDataset, backbone: FrozenTowers, *, views: in
     }
 
 
+def _check_record(record: dict[str, Any], dataset: MultiLabelDataset, backbone_params: Backbone, *,
+                  train_augment: bool, **used: Any) -> None:
+    """Refuse a role and params record that disagrees with the arguments extraction runs with."""
+    role = "train" if train_augment else "val"
+    values = {**flatten(as_dict(backbone_params), "backbone."), "backbone.image_size": used.pop("image_size"),
+              "data.dataset": dataset.name, f"data.{role}_split": dataset.split,
+              **flatten({"augment": used.pop("augment")}, "extract."),
+              **{f"extract.{k}": v for k, v in used.items()}}
+    differ = record_differences(record, role, values)
+    if differ:
+        key, old, new = differ[0]
+        raise ParamError(f"extract(record=...): {key} is {old!r} in the record but {new!r} in the "
+                         "arguments: pass expected_fingerprint(params, role).record of the params "
+                         "the arguments come from (or trust_record=True to record it as given)")
+
+
 def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params: Backbone, *,
             views: int = 1, train_augment: bool = False, seed: int = 0, image_size: int = 448,
             shard_size: int = 64, batch_size: int = 32, dtype: str = "float16",
@@ -143,7 +162,8 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
             fail_after_shards: int | None = None, stats: dict[str, Any] | None = None,
             backbone: FrozenTowers | None = None, break_lock: bool = False,
             transforms: str = "workers", record: dict[str, Any] | None = None,
-            eval_interpolation: str = "bicubic", tokens: str | None = None) -> FeatureCache:
+            eval_interpolation: str = "bicubic", tokens: str | None = None,
+            trust_record: bool = False) -> FeatureCache:
     """Extract (or resume) the spatial tokens of ``dataset`` into the store at ``store_path``.
 
     ``backbone_params`` is the params' backbone section (Dask workers rebuild the model from it;
@@ -157,7 +177,11 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
     ``num_workers`` "auto" means one DataLoader worker per core this process may run on.
     ``transforms`` "device" decodes and augments on the backbone's device (pipeline/extraction/device_views.py;
     train views need augment randaugment "torchvision", eval stores take any recipe).
-    ``record`` (role and params record, from the stage) goes into the fingerprint. Changed inputs
+    ``record`` (role and params record, from the stage: expected_fingerprint(params, role).record)
+    goes into the fingerprint, once checked against these arguments (role "train" for augmented
+    views, the views, seed, augmentation, image size, dtype, dataset, split, backbone params):
+    readers trust it, so a record of other params is refused (ParamError naming the key), unless
+    ``trust_record`` says to record it as given (test stores standing in for others). Changed inputs
     under the same settings are brought up to date, not refused: images added or removed redo the
     shards from the first changed one, a changed image file redoes its shard, changed annotations
     rewrite the labels only (pipeline/store/update.py, pipeline/extraction/inputs.py).
@@ -180,6 +204,11 @@ def extract(dataset: MultiLabelDataset, store_path: str | Path, backbone_params:
         raise ValueError(f"image_size must be a multiple of the backbone's token stride {stride}, "
                          f"got {image_size}")
     augment = {**DEFAULT_AUGMENT, **(augment or {})}
+    if record is not None and not trust_record:
+        _check_record(record, dataset, backbone_params, train_augment=train_augment, views=views,
+                      seed=seed, image_size=image_size, augment=augment, dtype=dtype,
+                      batch_size=batch_size, transforms=transforms,
+                      eval_interpolation=eval_interpolation, **({"tokens": tokens} if tokens else {}))
     if transforms not in TRANSFORMS:
         raise ValueError(f"transforms must be one of {TRANSFORMS}, got {transforms!r}")
     if transforms == "device" and train_augment and augment["randaugment"] == "package":

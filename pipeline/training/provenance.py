@@ -22,7 +22,12 @@ from pipeline.config import paths
 from pipeline.config.params import as_dict
 from pipeline.config.schema import Params, Paths
 from pipeline.errors import TrainingError
-from pipeline.extraction.expected import expected_fingerprint, mismatch, require_expected
+from pipeline.extraction.expected import (
+    expected_fingerprint,
+    mismatch,
+    require_expected,
+    require_inputs,
+)
 from pipeline.model.projectors import check_which, read_state
 from pipeline.model.weights import declared_digest
 from pipeline.store.cache import CacheError, FeatureCache
@@ -184,13 +189,15 @@ def _open_if_there(paths_: Paths, role: str, strict: bool) -> FeatureCache | Non
         return None
 
 
-def require_current(params: Params, *, val: bool = True, backbone: bool = True) -> None:
+def require_current(params: Params, *, val: bool = True, backbone: bool = True) -> FeatureCache | None:
     """For `evaluate` / `figures`: refuse projectors files whose params differ from `params`, whose
     train store (if present) or val store (`val`) was rebuilt since, or whose backbone differs from
     params.backbone (`backbone`), or that were trained on a train store other than the one the
     current params extract; and present stores other than those the current params extract
     (pipeline/extraction/expected.py), checked after the projectors' params and backbone and
-    before their stores. A missing projectors file is left to the loader's message."""
+    before their stores; with `val`, the val store's image files too (it is read next). A missing
+    projectors file is left to the loader's message. Returns the val store so checked (None
+    without `val`, or when it is absent): its reader need not check it again."""
     digest = declared_digest(params.backbone) if backbone else None
     caches = {"val_cache": _open_if_there(params.paths, "val", strict=True) if val else None,
               "train_cache": _open_if_there(params.paths, "train", strict=False)}
@@ -203,6 +210,8 @@ def require_current(params: Params, *, val: bool = True, backbone: bool = True) 
     for role, cache in (("val", caches["val_cache"]), ("train", caches["train_cache"])):
         if cache is not None:  # the stores: what the current params extract?
             require_expected(cache, expected[role])
+    if caches["val_cache"] is not None:  # the store evaluate reads: its images too
+        require_inputs(caches["val_cache"], expected["val"])
     for path, meta in metas.items():  # the projectors' stores: these ones?
         lines = mismatches(meta, params, path=path, val_cache=caches["val_cache"],
                            train_cache=caches["train_cache"])
@@ -214,6 +223,7 @@ def require_current(params: Params, *, val: bool = True, backbone: bool = True) 
                                f"the train store {path} was trained on")
             if problem:
                 raise CacheError(f"{problem} and `pipeline train`")
+    return caches["val_cache"]
 
 
 def check(params: Params) -> list[str]:
