@@ -1,0 +1,166 @@
+"""Benchmark 7: start-up. What `pipeline segment` imports, against `import torch, open_clip`.
+
+A user's `segment` / `query` call does well under a second of work on a few images; the rest is
+start-up. torch and open_clip are the floor (the model needs them); everything the command
+imports on top of them is overhead. Each contender runs as a fresh `python -c ...` (or
+`python -m pipeline ...`) subprocess in the repository root, timed from outside: wall time, and
+CPU time (user + system), which a busy shared machine distorts far less. Interpreter start is in
+every figure (`python -c pass` shows it). The contenders run in turn within each round, the first
+one rotating from round to round, so a change of load hits them alike; medians of the rounds are
+reported, and each ratio is the median of the per-round ratios (its range beside it).
+
+Contenders:
+- `import torch, open_clip`: the floor.
+- what `pipeline segment` imports before its run starts: the CLI (`pipeline.cli`), then the stage
+  module as `run_stage` imports it (`import_stage`: the cyclic GC paused, the objects frozen after).
+- all it imports: the above, then what the run imports when it draws its first overlay
+  (`pipeline.results.plots`: matplotlib). `-X importtime` over a whole `pipeline segment` run
+  shows only a few PIL plugins and torch's serialization config besides (< 20 ms).
+- the same modules imported plainly, the GC on throughout: how the command imported them before.
+- `pipeline --help` and a parameter error (`pipeline train --set train.epochs=abc`): whole
+  commands, which import neither torch nor the stages (tests/test_startup.py).
+Goals (issue 22): all of segment's imports <= 1.3x `import torch, open_clip` (wall); `--help` and
+a parameter error < 1 s.
+
+    python bench/bench_startup.py --repeats 5 --json results/bench_startup.json
+    python bench/bench_startup.py --explain 25   # what segment imports beyond torch + open_clip
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import common
+
+REPO = common.REPO
+BASELINE = "import torch, open_clip"
+STAGE = "import pipeline.cli; from pipeline.cli.app import import_stage; import_stage('segment')"
+PLAIN = "import pipeline.cli, stages.segment, pipeline.results.plots"
+CONTENDERS = {  # name -> argv after the interpreter
+    "python -c pass (interpreter start)": ["-c", "pass"],
+    f"`{BASELINE}`": ["-c", BASELINE],
+    "`pipeline segment` imports, before its run (CLI, then the stage as `run_stage` imports it)":
+        ["-c", STAGE],
+    "`pipeline segment` imports, all (the above, then the overlays' matplotlib)":
+        ["-c", f"{STAGE}; import pipeline.results.plots"],
+    "the same modules imported plainly, the GC on throughout (as before issue 22)": ["-c", PLAIN],
+    "`pipeline --help`": ["-m", "pipeline", "--help"],
+    "`pipeline train --set train.epochs=abc` (parameter error)": ["-m", "pipeline", "train", "--set",
+                                                                 "train.epochs=abc"],
+}
+BASE, SEG, RUN, PLAIN_RUN, HELP, ERROR = list(CONTENDERS)[1:]
+RATIOS = (SEG, RUN, PLAIN_RUN)
+IMPORT_GOAL, COMMAND_GOAL_S = 1.3, 1.0
+
+
+def environment() -> dict[str, str]:
+    """The caller's environment with the repository first on PYTHONPATH (as the tests run it)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def timed_run(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one fresh interpreter running argv. CPU time (user + system) moves
+    far less with the machine's load than wall time. A parameter error must exit 1, anything
+    else 0 (a failed import would otherwise look fast)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *argv], check=False, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    expected = 1 if "train.epochs=abc" in argv else 0
+    if done.returncode != expected:
+        raise SystemExit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def import_times(code: str, env: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """module -> (self us, cumulative us) from `python -X importtime -c code`."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=True)
+    times = {}
+    for line in done.stderr.splitlines():
+        if line.startswith("import time:") and "self [us]" not in line:
+            own, cumulative, name = line.split(":", 1)[1].split("|")
+            times[name.strip()] = (int(own), int(cumulative))
+    return times
+
+
+def explain(code: str, top: int, env: dict[str, str]) -> None:
+    """The packages `code` imports beyond the baseline, by their own import time (self time of
+    their modules, summed per top-level package), and the project modules that pull each in."""
+    base, seg = import_times(BASELINE, env), import_times(code, env)
+    extra = {name: t for name, t in seg.items() if name not in base}
+    per_package: dict[str, int] = defaultdict(int)
+    for name, (own, _) in extra.items():
+        per_package[name.split(".")[0]] += own
+    total = sum(own for own, _ in extra.values())
+    print(f"\n`{code}` imports {len(extra)} modules beyond `{BASELINE}`: {total / 1e6:.2f} s of "
+          f"their own import time (one run, -X importtime)\n")
+    print(common.markdown_table(["package", "seconds"], [[p, us / 1e6] for p, us in sorted(
+        per_package.items(), key=lambda kv: -kv[1])[:top]]))
+    print("\nWho imports a package: `python -X importtime -c '...' 2>&1 | less` lists each module "
+          "after the modules it imported, indented by depth; the first less-indented line below a "
+          "module is its importer.")
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5, help="rounds of all contenders (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (page cache, .pyc files)")
+    p.add_argument("--explain", type=int, default=0, metavar="N",
+                   help="only list the N packages segment imports beyond torch + open_clip, by import time")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    args = p.parse_args()
+    env = environment()
+    if args.explain:
+        explain(PLAIN, args.explain, env)
+        return
+
+    names = list(CONTENDERS)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    loads = []
+    for r in range(args.warmup + args.repeats):
+        order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+        timed = {n: timed_run(CONTENDERS[n], env) for n in order}
+        if r >= args.warmup:
+            for n, (w, c) in timed.items():
+                wall[n].append(w)
+                cpu[n].append(c)
+            loads.append(os.getloadavg()[0])
+    wall_ratio = {n: [s / b for s, b in zip(wall[n], wall[BASE])] for n in RATIOS}
+    cpu_ratio = {n: [s / b for s, b in zip(cpu[n], cpu[BASE])] for n in RATIOS}
+    rows = [[n, spread(wall[n]), spread(cpu[n]), spread(wall_ratio[n]) if n in RATIOS else "",
+             spread(cpu_ratio[n]) if n in RATIOS else ""] for n in names]
+    ratio, full = statistics.median(wall_ratio[SEG]), statistics.median(wall_ratio[RUN])
+    help_s, error_s = statistics.median(wall[HELP]), statistics.median(wall[ERROR])
+    met = max(ratio, full) <= IMPORT_GOAL and help_s < COMMAND_GOAL_S and error_s < COMMAND_GOAL_S
+    verdict = (common.verdict(full, f"<= {IMPORT_GOAL}; `--help` and a parameter error < 1 s", met,
+                              "`pipeline segment`'s imports (all) / `import torch, open_clip`, wall")
+               + f"; before its run {ratio:.2f}x; CPU time {statistics.median(cpu_ratio[RUN]):.2f}x; "
+               f"`--help` {help_s:.2f} s, parameter error {error_s:.2f} s")
+    setup = (f"Fresh subprocesses in the repository root, {args.repeats} rounds (after {args.warmup} "
+             f"untimed), contenders in rotating order; load average {min(loads):.1f}-{max(loads):.1f} "
+             "during the rounds. Seconds and ratios: median of the rounds (range).")
+    common.report("Start-up: `pipeline segment` imports vs `import torch, open_clip`", setup,
+                  ["contender", "wall s", "CPU s", "wall / torch+open_clip", "CPU / torch+open_clip"],
+                  rows, verdict, args, {"wall": wall, "cpu": cpu, "wall_ratio": wall_ratio,
+                                        "cpu_ratio": cpu_ratio, "loads": loads})
+
+
+if __name__ == "__main__":
+    main()
