@@ -20,20 +20,26 @@ Contenders:
   them before issue 22), to tell the collector's share from the modules'.
 - `pipeline --help` and a parameter error (`pipeline train --set train.epochs=abc`): whole
   commands, which import neither torch nor the stages (tests/test_startup.py).
+- with `--run DIR`: a whole `pipeline segment` in a run folder (imports, model, one image,
+  outputs), and with `--before TREE` the same with another commit's code, side by side.
 Goals (issue 22): all of segment's imports <= 1.3x `import torch, open_clip` (wall); `--help` and
 a parameter error < 1 s.
 
     python bench/bench_startup.py --repeats 5 --json results/bench_startup.json
     python bench/bench_startup.py --explain 25   # what segment imports beyond torch + open_clip
+    git worktree add /tmp/before <commit> && pipeline demo --workdir /tmp/demo
+    python bench/bench_startup.py --run /tmp/demo --before /tmp/before
 """
 from __future__ import annotations
 
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -60,23 +66,25 @@ CONTENDERS = {  # name -> argv after the interpreter
 }
 BASE, SEG, RUN, PLAIN_SEG, PLAIN_RUN, HELP, ERROR = list(CONTENDERS)[1:]
 RATIOS = (SEG, RUN, PLAIN_SEG, PLAIN_RUN)
+WHOLE = "a whole `pipeline segment` run (1 image, 2 classes, the run's projectors)"
 IMPORT_GOAL, COMMAND_GOAL_S = 1.3, 1.0
 
 
-def environment() -> dict[str, str]:
-    """The caller's environment with the repository first on PYTHONPATH (as the tests run it)."""
+def environment(tree: Path = REPO) -> dict[str, str]:
+    """The caller's environment with `tree` (this repository) first on PYTHONPATH."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), env.get("PYTHONPATH", "")) if p)
     return env
 
 
-def timed_run(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+def timed_run(argv: list[str], env: dict[str, str], cwd: Path = REPO) -> tuple[float, float]:
     """(wall, CPU) seconds of one fresh interpreter running argv. CPU time (user + system) moves
     far less with the machine's load than wall time. A parameter error must exit 1, anything
     else 0 (a failed import would otherwise look fast)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, *argv], check=False, cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *argv], check=False, cwd=cwd, env=env, capture_output=True,
+                          text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     expected = 1 if "train.epochs=abc" in argv else 0
@@ -126,6 +134,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (page cache, .pyc files)")
     p.add_argument("--explain", type=int, default=0, metavar="N",
                    help="only list the N packages segment imports beyond torch + open_clip, by import time")
+    p.add_argument("--run", type=Path, default=None, metavar="DIR",
+                   help="also time a whole `pipeline segment` (one image, two classes) in this run folder "
+                        "(e.g. demo/ after `pipeline demo`: its configs/params.yaml and projectors)")
+    p.add_argument("--before", type=Path, default=None, metavar="TREE",
+                   help="with --run: also time that run with the code of TREE (a checkout of another "
+                        "commit, e.g. `git worktree add /tmp/before HEAD~3`)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args()
     env = environment()
@@ -133,22 +147,34 @@ def main() -> None:
         explain(f"{PLAIN}, pipeline.results.plots", args.explain, env)
         return
 
-    names = list(CONTENDERS)
+    contenders = {n: (argv, REPO, env) for n, argv in CONTENDERS.items()}
+    out = Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    if args.run is not None:
+        image = min(args.run.resolve().glob("data/*/val*/*.jpg"))  # an image of the run's data
+        argv = ["-m", "pipeline", "segment", str(image), "--classes", "person,dog", "--params",
+                "configs/params.yaml", "--out", str(out)]
+        contenders[WHOLE] = (argv, args.run.resolve(), env)
+        if args.before is not None:
+            contenders[f"{WHOLE}, code of {args.before}"] = (argv, args.run.resolve(),
+                                                             environment(args.before.resolve()))
+    names = list(contenders)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     loads = []
     for r in range(args.warmup + args.repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
-        timed = {n: timed_run(CONTENDERS[n], env) for n in order}
+        timed = {n: timed_run(contenders[n][0], contenders[n][2], contenders[n][1]) for n in order}
         if r >= args.warmup:
             for n, (w, c) in timed.items():
                 wall[n].append(w)
                 cpu[n].append(c)
             loads.append(os.getloadavg()[0])
-    wall_ratio = {n: [s / b for s, b in zip(wall[n], wall[BASE])] for n in RATIOS}
-    cpu_ratio = {n: [s / b for s, b in zip(cpu[n], cpu[BASE])] for n in RATIOS}
-    rows = [[n, spread(wall[n]), spread(cpu[n]), spread(wall_ratio[n]) if n in RATIOS else "",
-             spread(cpu_ratio[n]) if n in RATIOS else ""] for n in names]
+    shutil.rmtree(out, ignore_errors=True)
+    ratios = [n for n in names if n in RATIOS or n.startswith(WHOLE)]
+    wall_ratio = {n: [s / b for s, b in zip(wall[n], wall[BASE])] for n in ratios}
+    cpu_ratio = {n: [s / b for s, b in zip(cpu[n], cpu[BASE])] for n in ratios}
+    rows = [[n, spread(wall[n]), spread(cpu[n]), spread(wall_ratio[n]) if n in ratios else "",
+             spread(cpu_ratio[n]) if n in ratios else ""] for n in names]
     ratio, full = statistics.median(wall_ratio[SEG]), statistics.median(wall_ratio[RUN])
     help_s, error_s = statistics.median(wall[HELP]), statistics.median(wall[ERROR])
     met = max(ratio, full) <= IMPORT_GOAL and help_s < COMMAND_GOAL_S and error_s < COMMAND_GOAL_S
