@@ -94,9 +94,10 @@ def timed_run(argv: list[str], env: dict[str, str], cwd: Path = REPO) -> tuple[f
 
 
 def import_times(code: str, env: dict[str, str]) -> dict[str, tuple[int, int]]:
-    """module -> (self us, cumulative us) from `python -X importtime -c code`."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=True)
+    """module -> (self us, cumulative us) from `python -X importtime -c code`, the collector off:
+    with it on, each full collection's pause is charged to whichever module happened to trigger it."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import gc; gc.disable(); {code}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=True)
     times = {}
     for line in done.stderr.splitlines():
         if line.startswith("import time:") and "self [us]" not in line:
@@ -115,7 +116,7 @@ def explain(code: str, top: int, env: dict[str, str]) -> None:
         per_package[name.split(".")[0]] += own
     total = sum(own for own, _ in extra.values())
     print(f"\n`{code}` imports {len(extra)} modules beyond `{BASELINE}`: {total / 1e6:.2f} s of "
-          f"their own import time (one run, -X importtime)\n")
+          f"their own import time (one run, -X importtime, the collector off)\n")
     print(common.markdown_table(["package", "seconds"], [[p, us / 1e6] for p, us in sorted(
         per_package.items(), key=lambda kv: -kv[1])[:top]]))
     print("\nWho imports a package: `python -X importtime -c '...' 2>&1 | less` lists each module "
