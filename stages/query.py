@@ -29,7 +29,6 @@ from pipeline.files import atomic_write_text
 from pipeline.results.names import free_name, image_digest, slug
 from pipeline.results.outputs import project_relative
 from pipeline.results.overlays import panel_view
-from pipeline.results.plots import activation_grid
 from stages.segment import (
     label_panel,
     model_from_params,
@@ -69,6 +68,7 @@ def run(params: Params | None, image: str, text: str, against: Sequence[str] = (
     digest = image_digest(image)
     name = free_name(out_dir, f"{slug(Path(image).stem)}_query_{slug(query, 'text')}", digest)
     png = out_dir / f"{name}.png"  # and <name>.json
+    from pipeline.results.plots import activation_grid  # matplotlib: ~1 s, at the first figure
     picture = load_image(image)
     labels_of = method_labels(model.backbone.name)
     views = {labels_of[m]: panel_view(picture, result.method_score_maps[m][0][:1]) for m in QUERY_METHODS}

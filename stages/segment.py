@@ -44,7 +44,6 @@ from pipeline.model.projectors import read_state
 from pipeline.results.names import image_digest, output_names
 from pipeline.results.outputs import project_relative
 from pipeline.results.overlays import label_colours, legend_colours, panel_view
-from pipeline.results.plots import activation_grid
 
 MAP_BUDGET_BYTES = 1 << 30  # score maps held per chunk: C x methods x pixels x 4 bytes per image
 TYPICAL_PIXELS = 640 * 480  # a COCO image
@@ -197,6 +196,9 @@ def write_image_outputs(result: SegmentationResult, index: int, out: Path, stem:
                         methods: Sequence[str] = METHODS, digest: str = "") -> dict:
     """<stem>_overlay.png (per class row: image | each method's score map; the label map and
     its legend; one colourbar), <stem>_labels.png and <stem>.json (with the image's sha256)."""
+    # matplotlib (~1 s of imports): loaded at the first overlay, not by the stage's import
+    from pipeline.results.plots import activation_grid
+
     classes = result.classes
     overlay, labels, summary = out / f"{stem}_overlay.png", out / f"{stem}_labels.png", out / f"{stem}.json"
     image = load_image(result.sources[index])

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import importlib
+import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import click
@@ -75,10 +78,32 @@ def optional_params_options(func: Callable) -> Callable:
     return wrapper
 
 
+def import_stage(module: str) -> ModuleType:
+    """`stages.<module>`, imported with the cyclic garbage collector paused.
+
+    Its imports (torch, open_clip, the model) create ~400k objects that live as long as the
+    process, and the collector would walk all of them in each of the ~6 full collections they
+    trigger while loading, finding nothing to free (bench/bench_startup.py measures the cost).
+    After the first import they are frozen (`gc.freeze`: left out of later collections, which
+    also spares the run's own collections); the collector is then as it was.
+    """
+    name = f"stages.{module}"
+    if name in sys.modules:
+        return importlib.import_module(name)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return importlib.import_module(name)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def run_stage(module: str, function: str = "run", **kwargs: Any) -> Any:
     """Import `stages.<module>` lazily (torch imports are slow) and map user errors to one line."""
     try:
-        stage = importlib.import_module(f"stages.{module}")
+        stage = import_stage(module)
         return getattr(stage, function)(**kwargs)
     except UserError as err:
         raise click.ClickException(str(err)) from err
