@@ -167,8 +167,10 @@ def activation_figure(images: Sequence[np.ndarray], maps: Mapping[str, Sequence[
             ax.set_axis_off()
         fig.legend(handles=label_legend(legend), loc="outside right upper", fontsize=9, title="labels",
                    frameon=False)
-    fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), ax=axes[:, 1:1 + len(maps)].ravel().tolist(),
-                 location="bottom", shrink=0.8, aspect=40, label=SCORE_LABEL)
+    # under every column: a bar under the maps alone shrinks their rows and leaves the image and
+    # label columns out of line with them
+    fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), ax=axes.ravel().tolist(),
+                 location="bottom", shrink=0.6, aspect=50, label=SCORE_LABEL)
     if title:
         fig.suptitle(title, fontsize=11.0)
     return fig
