@@ -77,10 +77,10 @@ def _maps(kind: str, num: int, grid: tuple[int, int], seed: int) -> torch.Tensor
     return scores.view(num, h, w)
 
 
-CASES = [("smooth", 80, (4, 4), (480, 640)), ("smooth", 21, (7, 7), (333, 500)),
-         ("ties", 80, (4, 4), (427, 640)), ("ties", 5, (3, 5), (101, 77)),
-         ("dupes", 20, (14, 14), (375, 500)), ("dupes", 3, (2, 2), (37, 53)),
-         ("smooth", 1, (4, 4), (64, 64)), ("ties", 7, (1, 4), (5, 7)), ("smooth", 80, (14, 14), (480, 640))]
+CASES = [("smooth", 80, (4, 4), (150, 200)), ("smooth", 21, (7, 7), (133, 150)),
+         ("ties", 80, (4, 4), (141, 190)), ("ties", 5, (3, 5), (101, 77)),
+         ("dupes", 20, (14, 14), (125, 170)), ("dupes", 3, (2, 2), (37, 53)),
+         ("smooth", 1, (4, 4), (64, 64)), ("ties", 7, (1, 4), (5, 7)), ("smooth", 80, (14, 14), (120, 161))]
 
 
 @pytest.mark.parametrize("kind,num,grid,size", CASES)

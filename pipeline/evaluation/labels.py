@@ -84,6 +84,19 @@ def _tiles(n_in: int, n_out: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
     return torch.stack([bounds[:, 0], bounds[:, 1] - 1], dim=1), steps, single[bounds[:, 0]]
 
 
+def _row_groups(key: Tensor) -> Tensor:
+    """Group id of every row of `key` (P, K) int64, equal rows sharing one: a lexicographic sort by
+    stable sorts column by column (torch.unique(dim=0) compares row pairs one call at a time)."""
+    order = torch.arange(len(key))
+    for column in reversed(range(key.shape[1])):
+        order = order[torch.sort(key[order, column], stable=True).indices]
+    ordered = key[order]
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), (ordered[1:] != ordered[:-1]).any(dim=1).long()])
+    group = torch.empty_like(order)
+    group[order] = starts.cumsum(0)
+    return group
+
+
 def exact_planes(normalised: Tensor, classes: Tensor, size: tuple[int, int]) -> Tensor:
     """F.interpolate's own upsampled maps (K, H, W) of `classes` (K,): per class, its ATen kernel
     computes each output value from the class's own plane only (tested), except the
@@ -132,7 +145,7 @@ def cpu_labels(normalised: Tensor, size: tuple[int, int], rule: str | None,
         qx1 = torch.where(single_x[q], qx, x1[xs[q, 0]])
         nodes = torch.stack([n[c, ry, qx], n[c, ry, qx1], n[c, ry1, qx], n[c, ry1, qx1]], dim=1)
         key = torch.cat([(r * num_q + q)[:, None], nodes.view(torch.int32).long()], dim=1)
-        _, group = torch.unique(key, dim=0, return_inverse=True)
+        group = _row_groups(key)
         first = torch.full((int(group.max()) + 1,), num).scatter_reduce_(0, group, c, "amin")
         keep = c == first[group]
         r, q, c, ry = r[keep], q[keep], c[keep], ry[keep]
@@ -204,5 +217,10 @@ def labels(normalised: Tensor, size: tuple[int, int], rule: str | None,
     """Normalised maps (C, h, w) -> (argmax over the classes (H, W) int64, background mask (H, W)
     bool by `rule`, None for "none" / None) on the maps' device; rule assumed valid."""
     if normalised.device.type == "cpu":
-        return cpu_labels(normalised, size, rule, threshold)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # hundreds of small ops: OpenMP regions cost more than they save
+        try:
+            return cpu_labels(normalised, size, rule, threshold)
+        finally:
+            torch.set_num_threads(threads)
     return device_labels(normalised, size, rule, threshold)
