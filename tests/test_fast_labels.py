@@ -15,7 +15,12 @@ from pipeline.data.datasets import load_segmentation
 from pipeline.data.synthetic import make_planted_coco
 from pipeline.evaluation.labels import _softmax_best, exact_planes, labels
 from pipeline.evaluation.metrics import MiouAccumulator
-from pipeline.evaluation.seg_eval import evaluate_segmentation, object_classes, variant_target, variants
+from pipeline.evaluation.seg_eval import (
+    evaluate_segmentation,
+    object_classes,
+    variant_target,
+    variants,
+)
 from pipeline.evaluation.segmentation import (
     BACKGROUND_RULES,
     METHODS,

@@ -5,19 +5,25 @@ The reference upsamples every class's min-max-normalised map to the mask's size 
 align_corners=False) and reduces over the C classes per pixel: C x H x W values (24.6M for 80
 COCO classes on a 480 x 640 mask) read three times (max, argmax, softmax) for H x W labels.
 Here, on a CPU:
-1. A bilinear value is a convex combination of its cell's four nodes (the output pixels that
-   share the same source nodes form a cell), so in a cell class c can only win where its largest
-   node reaches the largest smallest node of all classes. Only those candidates (typically a few
-   of the C) are upsampled there, by this module's own float32 arithmetic.
-2. That arithmetic is within EPS of F.interpolate's (the kernel's operation order and FMA
+1. The output is cut into tiles (at most TILE x TILE pixels, each within one cell: the pixels
+   that share the same four source nodes). On a tile the bilinear interpolant is bilinear, so
+   each class's extremes there are at the tile's corners: class c can only win where its
+   largest corner value reaches the largest smallest corner value of all classes. Only those
+   candidates (a few of the C) are upsampled on the tile, by this module's own float32
+   arithmetic with ATen's source indices and weights (`_axis`). Classes equal on every node a
+   tile reads tie exactly in the reference too: only the first of them is kept.
+2. That arithmetic is within `_eps` of F.interpolate's (the kernel's operation order and FMA
    contraction are not known), so every decision whose margin exceeds the bound is the
    reference's. The rest (near-ties between classes, values near the threshold) are decided on
-   F.interpolate's own values of the classes involved (one plane per class, whole image), so
-   the labels are bit-identical, ties included (the first class wins, as torch's argmax).
+   F.interpolate's own values of the classes involved (`exact_planes`), so the labels are
+   bit-identical, ties included (the first class wins, as torch's argmax).
 3. The softmax rule sums over every class: the sum is taken over the tile's classes within TAU
    of the top (the rest add less than e^-100 TAU each) on these values, and pixels within its
    error bound of the threshold get the reference's own computation: the exact stack (once per
    image, only then) and torch's softmax over all classes, in full vector lanes.
+Caveat shared with the reference: torch's softmax takes a scalar path for a few pixels at the
+edges of each thread's share, whose exp may differ from the vector one by an ulp; there the
+reference itself depends on the thread count, and this module follows the vector path.
 On another device (CUDA) the reference computation runs there once for both label spaces,
 everything staying on the device (`device_labels`).
 """

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO, prompt_names
 from pipeline.config.params import ParamError
+from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO, prompt_names
 from pipeline.evaluation.labels import labels
 from pipeline.evaluation.metrics import MIOU_PROTOCOLS, MiouAccumulator
 from pipeline.evaluation.segmentation import (
