@@ -30,6 +30,8 @@ everything staying on the device (`device_labels`).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,19 @@ TAU = 0.3  # softmax rule: classes further below the top add < e^-30 each to the
 SOFTMAX_SCALE = 100.0  # segmentation.SOFTMAX_SCALE (GEM)
 TILE = 16  # output pixels per tile side: bounds per tile, candidates per tile
 _PAD = 64  # softmax recomputation: pixels padded to full vector lanes of every thread's share
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for a block of cpu_labels calls: their hundreds of small operations per
+    image lose more to OpenMP regions than they gain (on a shared 2-core host, a region waiting
+    for a descheduled thread made them 3x slower than the reference)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _eps(h: int, w: int) -> float:
@@ -223,10 +238,5 @@ def labels(normalised: Tensor, size: tuple[int, int], rule: str | None,
     """Normalised maps (C, h, w) -> (argmax over the classes (H, W) int64, background mask (H, W)
     bool by `rule`, None for "none" / None) on the maps' device; rule assumed valid."""
     if normalised.device.type == "cpu":
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # hundreds of small ops: OpenMP regions cost more than they save
-        try:
-            return cpu_labels(normalised, size, rule, threshold)
-        finally:
-            torch.set_num_threads(threads)
+        return cpu_labels(normalised, size, rule, threshold)
     return device_labels(normalised, size, rule, threshold)

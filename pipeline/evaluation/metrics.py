@@ -168,10 +168,12 @@ class MiouAccumulator:
         if isinstance(pred, torch.Tensor) and pred.device.type != "cpu":  # counted on the device
             conf, present = _device_counts(pred, torch.as_tensor(target, device=pred.device), k,
                                            self.ignore_index)
-        else:
-            pred = _numpy(pred)
-            conf = confusion_matrix(pred, target, k, self.ignore_index)  # (K, K), rows = target
-            present = np.bincount(pred.ravel().astype(np.int64), minlength=k)[:k] > 0  # (K,), all pixels
+        else:  # confusion_matrix with ignored targets as an extra row K: one bincount, no masking
+            flat = _numpy(pred).ravel().astype(np.int64, copy=False)
+            truth = _numpy(target).ravel().astype(np.int64)
+            rows = np.where(truth == self.ignore_index, k, truth)
+            counts = np.bincount(rows * k + flat, minlength=(k + 1) * k).reshape(k + 1, k)
+            conf, present = counts[:k], counts.sum(axis=0) > 0  # (K, K) rows = target; (K,) all pixels
         self.conf += conf
         for protocol, value in image_figures(conf, present, self.background).items():
             self.per_image[protocol].append(value)
