@@ -136,6 +136,17 @@ def nanmean_percent(values: Iterable[float]) -> float:
     return float(100.0 * arr[np.isfinite(arr)].mean()) if np.isfinite(arr).any() else float("nan")
 
 
+def _device_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                   ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """confusion_matrix and the predicted-anywhere classes by torch.bincount where the label maps
+    are (a GPU): only (K, K) + (K,) counts leave the device."""
+    pred, target = pred.flatten().long(), target.flatten().long()
+    keep = target != ignore_index
+    counts = torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes**2)
+    present = torch.bincount(pred, minlength=num_classes)[:num_classes] > 0
+    return counts.view(num_classes, num_classes).cpu().numpy(), present.cpu().numpy()
+
+
 @dataclass
 class MiouAccumulator:
     """Every mIoU protocol in one pass over images: the dataset-level confusion matrix and each
@@ -153,11 +164,17 @@ class MiouAccumulator:
 
     def update(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> None:
         """One image: pred and target label maps of the same shape."""
-        pred = _numpy(pred)
-        conf = confusion_matrix(pred, target, self.num_classes, self.ignore_index)  # (K, K), rows = target
-        self.conf += conf
         k = self.num_classes
-        present = np.bincount(pred.ravel().astype(np.int64), minlength=k)[:k] > 0  # (K,), all pixels
+        if isinstance(pred, torch.Tensor) and pred.device.type != "cpu":  # counted on the device
+            conf, present = _device_counts(pred, torch.as_tensor(target, device=pred.device), k,
+                                           self.ignore_index)
+        else:  # confusion_matrix with ignored targets as an extra row K: one bincount, no masking
+            flat = _numpy(pred).ravel().astype(np.int64, copy=False)
+            truth = _numpy(target).ravel().astype(np.int64)
+            rows = np.where(truth == self.ignore_index, k, truth)
+            counts = np.bincount(rows * k + flat, minlength=(k + 1) * k).reshape(k + 1, k)
+            conf, present = counts[:k], counts.sum(axis=0) > 0  # (K, K) rows = target; (K,) all pixels
+        self.conf += conf
         for protocol, value in image_figures(conf, present, self.background).items():
             self.per_image[protocol].append(value)
 

@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.config.params import ParamError
 from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO, prompt_names
+from pipeline.evaluation.labels import labels, one_thread
 from pipeline.evaluation.metrics import MIOU_PROTOCOLS, MiouAccumulator
 from pipeline.evaluation.segmentation import (
+    BACKGROUND_RULES,
     IGNORE_INDEX,
     METHODS,
-    label_with_background,
     method_text,
-    normalised_maps,
+    normalise_minmax,
     plain_text,
     score_maps,
     seg_view,
@@ -46,6 +49,11 @@ def variant_target(mask: np.ndarray, variant: str) -> np.ndarray:
     target = mask.astype(np.int64) - 1
     target[(mask == 0) | (mask == IGNORE_INDEX)] = IGNORE_INDEX
     return target
+
+
+def _on(target: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
+    """A ground truth where the predictions are: NumPy for the CPU, a tensor on another device."""
+    return target if device.type == "cpu" else torch.from_numpy(target.astype(np.int64)).to(device)
 
 
 def class_subsets(dataset_name: str, classnames: Sequence[str]) -> dict[str, list[int]]:
@@ -87,6 +95,9 @@ def evaluate_segmentation(backbone: FrozenTowers, head: UnmixHead | None, datase
     words = prompt_names(names, dataset.name, voc_names)
     num = len(dataset.records) if limit is None else min(limit, len(dataset.records))
     subsets = class_subsets(dataset.name, names)
+    rule = background if dataset.has_background else None  # the "bkgd" variant's rule
+    if rule is not None and rule not in BACKGROUND_RULES:
+        raise ParamError(f"evaluate.seg.background must be one of {BACKGROUND_RULES}, got {rule!r}")
     raw = plain_text(backbone, words, prompt, normalise=text_input == "normalised")  # (C, D)
     texts = method_text(raw, head, methods, text_bn)
     acc = {m: {v: MiouAccumulator(len(names) + (v == "bkgd"), 0 if v == "bkgd" else None, IGNORE_INDEX)
@@ -99,17 +110,22 @@ def evaluate_segmentation(backbone: FrozenTowers, head: UnmixHead | None, datase
         images = torch.stack([seg_view(dataset.image(i), image_size, interpolation) for i in indices])
         maps = score_maps(backbone, head, images, texts, pos_interpolation, ours_norm=ours_norm,
                           cs_ours_norm=cs_ours_norm, ours_tokens=ours_tokens)  # (B, C, h, w) each
-        for j, i in enumerate(indices):
-            mask = dataset.mask(i)  # (H, W), its own size: the maps are upsampled to it
-            targets = {v: variant_target(mask, v) for v in variants(dataset.has_background)}
-            for m in methods:
-                normalised = normalised_maps(maps[m][j], mask.shape)  # (C, H, W)
-                for v, a in acc[m].items():
-                    pred = (label_with_background(normalised, background, threshold) if v == "bkgd"
-                            else normalised.argmax(dim=0)).cpu().numpy()
-                    a.update(pred, targets[v])
-                    if keep_predictions:
-                        kept[m][v].append(pred)
+        device = maps[methods[0]].device
+        with one_thread() if device.type == "cpu" else nullcontext():  # labels.one_thread
+            for j, i in enumerate(indices):
+                mask = dataset.mask(i)  # (H, W), its own size: the maps are upsampled to it
+                targets = {v: _on(variant_target(mask, v), device) for v in variants(dataset.has_background)}
+                for m in methods:  # one pass gives both label spaces (labels.py: no (C, H, W) on a CPU)
+                    objects, is_background = labels(normalise_minmax(maps[m][j]), mask.shape, rule,
+                                                    threshold)
+                    for v, a in acc[m].items():
+                        pred = objects
+                        if v == "bkgd":
+                            pred = (objects + 1 if is_background is None
+                                    else torch.where(is_background, 0, objects + 1))
+                        a.update(pred, targets[v])  # on the maps' device until the confusion counts
+                        if keep_predictions:
+                            kept[m][v].append(pred.cpu().numpy())
         bar.update(len(indices))
     bar.close()
     seconds = (time.perf_counter() - start) / max(num, 1)

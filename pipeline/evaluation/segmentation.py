@@ -54,6 +54,7 @@ from torch import Tensor
 from pipeline.config.backbones import backbone_kind
 from pipeline.config.params import ParamError
 from pipeline.data.augment import eval_view
+from pipeline.evaluation.labels import labels
 from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTowers
 from pipeline.model.heads import UnmixHead
 
@@ -275,8 +276,12 @@ def label_with_background(normalised: Tensor, rule: str, threshold: float) -> Te
 def predict(scores: Tensor, size: tuple[int, int], background: str | None = None,
             threshold: float = 0.85) -> Tensor:
     """Label map (H, W) int64 from one image's score maps (C, h, w). background None: argmax over
-    the C classes, labels 0..C-1; else label_with_background's labels under that rule."""
-    normalised = normalised_maps(scores, size)
+    the C classes, labels 0..C-1; else label_with_background's labels under that rule. Computed
+    by labels.labels, identical to label_with_background(normalised_maps(...)) without the
+    (C, H, W) stack on a CPU."""
+    if background is not None and background not in BACKGROUND_RULES:
+        raise ParamError(f"evaluate.seg.background must be one of {BACKGROUND_RULES}, got {background!r}")
+    label, is_background = labels(normalise_minmax(scores), size, background, threshold)
     if background is None:
-        return normalised.argmax(dim=0)
-    return label_with_background(normalised, background, threshold)
+        return label
+    return label + 1 if is_background is None else torch.where(is_background, 0, label + 1)
