@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 from pipeline.config import paths
+from pipeline.config.backbones import backbone_kind
 from pipeline.config.schema import Params
 from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO
 from pipeline.data.datasets import DatasetError, load_segmentation
@@ -70,7 +71,8 @@ def seg_table(results: dict, params: Params, src: dict) -> str:
     cols = [(name, *c) for name, r in results.items() for c in _columns(name, r)]
     methods = list(next(iter(results.values()))["methods"]) if results else []
     norms: dict[str, str] = {n: r["variant"]["ours_norm"] for n, r in results.items()}
-    labels = {m: method_variant(m, norms, cfg.cs_ours_norm) for m in methods}
+    vit = backbone_kind(params.backbone.name) == "vit"
+    labels = {m: method_variant(m, norms, cfg.cs_ours_norm, vit) for m in methods}
     title = "## Zero-shot semantic segmentation (paper Table 2)" + (
         ", methods without projectors" if src.get("projectors") is None else "")
     lines = [title, "", _source_line(src), "",
@@ -195,7 +197,8 @@ def evaluate_seg(params: Params, methods: str = "all") -> tuple[dict, str]:
                "interpolation": cfg.interpolation, "ours_norm": cfg.ours_norm,
                "cs_ours_norm": cfg.cs_ours_norm, "coco_masks": cfg.coco_masks,
                "method_variants": method_records([m for m in cfg.methods if methods != "baselines"
-                                                  or m in chosen], norms, cfg.cs_ours_norm),
+                                                  or m in chosen], norms, cfg.cs_ours_norm,
+                                                 backbone_kind(params.backbone.name) == "vit"),
                "text_input": ev.text_input,
                "text_bn": ev.text_bn.seg, "voc_names": ev.voc_names,
                "datasets": results, "skipped": sorted(skipped), "per_class": {"iou_dataset": per_class}}

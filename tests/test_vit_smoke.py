@@ -50,3 +50,5 @@ def test_the_smoke_pipeline_runs_on_a_vit_and_its_projectors_learn(tmp_path: Pat
     assert {"clip", "clearclip", "ours", "clip-surgery+ours"} <= set(seg["datasets"]["synthetic"]["methods"])
     report = (tmp_path / "results" / "report.md").read_text()
     assert "backbone: tiny-ViT, tokens: maskclip (trained on), clip-surgery (ZS3 ours)" in report
+    table = (tmp_path / "results" / "tables" / "seg.md").read_text()  # rows say what ran on a ViT
+    assert "MaskCLIP's value path" in table and "ResNet" not in table

@@ -49,6 +49,14 @@ FIXED_WORDS = {
                               "surgery weighted per token)",
     "clearclip": "clearclip (ViT: ClearCLIP's last block, q-q attention without residual or MLP, cosine)",
 }
+# on a ViT the same method names read the ViT's own token paths (model/vit_tokens.py)
+VIT_FIXED_WORDS = {
+    **FIXED_WORDS,
+    "clip": "clip (ViT output tokens: the last block's q-k attention, cosine)",
+    "clip-vproj": "clip-vproj (ViT: MaskCLIP's value path, cosine)",
+    "clip-surgery": "clip-surgery (ViT: CLIP Surgery's v-v path, feature surgery weighted from token 0)",
+    "clip-vv": "clip-vv (ViT: CLIP Surgery's v-v tokens, cosine)",
+}
 
 
 def seg_interpolation(rule: str, dataset: str | None = None) -> str:
@@ -87,11 +95,12 @@ def resolve(seg: Seg, dataset: str) -> SegVariant:
                       seg.cs_ours_norm, seg.coco_masks if dataset in COCO_MASKS_DATASETS else None)
 
 
-def method_variant(method: str, ours_norms: dict[str, str], cs_ours_norm: str) -> str:
+def method_variant(method: str, ours_norms: dict[str, str], cs_ours_norm: str, vit: bool = False) -> str:
     """A method's name with its variant, for a table row spanning datasets; `ours_norms` is
-    {dataset: resolved ours normalisation} of the datasets in the table."""
-    if method in FIXED_WORDS:
-        return FIXED_WORDS[method]
+    {dataset: resolved ours normalisation} of the datasets in the table; `vit`: on a ViT backbone."""
+    fixed = VIT_FIXED_WORDS if vit else FIXED_WORDS
+    if method in fixed:
+        return fixed[method]
     if method == "clip-surgery+ours":
         how = {"before": "image normalised before the projector, not after: the released CS_Ours",
                "after": "image normalised after the projector: the paper's cosine"}[cs_ours_norm]
@@ -112,8 +121,8 @@ def table2_row(method: str) -> str:
     return TABLE2_ROW.get(method) or "-"
 
 
-def method_records(methods: Sequence[str], ours_norms: dict[str, str], cs_ours_norm: str
-                   ) -> dict[str, dict[str, str | None]]:
+def method_records(methods: Sequence[str], ours_norms: dict[str, str], cs_ours_norm: str,
+                   vit: bool = False) -> dict[str, dict[str, str | None]]:
     """{method: {"variant": words, "table2": paper row or None}}, what details files record."""
-    return {m: {"variant": method_variant(m, ours_norms, cs_ours_norm), "table2": TABLE2_ROW.get(m)}
+    return {m: {"variant": method_variant(m, ours_norms, cs_ours_norm, vit), "table2": TABLE2_ROW.get(m)}
             for m in methods}
