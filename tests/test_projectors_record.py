@@ -206,6 +206,20 @@ def test_a_file_that_is_not_a_projectors_file_says_so(world, tmp_path):
     cut.write_bytes(world["recorded"].read_bytes()[:-100])
     with pytest.raises(TrainingError, match="damaged"):
         load_projectors(cut)
+    # bytes torch's weights-only unpickler meets with a KeyError ("hi": a memo read) or other errors
+    for name, data in (("hi.pt", b"hi\n"), ("noise.pt", bytes(range(256)) * 4), ("text.pt", b"{}")):
+        other = tmp_path / name
+        other.write_bytes(data)
+        with pytest.raises(TrainingError, match="is not a projectors file"):
+            load_projectors(other)
+        run = cli("segment", str(world["files"][0]), "--classes", "person", "--projectors", str(other))
+        assert run.exit_code == 1 and "not a projectors file" in run.output, run.output
+        assert "Traceback" not in run.output
+    legacy = tmp_path / "legacy.pt"  # a pickle stream (torch.save's pre-1.6 format) cut short: damaged
+    torch.save({"head": {}, "meta": {}}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:-20])
+    with pytest.raises(TrainingError, match="damaged"):
+        load_projectors(legacy)
 
 
 def test_the_api_takes_a_list_of_names_and_refuses_a_comma_string(world):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipeline.model.build import head_from_params
 from pipeline.model.heads import UnmixHead
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+PICKLE_PROTO = b"\x80"  # a pickle stream's first byte (protocol 2+): torch's legacy format
 
 
 def read_state(path: str | Path, what: str = "projectors file") -> Any:
@@ -34,27 +34,31 @@ def read_state(path: str | Path, what: str = "projectors file") -> Any:
     are what they claim to be (empty, or a zip archive as torch.save writes: truncated or garbled);
     any other file (README.md passed as --projectors) is not a `what` at all.
     """
+    if Path(path).is_file() and not _looks_like_torch(Path(path), legacy=True):  # before torch reads it:
+        # its weights-only unpickler meets other bytes with whatever error they happen to cause
+        raise TrainingError(f"{path} is not a {what} (not a file torch.save writes): check the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+    except Exception as err:  # the unpickler's KeyError / ValueError on garbled bytes too
         if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):
             raise  # missing, unreadable: not damage (the CLI names disk errors itself)
-        if not _looks_like_torch(Path(path)):
+        if not _looks_like_torch(Path(path), legacy=True):
             raise TrainingError(f"{path} is not a {what} (not a file torch.save writes): check the "
                                 "path") from err
         raise TrainingError(f"{path} is damaged (truncated?): delete it and re-run "
                             "`pipeline train`") from err
 
 
-def _looks_like_torch(path: Path) -> bool:
+def _looks_like_torch(path: Path, legacy: bool = False) -> bool:
     """Empty (a write cut short) or a zip whose records are torch's (<name>/data.pkl), or a zip
-    too truncated to list: what torch.save leaves behind when damaged."""
+    too truncated to list: what torch.save leaves behind when damaged. `legacy`: a pickle stream
+    (torch.save before torch 1.6, _use_new_zipfile_serialization=False) counts too."""
     with open(path, "rb") as f:
         head = f.read(len(ZIP_MAGIC))
     if not head:
         return True
     if head != ZIP_MAGIC:
-        return False
+        return legacy and head[:1] == PICKLE_PROTO
     try:
         with zipfile.ZipFile(path) as archive:
             return any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
