@@ -5,6 +5,8 @@ every background rule, odd sizes and token grids, values at the threshold, and o
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,20 @@ def test_exact_planes_equal_the_whole_upsampling_class_by_class(size):
     whole = F.interpolate(normalised[None], size=size, mode="bilinear", align_corners=False)[0]
     for classes in (torch.tensor([3]), torch.tensor([0, 5, 79]), torch.arange(0, 80, 3)):
         assert torch.equal(exact_planes(normalised, classes, size), whole[classes])
+    for threads in (1, 2):  # ATen's kernel choice moves with the thread count: the values must not
+        with _threads(threads):
+            again = F.interpolate(normalised[None], size=size, mode="bilinear", align_corners=False)[0]
+            assert torch.equal(exact_planes(normalised, torch.tensor([0, 5, 79]), size), again[[0, 5, 79]])
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- a dataset, every method: identical numbers ---------------------------------------------------
