@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.datasets import load_segmentation
-from pipeline.evaluation.labels import labels, one_thread
+from pipeline.evaluation.labels import labels
 from pipeline.evaluation.metrics import MiouAccumulator
 from pipeline.evaluation.seg_eval import object_classes, variant_target, variants
 from pipeline.evaluation.segmentation import (
@@ -66,12 +66,6 @@ def old_post(maps: dict, masks: list, rule: str | None, threshold: float, acc: d
 
 
 def new_post(maps: dict, masks: list, rule: str | None, threshold: float, acc: dict) -> None:
-    """The seg_eval loop body as it is now."""
-    with one_thread():
-        _new_post(maps, masks, rule, threshold, acc)
-
-
-def _new_post(maps: dict, masks: list, rule: str | None, threshold: float, acc: dict) -> None:
     for j, mask in enumerate(masks):
         targets = {v: variant_target(mask, v) for v in acc[SIX[0]]}
         for m in SIX:

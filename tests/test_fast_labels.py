@@ -1,11 +1,9 @@
-"""The ZS3 labels without the (C, H, W) stack (pipeline/evaluation/labels.py) are the reference's,
-bit for bit: the implementation they replace is kept here (`reference_labels`,
+"""The ZS3 labels of both label spaces from one stack (pipeline/evaluation/labels.py) are the
+per-variant loop's, bit for bit: that loop is kept here (`reference_labels`,
 `reference_evaluation`) and compared on random maps with ties, duplicate and constant classes,
 every background rule, odd sizes and token grids, values at the threshold, and on a dataset.
 """
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 from pipeline.data.augment import eval_view
 from pipeline.data.datasets import load_segmentation
 from pipeline.data.synthetic import make_planted_coco
-from pipeline.evaluation.labels import _softmax_best, exact_planes, labels
+from pipeline.evaluation.labels import labels
 from pipeline.evaluation.metrics import MiouAccumulator
 from pipeline.evaluation.seg_eval import (
     evaluate_segmentation,
@@ -104,8 +102,7 @@ def test_labels_are_the_reference_labels_bit_for_bit(kind, num, grid, size, rule
 
 
 def test_threshold_decisions_at_the_reference_value_itself_agree():
-    """A threshold equal to a pixel's own softmax maximum / top value: the undecidable margin,
-    settled by the reference's own arithmetic (labels._softmax_best, exact_planes)."""
+    """A threshold equal to a pixel's own softmax maximum / top value: the tightest margin."""
     scores = _maps("smooth", 80, (4, 4), seed=3)
     normalised = reference_normalised(scores, (120, 160))
     soft = (SOFTMAX_SCALE * normalised).softmax(dim=0).max(dim=0).values.flatten()
@@ -115,37 +112,6 @@ def test_threshold_decisions_at_the_reference_value_itself_agree():
             threshold = float(values[pixel])
             expected = reference_labels(scores, (120, 160), rule, threshold)[1]
             assert torch.equal(predict(scores, (120, 160), rule, threshold), expected)
-
-
-def test_softmax_recomputation_equals_the_reference_at_every_pixel():
-    scores = _maps("smooth", 80, (7, 7), seed=5)
-    normalised = reference_normalised(scores, (90, 70))
-    expected = (SOFTMAX_SCALE * normalised).softmax(dim=0).max(dim=0).values.flatten()
-    pixels = torch.randperm(90 * 70)[:1000]
-    assert torch.equal(_softmax_best(normalised, pixels), expected[pixels])
-
-
-@pytest.mark.parametrize("size", [(480, 640), (100, 29), (37, 53)])
-def test_exact_planes_equal_the_whole_upsampling_class_by_class(size):
-    scores = _maps("smooth", 80, (4, 4), seed=1)
-    normalised = reference_normalised(scores, (4, 4))  # same size: only the normalisation
-    whole = F.interpolate(normalised[None], size=size, mode="bilinear", align_corners=False)[0]
-    for classes in (torch.tensor([3]), torch.tensor([0, 5, 79]), torch.arange(0, 80, 3)):
-        assert torch.equal(exact_planes(normalised, classes, size), whole[classes])
-    for threads in (1, 2):  # ATen's kernel choice moves with the thread count: the values must not
-        with _threads(threads):
-            again = F.interpolate(normalised[None], size=size, mode="bilinear", align_corners=False)[0]
-            assert torch.equal(exact_planes(normalised, torch.tensor([0, 5, 79]), size), again[[0, 5, 79]])
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- a dataset, every method: identical numbers ---------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.config.params import ParamError
 from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO, prompt_names
-from pipeline.evaluation.labels import labels, one_thread
+from pipeline.evaluation.labels import labels
 from pipeline.evaluation.metrics import MIOU_PROTOCOLS, MiouAccumulator
 from pipeline.evaluation.segmentation import (
     BACKGROUND_RULES,
@@ -111,21 +110,19 @@ def evaluate_segmentation(backbone: FrozenTowers, head: UnmixHead | None, datase
         maps = score_maps(backbone, head, images, texts, pos_interpolation, ours_norm=ours_norm,
                           cs_ours_norm=cs_ours_norm, ours_tokens=ours_tokens)  # (B, C, h, w) each
         device = maps[methods[0]].device
-        with one_thread() if device.type == "cpu" else nullcontext():  # labels.one_thread
-            for j, i in enumerate(indices):
-                mask = dataset.mask(i)  # (H, W), its own size: the maps are upsampled to it
-                targets = {v: _on(variant_target(mask, v), device) for v in variants(dataset.has_background)}
-                for m in methods:  # one pass gives both label spaces (labels.py: no (C, H, W) on a CPU)
-                    objects, is_background = labels(normalise_minmax(maps[m][j]), mask.shape, rule,
-                                                    threshold)
-                    for v, a in acc[m].items():
-                        pred = objects
-                        if v == "bkgd":
-                            pred = (objects + 1 if is_background is None
-                                    else torch.where(is_background, 0, objects + 1))
-                        a.update(pred, targets[v])  # on the maps' device until the confusion counts
-                        if keep_predictions:
-                            kept[m][v].append(pred.cpu().numpy())
+        for j, i in enumerate(indices):
+            mask = dataset.mask(i)  # (H, W), its own size: the maps are upsampled to it
+            targets = {v: _on(variant_target(mask, v), device) for v in variants(dataset.has_background)}
+            for m in methods:  # one upsampled stack gives both label spaces (labels.py)
+                objects, is_background = labels(normalise_minmax(maps[m][j]), mask.shape, rule, threshold)
+                for v, a in acc[m].items():
+                    pred = objects
+                    if v == "bkgd":
+                        pred = (objects + 1 if is_background is None
+                                else torch.where(is_background, 0, objects + 1))
+                    a.update(pred, targets[v])  # on the maps' device until the confusion counts
+                    if keep_predictions:
+                        kept[m][v].append(pred.cpu().numpy())
         bar.update(len(indices))
     bar.close()
     seconds = (time.perf_counter() - start) / max(num, 1)

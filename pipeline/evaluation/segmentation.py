@@ -276,9 +276,8 @@ def label_with_background(normalised: Tensor, rule: str, threshold: float) -> Te
 def predict(scores: Tensor, size: tuple[int, int], background: str | None = None,
             threshold: float = 0.85) -> Tensor:
     """Label map (H, W) int64 from one image's score maps (C, h, w). background None: argmax over
-    the C classes, labels 0..C-1; else label_with_background's labels under that rule. Computed
-    by labels.labels, identical to label_with_background(normalised_maps(...)) without the
-    (C, H, W) stack on a CPU."""
+    the C classes, labels 0..C-1; else label_with_background's labels under that rule (by
+    labels.labels, the same computation: identical labels)."""
     if background is not None and background not in BACKGROUND_RULES:
         raise ParamError(f"evaluate.seg.background must be one of {BACKGROUND_RULES}, got {background!r}")
     label, is_background = labels(normalise_minmax(scores), size, background, threshold)
