@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.api.record import record_options
 from pipeline.api.unmix import SegmentationResult, UnmixCLIP, class_list, template_list
 from pipeline.api.views import resize_rule
 from pipeline.config import paths
@@ -37,13 +38,13 @@ from pipeline.config.schema import Params
 from pipeline.data.images import BadImageError, load_image
 from pipeline.data.synthetic import voc_palette
 from pipeline.evaluation.segment_maps import METHODS
-from pipeline.evaluation.segmentation import PROMPTS, method_labels
-from pipeline.evaluation.variants import seg_interpolation
+from pipeline.evaluation.segmentation import method_labels
 from pipeline.files import atomic_write, atomic_write_text
 from pipeline.model.projectors import read_state
 from pipeline.results.names import image_digest, output_names
 from pipeline.results.outputs import project_relative
 from pipeline.results.overlays import label_colours, legend_colours, panel_view
+from pipeline.training.usage import view_record
 
 MAP_BUDGET_BYTES = 1 << 30  # score maps held per chunk: C x methods x pixels x 4 bytes per image
 TYPICAL_PIXELS = 640 * 480  # a COCO image
@@ -114,14 +115,9 @@ def projectors_and_params(params: Params | None, projectors: str | Path | None,
 def unrecorded_options(params: Params) -> dict[str, Any]:
     """Defaults for a projectors file written before the record (pipeline/training/usage.py):
     the params' backbone weights and evaluation values, as `segment` read them then."""
-    b, ev = params.backbone, params.evaluate
+    b = params.backbone
     return {"checkpoint": b.checkpoint, "pretrained": None if b.checkpoint else (b.pretrained or "random"),
-            "sha256": b.sha256, "init_seed": b.init_seed, "image_size": ev.seg.image_size,
-            "score_text_bn": ev.text_bn.mlr, "text_input": ev.text_input,
-            "pos_interpolation": ev.seg.pos_interpolation,
-            "interpolation": seg_interpolation(ev.seg.interpolation),  # released: bicubic (no dataset)
-            "batch_size": ev.batch_size, "templates": [PROMPTS[ev.prompt]],
-            "background": ev.seg.background, "threshold": ev.seg.threshold}
+            "sha256": b.sha256, "init_seed": b.init_seed, **record_options({"use": view_record(params)})}
 
 
 def model_from_params(params: Params | None, projectors: str | Path | None = None, *,

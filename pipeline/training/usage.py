@@ -90,6 +90,16 @@ def use_record(params: Params, projectors: str | os.PathLike, weights_digest: st
             "bn_file": bn_file_record(params, weights_digest, root)},
         "tokens": {"train": resolve_tokens(b.name, "train", params.extract.tokens),  # trained on
                    "seg": resolve_tokens(b.name, "seg", ev.seg.tokens)},  # ZS3 `ours`, segment, query
+        **view_record(params),
+        "recipe": params.recipe,
+    }
+
+
+def view_record(params: Params) -> dict[str, Any]:
+    """The record's image view, prompts and background rule as params give them: what use_record
+    writes, and what `segment` takes from params for a file written before the record."""
+    ev = params.evaluate
+    return {
         "image_size": ev.seg.image_size,
         "interpolation": seg_interpolation(ev.seg.interpolation),  # released: bicubic (no dataset)
         "pos_interpolation": ev.seg.pos_interpolation,
@@ -98,5 +108,4 @@ def use_record(params: Params, projectors: str | os.PathLike, weights_digest: st
         "text_bn": {"seg": ev.text_bn.seg, "mlr": ev.text_bn.mlr},  # the evaluation's; segment: running
         "background": ev.seg.background, "threshold": ev.seg.threshold,
         "batch_size": ev.batch_size,
-        "recipe": params.recipe,
     }
