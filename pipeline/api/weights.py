@@ -93,6 +93,24 @@ def _from_record(digest: str, name: str, path: str | os.PathLike) -> tuple[str, 
                        f"(API checkpoint=..., CLI --set backbone.checkpoint=PATH)")
 
 
+def _load(name: str, checkpoint: str | os.PathLike | None, pretrained: str | None, sha256: str | None,
+          init_seed: int, device: torch.device, precision: str, channels_last: bool) -> FrozenTowers:
+    """Either tower with these weights (a checkpoint wins over a tag)."""
+    return load_any_backbone(name, pretrained=None if checkpoint else pretrained,
+                             checkpoint=None if checkpoint is None else os.fspath(checkpoint),
+                             sha256=sha256, device=str(device), precision=precision,
+                             channels_last=channels_last, init_seed=init_seed)
+
+
+def _same_width(backbone: FrozenTowers, meta: dict[str, Any], path: str | os.PathLike) -> FrozenTowers:
+    """`backbone`, refused when its tokens are not as wide as those the projectors were trained on."""
+    embed_dim = meta.get("embed_dim")
+    if embed_dim is not None and backbone.embed_dim != embed_dim:
+        raise WeightsError(f"{path} was trained on {embed_dim}-d tokens but backbone {backbone.name} gives "
+                           f"{backbone.embed_dim}-d: use the backbone it was trained on")
+    return backbone
+
+
 def resolve_backbone(meta: dict[str, Any], path: str | os.PathLike, *, checkpoint: str | os.PathLike | None,
                      pretrained: str | None, sha256: str | None, init_seed: int, name: str | None,
                      device: torch.device, precision: str = "fp32",
@@ -111,18 +129,11 @@ def resolve_backbone(meta: dict[str, Any], path: str | os.PathLike, *, checkpoin
     if recorded is not None and _base(declared) != _base(recorded):
         raise WeightsError(f"backbone weights {declared} differ from {recorded} that {path} "
                            f"was trained on: {FIX}")
-    backbone = load_any_backbone(name, pretrained=None if checkpoint else pretrained,
-                             checkpoint=None if checkpoint is None else os.fspath(checkpoint),
-                             sha256=sha256, device=str(device), precision=precision,
-                             channels_last=channels_last, init_seed=init_seed)
+    backbone = _load(name, checkpoint, pretrained, sha256, init_seed, device, precision, channels_last)
     if recorded is not None and _base(backbone.weights_digest) != _base(recorded):  # e.g. a sha256 param
         raise WeightsError(f"backbone weights {backbone.weights_digest} differ from "
                            f"{recorded} that {path} was trained on: {FIX}")
-    embed_dim = meta.get("embed_dim")
-    if embed_dim is not None and backbone.embed_dim != embed_dim:
-        raise WeightsError(f"{path} was trained on {embed_dim}-d tokens but backbone {name} gives "
-                           f"{backbone.embed_dim}-d: use the backbone it was trained on")
-    return backbone
+    return _same_width(backbone, meta, path)
 
 
 def _bn_file(use: dict[str, Any], root: Path | None, path: str | os.PathLike, given: Path | None) -> Path:
@@ -132,9 +143,10 @@ def _bn_file(use: dict[str, Any], root: Path | None, path: str | os.PathLike, gi
     if not where.is_file():
         raise WeightsError(f"{path} was trained on a random {use['backbone']['name']} with the BatchNorm "
                            f"statistics {where} (sha256 {bn['sha256']}), not there: {SUPPLY}")
-    if given is None and sha256_file(where) != bn["sha256"]:
+    found = None if given is not None else sha256_file(where)
+    if found is not None and found != bn["sha256"]:
         raise WeightsError(f"{where} is not the BatchNorm statistics file {path} was trained with (sha256 "
-                           f"{sha256_file(where)}, recorded {bn['sha256']}): {SUPPLY}")
+                           f"{found}, recorded {bn['sha256']}): {SUPPLY}")
     return where
 
 
@@ -172,16 +184,9 @@ def backbone_from_use(meta: dict[str, Any], path: str | os.PathLike, *, checkpoi
         stats = torch.load(_bn_file(use, root, path, given_bn), map_location="cpu", weights_only=True)
         if not is_bn_state(stats):
             raise WeightsError(f"{given_bn or bn['path']} is not a BatchNorm statistics file: {SUPPLY}")
-    backbone = load_any_backbone(name, pretrained=None if checkpoint else pretrained,
-                                 checkpoint=None if checkpoint is None else os.fspath(checkpoint),
-                                 sha256=sha256, device=str(device), precision=precision,
-                                 channels_last=channels_last, init_seed=init_seed)
+    backbone = _load(name, checkpoint, pretrained, sha256, init_seed, device, precision, channels_last)
     if stats is not None and isinstance(backbone, FrozenCLIP):  # a ViT has no BatchNorm (no file)
         apply_bn_state(backbone, stats)
     if recorded is not None and _base(backbone.weights_digest) != _base(recorded):
         raise WeightsError(mismatch.format(backbone.weights_digest))
-    embed_dim = meta.get("embed_dim")
-    if embed_dim is not None and backbone.embed_dim != embed_dim:
-        raise WeightsError(f"{path} was trained on {embed_dim}-d tokens but backbone {name} gives "
-                           f"{backbone.embed_dim}-d: use the backbone it was trained on")
-    return backbone
+    return _same_width(backbone, meta, path)
