@@ -36,7 +36,7 @@ def _maps(kind: str, num: int, grid: tuple[int, int], seed: int) -> torch.Tensor
 
 
 GEOMETRIES = [((4, 4), (444, 640)),  # 444 / 4 = 111: rows 55, 166, ... sample a token row exactly
-              ((14, 14), (427, 640)), ((4, 4), (480, 640)), ((7, 5), (97, 131)), ((2, 3), (300, 17))]
+              ((14, 14), (427, 640)), ((4, 4), (480, 640)), ((7, 5), (97, 131)), ((2, 3), (300, 90))]
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
@@ -142,14 +142,16 @@ def test_maps_outside_the_unit_range_take_the_stack(monkeypatch):
 
 
 def test_random_geometries_and_maps_agree_with_the_stack(threads):
-    """Grids of 2 to 16 tokens, masks of 20 to 500 pixels, odd multiples of the grid (source rows
-    exactly on token rows), 2 to 40 classes, every kind of map: identical labels everywhere."""
+    """Grids of 2 to 16 tokens, masks of 20 to 800 pixels, odd multiples of the grid (source rows
+    exactly on token rows), 4 to 27 classes, every kind of map: identical labels everywhere."""
     g = torch.Generator().manual_seed(threads)
     kinds = ["noise", "levels", "smooth", "shared"]
     used = 0
     for case in range(24):
         h, w = (int(v) for v in torch.randint(2, 17, (2,), generator=g))
         height, width = (int(v) for v in torch.randint(20, 500, (2,), generator=g))
+        if case % 4:  # rows long enough for the envelope (the others take the stack)
+            width += label_envelope.MIN_PIXELS_PER_CELL * (w + 1)
         if case % 3 == 0:
             height = h * (2 * int(torch.randint(1, 16, (1,), generator=g)) + 1)
         maps = _maps(kinds[case % 4], 4 + case, (h, w), seed=case)
@@ -159,4 +161,4 @@ def test_random_geometries_and_maps_agree_with_the_stack(threads):
             got = labels(maps, (height, width), rule, threshold)
             assert torch.equal(got[0], expected[0]), (case, h, w, height, width, rule)
             assert rule is None or torch.equal(got[1], expected[1]), (case, h, w, height, width, rule)
-    assert used >= 16  # most cases run the envelope, not its fallback
+    assert used >= 15  # most cases run the envelope, not its fallback
