@@ -86,6 +86,21 @@ def test_near_ties_and_the_threshold_are_settled_by_aten(monkeypatch):
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+def test_a_source_coordinate_just_below_an_integer_reads_the_next_token(threads):
+    """3 tokens to 355 pixels: column 177's source coordinate is 1 - 2e-16 in float64 but 1 + 1.2e-7
+    in ATen's float32, which reads tokens 1 and 2 there; two classes equal on tokens 0 and 1 differ
+    on token 2 (found by a review: the packed map lacked token 2)."""
+    maps = normalise_minmax(torch.tensor([[[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]],
+                                          [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]]))
+    for m, size in ((maps, (5, 355)), (maps.transpose(1, 2).contiguous(), (355, 60))):
+        assert label_envelope.envelope_labels(m, size, None, 0.0) is not None
+        for rule in (None, "max-score", "softmax"):
+            expected = stack_labels(m, size, rule, 0.5)
+            got = labels(m, size, rule, 0.5)
+            assert torch.equal(got[0], expected[0]), (size, rule)
+            assert rule is None or torch.equal(got[1], expected[1])
+
+
 @pytest.mark.parametrize("grid,size", GEOMETRIES[:3])
 def test_lines_are_aten_within_the_bound(threads, grid, size):
     """The bound every decision rests on: a line's value (ATen's weights, float64) is within EXACT

@@ -84,9 +84,10 @@ def _cells(i0: Tensor, i1: Tensor) -> tuple[Tensor, Tensor]:
 
 def _sources(n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per output pixel of one axis: the source indices ATen's value depends on (both, or twice
-    the one whose weight is 1: clamped at either end); a group id, pixels with equal indices, or -1
-    where the float32 source coordinate may fall on the other side of an integer; and a key equal
-    for pixels ATen computes identically (clamped at 0: weights exactly 1 and 0), else the pixel."""
+    the one whose weight is 1: clamped at either end; twice the nearest integer where doubtful); a
+    group id, pixels with equal indices, or -1 (doubtful) where the float32 source coordinate may
+    fall on the other side of an integer; and a key equal for pixels ATen computes identically
+    (clamped at 0: weights exactly 1 and 0), else the pixel."""
     src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
     i0 = src.floor().long().clamp(0, n_in - 1)
     i1 = (i0 + 1).clamp_max(n_in - 1)
@@ -97,6 +98,8 @@ def _sources(n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
     frac = src - src.floor()
     robust = low | high | ((frac > margin) & (frac < 1.0 - margin))
     group = torch.where(robust, i0 * n_in + i1, -1)
+    nearest = src.round().long().clamp(0, n_in - 1)  # doubtful: ATen reads two of nearest - 1 .. + 1
+    i0, i1 = torch.where(robust, i0, nearest), torch.where(robust, i1, nearest)
     return torch.stack([i0, i1]), group, torch.where(low, -1, torch.arange(n_out))
 
 

@@ -95,7 +95,8 @@ def _aten_at(maps: Tensor, size: tuple[int, int], rows: Rows, ys: Tensor, xs: Te
     instead of one per class."""
     c, h, w = maps.shape
     (iy, gy, _), (ix, gx, _) = rows.sources
-    # the tokens a pixel reads: its cell's, and one more each side where ATen's indices are unsure
+    # the tokens a pixel reads: its cell's, or where ATen's indices are unsure (a source coordinate
+    # within float32 error of an integer k) k - 1 .. k + 1
     y_lo = torch.where(gy[ys] >= 0, iy[0, ys], (iy[0, ys] - 1).clamp_min(0))
     y_hi = torch.where(gy[ys] >= 0, iy[1, ys], (iy[0, ys] + 1).clamp_max(h - 1))
     x_lo = torch.where(gx[xs] >= 0, ix[0, xs], (ix[0, xs] - 1).clamp_min(0))
