@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.datasets import load_segmentation
-from pipeline.evaluation.labels import labels
+from pipeline.evaluation.labels import labels, with_background
 from pipeline.evaluation.metrics import MiouAccumulator
 from pipeline.evaluation.seg_eval import object_classes, variant_target, variants
 from pipeline.evaluation.segmentation import (
@@ -71,10 +71,7 @@ def new_post(maps: dict, masks: list, rule: str | None, threshold: float, acc: d
         for m in SIX:
             objects, is_background = labels(normalise_minmax(maps[m][j]), mask.shape, rule, threshold)
             for v, a in acc[m].items():
-                pred = objects
-                if v == "bkgd":
-                    pred = objects + 1 if is_background is None else torch.where(is_background, 0, objects + 1)
-                a.update(pred, targets[v])
+                a.update(with_background(objects, is_background) if v == "bkgd" else objects, targets[v])
 
 
 def main() -> None:

@@ -66,10 +66,15 @@ def tolerance(cells: int) -> float:
     return 2.0 * 2.0 * 3.0 * _F32_EPS * (cells + 2)
 
 
+def _source(n_in: int, n_out: int) -> Tensor:
+    """Each output pixel's exact (float64) align_corners=False source coordinate, before clamping."""
+    return (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+
+
 def _axis(n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
     """Exact (float64) align_corners=False geometry of one axis: both source indices and the
     weight of the second, per output pixel."""
-    src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
+    src = _source(n_in, n_out).clamp_min(0.0)
     i0 = src.floor().long().clamp_max(n_in - 1)
     i1 = (i0 + 1).clamp_max(n_in - 1)
     return i0, i1, src - i0
@@ -88,7 +93,7 @@ def _sources(n_in: int, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
     group id, pixels with equal indices, or -1 (doubtful) where the float32 source coordinate may
     fall on the other side of an integer; and a key equal for pixels ATen computes identically
     (clamped at 0: weights exactly 1 and 0), else the pixel."""
-    src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = _source(n_in, n_out)
     i0 = src.floor().long().clamp(0, n_in - 1)
     i1 = (i0 + 1).clamp_max(n_in - 1)
     margin = 16.0 * _F32_EPS * (n_in + 1)  # > the float32 source coordinate's error, 3 roundings

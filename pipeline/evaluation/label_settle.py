@@ -23,7 +23,7 @@ def settle(maps: Tensor, size: tuple[int, int], rows: Rows, undecided: Tensor, l
     all_ys, all_xs = undecided.nonzero(as_tuple=True)
     key = (rows.same[0][all_ys] + 1) * (size[1] + 1) + rows.same[1][all_xs] + 1
     keys, copy = torch.unique(key, return_inverse=True)  # one pixel per key: ATen's values are equal
-    one = torch.full((len(keys),), len(key), dtype=torch.long).scatter_reduce(0, copy, torch.arange(len(key)), "amin")
+    one = _smallest(copy, torch.arange(len(key)), len(keys))
     ys, xs = all_ys[one], all_xs[one]
     own_label, own_background = _settle_pixels(maps, size, rows, ys, xs, tol, threshold,
                                                background is not None)
@@ -70,7 +70,7 @@ def _first_of_equals(maps: Tensor, rows: Rows, ys: Tensor, xs: Tensor) -> Tensor
     robust = (gy[ys] >= 0) & (gx[xs] >= 0)
     cell = torch.where(robust, gy[ys] * (int(gx.max()) + 1) + gx[xs], -1)  # pixels sharing inputs
     cells, at = torch.unique(cell, return_inverse=True)
-    one = torch.full((len(cells),), len(ys), dtype=torch.long).scatter_reduce(0, at, torch.arange(len(ys)), "amin")
+    one = _smallest(at, torch.arange(len(ys)), len(cells))
     y, x = ys[one], xs[one]  # one pixel of each cell
     quad = torch.stack([maps[:, iy[0, y], ix[0, x]], maps[:, iy[0, y], ix[1, x]],
                         maps[:, iy[1, y], ix[0, x]], maps[:, iy[1, y], ix[1, x]]], dim=-1)  # (C, cells, 4)
@@ -78,9 +78,15 @@ def _first_of_equals(maps: Tensor, rows: Rows, ys: Tensor, xs: Tensor) -> Tensor
     keys = torch.cat([torch.arange(len(cells)).repeat_interleave(c)[:, None], bits.reshape(-1, 4)], dim=1)
     _, group = torch.unique(keys, dim=0, return_inverse=True)
     cls = own.repeat(len(cells))
-    first = torch.full((int(group.max()) + 1,), c).scatter_reduce(0, group, cls, "amin")[group].view(-1, c)
+    first = _smallest(group, cls, int(group.max()) + 1)[group].view(-1, c)
     first[cells < 0] = own
     return first[at]
+
+
+def _smallest(group: Tensor, values: Tensor, groups: int) -> Tensor:
+    """(groups,): the smallest of `values` (non-negative int64) in each group; groups are 0 .. groups - 1,
+    every one present."""
+    return torch.full((groups,), int(values.max()) + 1, dtype=torch.long).scatter_reduce(0, group, values, "amin")
 
 
 def _aten_at(maps: Tensor, size: tuple[int, int], rows: Rows, ys: Tensor, xs: Tensor,

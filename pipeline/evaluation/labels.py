@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pipeline.evaluation.label_envelope import envelope_labels
 
-SOFTMAX_SCALE = 100.0  # segmentation.SOFTMAX_SCALE (GEM)
+SOFTMAX_SCALE = 100.0  # GEM: softmax over classes of 100 x the normalised maps
 
 
 def labels(normalised: Tensor, size: tuple[int, int], rule: str | None,
@@ -40,15 +40,28 @@ def stack_labels(normalised: Tensor, size: tuple[int, int], rule: str | None,
                  threshold: float) -> tuple[Tensor, Tensor | None]:
     """The reference: every class upsampled, then argmax / max / softmax over them."""
     stack = _stack(normalised, size)
-    label = stack.argmax(dim=0)
+    return stack.argmax(dim=0), background_mask(stack, rule, threshold)
+
+
+def background_mask(stack: Tensor, rule: str | None, threshold: float) -> Tensor | None:
+    """Upsampled maps (C, H, W) -> where `rule` says background (H, W) bool; None for "none" / None."""
     if rule in (None, "none"):
-        return label, None
-    best = _softmax_best(stack) if rule == "softmax" else stack.max(dim=0).values
-    return label, best < threshold
+        return None
+    return (_softmax_best(stack) if rule == "softmax" else stack.max(dim=0).values) < threshold
+
+
+def with_background(objects: Tensor, is_background: Tensor | None) -> Tensor:
+    """Labels of the label space with background: 0 = background, k + 1 = class k (VOC / COCO ids)."""
+    return objects + 1 if is_background is None else torch.where(is_background, 0, objects + 1)
+
+
+def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """(C, h, w) -> (C, H, W), bilinear, align_corners=False."""
+    return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def _stack(normalised: Tensor, size: tuple[int, int]) -> Tensor:
-    return F.interpolate(normalised[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return upsample(normalised.float(), size)
 
 
 def _softmax_best(stack: Tensor) -> Tensor:

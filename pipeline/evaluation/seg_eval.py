@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline.config.params import ParamError
 from pipeline.data.classes import CONTEXT_UNSEEN_IN_COCO, prompt_names
-from pipeline.evaluation.labels import labels
+from pipeline.evaluation.labels import labels, with_background
 from pipeline.evaluation.metrics import MIOU_PROTOCOLS, MiouAccumulator
 from pipeline.evaluation.segmentation import (
     BACKGROUND_RULES,
@@ -116,10 +116,7 @@ def evaluate_segmentation(backbone: FrozenTowers, head: UnmixHead | None, datase
             for m in methods:  # one upsampled stack gives both label spaces (labels.py)
                 objects, is_background = labels(normalise_minmax(maps[m][j]), mask.shape, rule, threshold)
                 for v, a in acc[m].items():
-                    pred = objects
-                    if v == "bkgd":
-                        pred = (objects + 1 if is_background is None
-                                else torch.where(is_background, 0, objects + 1))
+                    pred = with_background(objects, is_background) if v == "bkgd" else objects
                     a.update(pred, targets[v])  # on the maps' device until the confusion counts
                     if keep_predictions:
                         kept[m][v].append(pred.cpu().numpy())

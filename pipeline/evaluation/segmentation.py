@@ -54,7 +54,13 @@ from torch import Tensor
 from pipeline.config.backbones import backbone_kind
 from pipeline.config.params import ParamError
 from pipeline.data.augment import eval_view
-from pipeline.evaluation.labels import labels
+from pipeline.evaluation.labels import (
+    SOFTMAX_SCALE,  # noqa: F401 (importers know it as segmentation.SOFTMAX_SCALE)
+    background_mask,
+    labels,
+    upsample,
+    with_background,
+)
 from pipeline.model.backbone import PLAIN_TEMPLATE, POSITIVE_TEMPLATE, FrozenTowers
 from pipeline.model.heads import UnmixHead
 
@@ -75,7 +81,6 @@ TOKEN_PATH = {"clip": "qk", "clip-vproj": "vproj", "clip-surgery": "surgery", "c
               "clearclip": "clearclip"}  # a ViT's token_paths reads vproj / vv / surgery as its own
 IMAGE_NORMS = ("after", "before")  # projected methods: L2 after the image projector, or before it
 BACKGROUND_RULES = ("none", "softmax", "max-score")
-SOFTMAX_SCALE = 100.0  # GEM: softmax over classes of 100 x the normalised maps
 IGNORE_INDEX = 255
 
 
@@ -251,11 +256,6 @@ def normalise_minmax(scores: Tensor) -> Tensor:
     return ((flat - low) / span.clamp_min(1e-12)).view_as(scores)
 
 
-def upsample(scores: Tensor, size: tuple[int, int]) -> Tensor:
-    """(C, h, w) -> (C, H, W), bilinear, align_corners=False."""
-    return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
-
-
 def normalised_maps(scores: Tensor, size: tuple[int, int]) -> Tensor:
     """One image's score maps (C, h, w) -> normalised maps n (C, H, W) at the mask's size."""
     return upsample(normalise_minmax(scores), size)
@@ -265,12 +265,7 @@ def label_with_background(normalised: Tensor, rule: str, threshold: float) -> Te
     """Normalised maps (C, H, W) -> labels (H, W): 0 = background, k + 1 = class k (VOC / COCO ids)."""
     if rule not in BACKGROUND_RULES:
         raise ParamError(f"evaluate.seg.background must be one of {BACKGROUND_RULES}, got {rule!r}")
-    best, label = normalised.max(dim=0)  # (H, W) each
-    if rule == "none":
-        return label + 1
-    if rule == "softmax":
-        best = (SOFTMAX_SCALE * normalised).softmax(dim=0).max(dim=0).values  # (H, W)
-    return torch.where(best < threshold, 0, label + 1)
+    return with_background(normalised.argmax(dim=0), background_mask(normalised, rule, threshold))
 
 
 def predict(scores: Tensor, size: tuple[int, int], background: str | None = None,
@@ -281,6 +276,4 @@ def predict(scores: Tensor, size: tuple[int, int], background: str | None = None
     if background is not None and background not in BACKGROUND_RULES:
         raise ParamError(f"evaluate.seg.background must be one of {BACKGROUND_RULES}, got {background!r}")
     label, is_background = labels(normalise_minmax(scores), size, background, threshold)
-    if background is None:
-        return label
-    return label + 1 if is_background is None else torch.where(is_background, 0, label + 1)
+    return label if background is None else with_background(label, is_background)
